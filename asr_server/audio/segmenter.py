@@ -1,0 +1,168 @@
+"""Utterance segmentation from VAD probabilities: onset, pre-roll, endpoint, maximum length.
+
+xiaozhi-style: a dual threshold (enter speech at `threshold`, leave at `threshold_low`, keep the
+last decision in between), speech present when 3 of the last 5 windows are voiced, the utterance
+ends after `min_silence_ms` without voice, and utterances with less than `min_speech_ms` of voice
+are dropped. The segmenter also announces a *speculative* end as soon as `tail_ms` of silence
+follows the speech: the recogniser can start then, and its result is final if the endpoint comes
+before speech resumes (the audio is the same either way).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from asr_server.audio.vad import SAMPLE_RATE, WINDOW
+from asr_server.config import VadConfig
+
+_WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
+_ONSET_OF = 5
+_ONSET_NEED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechStarted:
+    utterance_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Speculate:
+    """Silence began after speech: `audio` is what the final utterance will be if no speech resumes."""
+
+    utterance_id: int
+    audio: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    """Speech came back before the endpoint: any speculation for `utterance_id` is void."""
+
+    utterance_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Utterance:
+    """A finished utterance. `reason` is silence, max_length or flush; `speculated` when the audio equals the last Speculate."""
+
+    utterance_id: int
+    audio: np.ndarray
+    reason: str
+    speculated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """An utterance too short to recognise."""
+
+    utterance_id: int
+    speech_ms: float
+
+
+Event = Union[SpeechStarted, Speculate, SpeechResumed, Utterance, Dropped]
+
+
+class Segmenter:
+    """Feeds on (chunk, probability) pairs of 512 samples, in order; emits events."""
+
+    def __init__(self, cfg: VadConfig, tail_ms: float = 160.0) -> None:
+        self.cfg = cfg
+        self._pre_roll_windows = max(1, int(round(cfg.pre_roll_ms / _WINDOW_MS)))
+        self._silence_windows = max(1, int(np.ceil(cfg.min_silence_ms / _WINDOW_MS)))
+        self._tail_windows = min(self._silence_windows, max(1, int(round(tail_ms / _WINDOW_MS))))
+        self._max_windows = max(1, int(cfg.max_utterance_s * 1000 / _WINDOW_MS))
+        self._next_id = 1
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget any utterance in progress (abort, listen start)."""
+        self._voiced = False  # the dual-threshold decision
+        self._recent: deque[bool] = deque(maxlen=_ONSET_OF)
+        self._pre_roll: deque[np.ndarray] = deque(maxlen=self._pre_roll_windows)
+        self._chunks: list[np.ndarray] = []
+        self._in_speech = False
+        self._voiced_windows = 0
+        self._last_voice_end = 0  # index into _chunks after the last voiced window
+        self._silence_run = 0
+        self._speculated = False
+        self._utterance_id = 0
+
+    @property
+    def in_speech(self) -> bool:
+        return self._in_speech
+
+    def _decide(self, prob: float) -> bool:
+        if prob >= self.cfg.threshold:
+            self._voiced = True
+        elif prob <= self.cfg.threshold_low:
+            self._voiced = False
+        return self._voiced
+
+    def push(self, chunk: np.ndarray, prob: float) -> list[Event]:
+        voiced = self._decide(prob)
+        self._recent.append(voiced)
+        events: list[Event] = []
+        if not self._in_speech:
+            self._pre_roll.append(chunk)
+            if voiced and sum(self._recent) >= _ONSET_NEED:
+                self._in_speech = True
+                self._utterance_id = self._next_id
+                self._next_id += 1
+                self._chunks = list(self._pre_roll)
+                self._pre_roll.clear()
+                self._voiced_windows = sum(self._recent)
+                self._last_voice_end = len(self._chunks)
+                self._silence_run = 0
+                self._speculated = False
+                events.append(SpeechStarted(self._utterance_id))
+            return events
+
+        self._chunks.append(chunk)
+        if voiced:
+            self._voiced_windows += 1
+            self._last_voice_end = len(self._chunks)
+            if self._speculated:
+                events.append(SpeechResumed(self._utterance_id))
+                self._speculated = False
+            self._silence_run = 0
+        else:
+            self._silence_run += 1
+            if self._silence_run == self._tail_windows and self._long_enough():
+                events.append(Speculate(self._utterance_id, self._audio()))
+                self._speculated = True
+            if self._silence_run >= self._silence_windows:
+                events.append(self._finish("silence"))
+                return events
+        if len(self._chunks) >= self._max_windows:
+            events.append(self._finish("max_length"))
+        return events
+
+    def flush(self) -> Event | None:
+        """End the utterance in progress now (listen stop); None when there is none."""
+        if not self._in_speech:
+            return None
+        return self._finish("flush")
+
+    def _long_enough(self) -> bool:
+        return self._voiced_windows * _WINDOW_MS >= self.cfg.min_speech_ms
+
+    def _audio(self) -> np.ndarray:
+        end = min(len(self._chunks), self._last_voice_end + self._tail_windows)
+        return np.concatenate(self._chunks[:end]) if end else np.zeros(0, np.float32)
+
+    def _finish(self, reason: str) -> Event:
+        uid = self._utterance_id
+        speech_ms = self._voiced_windows * _WINDOW_MS
+        long_enough = self._long_enough()
+        audio = self._audio() if reason == "silence" else np.concatenate(self._chunks)
+        speculated = self._speculated and reason == "silence"
+        # Keep the trailing silence as the next utterance's pre-roll.
+        tail = self._chunks[-self._pre_roll_windows:]
+        self.reset()
+        self._pre_roll.extend(tail)
+        if not long_enough:
+            return Dropped(uid, speech_ms)
+        return Utterance(uid, audio, reason, speculated)

@@ -1,0 +1,171 @@
+"""Typed configuration: `config.yaml` validated at start, overridden by environment variables.
+
+Every key has a default here; `config.yaml` at the repository root documents them. An unknown or
+ill-typed key stops the start with a `ConfigError` that names the key and why. Environment
+variables named `ASR_SERVER__SECTION__KEY` (double underscores between levels) override keys;
+their values are parsed as YAML scalars, so `ASR_SERVER__VAD__THRESHOLD=0.6` gives a float.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "ASR_SERVER__"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad key and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AuthConfig(_Section):
+    enabled: bool = False
+    tokens: list[str] = Field(default_factory=list, description="Accepted bearer tokens (device path and HTTP API).")
+
+
+class ServerConfig(_Section):
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=0, le=65535)
+    path: str = "/xiaozhi/v1/"
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    hello_timeout_s: float = Field(10.0, gt=0)
+    idle_timeout_s: float = Field(120.0, gt=0)
+    max_message_bytes: int = Field(64 * 1024, ge=1024)
+    max_frames_per_s: int = Field(200, ge=10)
+    max_sessions: int = Field(2000, ge=1)
+    ping_interval_s: float | None = Field(None, description="WebSocket pings; the firmware never needs them.")
+
+
+class VadConfig(_Section):
+    model: Path | None = Field(None, description="Silero ONNX file; null takes the one the silero-vad package ships.")
+    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold_low: float = Field(0.3, gt=0, lt=1)
+    min_silence_ms: int = Field(400, ge=0)
+    min_speech_ms: int = Field(250, ge=0)
+    pre_roll_ms: int = Field(300, ge=0)
+    max_utterance_s: float = Field(30.0, gt=0)
+    energy_gate_dbfs: float = Field(-60.0, le=0)
+    max_batch: int = Field(64, ge=1)
+    max_wait_ms: float = Field(2.0, ge=0)
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "VadConfig":
+        if self.threshold_low > self.threshold:
+            raise ValueError("threshold_low must not exceed threshold")
+        return self
+
+
+class AsrConfig(_Section):
+    model_dir: Path = Path("models/SenseVoiceSmall")
+    quantized: Literal["auto", "yes", "no"] = "auto"
+    language: Literal["auto", "zh", "en", "yue", "ja", "ko", "nospeech"] = "auto"
+    use_itn: bool = True
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+    speculative: bool = True
+
+
+class SpeakerConfig(_Section):
+    enabled: bool = True
+    model_type: Literal["campplus", "ecapa"] = "campplus"
+    model: Path = Path("models/campplus/campplus.onnx")
+    db: Path = Path("data/voiceprints.sqlite")
+    threshold: float = Field(0.35, ge=-1, le=1)
+    min_audio_ms: int = Field(500, ge=0)
+    max_batch: int = Field(8, ge=1)
+    max_wait_ms: float = Field(10.0, ge=0)
+
+
+class EngineConfig(_Section):
+    backend: Literal["onnx", "torch"] = "onnx"
+    device: str = "auto"
+    threads: int = Field(0, ge=0, description="Intra-op threads per model; 0 lets the runtime choose.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, d: str) -> str:
+        if not (d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return d
+
+
+class Config(_Section):
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    vad: VadConfig = Field(default_factory=VadConfig)
+    asr: AsrConfig = Field(default_factory=AsrConfig)
+    speaker: SpeakerConfig = Field(default_factory=SpeakerConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"invalid configuration (environment): {name} conflicts with another variable")
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            node[path[-1]] = raw
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Read `path` (if given and present), apply environment and explicit overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = loaded or {}
+        source = str(p)
+    data = _merge(data, _env_overrides(os.environ if env is None else env))
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source + " + environment")) from None

@@ -1,0 +1,249 @@
+"""The device WebSocket hub: accepts xiaozhi connections, runs one `Session` each.
+
+Handshake checks (path, token, session limit) answer with plain HTTP errors; after the upgrade,
+every failure is a JSON `error` message and/or a close code with a reason, logged once, and
+the session leaves the hub's dict whatever way the connection ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from asr_server.config import Config
+from asr_server.pipeline import Pipeline
+from asr_server.protocol.xiaozhi import (
+    FramingError, Hello, MessageError, ProtocolError, error_message, parse_message, parse_protocol_version,
+    server_hello,
+)
+from asr_server.session import PROTOCOL, ClientInfo, Publish, Session, dumps
+
+log = logging.getLogger(__name__)
+
+# Close codes (RFC 6455).
+CLOSE_NORMAL = 1000
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY = 1008
+CLOSE_INTERNAL = 1011
+CLOSE_TRY_LATER = 1013
+
+
+def header_or_query(request: Request, name: str) -> str | None:
+    """A header value, or the query parameter of the same name (dashes or underscores, any case)."""
+    value = request.headers.get(name)
+    if value:
+        return value
+    query = parse_qs(urlsplit(request.path).query)
+    for key in (name.lower(), name.lower().replace("-", "_")):
+        if query.get(key):
+            return query[key][0]
+    return None
+
+
+def bearer_token(value: str | None) -> str | None:
+    """`Bearer <token>` (or a bare token, as some clients send) → the token."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.lower().startswith("bearer"):
+        value = value[6:].lstrip(" ;")
+    return value or None
+
+
+class _FrameRate:
+    """Token bucket on binary frames: a second's worth of burst, refilled at the allowed rate."""
+
+    def __init__(self, per_second: int) -> None:
+        self.rate = float(per_second)
+        self.tokens = float(per_second)
+        self.last = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+class Hub:
+    """Owns the device sessions (`sessions`, keyed by session id) and the WebSocket server."""
+
+    def __init__(self, config: Config, pipeline: Pipeline, publish: Publish | None = None) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.publish = publish
+        self.sessions: dict[str, Session] = {}
+        self._metrics = pipeline.metrics
+        self._path = config.server.path.rstrip("/") or "/"
+
+    async def serve(self, host: str | None = None, port: int | None = None) -> Server:
+        cfg = self.config.server
+        return await serve(
+            self._handle, host if host is not None else cfg.host, cfg.port if port is None else port,
+            process_request=self._check_request, max_size=cfg.max_message_bytes, ping_interval=cfg.ping_interval_s,
+            compression=None, server_header="asr-server",
+        )
+
+    def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path.rstrip("/") or "/"
+        if path != self._path:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no WebSocket endpoint at {path}; use {self.config.server.path}\n")
+        auth = self.config.server.auth
+        if auth.enabled:
+            token = bearer_token(header_or_query(request, "Authorization") or header_or_query(request, "access_token"))
+            if token is None or token not in auth.tokens:
+                self._metrics.errors.labels("auth").inc()
+                log.warning("device %s refused: %s token", header_or_query(request, "Device-Id"),
+                            "missing" if token is None else "unknown")
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token\n")
+        if len(self.sessions) >= self.config.server.max_sessions:
+            self._metrics.errors.labels("capacity").inc()
+            log.warning("refusing connection: %d sessions open (server.max_sessions)", len(self.sessions))
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server full, try again later\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        request = ws.request
+        assert request is not None
+        device_id = header_or_query(request, "Device-Id")
+        session_id = str(uuid.uuid4())
+        try:
+            version = parse_protocol_version(header_or_query(request, "Protocol-Version"))
+        except ProtocolError as e:
+            await self._refuse(ws, device_id, "protocol_version", str(e), CLOSE_PROTOCOL_ERROR)
+            return
+        client = ClientInfo(device_id, header_or_query(request, "Client-Id"), version,
+                            f"{ws.remote_address[0]}:{ws.remote_address[1]}" if ws.remote_address else "")
+
+        hello = await self._await_hello(ws, client)
+        if hello is None:
+            return
+
+        async def send(message: dict) -> None:
+            try:
+                await ws.send(dumps(message))
+            except ConnectionClosed:
+                pass
+
+        session = Session(session_id, client, self.config, self.pipeline, send, self.publish)
+        self.sessions[session_id] = session
+        self._metrics.sessions.labels(PROTOCOL).inc()
+        self._metrics.sessions_total.labels(PROTOCOL).inc()
+        log.info("session %s open: device %s client %s v%d from %s", session_id, client.device_id,
+                 client.client_id, version, client.remote)
+        reason = "closed"
+        try:
+            await ws.send(dumps(server_hello(session_id, self._audio_params(hello))))
+            reason = await self._serve_session(ws, session)
+        except ConnectionClosed as e:
+            reason = self._describe_close(e)
+        except Exception:
+            self._metrics.errors.labels("internal").inc()
+            log.exception("session %s: internal error", session_id)
+            reason = "internal error"
+            await ws.close(CLOSE_INTERNAL, "internal error")
+        finally:
+            self.sessions.pop(session_id, None)
+            self._metrics.sessions.labels(PROTOCOL).dec()
+            await session.close()
+            log.info("session %s closed (%s): %d frames, %d utterances", session_id, reason, session.frames,
+                     session.utterances)
+
+    async def _await_hello(self, ws: ServerConnection, client: ClientInfo) -> Hello | None:
+        """The first message must be `hello`, within `hello_timeout_s`; anything else closes the socket."""
+        try:
+            first = await asyncio.wait_for(ws.recv(), self.config.server.hello_timeout_s)
+        except asyncio.TimeoutError:
+            await self._refuse(ws, client.device_id, "hello_timeout",
+                               f"no hello within {self.config.server.hello_timeout_s:g} s", CLOSE_POLICY)
+            return None
+        except ConnectionClosed:
+            log.info("device %s left before hello", client.device_id)
+            return None
+        if isinstance(first, bytes):
+            await self._refuse(ws, client.device_id, "before_hello", "binary frame before hello", CLOSE_PROTOCOL_ERROR)
+            return None
+        try:
+            msg = parse_message(first)
+        except MessageError as e:
+            await self._refuse(ws, client.device_id, "bad_message", f"{e} (expected hello)", CLOSE_PROTOCOL_ERROR)
+            return None
+        if not isinstance(msg, Hello):
+            await self._refuse(ws, client.device_id, "before_hello", "the first message must be hello",
+                               CLOSE_PROTOCOL_ERROR)
+            return None
+        fmt = msg.audio_params.get("format", "opus")
+        if fmt != "opus":
+            await self._refuse(ws, client.device_id, "audio_format", f"unsupported audio format {fmt!r}: only opus",
+                               CLOSE_PROTOCOL_ERROR)
+            return None
+        return msg
+
+    @staticmethod
+    def _audio_params(hello: Hello) -> dict:
+        params = {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}
+        params.update({k: v for k, v in hello.audio_params.items() if k in params})
+        return params
+
+    async def _serve_session(self, ws: ServerConnection, session: Session) -> str:
+        """Read messages until the client leaves; returns why the session ended."""
+        cfg = self.config.server
+        rate = _FrameRate(cfg.max_frames_per_s)
+        bad_frames_logged = False
+        while True:
+            try:
+                message = await asyncio.wait_for(ws.recv(), cfg.idle_timeout_s)
+            except asyncio.TimeoutError:
+                await ws.close(CLOSE_NORMAL, f"idle for {cfg.idle_timeout_s:g} s")
+                return "idle timeout"
+            try:
+                if isinstance(message, bytes):
+                    if not rate.allow():
+                        self._metrics.errors.labels("flood").inc()
+                        log.warning("session %s: more than %d frames/s, closing", session.session_id,
+                                    cfg.max_frames_per_s)
+                        await session.send_error(f"frame flood: more than {cfg.max_frames_per_s} frames per second")
+                        await ws.close(CLOSE_POLICY, "frame flood")
+                        return "frame flood"
+                    await session.on_binary(message)
+                else:
+                    await session.on_text(message)
+            except FramingError as e:
+                self._metrics.errors.labels("framing").inc()
+                if not bad_frames_logged:
+                    bad_frames_logged = True
+                    log.warning("session %s: %s (frame dropped; further ones are not logged)", session.session_id, e)
+                await session.send_error(str(e))
+            except ProtocolError as e:
+                self._metrics.errors.labels("bad_message").inc()
+                log.warning("session %s: %s", session.session_id, e)
+                await session.send_error(str(e))
+
+    async def _refuse(self, ws: ServerConnection, device_id: str | None, kind: str, message: str, code: int) -> None:
+        self._metrics.errors.labels(kind).inc()
+        log.warning("device %s refused: %s", device_id, message)
+        try:
+            await ws.send(dumps(error_message(message)))
+            await ws.close(code, message[:120])
+        except ConnectionClosed:
+            pass
+
+    def _describe_close(self, e: ConnectionClosed) -> str:
+        if e.sent is not None and e.sent.code == 1009:
+            self._metrics.errors.labels("oversize").inc()
+            log.warning("closing: message over server.max_message_bytes (%d)", self.config.server.max_message_bytes)
+            return "message too big"
+        if e.rcvd is None:
+            return "client vanished"
+        return f"client closed ({e.rcvd.code})"

@@ -1,0 +1,161 @@
+"""The shared engines behind every protocol adapter: VAD, recognition, speaker embedding.
+
+One `Pipeline` per server process. It owns the models and one micro-batcher per model, so the
+device path, the FunASR-compatible socket and the HTTP API all batch into the same calls.
+Adapters never touch a model directly: they await `vad_window`, `recognize`, `embed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from asr_server.audio.segmenter import Segmenter, Utterance
+from asr_server.audio.vad import SAMPLE_RATE, SileroVad, VadStream, VadWindow, rms_dbfs
+from asr_server.config import Config
+from asr_server.engines.batching import MicroBatcher
+from asr_server.engines.runtime import ModelInfo
+from asr_server.engines.sensevoice import SenseVoice
+from asr_server.engines.speaker import SpeakerEmbedder
+from asr_server.metrics import Metrics
+from asr_server.results import Recognition, SpeakerMatch, Transcript
+from asr_server.voiceprints import VoiceprintStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AsrRequest:
+    audio: np.ndarray
+    language: str
+    use_itn: bool
+
+
+class Pipeline:
+    """Models plus their batchers; construct with `Pipeline.load(config)`."""
+
+    def __init__(self, config: Config, vad: SileroVad, asr: SenseVoice, speaker: SpeakerEmbedder | None,
+                 voiceprints: VoiceprintStore | None, metrics: Metrics) -> None:
+        self.config = config
+        self.vad = vad
+        self.asr = asr
+        self.speaker = speaker
+        self.voiceprints = voiceprints
+        self.metrics = metrics
+        on_batch = metrics.on_batch
+        self._vad_batcher = MicroBatcher("vad", vad.run_batch, config.vad.max_batch, config.vad.max_wait_ms, on_batch)
+        self._asr_batcher = MicroBatcher("asr", self._asr_batch, config.asr.max_batch, config.asr.max_wait_ms, on_batch)
+        self._spk_batcher = (MicroBatcher("embedding", speaker.embed_batch, config.speaker.max_batch,
+                                          config.speaker.max_wait_ms, on_batch) if speaker is not None else None)
+        for b in (self._vad_batcher, self._asr_batcher, self._spk_batcher):
+            if b is not None:
+                metrics.queue_depths.add(b.name, lambda b=b: b.queue_depth)
+
+    @classmethod
+    def load(cls, config: Config, metrics: Metrics | None = None) -> "Pipeline":
+        """Load every configured model and log the start-up report (file, provider, load time)."""
+        eng = config.engine
+        vad = SileroVad.load(config.vad.model)
+        asr = SenseVoice.load(config.asr.model_dir, quantized=config.asr.quantized, device=eng.device,
+                              threads=eng.threads)
+        speaker = voiceprints = None
+        if config.speaker.enabled:
+            speaker = SpeakerEmbedder.load(config.speaker.model, device=eng.device, threads=eng.threads)
+            voiceprints = VoiceprintStore(config.speaker.db, model=speaker.info.path.name, dim=speaker.dim)
+        pipeline = cls(config, vad, asr, speaker, voiceprints, metrics or Metrics())
+        for info in pipeline.models:
+            log.info("model %s", info.describe())
+        return pipeline
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        return [m.info for m in (self.vad, self.asr, self.speaker) if m is not None]
+
+    # --- VAD -------------------------------------------------------------------------------
+
+    async def vad_window(self, window: VadWindow) -> tuple[float, np.ndarray]:
+        return await self._vad_batcher.submit(window)
+
+    async def vad_chunks(self, stream: VadStream, pcm: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        """Run `pcm` through a stream's VAD; returns each 512-sample chunk with its speech probability.
+
+        Chunks below the energy gate are silence without a model call (cheap work first).
+        """
+        out = []
+        gate = self.config.vad.energy_gate_dbfs
+        for chunk in stream.push(pcm):
+            window = stream.window(chunk)
+            if rms_dbfs(chunk) < gate:
+                out.append((chunk, 0.0))
+                continue
+            prob, stream.state = await self.vad_window(window)
+            out.append((chunk, prob))
+        return out
+
+    async def split(self, audio: np.ndarray) -> list[np.ndarray]:
+        """Cut a long recording into utterances with the same VAD and segmenter as live streams."""
+        stream = VadStream()
+        segmenter = Segmenter(self.config.vad)
+        pieces: list[np.ndarray] = []
+        for chunk, prob in await self.vad_chunks(stream, audio):
+            pieces.extend(e.audio for e in segmenter.push(chunk, prob) if isinstance(e, Utterance))
+        last = segmenter.flush()
+        if isinstance(last, Utterance):
+            pieces.append(last.audio)
+        return pieces
+
+    # --- recognition -----------------------------------------------------------------------
+
+    def _asr_batch(self, requests: list[AsrRequest]) -> list[Transcript]:
+        return self.asr.transcribe_batch([r.audio for r in requests], [r.language for r in requests],
+                                         [r.use_itn for r in requests])
+
+    async def transcribe(self, audio: np.ndarray, language: str | None = None,
+                         use_itn: bool | None = None) -> Transcript:
+        cfg = self.config.asr
+        req = AsrRequest(np.asarray(audio, dtype=np.float32), language or cfg.language,
+                         cfg.use_itn if use_itn is None else use_itn)
+        return await self._asr_batcher.submit(req)
+
+    async def embed(self, audio: np.ndarray) -> np.ndarray:
+        if self._spk_batcher is None:
+            raise RuntimeError("speaker embedding is disabled (speaker.enabled: false)")
+        return await self._spk_batcher.submit(np.asarray(audio, dtype=np.float32))
+
+    def identify(self, embedding: np.ndarray) -> SpeakerMatch | None:
+        if self.voiceprints is None:
+            return None
+        return self.voiceprints.identify(embedding, self.config.speaker.threshold)
+
+    async def recognize(self, audio: np.ndarray, language: str | None = None, use_itn: bool | None = None,
+                        identify: bool = True) -> Recognition:
+        """Text, tags and speaker of one utterance; recognition and embedding run concurrently."""
+        audio_ms = int(len(audio) * 1000 / SAMPLE_RATE)
+        want_speaker = (identify and self._spk_batcher is not None
+                        and audio_ms >= self.config.speaker.min_audio_ms)
+
+        async def timed(coro):
+            t0 = time.perf_counter()
+            result = await coro
+            return result, (time.perf_counter() - t0) * 1000
+
+        asr_task = timed(self.transcribe(audio, language, use_itn))
+        if want_speaker:
+            (transcript, asr_ms), (embedding, embed_ms) = await asyncio.gather(
+                asr_task, timed(self.embed(audio)))
+            speaker = self.identify(embedding)
+        else:
+            transcript, asr_ms = await asr_task
+            speaker, embed_ms = None, None
+        return Recognition(transcript, speaker, audio_ms, asr_ms, embed_ms)
+
+    async def close(self) -> None:
+        for b in (self._vad_batcher, self._asr_batcher, self._spk_batcher):
+            if b is not None:
+                await b.close()
+        if self.voiceprints is not None:
+            self.voiceprints.close()

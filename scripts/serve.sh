@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up and start the server: libopus, the Python package, the models when absent, then serve.
+# Extra arguments go to `asr-server serve` (e.g. --port 8000). Set EXTRAS=torch for the torch backend
+# (also needed when the models must be exported from the hubs' PyTorch weights).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh "${EXTRAS:-torch}"
+if ! .venv/bin/asr-server models verify --quiet >/dev/null 2>&1; then
+    .venv/bin/asr-server models pull
+fi
+exec .venv/bin/asr-server serve "$@"
