@@ -54,7 +54,7 @@ def _load_pipeline(cfg: Config, speaker: bool = True):
 
 
 def cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
-    from asr_server.audio.io import AudioDecodeError, load_audio
+    from asr_server.audio.io import AudioDecodeError, decode_audio
 
     async def run() -> int:
         pipeline = _load_pipeline(cfg)
@@ -62,7 +62,7 @@ def cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
         try:
             for name in args.files:
                 try:
-                    audio = load_audio(Path(name).read_bytes())
+                    audio = decode_audio(Path(name).read_bytes()).samples
                 except (OSError, AudioDecodeError) as e:
                     print(f"{name}: {e}", file=sys.stderr)
                     status = 1
@@ -91,7 +91,7 @@ def cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_speakers_enroll(args: argparse.Namespace, cfg: Config) -> int:
-    from asr_server.audio.io import load_audio
+    from asr_server.audio.io import decode_audio
 
     async def run() -> int:
         pipeline = _load_pipeline(cfg)
@@ -99,7 +99,7 @@ def cmd_speakers_enroll(args: argparse.Namespace, cfg: Config) -> int:
             if pipeline.voiceprints is None:
                 print("speaker.enabled is false: nothing to enroll with", file=sys.stderr)
                 return 2
-            audios = [load_audio(Path(w).read_bytes()) for w in args.wavs]
+            audios = [decode_audio(Path(w).read_bytes()).samples for w in args.wavs]
             embeddings = await asyncio.gather(*(pipeline.embed(a) for a in audios))
             vp = pipeline.voiceprints.enroll(args.name, embeddings)
             print(f"enrolled {vp.name} from {vp.samples} recording(s) ({vp.model}, {vp.dim} dims)")
