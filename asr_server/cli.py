@@ -55,6 +55,7 @@ def _load_pipeline(cfg: Config, speaker: bool = True):
 
 def cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     from asr_server.audio.io import AudioDecodeError, decode_audio
+    from asr_server.recording import recognize_recording
 
     async def run() -> int:
         pipeline = _load_pipeline(cfg)
@@ -67,9 +68,11 @@ def cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                     print(f"{name}: {e}", file=sys.stderr)
                     status = 1
                     continue
-                pieces = await pipeline.split(audio) if not args.no_vad else [audio]
-                recs = await asyncio.gather(*(pipeline.recognize(p, language=args.language) for p in pieces))
-                recs = [r for r in recs if not r.is_empty]
+                if args.no_vad:
+                    recs = [await pipeline.recognize(audio, language=args.language)]
+                    recs = [r for r in recs if not r.is_empty]
+                else:
+                    recs = [seg.recognition for seg in await recognize_recording(pipeline, audio, args.language)]
                 if args.json:
                     print(json.dumps({"file": name, "utterances": [{
                         "text": r.transcript.text, "language": r.transcript.language,
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("transcribe", help="recognise audio files offline: text, language, emotion, speaker")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--language", default=None, help="auto, zh, en, yue, ja, ko (default: asr.language)")
-    p.add_argument("--no-vad", action="store_true", help="recognise each file as one utterance")
+    p.add_argument("--no-vad", action="store_true",
+                   help="recognise each file as one utterance (files over vad.max_utterance_s are otherwise cut by VAD)")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
     p.set_defaults(func=cmd_transcribe)
 

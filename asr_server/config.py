@@ -97,6 +97,61 @@ class EngineConfig(_Section):
         return d
 
 
+class HttpConfig(_Section):
+    """The HTTP API: OpenAI transcriptions, voiceprints, events stream, health and metrics."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(8001, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description=(
+        "Bearer keys the HTTP API accepts, besides server.auth.tokens when server.auth.enabled; "
+        "no keys and device auth off means the API is open."))
+    max_upload_mb: float = Field(50.0, gt=0, description="Largest request body; larger uploads get 413.")
+    max_audio_s: float = Field(3600.0, gt=0, description="Longest decoded upload; longer audio gets 413.")
+    model_name: str = Field("sensevoice-small", description="The model id /v1/models lists; any `model` is accepted.")
+
+
+class FunAsrConfig(_Section):
+    """The FunASR-runtime-compatible WebSocket (xiaozhi-esp32-server's FunASRServer provider)."""
+
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(10095, ge=0, le=65535)
+    path: str = Field("/", description="Path clients connect to; '/' accepts any path, as FunASR does.")
+    auth: bool = Field(False, description="Require an http.api_keys key (sent as `Authorization: Bearer; <key>`).")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_audio_s: float = Field(600.0, gt=0, description="Most audio buffered for one offline request.")
+    partial_interval_ms: int = Field(600, ge=100,
+                                     description="online/2pass: re-decode the utterance so far this often.")
+    idle_timeout_s: float = Field(120.0, gt=0)
+    ping_interval_s: float | None = Field(None, description="WebSocket pings; FunASR clients never need them.")
+    ssl_certfile: Path | None = Field(None, description=(
+        "Serve wss:// with this PEM certificate (xiaozhi's FunASRServer defaults to is_ssl: true)."))
+    ssl_keyfile: Path | None = Field(None, description="The certificate's key, unless the certfile holds it.")
+
+    @model_validator(mode="after")
+    def _tls(self) -> "FunAsrConfig":
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile")
+        return self
+
+
+class EventsConfig(_Section):
+    """Where final transcripts go: a webhook and the /v1/events WebSocket stream."""
+
+    protocols: list[Literal["xiaozhi", "funasr", "openai"]] = Field(default_factory=lambda: ["xiaozhi"], description=(
+        "Protocols whose transcripts become events (xiaozhi, funasr, openai)."))
+    webhook_url: str | None = Field(None, description="POST each event as JSON here; null turns the webhook off.")
+    webhook_headers: dict[str, str] = Field(default_factory=dict, description="Extra headers, e.g. Authorization.")
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_retries: int = Field(3, ge=0, description="Retries after the first attempt (timeouts, 5xx, 429).")
+    webhook_backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubles per retry.")
+    webhook_backoff_max_s: float = Field(10.0, ge=0)
+    webhook_concurrency: int = Field(2, ge=1, description="Deliveries in flight at once.")
+    queue_size: int = Field(1000, ge=1, description="Undelivered webhook events kept; the oldest is dropped beyond.")
+    subscriber_queue_size: int = Field(256, ge=1, description="Events kept per slow /v1/events subscriber.")
+
+
 class Config(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -104,6 +159,9 @@ class Config(_Section):
     asr: AsrConfig = Field(default_factory=AsrConfig)
     speaker: SpeakerConfig = Field(default_factory=SpeakerConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    funasr: FunAsrConfig = Field(default_factory=FunAsrConfig)
+    events: EventsConfig = Field(default_factory=EventsConfig)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -8,6 +8,7 @@ the session leaves the hub's dict whatever way the connection ends.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -18,6 +19,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from asr_server.auth import bearer_token
 from asr_server.config import Config
 from asr_server.pipeline import Pipeline
 from asr_server.protocol.xiaozhi import (
@@ -46,16 +48,6 @@ def header_or_query(request: Request, name: str) -> str | None:
         if query.get(key):
             return query[key][0]
     return None
-
-
-def bearer_token(value: str | None) -> str | None:
-    """`Bearer <token>` (or a bare token, as some clients send) → the token."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.lower().startswith("bearer"):
-        value = value[6:].lstrip(" ;")
-    return value or None
 
 
 class _FrameRate:
@@ -102,7 +94,7 @@ class Hub:
         auth = self.config.server.auth
         if auth.enabled:
             token = bearer_token(header_or_query(request, "Authorization") or header_or_query(request, "access_token"))
-            if token is None or token not in auth.tokens:
+            if token is None or not any(hmac.compare_digest(token.encode(), t.encode()) for t in auth.tokens):
                 self._metrics.errors.labels("auth").inc()
                 log.warning("device %s refused: %s token", header_or_query(request, "Device-Id"),
                             "missing" if token is None else "unknown")

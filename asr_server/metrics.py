@@ -35,8 +35,8 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         ProcessCollector(registry=r)
-        self.sessions = Gauge("asr_sessions", "Open sessions by protocol", ["protocol"], registry=r)
-        self.sessions_total = Counter("asr_sessions", "Sessions opened by protocol", ["protocol"], registry=r)
+        self.sessions = Gauge("asr_sessions_open", "Open sessions by protocol", ["protocol"], registry=r)
+        self.sessions_total = Counter("asr_sessions_opened", "Sessions opened by protocol", ["protocol"], registry=r)
         self.utterances = Counter("asr_utterances", "Utterances recognised by protocol", ["protocol"], registry=r)
         self.reply_latency = Histogram("asr_reply_latency_seconds", "End of speech (endpoint) to reply",
                                        ["protocol"], buckets=_LATENCY_BUCKETS, registry=r)

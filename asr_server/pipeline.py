@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from asr_server.audio.segmenter import Segmenter, Utterance
 from asr_server.audio.vad import SAMPLE_RATE, SileroVad, VadStream, VadWindow, rms_dbfs
 from asr_server.config import Config
 from asr_server.engines.batching import MicroBatcher
@@ -23,7 +22,7 @@ from asr_server.engines.sensevoice import SenseVoice
 from asr_server.engines.speaker import SpeakerEmbedder
 from asr_server.metrics import Metrics
 from asr_server.results import Recognition, SpeakerMatch, Transcript
-from asr_server.voiceprints import VoiceprintStore
+from asr_server.voiceprints import VoiceprintError, VoiceprintStore
 
 log = logging.getLogger(__name__)
 
@@ -80,33 +79,40 @@ class Pipeline:
     async def vad_window(self, window: VadWindow) -> tuple[float, np.ndarray]:
         return await self._vad_batcher.submit(window)
 
-    async def vad_chunks(self, stream: VadStream, pcm: np.ndarray) -> list[tuple[np.ndarray, float]]:
-        """Run `pcm` through a stream's VAD; returns each 512-sample chunk with its speech probability.
-
-        Chunks below the energy gate are silence without a model call (cheap work first).
-        """
-        out = []
+    def _gated_windows(self, stream: VadStream, pcm: np.ndarray):
+        """Each 512-sample chunk of `pcm` with its model input, or None below the energy gate
+        (silence without a model call: cheap work first)."""
         gate = self.config.vad.energy_gate_dbfs
         for chunk in stream.push(pcm):
             window = stream.window(chunk)
-            if rms_dbfs(chunk) < gate:
+            yield chunk, (None if rms_dbfs(chunk) < gate else window)
+
+    async def vad_chunks(self, stream: VadStream, pcm: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        """Run a live stream's `pcm` through the shared VAD batcher: each chunk with its speech probability."""
+        out = []
+        for chunk, window in self._gated_windows(stream, pcm):
+            if window is None:
                 out.append((chunk, 0.0))
                 continue
             prob, stream.state = await self.vad_window(window)
             out.append((chunk, prob))
         return out
 
-    async def split(self, audio: np.ndarray) -> list[np.ndarray]:
-        """Cut a long recording into utterances with the same VAD and segmenter as live streams."""
+    def vad_recording(self, audio: np.ndarray) -> list[tuple[np.ndarray, float]]:
+        """The same for a whole recording, blocking, straight on the model (call it in a worker thread).
+
+        A recording offers one window at a time (each needs the state the last one left), so
+        through the batcher it would pay `max_wait_ms` on every 32 ms window.
+        """
         stream = VadStream()
-        segmenter = Segmenter(self.config.vad)
-        pieces: list[np.ndarray] = []
-        for chunk, prob in await self.vad_chunks(stream, audio):
-            pieces.extend(e.audio for e in segmenter.push(chunk, prob) if isinstance(e, Utterance))
-        last = segmenter.flush()
-        if isinstance(last, Utterance):
-            pieces.append(last.audio)
-        return pieces
+        out = []
+        for chunk, window in self._gated_windows(stream, audio):
+            if window is None:
+                out.append((chunk, 0.0))
+                continue
+            (prob, stream.state), = self.vad.run_batch([window])
+            out.append((chunk, prob))
+        return out
 
     # --- recognition -----------------------------------------------------------------------
 
@@ -127,9 +133,14 @@ class Pipeline:
         return await self._spk_batcher.submit(np.asarray(audio, dtype=np.float32))
 
     def identify(self, embedding: np.ndarray) -> SpeakerMatch | None:
+        """The enrolled speaker of `embedding`, or None; a degenerate embedding (silence) is an unknown speaker."""
         if self.voiceprints is None:
             return None
-        return self.voiceprints.identify(embedding, self.config.speaker.threshold)
+        try:
+            return self.voiceprints.identify(embedding, self.config.speaker.threshold)
+        except VoiceprintError as e:
+            log.debug("speaker not identified: %s", e)
+            return None
 
     async def recognize(self, audio: np.ndarray, language: str | None = None, use_itn: bool | None = None,
                         identify: bool = True) -> Recognition:

@@ -18,7 +18,7 @@ from asr_server.events import EventBus, TranscriptEvent
 from asr_server.http_api import build_app, start_http
 from asr_server.hub import Hub
 from asr_server.metrics import Metrics
-from asr_server.models import missing_model_files
+from asr_server.models import check_models
 from asr_server.pipeline import Pipeline
 from asr_server.protocol.funasr import serve_funasr
 from asr_server.session import UtteranceResult
@@ -31,11 +31,15 @@ class StartupError(RuntimeError):
 
 
 def check_model_files(config: Config) -> None:
-    """Raise `StartupError` naming every missing model file and the command that fetches them."""
-    missing = missing_model_files(config)
-    if missing:
-        files = "\n".join(f"  - {p}" for p in missing)
-        raise StartupError(f"model files missing:\n{files}\n"
+    """Raise `StartupError` naming every missing or damaged model file and the command that fetches them.
+
+    The cheap check (presence, sizes against the manifest, readable support files): a start
+    never hashes a gigabyte of weights.
+    """
+    problems = check_models(config)
+    if problems:
+        files = "\n".join(f"  - {p}" for p in problems)
+        raise StartupError(f"model files missing or damaged:\n{files}\n"
                            "fetch them with:  asr-server models pull   (see models/README.md to place them by hand)")
 
 

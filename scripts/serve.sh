@@ -5,7 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh "${EXTRAS:-torch}"
-if ! .venv/bin/asr-server models verify --quiet >/dev/null 2>&1; then
-    .venv/bin/asr-server models pull
-fi
+# Idempotent: downloads and exports only what is missing, and touches no network when all is present.
+.venv/bin/asr-server models pull
 exec .venv/bin/asr-server serve "$@"

@@ -76,3 +76,12 @@ async def test_close_fails_waiters():
     with pytest.raises((BatcherClosed, asyncio.CancelledError)):
         await t2
     t1.cancel()
+
+
+async def test_a_full_batch_does_not_wait_out_max_wait():
+    sizes = []
+    b = MicroBatcher("t", lambda items: sizes.append(len(items)) or list(items), max_batch=4, max_wait_ms=60_000)
+    # with a minute of max_wait, only the full-batch wake-up lets this finish inside the guard
+    results = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(4))), timeout=10)
+    await b.close()
+    assert results == [0, 1, 2, 3] and sizes == [4]

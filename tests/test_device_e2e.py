@@ -272,6 +272,8 @@ async def test_malformed_and_unknown_json_get_errors_and_the_session_lives(serve
     err = json.loads(await asyncio.wait_for(ws.recv(), 5))
     assert "unknown message type 'teleport'" in err["message"]
     await ws.send('{"type":"listen","state":"start","mode":"auto"}')
+    await ws.send('{"type":"nonsense"}')  # its error reply proves the listen before it was handled
+    await asyncio.wait_for(ws.recv(), 5)
     assert server.hub.sessions[hello["session_id"]].listening
     await ws.close()
     await wait_sessions_empty(server)

@@ -34,6 +34,7 @@ def test_one_utterance_with_pre_roll_speculation_and_endpoint():
     idx = utt.audio[::W].astype(int).tolist()
     # onset at the 3rd voiced window (index 12); pre-roll of 3 windows covers 10..12, then speech to 29 + 3 tail
     assert idx[0] == 10 and idx[-1] == 29 + 3
+    assert utt.start_sample == 10 * W
     assert idx == list(range(idx[0], idx[-1] + 1))
 
 

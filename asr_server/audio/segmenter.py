@@ -26,7 +26,10 @@ _ONSET_NEED = 3
 
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
+    """Speech onset; the utterance (pre-roll included) begins at `start_sample` of the stream."""
+
     utterance_id: int
+    start_sample: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +49,14 @@ class SpeechResumed:
 
 @dataclass(frozen=True, slots=True)
 class Utterance:
-    """A finished utterance. `reason` is silence, max_length or flush; `speculated` when the audio equals the last Speculate."""
+    """A finished utterance. `reason` is silence, max_length or flush; `speculated` when the audio equals
+    the last Speculate; `start_sample` is where `audio` begins in the stream fed to the segmenter."""
 
     utterance_id: int
     audio: np.ndarray
     reason: str
     speculated: bool
+    start_sample: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,7 @@ class Segmenter:
         self._tail_windows = min(self._silence_windows, max(1, int(round(tail_ms / _WINDOW_MS))))
         self._max_windows = max(1, int(cfg.max_utterance_s * 1000 / _WINDOW_MS))
         self._next_id = 1
+        self._pushed = 0  # windows fed since construction: stream positions survive reset()
         self.reset()
 
     def reset(self) -> None:
@@ -89,10 +95,20 @@ class Segmenter:
         self._silence_run = 0
         self._speculated = False
         self._utterance_id = 0
+        self._start_window = 0
 
     @property
     def in_speech(self) -> bool:
         return self._in_speech
+
+    @property
+    def windows_fed(self) -> int:
+        """Windows pushed since construction: the stream position, in 512-sample windows."""
+        return self._pushed
+
+    def audio_so_far(self) -> np.ndarray:
+        """The utterance in progress (pre-roll included), for partial results; empty outside speech."""
+        return np.concatenate(self._chunks) if self._in_speech and self._chunks else np.zeros(0, np.float32)
 
     def _decide(self, prob: float) -> bool:
         if prob >= self.cfg.threshold:
@@ -104,6 +120,7 @@ class Segmenter:
     def push(self, chunk: np.ndarray, prob: float) -> list[Event]:
         voiced = self._decide(prob)
         self._recent.append(voiced)
+        self._pushed += 1
         events: list[Event] = []
         if not self._in_speech:
             self._pre_roll.append(chunk)
@@ -112,12 +129,13 @@ class Segmenter:
                 self._utterance_id = self._next_id
                 self._next_id += 1
                 self._chunks = list(self._pre_roll)
+                self._start_window = self._pushed - len(self._chunks)
                 self._pre_roll.clear()
                 self._voiced_windows = sum(self._recent)
                 self._last_voice_end = len(self._chunks)
                 self._silence_run = 0
                 self._speculated = False
-                events.append(SpeechStarted(self._utterance_id))
+                events.append(SpeechStarted(self._utterance_id, self._start_window * WINDOW))
             return events
 
         self._chunks.append(chunk)
@@ -159,10 +177,11 @@ class Segmenter:
         long_enough = self._long_enough()
         audio = self._audio() if reason == "silence" else np.concatenate(self._chunks)
         speculated = self._speculated and reason == "silence"
+        start_sample = self._start_window * WINDOW
         # Keep the trailing silence as the next utterance's pre-roll.
         tail = self._chunks[-self._pre_roll_windows:]
         self.reset()
         self._pre_roll.extend(tail)
         if not long_enough:
             return Dropped(uid, speech_ms)
-        return Utterance(uid, audio, reason, speculated)
+        return Utterance(uid, audio, reason, speculated, start_sample)

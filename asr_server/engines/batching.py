@@ -48,6 +48,7 @@ class MicroBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{name}")
         self.stats = BatchStats()
 
@@ -65,25 +66,29 @@ class MicroBatcher(Generic[T, R]):
         """Queue one item and wait for its result; exceptions of `fn` reach every caller of that batch."""
         queue = self._ensure_started()
         fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await queue.put((item, fut))
+        queue.put_nowait((item, fut))
+        wake = self._wake
+        if wake is not None and not wake.done() and queue.qsize() + 1 >= self.max_batch:
+            wake.set_result(None)  # the batch is full: no reason to wait out max_wait
         return await fut
 
     async def _collect(self, queue: asyncio.Queue) -> list[tuple[T, asyncio.Future[R]]]:
+        """The first waiting item, then whatever arrives within `max_wait_s`, up to `max_batch`.
+
+        One timer per batch (not one per item): this runs for every VAD window of every session.
+        """
         batch = [await queue.get()]
-        deadline = time.monotonic() + self.max_wait_s
-        while len(batch) < self.max_batch:
+        if self.max_wait_s > 0 and queue.qsize() + 1 < self.max_batch:
+            loop = asyncio.get_running_loop()
+            self._wake = wake = loop.create_future()
+            timer = loop.call_later(self.max_wait_s, lambda: wake.done() or wake.set_result(None))
             try:
-                batch.append(queue.get_nowait())
-                continue
-            except asyncio.QueueEmpty:
-                pass
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
+                await wake
+            finally:
+                timer.cancel()
+                self._wake = None
+        while len(batch) < self.max_batch and not queue.empty():
+            batch.append(queue.get_nowait())
         return batch
 
     async def _run(self) -> None:

@@ -1,0 +1,24 @@
+"""Load-test harness for xiaozhi-protocol ASR servers: hundreds of simulated ESP32 devices
+sending real Opus speech at real-time pace, with an end-of-speech -> stt latency report.
+
+    python -m loadtest --url ws://127.0.0.1:8000/xiaozhi/v1/ --clients 50 --duration 60
+
+Programmatic use: `report = await run_load(LoadOptions(url=..., clients=(10,), duration_s=5))`.
+`Device` is the simulated device alone, for end-to-end tests; `loadtest.sink.Sink` a server
+that only receives.
+"""
+
+from .clips import Clip, ClipError, load_clips, make_clip
+from .device import (ConnectError, ConnectTimeout, Device, DeviceClosed, DeviceConfig, DeviceError,
+                     HelloRejected, HelloTimeout, ReplyTimeout, ServerMessage)
+from .report import LoadReport, StepReport, StepStats, UtteranceSample
+from .run import LoadOptions, OptionsError, run_load, run_step
+from .stats import Percentiles
+
+__all__ = [
+    "Clip", "ClipError", "load_clips", "make_clip",
+    "ConnectError", "ConnectTimeout", "Device", "DeviceClosed", "DeviceConfig", "DeviceError", "HelloRejected",
+    "HelloTimeout", "ReplyTimeout", "ServerMessage",
+    "LoadReport", "StepReport", "StepStats", "UtteranceSample",
+    "LoadOptions", "OptionsError", "run_load", "run_step", "Percentiles",
+]

@@ -1,0 +1,314 @@
+"""What a load run measured: per-utterance samples, per-step statistics, and their renderings
+(terminal table, progress line, Markdown summary, JSON with every sample)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from .stats import Histogram, Percentiles, summarize
+
+Outcome = Literal["ok", "missing", "error", "disconnected", "sent"]
+UNANSWERED: tuple[Outcome, ...] = ("missing", "error", "disconnected")
+
+
+@dataclass(frozen=True, slots=True)
+class UtteranceSample:
+    """One utterance sent by one client, and what came back.
+
+    `latency_ms`: from the moment the frame holding the last speech sample left to the `stt`.
+    `server_ms`: the part the server's processing adds: in auto/realtime mode the latency less
+    the server's configured end-of-speech silence, in manual mode the time from `listen stop`.
+    `outcome`: ok (an `stt`), error (an `error` message instead), missing (nothing within the
+    reply timeout), disconnected (the connection dropped first), sent (sink mode: no reply
+    expected).
+    """
+
+    client: int
+    clip: str
+    outcome: Outcome
+    eos_s: float | None  # when the last speech frame left, seconds after the step start
+    latency_ms: float | None
+    server_ms: float | None
+    speech_ms: float
+    text: str | None = None
+    error: str | None = None
+    reported_latency_ms: float | None = None  # the server's own `latency_ms` field, if any
+    early_replies: int = 0  # replies that came while the clip was still being sent
+
+
+@dataclass(slots=True)
+class Counters:
+    """Connection-level events of one step (mutable while the step runs)."""
+
+    connects: int = 0
+    refused: int = 0
+    connect_timeouts: int = 0
+    hello_timeouts: int = 0
+    hello_rejected: int = 0
+    disconnects: int = 0
+    late_replies: int = 0  # stt/error that came after its utterance was given up on
+    frames_sent: int = 0
+    client_errors: int = 0  # a client task failed unexpectedly (a harness bug: should stay 0)
+    cancelled: int = 0  # clients still running at the hard deadline
+    connected: int = 0  # now, for the progress line
+    utterances: int = 0
+    answered: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    clients: int
+    wall_s: float
+    utterances: int
+    answered: int
+    missing: int
+    errors: int
+    disconnected: int
+    sent: int  # sink mode: utterances sent with no reply expected
+    counters: Counters
+    latency: Percentiles  # end of speech -> stt, answered utterances
+    server: Percentiles  # latency less the end-of-speech silence
+    hello: Percentiles
+    lateness: Percentiles  # how late frames left against the device clock
+    p95_all_ms: float | None  # p95 counting every unanswered utterance as infinitely late; None = infinite
+    within_budget: bool
+    generator_on_time: bool
+    generator_cpu_percent: float | None
+    server_cpu_percent: float | None = None
+    server_rss_peak_mb: float | None = None
+    server_rss_end_mb: float | None = None
+    probe_error: str | None = None
+    client_error_messages: tuple[str, ...] = ()
+
+    def consistent(self) -> bool:
+        """Every utterance is answered or counted unanswered; percentiles are ordered."""
+        return (self.answered + self.missing + self.errors + self.disconnected + self.sent == self.utterances
+                and all(p.ordered() for p in (self.latency, self.server, self.hello, self.lateness)))
+
+
+@dataclass(slots=True)
+class StepReport:
+    index: int
+    stats: StepStats
+    samples: list[UtteranceSample]
+    hello_ms: list[float]
+    lateness: Histogram
+
+
+@dataclass(slots=True)
+class LoadReport:
+    """The whole run: one step per client count. `capacity` is the largest client count whose
+    step stayed within budget (p95 under `budget_ms`; in sink mode, frame lateness p99 under
+    `lateness_budget_ms`), None when none did."""
+
+    options: dict[str, Any]
+    started_at: str
+    steps: list[StepReport] = field(default_factory=list)
+    sink_mode: bool = False
+
+    @property
+    def capacity(self) -> int | None:
+        ok = [s.stats.clients for s in self.steps if s.stats.within_budget]
+        return max(ok) if ok else None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A live view of the running step."""
+
+    step: int
+    steps: int
+    clients: int
+    elapsed_s: float
+    duration_s: float
+    connected: int
+    utterances: int
+    answered: int
+    missing: int
+    errors: int
+    disconnects: int
+    refused: int
+    latency_p50: float | None
+    latency_p95: float | None
+    lateness_p99: float | None
+
+
+def p95_counting_unanswered(latencies: Sequence[float], unanswered: int) -> float | None:
+    """Nearest-rank p95 where each unanswered utterance is an infinite latency (None)."""
+    total = len(latencies) + unanswered
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(0.95 * total))
+    vals = sorted(latencies)
+    return float(vals[rank - 1]) if rank <= len(vals) else None
+
+
+def build_step_stats(clients: int, wall_s: float, samples: Sequence[UtteranceSample], counters: Counters,
+                     hello_ms: Sequence[float], lateness: Histogram, *, budget_ms: float,
+                     lateness_budget_ms: float, expect_replies: bool, generator_cpu_percent: float | None,
+                     client_error_messages: Sequence[str] = ()) -> StepStats:
+    by = {o: 0 for o in ("ok", "missing", "error", "disconnected", "sent")}
+    for s in samples:
+        by[s.outcome] += 1
+    latencies = [s.latency_ms for s in samples if s.outcome == "ok" and s.latency_ms is not None]
+    server = [s.server_ms for s in samples if s.outcome == "ok" and s.server_ms is not None]
+    unanswered = by["missing"] + by["error"] + by["disconnected"]
+    lat = lateness.summary()
+    on_time = lat.p99 is not None and lat.p99 < lateness_budget_ms
+    if expect_replies:
+        p95_all = p95_counting_unanswered(latencies, unanswered)
+        within = bool(samples) and p95_all is not None and p95_all < budget_ms
+    else:
+        p95_all = None
+        within = on_time and counters.connects > 0
+    return StepStats(
+        clients=clients, wall_s=wall_s, utterances=len(samples), answered=by["ok"], missing=by["missing"],
+        errors=by["error"], disconnected=by["disconnected"], sent=by["sent"], counters=counters,
+        latency=summarize(latencies), server=summarize(server), hello=summarize(hello_ms), lateness=lat,
+        p95_all_ms=p95_all, within_budget=within, generator_on_time=on_time,
+        generator_cpu_percent=generator_cpu_percent, client_error_messages=tuple(client_error_messages))
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def _ms1(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
+def format_progress(p: Progress) -> str:
+    return (f"step {p.step}/{p.steps} | {p.connected}/{p.clients} connected | {p.elapsed_s:4.0f}/{p.duration_s:.0f} s"
+            f" | utt {p.utterances} ok {p.answered} miss {p.missing} err {p.errors}"
+            f" | p50 {_ms(p.latency_p50)} p95 {_ms(p.latency_p95)} ms | late p99 {_ms1(p.lateness_p99)} ms"
+            f" | disc {p.disconnects} refused {p.refused}")
+
+
+_COLUMNS = ("clients", "utts", "ok", "miss", "err", "disc", "refused", "p50", "p90", "p95", "p99", "max",
+            "srv p95", "hello p95", "late p99", "srv CPU", "srv RSS MB", "gen CPU", "pass")
+
+
+def _row(s: StepStats) -> list[str]:
+    c = s.counters
+    refused = c.refused + c.connect_timeouts + c.hello_timeouts + c.hello_rejected
+    return [str(s.clients), str(s.utterances), str(s.answered), str(s.missing), str(s.errors),
+            str(c.disconnects), str(refused), _ms(s.latency.p50), _ms(s.latency.p90), _ms(s.latency.p95),
+            _ms(s.latency.p99), _ms(s.latency.max), _ms(s.server.p95), _ms(s.hello.p95), _ms1(s.lateness.p99),
+            _pct(s.server_cpu_percent), _ms(s.server_rss_peak_mb), _pct(s.generator_cpu_percent),
+            "yes" if s.within_budget else "no"]
+
+
+def format_table(report: LoadReport) -> str:
+    """The terminal table: one row per step, latencies in ms."""
+    rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(capacity_line(report))
+    return "\n".join(lines)
+
+
+def capacity_line(report: LoadReport) -> str:
+    opts = report.options
+    cap = report.capacity
+    if report.sink_mode:
+        crit = f"frame send lateness p99 < {opts['lateness_budget_ms']:g} ms"
+        what = "generator ceiling (clients kept on time by this generator)"
+    else:
+        crit = f"end-of-speech -> stt p95 < {opts['budget_ms']:g} ms, unanswered counted as late"
+        what = "capacity"
+    line = f"{what}: {cap if cap is not None else 'none of the steps'} ({crit})"
+    late = [s.stats.clients for s in report.steps if not s.stats.generator_on_time and not report.sink_mode]
+    if late:
+        line += (f"\nwarning: the generator fell behind (frame lateness p99 >= {opts['lateness_budget_ms']:g} ms)"
+                 f" at {', '.join(map(str, late))} clients: use --procs or a second machine")
+    return line
+
+
+def render_markdown(report: LoadReport) -> str:
+    o = report.options
+    head = [
+        "# Load test summary", "",
+        f"- started: {report.started_at}",
+        f"- target: `{o['url']}` (protocol v{o['protocol_version']}, mode {o['mode']},"
+        f" {o['frame_ms']} ms Opus frames{', sink mode' if report.sink_mode else ''})",
+        f"- steps: {', '.join(str(s.stats.clients) for s in report.steps)} clients, {o['duration_s']:g} s each,"
+        f" {o['procs']} generator process(es), seed {o['seed']}",
+        f"- think pause {o['think_ms'][0]:g}-{o['think_ms'][1]:g} ms, reply timeout {o['reply_timeout_s']:g} s,"
+        f" server end-of-speech silence {o['server_silence_ms']:g} ms",
+        f"- **{capacity_line(report)}**", "",
+        "Latencies in ms, from the send time of the last frame holding speech to the `stt`; `srv` is the"
+        " same less the server's end-of-speech silence; `late` is how late frames left against the"
+        " device clock; `refused` adds refused connections, connect and hello timeouts.", "",
+    ]
+    rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
+    table = ["| " + " | ".join(rows[0]) + " |", "|" + "---:|" * len(_COLUMNS)]
+    table += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    notes: list[str] = []
+    for s in report.steps:
+        st = s.stats
+        c = st.counters
+        if c.client_errors:
+            notes.append(f"- {st.clients} clients: {c.client_errors} client task errors: "
+                         + "; ".join(st.client_error_messages[:3]))
+        if st.probe_error:
+            notes.append(f"- {st.clients} clients: server probe: {st.probe_error}")
+        if c.late_replies:
+            notes.append(f"- {st.clients} clients: {c.late_replies} replies came after their utterance was given up")
+    return "\n".join(head + table + ([""] + notes if notes else [])) + "\n"
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def report_to_dict(report: LoadReport) -> dict[str, Any]:
+    """Everything, every sample included, as JSON-ready data."""
+    steps = []
+    for s in report.steps:
+        stats = dataclasses.asdict(s.stats)
+        steps.append({"index": s.index, "stats": stats, "hello_ms": s.hello_ms,
+                      "lateness_histogram_0.1ms": s.lateness.to_dict(),
+                      "samples": [dataclasses.asdict(x) for x in s.samples]})
+    return _clean({"options": report.options, "started_at": report.started_at, "sink_mode": report.sink_mode,
+                   "capacity": report.capacity, "steps": steps})
+
+
+def write_outputs(report: LoadReport, out_dir: Path, plot: bool = True) -> tuple[list[Path], str | None]:
+    """Write samples.json, summary.md and (when matplotlib is there) plot.png into `out_dir`.
+    Returns the files written and, if the plot was skipped, why."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    p = out_dir / "samples.json"
+    p.write_text(json.dumps(report_to_dict(report), ensure_ascii=False, indent=1), encoding="utf-8")
+    files.append(p)
+    p = out_dir / "summary.md"
+    p.write_text(render_markdown(report), encoding="utf-8")
+    files.append(p)
+    skipped: str | None = "plot not asked for"
+    if plot:
+        from .plot import PlotUnavailable, write_plot
+        try:
+            files.append(write_plot(report, out_dir / "plot.png"))
+            skipped = None
+        except PlotUnavailable as e:
+            skipped = str(e)
+    return files, skipped

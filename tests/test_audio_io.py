@@ -1,0 +1,139 @@
+"""Decoding uploads: every common container and rate comes out as the same 16 kHz mono signal."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from asr_server.audio.io import (AudioDecodeError, AudioTooLongError, EmptyAudioError, PcmFormatError, PcmResampler,
+                                 decode_audio, float_to_pcm16, pcm16_to_float)
+
+AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
+ZH = AUDIO / "zh_aishell_BAC009S0724W0121_wenet.wav"
+needs_audio = pytest.mark.skipif(not ZH.is_file(), reason="../shared/audio absent")
+
+
+def encode(samples: np.ndarray, rate: int, container: str, codec: str, channels: int = 1) -> bytes:
+    """Encode 16 kHz float audio to a container in memory with FFmpeg (what a client would upload)."""
+    if rate != 16000:
+        samples = soxr.resample(samples, 16000, rate)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=rate, layout="mono" if channels == 1 else "stereo")
+        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.tile(pcm, (channels, 1)), format="s16p", layout=stream.layout.name)
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def similarity(decoded: np.ndarray, ref: np.ndarray) -> float:
+    """Peak normalised cross-correlation (codecs add a little delay and noise)."""
+    n = min(len(decoded), len(ref))
+    a, b = decoded[:n], ref[:n]
+    c = np.correlate(a, b, "full")
+    return float(c.max() / np.sqrt(np.dot(a, a) * np.dot(b, b)))
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    if not ZH.is_file():
+        pytest.skip("../shared/audio absent")
+    x, sr = sf.read(ZH, dtype="float32")
+    assert sr == 16000
+    return x
+
+
+@needs_audio
+@pytest.mark.parametrize("container,codec,rate,channels,decoder", [
+    ("wav", "pcm_s16le", 16000, 1, "soundfile"),
+    ("wav", "pcm_s16le", 8000, 1, "soundfile"),
+    ("wav", "pcm_s16le", 44100, 2, "soundfile"),
+    ("flac", "flac", 48000, 2, "soundfile"),
+    ("mp3", "libmp3lame", 44100, 2, "pyav"),
+    ("ogg", "libopus", 48000, 1, "pyav"),
+    ("webm", "libopus", 48000, 2, "pyav"),
+    ("mp4", "aac", 16000, 1, "pyav"),  # .m4a
+])
+def test_containers_and_rates_decode_to_16k_mono(speech, container, codec, rate, channels, decoder):
+    d = decode_audio(encode(speech, rate, container, codec, channels))
+    assert d.decoder == decoder
+    assert d.source_rate == rate and d.source_channels == channels
+    assert d.samples.dtype == np.float32 and d.samples.ndim == 1
+    assert abs(d.duration_s - len(speech) / 16000) < 0.1
+    assert similarity(d.samples, speech) > 0.9
+
+
+@needs_audio
+def test_real_clip_flac_44k_stereo():
+    d = decode_audio((AUDIO / "en_jfk_whisper.flac").read_bytes())
+    assert (d.source_rate, d.source_channels) == (44100, 2)
+    assert abs(d.duration_s - 11.0) < 0.01
+
+
+@pytest.mark.parametrize("data", [b"this is plain text, not audio" * 20, b'{"mode": "offline"}', b"\x00" * 4000,
+                                  bytes(range(256)) * 20])
+def test_not_audio_is_a_named_error(data):
+    with pytest.raises(AudioDecodeError, match="not"):
+        decode_audio(data)
+
+
+def test_image_is_not_audio():
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="image2pipe") as out:
+        s = out.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = 8, 8, "rgb24"
+        frame = av.VideoFrame.from_ndarray(np.zeros((8, 8, 3), np.uint8), format="rgb24")
+        for p in [*s.encode(frame), *s.encode(None)]:
+            out.mux(p)
+    with pytest.raises(AudioDecodeError, match="no audio stream"):
+        decode_audio(buf.getvalue())
+
+
+def test_empty_inputs():
+    with pytest.raises(EmptyAudioError, match="0 bytes"):
+        decode_audio(b"")
+    header_only = io.BytesIO()
+    sf.write(header_only, np.zeros(0, np.float32), 16000, format="WAV")
+    with pytest.raises(EmptyAudioError, match="no audio samples"):
+        decode_audio(header_only.getvalue())
+
+
+def test_duration_limit_stops_decoding():
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 5, np.float32), 16000, format="FLAC")
+    with pytest.raises(AudioTooLongError, match="allowed 2 s"):
+        decode_audio(buf.getvalue(), max_duration_s=2)
+    tone = 0.1 * np.sin(np.arange(16000 * 5) / 16000 * 2 * np.pi * 440).astype(np.float32)
+    with pytest.raises(AudioTooLongError):
+        decode_audio(encode(tone, 16000, "mp3", "libmp3lame"), max_duration_s=2)
+    assert decode_audio(buf.getvalue(), max_duration_s=10).duration_s == 5.0
+
+
+def test_pcm16_roundtrip_and_odd_length():
+    x = np.array([0.0, 0.5, -0.5, 1.0, -1.0], np.float32)
+    y = pcm16_to_float(float_to_pcm16(x))
+    assert np.allclose(x, y, atol=1 / 32768)
+    with pytest.raises(PcmFormatError, match="even number of bytes, got 3"):
+        pcm16_to_float(b"\x00\x01\x02")
+
+
+def test_pcm_resampler_streams_8k_to_16k():
+    t = np.arange(8000) / 8000
+    tone = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    pcm = float_to_pcm16(tone)
+    r = PcmResampler(8000)
+    out = np.concatenate([r.push(pcm[i:i + 640]) for i in range(0, len(pcm), 640)] + [r.push(b"", last=True)])
+    assert abs(len(out) - 16000) <= 2
+    ref = (0.3 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000)).astype(np.float32)
+    assert similarity(out, ref) > 0.99
+    assert PcmResampler(16000).push(pcm).shape == (8000,)
+    with pytest.raises(PcmFormatError, match="sample rate"):
+        PcmResampler(1000)

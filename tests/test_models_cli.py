@@ -1,0 +1,448 @@
+"""`asr-server models`: pull fails fast offline, list/verify name every wrong file, the manifest holds.
+
+The ONNX files here are built with the `onnx` helper API so that they have exactly the engines'
+signatures (or deliberately not); no test touches an address other than loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import io
+import json
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asr_server import models
+from asr_server.config import Config, load_config
+from asr_server.engines.runtime import ModelFileError
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper
+
+# --------------------------------------------------------------------------- building model folders
+
+
+def sensevoice_onnx(path: Path, vocab: int, lengths_type: int = TensorProto.INT32) -> None:
+    """A graph with SenseVoice's exported signature: logits = speech @ W, lengths passed through."""
+    w = numpy_helper.from_array(np.zeros((560, vocab), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["speech", "W"], ["ctc_logits"]),
+         helper.make_node("Identity", ["speech_lengths"], ["encoder_out_lens"])],
+        "sensevoice",
+        [helper.make_tensor_value_info("speech", TensorProto.FLOAT, ["batch_size", "feats_length", 560]),
+         helper.make_tensor_value_info("speech_lengths", lengths_type, ["batch_size"]),
+         helper.make_tensor_value_info("language", TensorProto.INT32, ["batch_size"]),
+         helper.make_tensor_value_info("textnorm", TensorProto.INT32, ["batch_size"])],
+        [helper.make_tensor_value_info("ctc_logits", TensorProto.FLOAT, ["batch_size", "feats_length", vocab]),
+         helper.make_tensor_value_info("encoder_out_lens", lengths_type, ["batch_size"])],
+        initializer=[w],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8), str(path))
+
+
+def campplus_onnx(path: Path, dim: int = 192) -> None:
+    """A graph with CAM++'s signature: mean over time, then a projection to `dim`."""
+    w = numpy_helper.from_array(np.zeros((80, dim), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["feature"], ["pooled"], axes=[1], keepdims=0),
+         helper.make_node("MatMul", ["pooled", "W"], ["embedding"])],
+        "campplus",
+        [helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["B", "T", 80])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", dim])],
+        initializer=[w],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)], ir_version=8), str(path))
+
+
+def bpe_model(path: Path) -> int:
+    """Train a tiny sentencepiece BPE model; returns its number of pieces."""
+    spm = pytest.importorskip("sentencepiece")
+    sentences = ["hello world", "the quick brown fox", "jumps over the lazy dog", "speech to text"] * 20
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=buf, vocab_size=40,
+                                   model_type="bpe", hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+    sp = spm.SentencePieceProcessor()
+    sp.Load(str(path))
+    return sp.GetPieceSize()
+
+
+@pytest.fixture(scope="module")
+def bpe_bytes(tmp_path_factory) -> tuple[bytes, int]:
+    p = tmp_path_factory.mktemp("bpe") / "bpe.model"
+    n = bpe_model(p)
+    return p.read_bytes(), n
+
+
+def make_config(root: Path, **sections) -> Config:
+    base = {"asr": {"model_dir": str(root / "SenseVoiceSmall")},
+            "speaker": {"model": str(root / "campplus" / "campplus.onnx"), "db": str(root / "vp.sqlite")}}
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return load_config(None, env={}, overrides=base)
+
+
+@pytest.fixture
+def good(tmp_path, bpe_bytes) -> Config:
+    """A complete, correct models folder (fp32 + int8 SenseVoice, CAM++) and its config."""
+    root = tmp_path / "models"
+    sv = root / "SenseVoiceSmall"
+    sv.mkdir(parents=True)
+    (root / "campplus").mkdir()
+    data, pieces = bpe_bytes
+    (sv / models.SENSEVOICE_BPE).write_bytes(data)
+    sensevoice_onnx(sv / models.SENSEVOICE_FP32, pieces)
+    sensevoice_onnx(sv / models.SENSEVOICE_INT8, pieces)
+    (sv / models.SENSEVOICE_CMVN).write_text("<Nnet>\n<AddShift> 560 560\n<Rescale> 560 560\n</Nnet>\n")
+    (sv / models.SENSEVOICE_CONFIG).write_text("encoder: SenseVoiceEncoderSmall\nmodel: SenseVoiceSmall\n")
+    campplus_onnx(root / "campplus" / "campplus.onnx")
+    return make_config(root)
+
+
+def run_cli(config: Config, *argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    models.add_models_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["models", *argv])
+    return args.func(args, config)
+
+
+def closed_loopback_port() -> int:
+    """A loopback port nothing listens on: connecting is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- missing files
+
+
+def test_missing_model_files_names_every_absent_file(tmp_path):
+    cfg = make_config(tmp_path / "models")
+    sv = Path(cfg.asr.model_dir)
+    missing = set(models.missing_model_files(cfg))
+    assert missing == {sv / "am.mvn", sv / models.SENSEVOICE_BPE, sv / "config.yaml", sv / "model.onnx",
+                       sv / "model_quant.onnx", Path(cfg.speaker.model)}
+    problems = models.check_models(cfg)
+    assert any("neither model.onnx nor model_quant.onnx" in p for p in problems)
+    assert any(str(Path(cfg.speaker.model)) in p and "missing" in p for p in problems)
+    with pytest.raises(ModelFileError, match="asr-server models pull"):
+        models.require_models(cfg)
+
+
+def test_missing_model_files_follows_the_config(tmp_path):
+    root = tmp_path / "models"
+    sv = root / "SenseVoiceSmall"
+    int8_only = models.missing_model_files(make_config(root, asr={"quantized": "yes"}, speaker={"enabled": False}))
+    assert sv / "model_quant.onnx" in int8_only and sv / "model.onnx" not in int8_only
+    assert not any("campplus" in str(p) for p in int8_only)
+    torch_backend = models.missing_model_files(make_config(root, engine={"backend": "torch"}))
+    assert sv / "model.pt" in torch_backend and root / "campplus" / models.CAMPPLUS_WEIGHTS in torch_backend
+    assert sv / "model.onnx" not in torch_backend
+    ecapa = models.missing_model_files(make_config(root, speaker={"model_type": "ecapa"}))
+    assert root / "ecapa" / "embedding_model.ckpt" in ecapa
+    assert root / "campplus" / "campplus.onnx" not in ecapa
+
+
+def test_either_sensevoice_file_is_enough_in_auto_mode(good):
+    Path(good.asr.model_dir, models.SENSEVOICE_FP32).unlink()
+    assert models.missing_model_files(good) == []
+    assert models.check_models(good, deep=True) == []
+
+
+# --------------------------------------------------------------------------- list / verify
+
+
+def test_list_and_verify_accept_good_files(good, capsys):
+    assert models.missing_model_files(good) == []
+    assert models.check_models(good, deep=True) == []
+    assert run_cli(good, "list") == 0
+    out = capsys.readouterr().out
+    assert "speech float32[batch_size, feats_length, 560]" in out
+    assert "matches the SenseVoice engine" in out and "matches the CAM++ engine" in out
+    assert run_cli(good, "verify") == 0
+    assert "all model files OK" in capsys.readouterr().out
+
+
+def test_verify_compares_hashes_recorded_in_the_manifest(good, capsys):
+    recorded = models.record_files(good, models._dir_files(Path(good.asr.model_dir)), "local")
+    assert len(recorded) == 5
+    manifest = json.loads(models.manifest_path(good).read_text())
+    entry = manifest["files"]["SenseVoiceSmall/model.onnx"]
+    onnx_file = Path(good.asr.model_dir) / "model.onnx"
+    assert entry["size"] == onnx_file.stat().st_size and entry["sha256"] == models.sha256_file(onnx_file)
+    assert run_cli(good, "verify") == 0
+    assert "sha256 ok" in capsys.readouterr().out
+
+
+def test_truncated_file_is_named_and_fails_verify(good, capsys):
+    target = Path(good.asr.model_dir) / "model.onnx"
+    models.record_files(good, [target], "local")
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    problems = models.check_models(good)  # the cheap start-up check sees the size
+    assert len(problems) == 1 and str(target) in problems[0] and "truncated" in problems[0]
+    assert run_cli(good, "verify") == 1
+    out = capsys.readouterr().out
+    assert f"BAD      {target}" in out and "not a valid ONNX model" in out
+
+
+def test_truncated_file_without_manifest_is_still_caught(good):
+    target = Path(good.speaker.model)
+    target.write_bytes(target.read_bytes()[:100])
+    problems = models.check_models(good, deep=True)
+    assert len(problems) == 1 and problems[0].startswith(f"{target}: not a valid ONNX model")
+
+
+def test_wrong_signature_is_named_and_fails_verify(good, capsys):
+    campplus_onnx(Path(good.speaker.model), dim=64)
+    sensevoice_onnx(Path(good.asr.model_dir) / "model_quant.onnx", 10, lengths_type=TensorProto.INT64)
+    assert run_cli(good, "verify") == 1
+    out = capsys.readouterr().out
+    problems = models.check_models(good, deep=True)
+    assert any(p.startswith(str(good.speaker.model)) and "output 'embedding' axis 1 is 64, expected 192" in p
+               for p in problems)
+    quant = str(Path(good.asr.model_dir) / "model_quant.onnx")
+    assert any(p.startswith(quant) and "input 'speech_lengths' is int64, expected int32" in p for p in problems)
+    assert any(p.startswith(quant) and "ctc_logits has 10 classes" in p for p in problems)
+    assert "does not match the CAM++ engine" in out
+
+
+def test_sha_mismatch_is_named_and_fails_verify(good, capsys):
+    cmvn = Path(good.asr.model_dir) / "am.mvn"
+    models.record_files(good, [cmvn], "local")
+    data = bytearray(cmvn.read_bytes())
+    data[-2] ^= 0x01  # same size, different content
+    cmvn.write_bytes(bytes(data))
+    assert models.check_models(good) == []  # sizes agree: only hashing sees it
+    assert models.check_models(good, deep=True) == [f"{cmvn}: sha256 differs from the manifest (corrupt or replaced)"]
+    assert run_cli(good, "verify") == 1
+    assert "manifest: sha256 differs" in capsys.readouterr().out
+
+
+def test_unreadable_manifest_and_support_files_are_named(good):
+    models.manifest_path(good).write_text("{not json")
+    (Path(good.asr.model_dir) / "config.yaml").write_text("- a list\n- not a mapping\n")
+    (Path(good.asr.model_dir) / models.SENSEVOICE_BPE).write_bytes(b"garbage")
+    problems = models.check_models(good, deep=True)
+    assert any("unreadable manifest" in p for p in problems)
+    assert any(p.endswith("config.yaml: not a YAML mapping") for p in problems)
+    assert any(models.SENSEVOICE_BPE in p and "not a readable sentencepiece model" in p for p in problems)
+
+
+@pytest.mark.parametrize("reader", ["_signature_onnx", "_signature_ort"])
+def test_both_signature_readers_agree(good, reader):
+    sig = getattr(models, reader)(Path(good.speaker.model))
+    assert [(t.name, t.dtype) for t in sig.inputs] == [("feature", "float32")]
+    assert sig.inputs[0].shape[-1] == 80 and sig.outputs[0].shape[-1] == 192
+    assert models.match_signature(sig, models.CAMPPLUS_CONTRACT) == []
+    Path(good.speaker.model).write_bytes(b"\x08\x07garbage")
+    with pytest.raises(ModelFileError, match="not a valid ONNX model"):
+        getattr(models, reader)(Path(good.speaker.model))
+
+
+# --------------------------------------------------------------------------- pull
+
+
+def test_pull_without_network_fails_fast_with_instructions(tmp_path, capsys):
+    cfg = make_config(tmp_path / "models")
+    endpoint = f"http://127.0.0.1:{closed_loopback_port()}"
+    with pytest.raises(models.HubUnreachableError) as err:
+        models.pull_models(cfg, "modelscope", endpoint=endpoint, probe_timeout=2.0)
+    msg = str(err.value)
+    assert f"{endpoint}/models/iic/SenseVoiceSmall" in msg
+    assert "iic/speech_campplus_sv_zh-cn_16k-common" in msg
+    assert "Nothing was downloaded" in msg and "place the files by hand" in msg
+    assert f"{cfg.asr.model_dir}/: model.onnx and/or model_quant.onnx" in msg
+    assert "am.mvn" in msg and models.SENSEVOICE_BPE in msg and str(cfg.speaker.model) in msg
+    assert not models.manifest_path(cfg).exists()
+    assert run_cli(cfg, "pull", "--source", "hf", "--endpoint", endpoint, "--timeout", "2") == 1
+    err_out = capsys.readouterr().err
+    assert "FunAudioLLM/SenseVoiceSmall" in err_out and "funasr/campplus" in err_out
+
+
+def test_probe_gives_up_on_a_hub_that_never_answers():
+    with socket.socket() as silent:  # accepts connections (kernel backlog) but never replies
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(models.HubUnreachableError, match="127.0.0.1"):
+            models.probe_endpoint(url, timeout=0.5)
+
+
+def test_probe_accepts_any_http_answer():
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        models.probe_endpoint(f"http://127.0.0.1:{srv.server_port}", timeout=5.0)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_pull_with_files_present_stays_offline_and_records_them(good, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("pull touched the network although every file is present")
+
+    monkeypatch.setattr(models, "probe_endpoint", no_network)
+    monkeypatch.setattr(models, "_download", no_network)
+    result = models.pull_models(good, echo=lambda msg: None)
+    assert result.fetched == () and result.exported == ()
+    entries = models.read_manifest(models.manifest_path(good))
+    assert set(entries) == {"SenseVoiceSmall/model.onnx", "SenseVoiceSmall/model_quant.onnx",
+                            "SenseVoiceSmall/am.mvn", f"SenseVoiceSmall/{models.SENSEVOICE_BPE}",
+                            "SenseVoiceSmall/config.yaml", "campplus/campplus.onnx"}
+    assert {e.source for e in entries.values()} == {"local"}
+
+
+def test_plan_pull_fetches_only_what_is_missing(good):
+    sv = Path(good.asr.model_dir)
+    (sv / "am.mvn").unlink()
+    Path(good.speaker.model).unlink()
+    (Path(good.speaker.model).parent / models.CAMPPLUS_WEIGHTS).write_bytes(b"weights")
+    plan = models.plan_pull(good, "hf", endpoint="http://127.0.0.1:9", ecapa=True)
+    assert [(t.repo_id, t.dest) for t in plan] == [("FunAudioLLM/SenseVoiceSmall", sv),
+                                                   ("speechbrain/spkrec-ecapa-voxceleb", sv.parent / "ecapa")]
+    assert plan[0].ignore == ("model.pt",)  # ONNX is here: the PyTorch weights are not needed
+    assert plan[0].url == "http://127.0.0.1:9/FunAudioLLM/SenseVoiceSmall"
+    assert models.plan_pull(good, "ms", force=True)[1].repo_id == "iic/speech_campplus_sv_zh-cn_16k-common"
+
+
+def test_pull_records_fetched_files_with_their_source(tmp_path, monkeypatch, good):
+    sv = Path(good.asr.model_dir)
+    (sv / "am.mvn").unlink()
+
+    def fake_download(target):  # stands in for the hub client
+        (target.dest / "am.mvn").write_text("<AddShift>\n<Rescale>\n")
+
+    monkeypatch.setattr(models, "probe_endpoint", lambda url, timeout: None)
+    monkeypatch.setattr(models, "_download", fake_download)
+    result = models.pull_models(good, endpoint="http://127.0.0.1:9", echo=lambda msg: None)
+    assert [t.repo_id for t in result.fetched] == ["iic/SenseVoiceSmall"]
+    entries = models.read_manifest(models.manifest_path(good))
+    assert entries["SenseVoiceSmall/am.mvn"].source == "modelscope:iic/SenseVoiceSmall"
+    assert entries["SenseVoiceSmall/model.onnx"].source == "local"
+    assert models.check_models(good, deep=True) == []
+
+
+def test_export_without_weights_names_the_missing_file(tmp_path, capsys):
+    cfg = make_config(tmp_path / "models")
+    with pytest.raises(models.ExportError, match="model.pt not found"):
+        models.export_models(cfg, echo=lambda msg: None)
+    assert run_cli(cfg, "export") == 1
+    assert "asr-server models pull" in capsys.readouterr().err
+
+
+def test_verify_names_a_valid_graph_that_onnx_runtime_cannot_load(good, capsys):
+    target = Path(good.speaker.model)
+    graph = helper.make_graph(
+        [helper.make_node("NoSuchOp", ["feature"], ["embedding"], domain="com.example")], "campplus",
+        [helper.make_tensor_value_info("feature", TensorProto.FLOAT, ["B", "T", 80])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["B", 192])])
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 14),
+                                                                   helper.make_opsetid("com.example", 1)]),
+              str(target))
+    assert run_cli(good, "list") == 0  # the signature alone looks right
+    capsys.readouterr()
+    assert run_cli(good, "verify") == 1
+    assert "ONNX Runtime cannot load it" in capsys.readouterr().out
+    assert any(p.startswith(f"{target}: ONNX Runtime cannot load it") for p in models.check_models(good, deep=True))
+
+
+def test_quiet_verify_prints_only_problems(good, capsys):
+    assert run_cli(good, "verify", "--quiet") == 0
+    assert capsys.readouterr().out == ""
+    (Path(good.asr.model_dir) / "am.mvn").unlink()
+    assert run_cli(good, "verify", "-q") == 1
+    assert capsys.readouterr().out.strip() == f"{Path(good.asr.model_dir) / 'am.mvn'}: missing"
+
+
+def test_a_failed_download_is_named_and_can_be_resumed(tmp_path, monkeypatch, capsys):
+    cfg = make_config(tmp_path / "models")
+
+    def broken_download(target):
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(models, "probe_endpoint", lambda url, timeout: None)
+    monkeypatch.setattr(models, "_download", broken_download)
+    with pytest.raises(models.DownloadError, match="iic/SenseVoiceSmall .*connection reset by peer"):
+        models.pull_models(cfg, endpoint="http://127.0.0.1:9", echo=lambda msg: None)
+    assert run_cli(cfg, "pull", "--endpoint", "http://127.0.0.1:9") == 1
+    assert "Run `asr-server models pull` again" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- export (needs the torch extra)
+
+
+def kaldi_cmvn(dim: int = 560) -> str:
+    zeros, ones = " ".join(["0"] * dim), " ".join(["1"] * dim)
+    return (f"<Nnet>\n<Splice> {dim} {dim}\n[ 0 ]\n<AddShift> {dim} {dim}\n<LearnRateCoef> 0 [ {zeros} ]\n"
+            f"<Rescale> {dim} {dim}\n<LearnRateCoef> 0 [ {ones} ]\n</Nnet>\n")
+
+
+@pytest.fixture(scope="module")
+def weights_root(tmp_path_factory, bpe_bytes) -> Path:
+    """Model folders as the hubs publish them (PyTorch weights, no ONNX), with tiny funasr models."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("funasr")
+    pytest.importorskip("asr_server.export")
+    import yaml
+    from funasr.models.campplus.model import CAMPPlus
+    from funasr.models.sense_voice.model import SenseVoiceSmall
+
+    root = tmp_path_factory.mktemp("hub") / "models"
+    sv, cp = root / "SenseVoiceSmall", root / "campplus"
+    sv.mkdir(parents=True)
+    cp.mkdir()
+    data, pieces = bpe_bytes
+    (sv / models.SENSEVOICE_BPE).write_bytes(data)
+    (sv / "am.mvn").write_text(kaldi_cmvn())
+    encoder_conf = dict(output_size=32, attention_heads=2, linear_units=64, num_blocks=2, tp_blocks=1,
+                        dropout_rate=0.0, positional_dropout_rate=0.0, attention_dropout_rate=0.0,
+                        input_layer="pe", pos_enc_class="SinusoidalPositionEncoder", normalize_before=True,
+                        kernel_size=11, sanm_shfit=0, selfattention_layer_type="sanm")
+    conf = {"encoder": "SenseVoiceEncoderSmall", "encoder_conf": encoder_conf, "model": "SenseVoiceSmall",
+            "model_conf": {"length_normalized_loss": True, "sos": 1, "eos": 2, "ignore_id": -1},
+            "tokenizer": "SentencepiecesTokenizer", "tokenizer_conf": {"bpemodel": None, "unk_symbol": "<unk>"},
+            "frontend": "WavFrontend", "frontend_conf": {"fs": 16000, "window": "hamming", "n_mels": 80,
+                                                         "frame_length": 25, "frame_shift": 10, "lfr_m": 7,
+                                                         "lfr_n": 6, "cmvn_file": None}}
+    (sv / "config.yaml").write_text(yaml.safe_dump(conf))
+    (sv / "configuration.json").write_text(json.dumps({"framework": "pytorch", "file_path_metas": {
+        "init_param": "model.pt", "config": "config.yaml",
+        "tokenizer_conf": {"bpemodel": models.SENSEVOICE_BPE}, "frontend_conf": {"cmvn_file": "am.mvn"}}}))
+    model = SenseVoiceSmall(encoder="SenseVoiceEncoderSmall", encoder_conf=encoder_conf, input_size=560,
+                            vocab_size=pieces, **conf["model_conf"])
+    torch.save(model.state_dict(), sv / "model.pt")
+    campplus_conf = {"feat_dim": 80, "embedding_size": 192, "growth_rate": 8, "bn_size": 2, "init_channels": 16}
+    (cp / "config.yaml").write_text(yaml.safe_dump({"model": "CAMPPlus", "model_conf": campplus_conf}))
+    torch.save(CAMPPlus(**campplus_conf).state_dict(), cp / models.CAMPPLUS_WEIGHTS)
+    return root
+
+
+def test_export_turns_the_weights_into_onnx_the_engines_accept(weights_root, capsys):
+    cfg = make_config(weights_root)
+    assert set(models.missing_model_files(cfg)) == {Path(cfg.asr.model_dir) / "model.onnx",
+                                                    Path(cfg.asr.model_dir) / "model_quant.onnx",
+                                                    Path(cfg.speaker.model)}
+    assert run_cli(cfg, "export") == 0
+    assert models.missing_model_files(cfg) == []
+    assert run_cli(cfg, "verify") == 0
+    out = capsys.readouterr().out
+    assert "matches the SenseVoice engine" in out and "matches the CAM++ engine" in out
+    entries = models.read_manifest(models.manifest_path(cfg))
+    assert entries["SenseVoiceSmall/model_quant.onnx"].source == "export:SenseVoiceSmall"
+    assert entries["campplus/campplus.onnx"].source == "export:campplus"
+    assert models.export_models(cfg, echo=lambda msg: None) == []  # present: not exported again
