@@ -54,10 +54,10 @@ def _torch_onnx_export(module: Any, args: tuple, path: Path, **kwargs: Any) -> N
 
 @contextlib.contextmanager
 def _quiet_root_logger() -> Iterator[None]:
-    # onnxruntime.quantization reports every skipped node through the root logger at INFO.
+    # onnxruntime.quantization reports every skipped node (and a pre-processing hint) through the root logger.
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    root.setLevel(max(level, logging.ERROR))
     try:
         yield
     finally:

@@ -85,6 +85,8 @@ class Hub:
             self._handle, host if host is not None else cfg.host, cfg.port if port is None else port,
             process_request=self._check_request, max_size=cfg.max_message_bytes, ping_interval=cfg.ping_interval_s,
             compression=None, server_header="asr-server",
+            # A client closed for flooding has frames queued ahead of its close reply: don't wait long for it.
+            close_timeout=2.0,
         )
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:

@@ -46,12 +46,13 @@ SENSEVOICE_DIR = "SenseVoiceSmall"
 CAMPPLUS_DIR = "campplus"
 MANIFEST = "manifest.json"
 BPE_NAME = "chn_jpn_yue_eng_ko_spectok.bpe.model"
+CAMPPLUS_WEIGHTS = "campplus_cn_common.bin"
 
-LANGUAGES = ["zh", "en", "yue", "ja", "ko", "nospeech"]
-EMOTIONS = ["HAPPY", "SAD", "ANGRY", "NEUTRAL", "FEARFUL", "DISGUSTED", "SURPRISED", "EMO_UNKNOWN"]
-EVENTS = ["Speech", "BGM", "Laughter", "Applause", "Cry", "Sneeze", "Cough", "Breath"]
-ITN = ["withitn", "woitn"]
-TAGS = [f"<|{t}|>" for t in LANGUAGES + EMOTIONS + EVENTS + ITN]
+LANGUAGES = ("zh", "en", "yue", "ja", "ko", "nospeech")
+EMOTIONS = ("HAPPY", "SAD", "ANGRY", "NEUTRAL", "FEARFUL", "DISGUSTED", "SURPRISED", "EMO_UNKNOWN")
+EVENTS = ("Speech", "BGM", "Laughter", "Applause", "Cry", "Sneeze", "Cough", "Breath")
+ITN = ("withitn", "woitn")
+TAGS = tuple(f"<|{t}|>" for t in LANGUAGES + EMOTIONS + EVENTS + ITN)
 #: Ids of tags in the published SenseVoice vocabulary (funasr's model code and public tokenizer
 #: tests); the full-size stand-in puts the tags there. Tags not listed get nearby free ids.
 FULL_VOCAB_SIZE = 25055
@@ -64,11 +65,11 @@ QUERY_IDS = {"zh": 3, "en": 4, "yue": 7, "ja": 11, "ko": 12, "nospeech": 13, "wi
 
 # Text for the tokenizer when no clips are given: a few sentences per language so that every
 # script SenseVoice serves has pieces.
-SEED_TEXT = [
+SEED_TEXT = (
     "turn on the living room light", "what is the weather like today", "set a timer for ten minutes",
     "打开客厅的灯", "今天天气怎么样", "把音量调小一点", "開客廳嘅燈", "今日天氣點樣",
     "リビングの電気をつけて", "今日の天気はどうですか", "거실 불 켜줘", "오늘 날씨 어때",
-]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +223,7 @@ def train_bpe(texts: Sequence[str], out_path: Path, vocab_size: int = 300) -> No
         corpus.write_text("\n".join(texts) + "\n", encoding="utf-8")
         spm.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(Path(tmp) / "bpe"), vocab_size=vocab_size, model_type="bpe",
-            character_coverage=1.0, user_defined_symbols=TAGS, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            character_coverage=1.0, user_defined_symbols=list(TAGS), unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             hard_vocab_limit=False, minloglevel=2, num_threads=1)
         shutil.copyfile(Path(tmp) / "bpe.model", out_path)
 
@@ -320,8 +321,8 @@ def make_pool(clips: Sequence[Clip], rng: np.random.Generator, copies: int) -> F
     pool = FeaturePool(lfr=[], fbank=[])
     for clip in clips:
         waves = [clip.audio] + [augment(rng, clip.audio) for _ in range(copies)]
-        pool.lfr.append([F.apply_lfr(F.kaldi_fbank(w * 32768.0, window="hamming")) for w in waves])
-        pool.fbank.append([F.kaldi_fbank(w, window="povey") for w in waves])
+        pool.lfr.append([F.sensevoice_lfr(w) for w in waves])
+        pool.fbank.append([F.campplus_fbank(w) for w in waves])
     return pool
 
 
@@ -372,7 +373,7 @@ def train_sensevoice(model: Any, sp: Any, clips: Sequence[Clip], feats: list[lis
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 100 == 0:
             log.info("sensevoice step %d/%d loss %.3f", step, plan.asr_steps, float(loss))
     model.eval()
@@ -428,7 +429,7 @@ def train_campplus(model: Any, fbanks: list[list[np.ndarray]], rng: np.random.Ge
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     for bn in bns:  # final statistics over all examples, not a running average of the steps
         bn.reset_running_stats()
         bn.momentum = None
@@ -535,11 +536,88 @@ def _locked(out: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def build(out: Path, size: str = "tiny", audio_dir: Path | None = None, seed: int = 0,
-          plan: TrainPlan = TrainPlan(), force: bool = False) -> Manifest:
-    """Build (or reuse) the stand-in models in `out`; returns the manifest."""
+def _build_sensevoice(d: Path, size: str, clips: Sequence[Clip], pool: FeaturePool | None,
+                      rng: np.random.Generator, plan: TrainPlan, manifest: Manifest) -> None:
+    """Tokenizer, am.mvn, config files, model.pt and the two ONNX files in `d`."""
+    import sentencepiece as spm
     import torch
     import yaml
+
+    from .export import export_sensevoice
+
+    d.mkdir()
+    bpe = d / BPE_NAME
+    texts = [c.text for c in clips]
+    if size == "tiny":
+        train_bpe(texts or list(SEED_TEXT), bpe, vocab_size=300)
+    else:
+        seed_bpe = d.parent / "seed.bpe.model"
+        train_bpe(texts + list(SEED_TEXT), seed_bpe, vocab_size=300)
+        pad_bpe(seed_bpe, bpe, FULL_VOCAB_SIZE, FULL_TAG_IDS)
+        seed_bpe.unlink()
+        manifest.notes.append(f"vocabulary: BPE over the transcripts padded with unused pieces to "
+                              f"{FULL_VOCAB_SIZE}; tags at the published ids where known")
+    sp = spm.SentencePieceProcessor(model_file=str(bpe))
+
+    if pool is not None:
+        allf = np.concatenate([f for v in pool.lfr for f in v])
+        mean, std = allf.mean(axis=0), allf.std(axis=0) + 1e-3
+    else:  # typical log-mel level of speech; exact values do not matter for random weights
+        mean, std = np.full(560, 10.0), np.full(560, 3.0)
+    F.write_cmvn(d / "am.mvn", mean, std)
+
+    dims = TINY if size == "tiny" else FULL
+    model = new_sensevoice(dims, sp.get_piece_size())
+    if manifest.trained and pool is not None:
+        t0 = time.perf_counter()
+        normed = [[((f - mean) / std).astype(np.float32) for f in v] for v in pool.lfr]
+        losses = train_sensevoice(model, sp, clips, normed, rng, plan, 1.0 / std)
+        manifest.evaluation["sensevoice_training"] = {
+            "steps": plan.asr_steps, "seconds": round(time.perf_counter() - t0, 1),
+            "final_loss": round(float(np.mean(losses[-plan.asr_groups:])), 4)}
+    model.eval()
+    torch.save(model.state_dict(), d / "model.pt")
+    (d / "config.yaml").write_text(yaml.safe_dump(sensevoice_config(dims), sort_keys=False), encoding="utf-8")
+    (d / "configuration.json").write_text(json.dumps(CONFIGURATION_JSON, indent=2), encoding="utf-8")
+    export_sensevoice(model, d, quantize=True)
+
+
+def _build_campplus(d: Path, size: str, pool: FeaturePool | None, rng: np.random.Generator, plan: TrainPlan,
+                    manifest: Manifest) -> None:
+    """CAM++ weights, config.yaml and campplus.onnx in `d`, in funasr's layout for CAM++
+    (`funasr/campplus`): the hub model's weight file name and constructor arguments as
+    config.yaml's model_conf, so that `asr-server models export` can re-export them."""
+    import torch
+    import yaml
+    from funasr.models.campplus.model import CAMPPlus
+
+    from .export import export_campplus
+
+    d.mkdir()
+    dims = TINY_CAMPPLUS if size == "tiny" else FULL_CAMPPLUS
+    cam = CAMPPlus(**dims, memory_efficient=False)
+    if manifest.trained and pool is not None:
+        t0 = time.perf_counter()
+        losses = train_campplus(cam, pool.fbank, rng, plan)
+        manifest.evaluation["campplus_training"] = {
+            "steps": plan.spk_steps, "seconds": round(time.perf_counter() - t0, 1),
+            "final_loss": round(float(np.mean(losses[-5:])), 4)}
+    cam.eval()
+    torch.save(cam.state_dict(), d / CAMPPLUS_WEIGHTS)
+    (d / "config.yaml").write_text(yaml.safe_dump({"model": "CAMPPlus", "model_conf": dict(dims)}, sort_keys=False),
+                                   encoding="utf-8")
+    export_campplus(cam, d / "campplus.onnx")
+
+
+def build_models(out: Path, size: str = "tiny", audio_dir: Path | None = None, seed: int = 0,
+                 plan: TrainPlan = TrainPlan(), force: bool = False) -> Manifest:
+    """Build (or reuse) the stand-in models in `out`; returns the manifest.
+
+    Outputs are assembled in a staging folder and moved into place, and the manifest is written
+    last, so an interrupted build is never mistaken for a complete one. A lock file serialises
+    concurrent builders of the same folder (parallel test workers).
+    """
+    import torch
 
     if size not in ("tiny", "full"):
         raise ValueError(f"size must be tiny or full, not {size!r}")
@@ -548,88 +626,28 @@ def build(out: Path, size: str = "tiny", audio_dir: Path | None = None, seed: in
     with _locked(out):
         if not force and is_current(out, size, seed, audio):
             log.info("%s: up to date (%s, seed %d)", out, size, seed)
-            m = read_manifest(out)
-            assert m is not None
-            return m
+            current = read_manifest(out)
+            assert current is not None
+            return current
+        (out / MANIFEST).unlink(missing_ok=True)
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
         clips = load_clips(audio_dir) if audio_dir is not None else []
         train = size == "tiny" and bool(clips)
         manifest = Manifest(size=size, seed=seed, builder=builder_hash(), audio=audio, trained=train)
-
+        if not train:
+            manifest.notes.append("random weights (no training)")
         stage = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
         try:
-            sv_dir, spk_dir = stage / SENSEVOICE_DIR, stage / CAMPPLUS_DIR
-            sv_dir.mkdir()
-            spk_dir.mkdir()
-            texts = [c.text for c in clips] or SEED_TEXT
-            bpe = sv_dir / BPE_NAME
-            if size == "tiny":
-                train_bpe(texts, bpe, vocab_size=300)
-            else:
-                train_bpe(texts + SEED_TEXT, stage / "seed.bpe.model", vocab_size=300)
-                pad_bpe(stage / "seed.bpe.model", bpe, FULL_VOCAB_SIZE, FULL_TAG_IDS)
-                (stage / "seed.bpe.model").unlink()
-                manifest.notes.append(f"vocabulary: BPE over the transcripts padded with unused pieces to "
-                                      f"{FULL_VOCAB_SIZE}; tags at the published ids where known")
-            import sentencepiece as spm
-
-            sp = spm.SentencePieceProcessor(model_file=str(bpe))
-
             pool = make_pool(clips, rng, plan.augmented_copies if train else 0) if clips else None
-            if pool is not None:
-                allf = np.concatenate([f for v in pool.lfr for f in v])
-                mean, std = allf.mean(axis=0), allf.std(axis=0) + 1e-3
-            else:  # typical log-mel level of speech; exact values do not matter for random weights
-                mean, std = np.full(560, 10.0), np.full(560, 3.0)
-            F.write_cmvn(sv_dir / "am.mvn", mean, std)
-
-            dims = TINY if size == "tiny" else FULL
-            model = new_sensevoice(dims, sp.get_piece_size())
-            if train:
-                assert pool is not None
-                t_train = time.perf_counter()
-                normed = [[((f - mean) / std).astype(np.float32) for f in v] for v in pool.lfr]
-                losses = train_sensevoice(model, sp, clips, normed, rng, plan, 1.0 / std)
-                manifest.evaluation["sensevoice_training"] = {
-                    "steps": plan.asr_steps, "seconds": round(time.perf_counter() - t_train, 1),
-                    "final_loss": round(float(np.mean(losses[-plan.asr_groups:])), 4)}
-            model.eval()
-            torch.save(model.state_dict(), sv_dir / "model.pt")
-            conf = sensevoice_config(dims)
-            (sv_dir / "config.yaml").write_text(yaml.safe_dump(conf, sort_keys=False, allow_unicode=True),
-                                                encoding="utf-8")
-            (sv_dir / "configuration.json").write_text(json.dumps(CONFIGURATION_JSON, indent=2), encoding="utf-8")
-            from .export import export_campplus, export_sensevoice
-
-            export_sensevoice(model, sv_dir, quantize=True)
-            del model
-
-            from funasr.models.campplus.model import CAMPPlus
-
-            cam_dims = TINY_CAMPPLUS if size == "tiny" else FULL_CAMPPLUS
-            cam = CAMPPlus(**cam_dims, memory_efficient=False)
-            if train:
-                assert pool is not None
-                t_train = time.perf_counter()
-                losses = train_campplus(cam, pool.fbank, rng, plan)
-                manifest.evaluation["campplus_training"] = {
-                    "steps": plan.spk_steps, "seconds": round(time.perf_counter() - t_train, 1),
-                    "final_loss": round(float(np.mean(losses[-5:])), 4)}
-            cam.eval()
-            torch.save(cam.state_dict(), spk_dir / "model.pt")
-            (spk_dir / "config.json").write_text(json.dumps(cam_dims, indent=2), encoding="utf-8")
-            export_campplus(cam, spk_dir / "campplus.onnx")
-
+            _build_sensevoice(stage / SENSEVOICE_DIR, size, clips, pool, rng, plan, manifest)
+            _build_campplus(stage / CAMPPLUS_DIR, size, pool, rng, plan, manifest)
             if clips:
-                eval_rng = np.random.default_rng(seed + 1)
                 if train:
-                    manifest.evaluation["sensevoice"] = evaluate_sensevoice(sv_dir, clips, eval_rng)
-                manifest.evaluation["campplus"] = evaluate_campplus(spk_dir / "campplus.onnx", clips)
-            if not train:
-                manifest.notes.append("random weights (no training)")
-
+                    manifest.evaluation["sensevoice"] = evaluate_sensevoice(
+                        stage / SENSEVOICE_DIR, clips, np.random.default_rng(seed + 1))
+                manifest.evaluation["campplus"] = evaluate_campplus(stage / CAMPPLUS_DIR / "campplus.onnx", clips)
             for sub in (SENSEVOICE_DIR, CAMPPLUS_DIR):
                 shutil.rmtree(out / sub, ignore_errors=True)
                 (stage / sub).rename(out / sub)
@@ -659,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.audio is not None and not (args.audio / "MANIFEST.tsv").is_file():
         parser.error(f"--audio {args.audio}: no MANIFEST.tsv there")
     try:
-        m = build(args.out, args.size, args.audio, args.seed, force=args.force)
+        m = build_models(args.out, args.size, args.audio, args.seed, force=args.force)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -166,13 +166,7 @@ class SenseVoiceFrontend:
         return self.num_bins * self.lfr_m
 
     def __call__(self, audio: np.ndarray) -> np.ndarray:
-        return self.cmvn.apply(self.lfr(audio)).astype(np.float32, copy=False)
-
-    def lfr(self, audio: np.ndarray) -> np.ndarray:
-        """Features before CMVN (what `am.mvn` statistics are computed over)."""
-        samples = _as_mono_float(audio) * 32768.0
-        fbank = kaldi_fbank(samples, window="hamming", num_bins=self.num_bins)
-        return apply_lfr(fbank, self.lfr_m, self.lfr_n)
+        return self.cmvn.apply(sensevoice_lfr(audio)).astype(np.float32, copy=False)
 
     @staticmethod
     def num_frames(num_samples: int) -> int:
@@ -181,7 +175,20 @@ class SenseVoiceFrontend:
         return -(-frames // SenseVoiceFrontend.lfr_n)
 
 
+def sensevoice_lfr(audio: np.ndarray) -> np.ndarray:
+    """SenseVoice features before CMVN (what `am.mvn` is computed over): fbank of the ×32768
+    waveform, hamming window, stacked 7 frames every 6 → [T', 560]."""
+    samples = _as_mono_float(audio) * 32768.0
+    fbank = kaldi_fbank(samples, window="hamming", num_bins=SenseVoiceFrontend.num_bins)
+    return apply_lfr(fbank, SenseVoiceFrontend.lfr_m, SenseVoiceFrontend.lfr_n)
+
+
+def campplus_fbank(audio: np.ndarray) -> np.ndarray:
+    """CAM++ filterbank before mean removal: 80 bins, povey window, waveform in [-1, 1] → [T, 80]."""
+    return kaldi_fbank(_as_mono_float(audio), window="povey", num_bins=80)
+
+
 def campplus_features(audio: np.ndarray) -> np.ndarray:
-    """CAM++ features: 80-bin fbank (povey window) of the [-1, 1] waveform minus its time mean → [T, 80]."""
-    fbank = kaldi_fbank(_as_mono_float(audio), window="povey", num_bins=80)
+    """CAM++ features: `campplus_fbank` minus its mean over time → [T, 80]."""
+    fbank = campplus_fbank(audio)
     return fbank - fbank.mean(axis=0, keepdims=True)
