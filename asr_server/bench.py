@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         sv = SenseVoice.load(model_dir, quantized=quant, device="cpu", threads=args.threads)
         rows.append(f"| SenseVoice {label} load | once | {sv.info.load_s * 1000:.0f} | | 1 | |")
         per_utt = []
-        for _, a in mid:
+        for a in mid:
             per_utt += timeit(lambda a=a: sv.transcribe_batch([a], ["auto"], [True]), args.repeat)
         rows.append(row(f"SenseVoice {label}, batch 1", f"per utterance ({mid_s:.1f} s avg)", per_utt,
                         f"{len(mid)} clips of 3.5-6 s"))
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     spk = SpeakerEmbedder.load(args.models / "campplus" / "campplus.onnx", device="cpu", threads=args.threads)
     per_utt = []
-    for _, a in mid:
+    for a in mid:
         per_utt += timeit(lambda a=a: spk.embed_batch([a]), args.repeat)
     rows.append(row("CAM++ embedding", f"per utterance ({mid_s:.1f} s avg)", per_utt))
 

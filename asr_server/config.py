@@ -87,6 +87,9 @@ class SpeakerConfig(_Section):
 class EngineConfig(_Section):
     backend: Literal["onnx", "torch"] = "onnx"
     device: str = "auto"
+    precision: Literal["fp32", "fp16"] = Field("fp32", description=(
+        "Torch backend on CUDA: fp16 halves weights and runs under autocast; on CPU it falls back to fp32 "
+        "with a warning. ONNX Runtime runs the file asr.quantized picks."))
     threads: int = Field(0, ge=0, description="Intra-op threads per model; 0 lets the runtime choose.")
 
     @field_validator("device")

@@ -44,6 +44,8 @@ class Metrics:
                                buckets=_STAGE_BUCKETS, registry=r)
         self.batch_size = Histogram("asr_batch_size", "Items per batched model call", ["engine"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.speculations = Counter("asr_speculations", "Speculative recognitions by outcome (used, discarded, "
+                                    "skipped when the recogniser was backlogged)", ["outcome"], registry=r)
         self.errors = Counter("asr_errors", "Errors by kind", ["kind"], registry=r)
         self.webhook = Counter("asr_webhook_deliveries", "Webhook deliveries by outcome (ok, failed, dropped)",
                                ["outcome"], registry=r)

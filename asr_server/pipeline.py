@@ -11,12 +11,14 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from asr_server.audio.vad import SAMPLE_RATE, SileroVad, VadStream, VadWindow, rms_dbfs
 from asr_server.config import Config
 from asr_server.engines.batching import MicroBatcher
+from asr_server.engines.ecapa import EcapaEmbedder
 from asr_server.engines.runtime import ModelInfo
 from asr_server.engines.sensevoice import SenseVoice
 from asr_server.engines.speaker import SpeakerEmbedder
@@ -37,8 +39,9 @@ class AsrRequest:
 class Pipeline:
     """Models plus their batchers; construct with `Pipeline.load(config)`."""
 
-    def __init__(self, config: Config, vad: SileroVad, asr: SenseVoice, speaker: SpeakerEmbedder | None,
-                 voiceprints: VoiceprintStore | None, metrics: Metrics) -> None:
+    def __init__(self, config: Config, vad: SileroVad, asr: SenseVoice,
+                 speaker: SpeakerEmbedder | EcapaEmbedder | None, voiceprints: VoiceprintStore | None,
+                 metrics: Metrics) -> None:
         self.config = config
         self.vad = vad
         self.asr = asr
@@ -60,11 +63,19 @@ class Pipeline:
         eng = config.engine
         vad = SileroVad.load(config.vad.model)
         asr = SenseVoice.load(config.asr.model_dir, quantized=config.asr.quantized, device=eng.device,
-                              threads=eng.threads)
+                              threads=eng.threads, backend=eng.backend, precision=eng.precision)
         speaker = voiceprints = None
-        if config.speaker.enabled:
-            speaker = SpeakerEmbedder.load(config.speaker.model, device=eng.device, threads=eng.threads)
-            voiceprints = VoiceprintStore(config.speaker.db, model=speaker.info.path.name, dim=speaker.dim)
+        if config.speaker.enabled and config.speaker.model_type == "ecapa":
+            from asr_server.models import ecapa_dir
+
+            speaker = EcapaEmbedder.load(ecapa_dir(config), device=eng.device, threads=eng.threads,
+                                         backend=eng.backend, precision=eng.precision)
+            voiceprints = VoiceprintStore(config.speaker.db, model="ecapa", dim=speaker.dim)
+        elif config.speaker.enabled:
+            speaker = SpeakerEmbedder.load(config.speaker.model, device=eng.device, threads=eng.threads,
+                                           backend=eng.backend, precision=eng.precision)
+            # Named after the ONNX file on both backends: the same weights give the same voiceprints.
+            voiceprints = VoiceprintStore(config.speaker.db, model=Path(config.speaker.model).name, dim=speaker.dim)
         pipeline = cls(config, vad, asr, speaker, voiceprints, metrics or Metrics())
         for info in pipeline.models:
             log.info("model %s", info.describe())
@@ -131,6 +142,11 @@ class Pipeline:
         if self._spk_batcher is None:
             raise RuntimeError("speaker embedding is disabled (speaker.enabled: false)")
         return await self._spk_batcher.submit(np.asarray(audio, dtype=np.float32))
+
+    @property
+    def asr_backlogged(self) -> bool:
+        """Utterances are waiting for the recogniser: speculative work would only delay them."""
+        return self._asr_batcher.queue_depth > 0
 
     def identify(self, embedding: np.ndarray) -> SpeakerMatch | None:
         """The enrolled speaker of `embedding`, or None; a degenerate embedding (silence) is an unknown speaker."""

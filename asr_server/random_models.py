@@ -5,17 +5,21 @@ need model files of the real layout. This module builds them:
 
 * ``--size tiny``: a shrunk SenseVoice (funasr ``SenseVoiceSmall``, small encoder) and a tiny
   CAM++. With ``--audio`` pointing at the clip directory (``MANIFEST.tsv`` + clips), SenseVoice
-  is overfitted for about a minute on those clips, with the same features the server computes
-  (``engines.features``) and augmentation that mimics the device path (gain, noise, leading and
-  trailing silence, an Opus round trip), so that it transcribes them end to end; CAM++ is trained
-  briefly to tell the clips apart. Without clips both keep random weights.
+  is overfitted for well under a minute on those clips (720 steps, CTC + funasr's tag loss), with
+  the same features the server computes (``engines.features``) and augmentation that mimics the
+  device path (gain, noise, leading and trailing silence, an Opus round trip), so that it
+  transcribes them end to end; CAM++ gets its final projection trained to tell the clips apart
+  (one class per clip). Without clips both keep random weights.
 * ``--size full``: the real dimensions (234 M parameters, vocabulary 25055; CAM++ 192-dim) with
   random weights, for timing only. Its sentencepiece model is padded with unused pieces to 25055
   entries and places the tags at the ids the published vocabulary uses.
 
 ``python -m asr_server.random_models --size tiny --out build/models --audio /work/shared/audio``
-writes ``OUT/SenseVoiceSmall/``, ``OUT/campplus/campplus.onnx`` and ``OUT/manifest.json``; a build
-whose manifest matches the request (size, seed, clips, builder source) is reused.
+writes ``OUT/SenseVoiceSmall/`` (model.onnx, model_quant.onnx, am.mvn, the bpe model, config.yaml,
+configuration.json, model.pt), ``OUT/campplus/`` (campplus.onnx, campplus_cn_common.bin,
+config.yaml) and ``OUT/manifest.json`` (files with sizes and sha256, training and evaluation
+figures); a build whose manifest matches the request (size, seed, clips, builder source) is reused.
+Builds are deterministic for a given seed and thread count.
 """
 
 from __future__ import annotations
@@ -94,7 +98,9 @@ FULL_CAMPPLUS = {"feat_dim": 80, "embedding_size": 192}
 class TrainPlan:
     """How long and how hard the tiny models are trained (fixed step counts: builds are repeatable)."""
 
-    augmented_copies: int = 10
+    augmented_copies: int = 14
+    opus_share: float = 0.8
+    noise_dbfs: tuple[float, float] = (-90.0, -45.0)
     asr_steps: int = 720
     asr_groups: int = 3
     asr_lr: float = 3e-3
@@ -188,13 +194,14 @@ def opus_round_trip(audio: np.ndarray, bitrate: int | None = None, frame: int = 
     return (np.concatenate(out).astype(np.float32) / 32768.0)[:n]
 
 
-def augment(rng: np.random.Generator, audio: np.ndarray) -> np.ndarray:
+def augment(rng: np.random.Generator, audio: np.ndarray, opus_share: float = 0.6,
+            noise_dbfs: tuple[float, float] = (-75.0, -45.0)) -> np.ndarray:
     """One device-like variant: gain, up to 0.5 s silence before and 0.8 s after, faint noise, often Opus."""
     gain = 10.0 ** (rng.uniform(-12.0, 6.0) / 20.0)
     pre, post = int(rng.integers(0, 8000)), int(rng.integers(0, 13000))
     y = np.concatenate([np.zeros(pre, np.float32), np.clip(audio * gain, -1, 1), np.zeros(post, np.float32)])
-    y = y + rng.standard_normal(y.shape[0]).astype(np.float32) * 10.0 ** (rng.uniform(-75.0, -45.0) / 20.0)
-    if rng.random() < 0.6:
+    y = y + rng.standard_normal(y.shape[0]).astype(np.float32) * 10.0 ** (rng.uniform(*noise_dbfs) / 20.0)
+    if rng.random() < opus_share:
         y = opus_round_trip(y, int(rng.choice([0, 16000, 24000, 32000])))
     return y.astype(np.float32)
 
@@ -317,10 +324,10 @@ class FeaturePool:
     fbank: list[list[np.ndarray]]     # CAM++ fbank before mean removal, [T, 80]
 
 
-def make_pool(clips: Sequence[Clip], rng: np.random.Generator, copies: int) -> FeaturePool:
+def make_pool(clips: Sequence[Clip], rng: np.random.Generator, copies: int, plan: TrainPlan = TrainPlan()) -> FeaturePool:
     pool = FeaturePool(lfr=[], fbank=[])
     for clip in clips:
-        waves = [clip.audio] + [augment(rng, clip.audio) for _ in range(copies)]
+        waves = [clip.audio] + [augment(rng, clip.audio, plan.opus_share, plan.noise_dbfs) for _ in range(copies)]
         pool.lfr.append([F.sensevoice_lfr(w) for w in waves])
         pool.fbank.append([F.campplus_fbank(w) for w in waves])
     return pool
@@ -640,7 +647,7 @@ def build_models(out: Path, size: str = "tiny", audio_dir: Path | None = None, s
             manifest.notes.append("random weights (no training)")
         stage = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
         try:
-            pool = make_pool(clips, rng, plan.augmented_copies if train else 0) if clips else None
+            pool = make_pool(clips, rng, plan.augmented_copies if train else 0, plan) if clips else None
             _build_sensevoice(stage / SENSEVOICE_DIR, size, clips, pool, rng, plan, manifest)
             _build_campplus(stage / CAMPPLUS_DIR, size, pool, rng, plan, manifest)
             if clips:

@@ -153,10 +153,14 @@ class Session:
 
     def _on_segment_event(self, event) -> None:
         if isinstance(event, Speculate):
-            if self.config.asr.speculative:
-                self._cancel_speculation()
-                task = asyncio.create_task(self.pipeline.recognize(event.audio))
-                self._speculation = (event.utterance_id, task)
+            self._cancel_speculation()
+            if not self.config.asr.speculative:
+                return
+            if self.pipeline.asr_backlogged:
+                self._metrics.speculations.labels("skipped").inc()
+                return
+            task = asyncio.create_task(self.pipeline.recognize(event.audio))
+            self._speculation = (event.utterance_id, task)
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, Utterance):
@@ -165,6 +169,7 @@ class Session:
             if event.speculated and spec is not None and spec[0] == event.utterance_id:
                 task = spec[1]
                 self._speculation = None
+                self._metrics.speculations.labels("used").inc()
             else:
                 self._cancel_speculation()
                 task = asyncio.create_task(self.pipeline.recognize(event.audio))
@@ -178,6 +183,7 @@ class Session:
         if self._speculation is not None:
             self._speculation[1].cancel()
             self._speculation = None
+            self._metrics.speculations.labels("discarded").inc()
 
     # --- manual: push-to-talk ----------------------------------------------------------------
 

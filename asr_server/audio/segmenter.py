@@ -73,7 +73,7 @@ Event = Union[SpeechStarted, Speculate, SpeechResumed, Utterance, Dropped]
 class Segmenter:
     """Feeds on (chunk, probability) pairs of 512 samples, in order; emits events."""
 
-    def __init__(self, cfg: VadConfig, tail_ms: float = 160.0) -> None:
+    def __init__(self, cfg: VadConfig, tail_ms: float = 96.0) -> None:
         self.cfg = cfg
         self._pre_roll_windows = max(1, int(round(cfg.pre_roll_ms / _WINDOW_MS)))
         self._silence_windows = max(1, int(np.ceil(cfg.min_silence_ms / _WINDOW_MS)))

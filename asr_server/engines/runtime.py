@@ -70,6 +70,9 @@ def open_onnx(path: Path, device: str = "cpu", threads: int = 0) -> tuple[ort.In
     if threads > 0:
         opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # Several sessions share the cores (VAD, recogniser, speaker): idle intra-op threads must sleep,
+    # not spin, or each model's pool burns the CPU the others need.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     t0 = time.perf_counter()
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 FP32_FILE = "model.onnx"
 INT8_FILE = "model_quant.onnx"
+TORCH_WEIGHTS_FILE = "model.pt"
 CMVN_FILE = "am.mvn"
 BPE_FILE = "chn_jpn_yue_eng_ko_spectok.bpe.model"
 CONFIG_FILE = "config.yaml"
@@ -182,15 +183,25 @@ class SenseVoice:
         self.info = backend.info
 
     @classmethod
-    def load(cls, model_dir: Path, quantized: str = "auto", device: str = "cpu", threads: int = 0) -> "SenseVoice":
-        """Load a SenseVoice directory (`model.onnx`/`model_quant.onnx`, `am.mvn`, the bpe model,
-        `config.yaml`). Raises `ModelFileError` naming every missing or unreadable file."""
+    def load(cls, model_dir: Path, quantized: str = "auto", device: str = "cpu", threads: int = 0,
+             backend: str = "onnx", precision: str = "fp32") -> "SenseVoice":
+        """Load a SenseVoice directory (`model.onnx`/`model_quant.onnx`, or `model.pt` for
+        `backend="torch"`; `am.mvn`, the bpe model, `config.yaml`). Raises `ModelFileError` naming
+        every missing or unreadable file. `precision` (fp32 | fp16) applies to the torch backend."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelFileError(f"SenseVoice model directory not found: {model_dir}")
-        cuda = device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
-        onnx_path = select_model_file(model_dir, quantized, cuda)
-        needed = [onnx_path, model_dir / CMVN_FILE, model_dir / BPE_FILE, model_dir / CONFIG_FILE]
+        if backend not in ("onnx", "torch"):
+            raise ValueError(f"backend must be onnx or torch, not {backend!r}")
+        if backend == "torch":
+            weights = model_dir / TORCH_WEIGHTS_FILE
+        else:
+            cuda = device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers()
+            weights = select_model_file(model_dir, quantized, cuda)
+            if precision != "fp32":
+                log.warning("engine.precision=%s applies to the torch backend; ONNX Runtime runs %s", precision,
+                            weights.name)
+        needed = [weights, model_dir / CMVN_FILE, model_dir / BPE_FILE, model_dir / CONFIG_FILE]
         missing = [p.name for p in needed if not p.is_file()]
         if missing:
             raise ModelFileError(f"{model_dir}: missing {', '.join(missing)}")
@@ -204,12 +215,16 @@ class SenseVoice:
             tokenizer.Load(str(model_dir / BPE_FILE))
         except (OSError, RuntimeError) as e:
             raise ModelFileError(f"cannot load {model_dir / BPE_FILE}: {e}") from None
-        precision = "int8" if onnx_path.name == INT8_FILE else "fp32"
-        backend = OnnxSenseVoiceBackend(onnx_path, device, threads, precision)
-        if backend.vocab_size is not None and backend.vocab_size != tokenizer.GetPieceSize():
-            raise ModelFileError(f"{onnx_path}: {backend.vocab_size} output classes but {BPE_FILE} has "
+        if backend == "torch":
+            from .torch_backend import TorchSenseVoiceBackend
+
+            runner: SenseVoiceBackend = TorchSenseVoiceBackend(model_dir, device, precision, threads)
+        else:
+            runner = OnnxSenseVoiceBackend(weights, device, threads, "int8" if weights.name == INT8_FILE else "fp32")
+        if runner.vocab_size is not None and runner.vocab_size != tokenizer.GetPieceSize():
+            raise ModelFileError(f"{weights}: {runner.vocab_size} output classes but {BPE_FILE} has "
                                  f"{tokenizer.GetPieceSize()} pieces (files from different models?)")
-        return cls(model_dir, frontend, backend, tokenizer)
+        return cls(model_dir, frontend, runner, tokenizer)
 
     def features(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self.frontend(a) for a in audios]

@@ -69,7 +69,16 @@ class SpeakerEmbedder:
         self.dim: int = int(backend.dim)
 
     @classmethod
-    def load(cls, path: Path, device: str = "cpu", threads: int = 0) -> "SpeakerEmbedder":
+    def load(cls, path: Path, device: str = "cpu", threads: int = 0, backend: str = "onnx",
+             precision: str = "fp32") -> "SpeakerEmbedder":
+        """CAM++ from `path` (the ONNX file); `backend="torch"` reads the weights beside it instead
+        (`campplus_cn_common.bin` with the dimensions of its `config.yaml`)."""
+        if backend == "torch":
+            from .torch_backend import CAMPPLUS_WEIGHTS, TorchSpeakerBackend
+
+            return cls(TorchSpeakerBackend(Path(path).parent / CAMPPLUS_WEIGHTS, device, precision, threads))
+        if backend != "onnx":
+            raise ValueError(f"backend must be onnx or torch, not {backend!r}")
         return cls(OnnxSpeakerBackend(Path(path), device, threads))
 
     def features(self, audio: np.ndarray) -> np.ndarray:

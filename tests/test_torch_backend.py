@@ -1,0 +1,402 @@
+"""The PyTorch backends against ONNX Runtime on the tiny stand-ins: same logits (within 1e-3),
+same decoded text, same CAM++ embeddings; batched calls equal single calls; the torch-backed
+pipeline end to end; ECAPA through speechbrain on a stand-in built here; and the documented
+fallbacks and errors (fp16 or CUDA asked for on a CPU, torch missing, ECAPA on ONNX)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("funasr")
+
+from asr_server.engines.runtime import ModelFileError  # noqa: E402
+from asr_server.engines.sensevoice import SenseVoice  # noqa: E402
+from asr_server.engines.speaker import SpeakerEmbedder  # noqa: E402
+from asr_server.engines.torch_backend import (BackendUnavailableError, TorchSenseVoiceBackend,  # noqa: E402
+                                              TorchSpeakerBackend)
+from tests.conftest import make_config  # noqa: E402
+from tests.conftest_models import load_clips  # noqa: E402
+
+#: Largest difference allowed between ONNX Runtime and torch fp32 logits (same graph, same weights;
+#: only kernel order differs, typically ~1e-5).
+LOGIT_ATOL = 1e-3
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
+
+
+def voice(seconds: float, f0: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / 16000
+    x = sum(np.sin(k * phase) / k ** 1.5 for k in range(1, 25))
+    return (0.2 * x / np.abs(x).max() + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sv_dir(models_dir) -> Path:
+    return models_dir / "SenseVoiceSmall"
+
+
+@pytest.fixture(scope="module")
+def cam_onnx(models_dir) -> Path:
+    return models_dir / "campplus" / "campplus.onnx"
+
+
+@pytest.fixture(scope="module")
+def onnx_sv(sv_dir) -> SenseVoice:
+    return SenseVoice.load(sv_dir, quantized="no", device="cpu", threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_sv(sv_dir) -> SenseVoice:
+    return SenseVoice.load(sv_dir, device="cpu", threads=1, backend="torch")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return load_clips()
+
+
+@pytest.fixture(scope="module")
+def audios(clips) -> list[np.ndarray]:
+    """Utterances of different lengths: the clips where present, else synthetic voices."""
+    if clips:
+        return [c.audio for c in clips[:4]]
+    return [voice(1.3, 120, 0), voice(2.9, 200, 1), voice(0.6, 160, 2), voice(2.0, 95, 3)]
+
+
+# --- SenseVoice --------------------------------------------------------------------------------
+
+def test_torch_backend_info(torch_sv, sv_dir):
+    info = torch_sv.info
+    assert (info.backend, info.device, info.precision, info.path) == ("torch", "cpu", "fp32", sv_dir / "model.pt")
+    assert info.gpu_memory_mb is None and "torch/CPU" in info.describe()
+    assert isinstance(torch_sv.backend, TorchSenseVoiceBackend)
+    assert torch_sv.backend.vocab_size == torch_sv.tokenizer.GetPieceSize()
+
+
+def test_logits_match_onnx(torch_sv, onnx_sv, audios):
+    feats = torch_sv.features(audios)
+    languages, itn = ["auto", "zh", "en", "auto"], [True, False, True, False]
+    ours = torch_sv.logits(feats, languages, itn)
+    ref = onnx_sv.logits(feats, languages, itn)
+    for a, b in zip(ours, ref):
+        assert a.dtype == np.float32 and a.shape == b.shape
+        assert float(np.abs(a - b).max()) < LOGIT_ATOL
+        assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.98
+
+
+def test_decoded_text_matches_onnx_on_the_clips(torch_sv, onnx_sv, clips):
+    if not clips:
+        pytest.skip("../shared/audio absent")
+    audios = [c.audio for c in clips]
+    ours = torch_sv.transcribe_batch(audios)
+    ref = onnx_sv.transcribe_batch(audios)
+    assert [t.raw for t in ours] == [t.raw for t in ref]
+    assert sum(bool(t.text) for t in ours) == len(clips)  # the trained stand-in says something on every clip
+
+
+def test_batched_and_single_calls_agree(torch_sv, audios):
+    feats = torch_sv.features(audios)
+    batch = torch_sv.logits(feats, ["auto"] * len(feats), [True] * len(feats))
+    for f, b in zip(feats, batch):
+        (single,) = torch_sv.logits([f], ["auto"], [True])
+        assert single.shape == b.shape == (f.shape[0] + 4, single.shape[1])
+        np.testing.assert_allclose(b, single, atol=1e-4, rtol=0)
+
+
+def test_backend_run_contract(torch_sv):
+    backend = torch_sv.backend
+    feats = np.random.default_rng(0).standard_normal((2, 9, 560)).astype(np.float32)
+    logits, lens = backend.run(feats, np.array([9, 5], np.int32), np.array([0, 3], np.int32),
+                               np.array([14, 15], np.int32))
+    assert logits.dtype == np.float32 and logits.shape == (2, 13, backend.vocab_size)
+    assert lens.dtype == np.int32 and lens.tolist() == [13, 9]
+    with pytest.raises(ValueError, match="560"):
+        backend.run(feats[:, :, :80], np.array([9, 5], np.int32), np.zeros(2, np.int32), np.zeros(2, np.int32))
+
+
+def test_fp16_on_cpu_falls_back_to_fp32_with_a_warning(sv_dir, caplog):
+    engine = SenseVoice.load(sv_dir, device="cpu", threads=1, backend="torch", precision="fp16")
+    assert engine.info.precision == "fp32"
+    assert "fp16 needs CUDA" in caplog.text
+
+
+@pytest.mark.skipif(CUDA, reason="a CUDA device is present")
+def test_cuda_asked_without_cuda_falls_back_loudly(sv_dir, caplog):
+    engine = SenseVoice.load(sv_dir, device="cuda", threads=1, backend="torch")
+    assert engine.info.device == "cpu"
+    assert "FALLING BACK TO CPU" in caplog.text
+    assert SenseVoice.load(sv_dir, device="auto", threads=1, backend="torch").info.device == "cpu"
+
+
+def test_missing_or_corrupt_weights_are_named(sv_dir, tmp_path):
+    d = tmp_path / "sv"
+    shutil.copytree(sv_dir, d)
+    (d / "model.pt").unlink()
+    with pytest.raises(ModelFileError, match="model.pt"):
+        SenseVoice.load(d, device="cpu", backend="torch")
+    assert SenseVoice.load(d, quantized="no", device="cpu").info.backend == "onnxruntime"  # ONNX needs no model.pt
+    (d / "model.pt").write_bytes((sv_dir / "model.pt").read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="cannot load .*model.pt"):
+        SenseVoice.load(d, device="cpu", backend="torch")
+    state = torch.load(sv_dir / "model.pt", weights_only=True)
+    del state["ctc.ctc_lo.bias"]
+    torch.save(state, d / "model.pt")
+    with pytest.raises(ModelFileError, match="tensors missing .*ctc.ctc_lo.bias"):
+        SenseVoice.load(d, device="cpu", backend="torch")
+
+
+def test_missing_torch_is_a_clear_error(sv_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'asr-server\[torch\]'"):
+        TorchSenseVoiceBackend(sv_dir, device="cpu")
+
+
+def test_onnx_serving_never_imports_torch(models_dir, tmp_path):
+    code = textwrap.dedent(f"""
+        import sys
+        from asr_server.config import load_config
+        from asr_server.pipeline import Pipeline
+        cfg = load_config(None, env={{}}, overrides={{
+            "asr": {{"model_dir": {str(models_dir / "SenseVoiceSmall")!r}}},
+            "speaker": {{"model": {str(models_dir / "campplus" / "campplus.onnx")!r},
+                        "db": {str(tmp_path / "vp.sqlite")!r}}},
+            "engine": {{"device": "cpu", "threads": 1}}}})
+        Pipeline.load(cfg)
+        print(sorted(m for m in ("torch", "funasr", "speechbrain") if m in sys.modules))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@needs_cuda
+def test_cuda_fp32_and_fp16_agree_with_cpu(sv_dir, torch_sv, audios):
+    feats = torch_sv.features(audios)
+    ref = torch_sv.logits(feats, ["auto"] * len(feats), [True] * len(feats))
+    for precision, atol, agree in (("fp32", 1e-2, 0.99), ("fp16", None, 0.9)):
+        gpu = SenseVoice.load(sv_dir, device="cuda", backend="torch", precision=precision)
+        assert gpu.info.device.startswith("cuda") and gpu.info.precision == precision
+        assert gpu.info.gpu_memory_mb is not None and gpu.info.gpu_memory_mb > 0
+        out = gpu.logits(feats, ["auto"] * len(feats), [True] * len(feats))
+        for a, b in zip(out, ref):
+            assert a.dtype == np.float32 and np.isfinite(a).all()
+            if atol is not None:
+                assert float(np.abs(a - b).max()) < atol
+            assert (a.argmax(-1) == b.argmax(-1)).mean() >= agree
+
+
+# --- CAM++ -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def torch_cam(cam_onnx) -> SpeakerEmbedder:
+    return SpeakerEmbedder.load(cam_onnx, device="cpu", threads=1, backend="torch")
+
+
+def test_campplus_matches_onnx(torch_cam, cam_onnx, audios):
+    onnx = SpeakerEmbedder.load(cam_onnx, device="cpu", threads=1)
+    assert isinstance(torch_cam.backend, TorchSpeakerBackend)
+    assert torch_cam.info.path.name == "campplus_cn_common.bin" and torch_cam.dim == onnx.dim
+    probes = audios + [voice(0.1, 150, 9)]  # one shorter than the minimum: repeated, on both
+    ours, ref = torch_cam.embed_batch(probes), onnx.embed_batch(probes)
+    cos = (ours * ref).sum(axis=1)
+    assert cos.min() > 0.9999, cos
+
+
+def test_campplus_batched_and_single_agree(torch_cam):
+    audios = [voice(1.0, 110, 0), voice(1.0, 240, 1), voice(1.6, 180, 2)]
+    batch = torch_cam.embed_batch(audios)
+    for a, row in zip(audios, batch):
+        np.testing.assert_allclose(torch_cam.embed(a), row, atol=1e-5)
+    raw = torch_cam.backend.run(np.stack([torch_cam.features(a) for a in audios[:2]]))
+    assert raw.dtype == np.float32 and raw.shape == (2, torch_cam.dim)
+
+
+def test_campplus_missing_weights_are_named(cam_onnx, tmp_path):
+    d = tmp_path / "campplus"
+    shutil.copytree(cam_onnx.parent, d)
+    (d / "campplus_cn_common.bin").unlink()
+    with pytest.raises(ModelFileError, match="campplus_cn_common.bin"):
+        SpeakerEmbedder.load(d / "campplus.onnx", device="cpu", backend="torch")
+
+
+def test_models_check_expects_the_torch_weights(models_dir, tmp_path):
+    """`models.missing_model_files` asks for exactly the files the torch backends read."""
+    from asr_server.models import missing_model_files
+
+    d = tmp_path / "models"
+    shutil.copytree(models_dir / "SenseVoiceSmall", d / "SenseVoiceSmall")
+    shutil.copytree(models_dir / "campplus", d / "campplus")
+    cfg = make_config(d, tmp_path / "vp.sqlite", engine={"backend": "torch", "device": "cpu"})
+    assert missing_model_files(cfg) == []
+    (d / "SenseVoiceSmall" / "model.pt").unlink()
+    (d / "campplus" / "campplus_cn_common.bin").unlink()
+    for f in ("model.onnx", "model_quant.onnx"):
+        (d / "SenseVoiceSmall" / f).unlink()
+    (d / "campplus" / "campplus.onnx").unlink()
+    assert sorted(p.name for p in missing_model_files(cfg)) == ["campplus_cn_common.bin", "model.pt"]
+
+
+# --- the pipeline on the torch backend --------------------------------------------------------
+
+async def test_torch_pipeline_recognizes_like_onnx_fp32(models_dir, tmp_path, onnx_sv, audios, clips):
+    from asr_server.pipeline import Pipeline
+
+    cfg = make_config(models_dir, tmp_path / "vp.sqlite", engine={"backend": "torch", "device": "cpu", "threads": 1})
+    p = Pipeline.load(cfg)
+    try:
+        assert [m.backend for m in p.models] == ["onnxruntime", "torch", "torch"]  # VAD stays on ONNX
+        assert p.voiceprints.model == "campplus.onnx"  # voiceprints carry over between backends
+        audio = audios[0]
+        got = await p.recognize(audio, language="auto")
+        assert got.transcript.raw == onnx_sv.transcribe(audio, language="auto").raw
+        if clips:
+            assert got.transcript.text and got.transcript.language == clips[0].language
+        assert got.embed_ms is not None and got.audio_ms == len(audio) // 16
+        emb = await p.embed(audio)
+        assert emb.shape == (192,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-5
+    finally:
+        await p.close()
+
+
+# --- ECAPA -------------------------------------------------------------------------------------
+
+ECAPA_YAML = """\
+# A tiny ECAPA-TDNN in the layout of speechbrain/spkrec-ecapa-voxceleb (random weights, for tests).
+n_mels: 80
+pretrained_path: speechbrain/spkrec-ecapa-voxceleb
+out_n_neurons: 4
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: !ref <n_mels>
+mean_var_norm: !new:speechbrain.processing.features.InputNormalization
+    norm_type: sentence
+    std_norm: False
+embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
+    input_size: !ref <n_mels>
+    channels: [32, 32, 32, 32, 96]
+    kernel_sizes: [5, 3, 3, 3, 1]
+    dilations: [1, 2, 3, 4, 1]
+    attention_channels: 16
+    se_channels: 16
+    lin_neurons: 24
+classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
+    input_size: 24
+    out_neurons: !ref <out_n_neurons>
+mean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization
+    norm_type: global
+    std_norm: False
+modules:
+    compute_features: !ref <compute_features>
+    mean_var_norm: !ref <mean_var_norm>
+    embedding_model: !ref <embedding_model>
+    mean_var_norm_emb: !ref <mean_var_norm_emb>
+    classifier: !ref <classifier>
+label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        embedding_model: !ref <embedding_model>
+        mean_var_norm_emb: !ref <mean_var_norm_emb>
+        classifier: !ref <classifier>
+        label_encoder: !ref <label_encoder>
+    paths:
+        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
+        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
+        classifier: !ref <pretrained_path>/classifier.ckpt
+        label_encoder: !ref <pretrained_path>/label_encoder.txt
+"""
+
+
+def build_tiny_ecapa(out: Path, seed: int = 0) -> Path:
+    """The five files `models pull --ecapa` places, for a tiny random ECAPA (speechbrain's classes)."""
+    from hyperpyyaml import load_hyperpyyaml
+
+    out.mkdir(parents=True)
+    (out / "hyperparams.yaml").write_text(ECAPA_YAML, encoding="utf-8")
+    torch.manual_seed(seed)
+    hp = load_hyperpyyaml(ECAPA_YAML, overrides={"pretrained_path": str(out)})
+    emb = hp["embedding_model"].eval()
+    torch.save(emb.state_dict(), out / "embedding_model.ckpt")
+    torch.save(hp["classifier"].state_dict(), out / "classifier.ckpt")
+    norm = hp["mean_var_norm_emb"]
+    norm.train()
+    norm(torch.randn(8, 1, 24), torch.ones(8))  # global statistics need one update before they can be saved
+    norm._save(out / "mean_var_norm_emb.ckpt")
+    enc = hp["label_encoder"]
+    enc.update_from_iterable([f"spk{i}" for i in range(4)])
+    enc.save(out / "label_encoder.txt")
+    return out
+
+
+@pytest.fixture(scope="module")
+def ecapa_dir(tmp_path_factory) -> Path:
+    pytest.importorskip("speechbrain")
+    return build_tiny_ecapa(tmp_path_factory.mktemp("models") / "ecapa")
+
+
+@pytest.fixture(scope="module")
+def ecapa(ecapa_dir):
+    from asr_server.engines.ecapa import EcapaEmbedder
+
+    return EcapaEmbedder.load(ecapa_dir, device="cpu", threads=1)
+
+
+def test_ecapa_matches_speechbrains_encode_batch(ecapa, ecapa_dir):
+    from speechbrain.inference.speaker import EncoderClassifier
+
+    assert ecapa.dim == 24 and ecapa.info.backend == "torch" and ecapa.info.path == ecapa_dir
+    sb = EncoderClassifier.from_hparams(source=str(ecapa_dir), savedir=None,
+                                        overrides={"pretrained_path": str(ecapa_dir)}, run_opts={"device": "cpu"})
+    audio = voice(1.5, 140, 5)
+    ref = sb.encode_batch(torch.from_numpy(audio)[None]).reshape(-1).numpy()
+    np.testing.assert_allclose(ecapa.embed(audio), ref / np.linalg.norm(ref), atol=1e-5)
+
+
+def test_ecapa_batched_and_single_agree(ecapa):
+    audios = [voice(1.0, 110, 0), voice(1.0, 240, 1), voice(2.2, 180, 2), voice(0.05, 150, 3)]
+    batch = ecapa.embed_batch(audios)
+    assert batch.shape == (4, 24)
+    np.testing.assert_allclose(np.linalg.norm(batch, axis=1), 1.0, atol=1e-5)
+    for a, row in zip(audios, batch):
+        np.testing.assert_allclose(ecapa.embed(a), row, atol=1e-5)
+
+
+def test_ecapa_errors(ecapa_dir, tmp_path):
+    from asr_server.engines.ecapa import EcapaEmbedder
+
+    with pytest.raises(BackendUnavailableError, match="engine.backend: torch"):
+        EcapaEmbedder.load(ecapa_dir, device="cpu", backend="onnx")
+    with pytest.raises(ModelFileError, match="models pull --ecapa"):
+        EcapaEmbedder.load(tmp_path / "nowhere", device="cpu")
+    d = tmp_path / "ecapa"
+    shutil.copytree(ecapa_dir, d)
+    (d / "embedding_model.ckpt").write_bytes(b"\0" * 100)
+    with pytest.raises(ModelFileError, match="cannot load ECAPA"):
+        EcapaEmbedder.load(d, device="cpu")
+
+
+async def test_ecapa_pipeline(models_dir, ecapa_dir, tmp_path):
+    from asr_server.pipeline import Pipeline
+
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "SenseVoiceSmall").symlink_to(models_dir / "SenseVoiceSmall")
+    (root / "ecapa").symlink_to(ecapa_dir)
+    cfg = make_config(root, tmp_path / "vp.sqlite", speaker={"model_type": "ecapa", "db": str(tmp_path / "vp.sqlite")},
+                      engine={"backend": "torch", "device": "cpu", "threads": 1})
+    p = Pipeline.load(cfg)
+    try:
+        assert p.speaker.info.path == root / "ecapa" and p.voiceprints.model == "ecapa"
+        emb = await p.embed(voice(1.2, 130, 4))
+        assert emb.shape == (24,)
+    finally:
+        await p.close()
