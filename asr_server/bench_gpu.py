@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ class Row:
     calls: int = 0
     call_ms: float | None = None          # median wall time of one batched `run` (host in, host out)
     call_p90_ms: float | None = None
-    device_ms: float | None = None        # median forward on the device, no copy back (SenseVoice)
+    device_ms: float | None = None        # median forward alone (device-side, no copy of the outputs to the host)
     utt_ms: float | None = None           # call_ms / batch
     throughput: float | None = None       # utterance-seconds of audio per wall second
     peak_mib: float | None = None         # GPU memory peak during these calls (model included)
@@ -74,10 +75,8 @@ def machine_info(torch: Any, device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
                             "torch": torch.__version__}
     try:
-        import funasr
-
-        info["funasr"] = funasr.__version__
-    except (ImportError, AttributeError):
+        info["funasr"] = importlib.metadata.version("funasr")
+    except importlib.metadata.PackageNotFoundError:
         pass
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
@@ -283,9 +282,11 @@ def markdown(report: Report) -> str:
                  f"{', funasr ' + m['funasr'] if 'funasr' in m else ''}.")
     lines.append(f"Input: synthetic features of a {s['utterance_s']} s utterance ({s['sensevoice_frames']} LFR frames "
                  f"for SenseVoice, {s['campplus_frames']} fbank frames for CAM++), all items of a batch equally long; "
-                 f"device {s['device']}; median of up to {s['max_repeats']} calls after {s['warmup']} warm-up calls.")
+                 f"device {s['device']}; median of up to {s['max_repeats']} calls after {s['warmup']} warm-up calls. "
+                 "A call is the backend's `run`: host features in, float32 logits (embeddings) back on the host; "
+                 "\"forward only\" leaves the outputs on the device. fp16 is autocast (weights stay fp32).")
     lines.append("")
-    lines.append("| model | precision | batch | ms per call | p90 ms | ms on device | ms per utterance | "
+    lines.append("| model | precision | batch | ms per call | p90 ms | ms forward only | ms per utterance | "
                  "utt-s per s | peak GPU MiB | calls | note |")
     lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in report.rows:

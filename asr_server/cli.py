@@ -199,10 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # a named, one-line error for the operator; the traceback at DEBUG
         from asr_server.engines.runtime import ModelFileError
+        from asr_server.engines.torch_backend import BackendUnavailableError
         from asr_server.server import StartupError
         from asr_server.voiceprints import VoiceprintError
 
-        if isinstance(e, (StartupError, ModelFileError, VoiceprintError)):
+        if isinstance(e, (StartupError, ModelFileError, VoiceprintError, BackendUnavailableError)):
             print(f"asr-server: {e}", file=sys.stderr)
             return 2
         raise

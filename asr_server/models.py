@@ -32,6 +32,8 @@ from typing import Any, Literal
 import yaml
 
 from asr_server.config import Config
+from asr_server.engines.ecapa import ECAPA_FILES
+from asr_server.engines.torch_backend import campplus_dims
 from asr_server.engines.runtime import ModelFileError
 
 MANIFEST_NAME = "manifest.json"
@@ -48,8 +50,6 @@ SENSEVOICE_CONFIG = "config.yaml"
 CAMPPLUS_WEIGHTS = "campplus_cn_common.bin"
 # ECAPA-TDNN: the files speechbrain's EncoderClassifier fetches (its hyperparams.yaml names them).
 ECAPA_DIR = "ecapa"
-ECAPA_FILES = ("hyperparams.yaml", "embedding_model.ckpt", "mean_var_norm_emb.ckpt",
-               "classifier.ckpt", "label_encoder.txt")
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
 Source = Literal["modelscope", "huggingface"]
@@ -943,7 +943,7 @@ def _export_sensevoice(sv: Path, quantize: bool) -> list[Path]:
 def _export_campplus(weights: Path, out: Path) -> list[Path]:
     export = _import_exporters()
     try:
-        model = export.load_funasr_campplus(weights, device="cpu", **_campplus_conf(weights.parent))
+        model = export.load_funasr_campplus(weights, device="cpu", **campplus_dims(weights.parent))
         export.export_campplus(model, out)
     except ModelsError:
         raise
@@ -952,23 +952,6 @@ def _export_campplus(weights: Path, out: Path) -> list[Path]:
     if not out.is_file():
         raise ExportError(f"exporting CAM++ from {weights} wrote no {out}")
     return [out]
-
-
-def _campplus_conf(d: Path) -> dict[str, Any]:
-    """CAMPPlus arguments from a funasr-style config.yaml or 3D-Speaker's configuration.json; defaults fit the hub model."""
-    try:
-        conf = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        conf = None
-    if isinstance(conf, dict) and isinstance(conf.get("model_conf"), dict):
-        return dict(conf["model_conf"])
-    mc = _read_json(d / "configuration.json").get("model", {}).get("model_config", {})
-    out = {}
-    if "fbank_dim" in mc:
-        out["feat_dim"] = int(mc["fbank_dim"])
-    if "emb_size" in mc:
-        out["embedding_size"] = int(mc["emb_size"])
-    return out
 
 
 # --------------------------------------------------------------------------- command line

@@ -58,7 +58,7 @@ class SileroVad:
         sess, provider, device, load_s = open_onnx(path, "cpu", threads=1)
         check_signature(sess, path, {"input": "tensor(float)", "state": "tensor(float)", "sr": "tensor(int64)"},
                         ["output", "stateN"])
-        return cls(sess, ModelInfo("silero-vad", path, "onnx", device, provider, "fp32", load_s))
+        return cls(sess, ModelInfo("silero-vad", path, "onnxruntime", device, provider, "fp32", load_s))
 
     def run_batch(self, windows: Sequence[VadWindow]) -> list[tuple[float, np.ndarray]]:
         x = np.stack([w.samples for w in windows]).astype(np.float32, copy=False)

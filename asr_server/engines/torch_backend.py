@@ -12,8 +12,8 @@ projection. CAM++ runs funasr's `CAMPPlus`. Weights are the files the hub publis
 
 fp16 is CUDA only and means autocast (mixed precision): weights stay fp32, matmuls and
 convolutions run in fp16 on the tensor cores, while the residual stream, the positional encoding
-(positions past 2048 are not exact in fp16), funasr's LayerNorm and softmax stay fp32; outputs
-always come back as float32. On CPU fp16 is refused with a warning and fp32 runs instead.
+(sines of positions in the hundreds lose their phase in fp16), funasr's LayerNorm and softmax
+stay fp32; outputs always come back as float32. On CPU fp16 is refused with a warning and fp32 runs instead.
 
 torch and funasr are imported when a backend is built, never at import time: a server on the
 ONNX backend never loads them, and a server without them gets `BackendUnavailableError` naming
@@ -58,10 +58,17 @@ def import_torch() -> Any:
 
 
 def import_torch_module(module: str, what: str) -> Any:
+    """Import a module of the torch stack; funasr prints notices (no ffmpeg) to stdout on import,
+    which go to the debug log instead of the server's output."""
     import importlib
+    import io
 
     try:
-        return importlib.import_module(module)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            mod = importlib.import_module(module)
+        if printed.getvalue().strip():
+            log.debug("importing %s printed: %s", module, printed.getvalue().strip())
+        return mod
     except ImportError as e:
         raise BackendUnavailableError(f"engine.backend: torch needs {what} ({e}); install it with {INSTALL_HINT}, "
                                       "or set engine.backend: onnx") from None
