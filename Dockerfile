@@ -32,7 +32,9 @@ COPY asr_server ./asr_server
 
 # The package, then ONNX Runtime's GPU build in place of the CPU build the core dependency brings
 # (both install the same `onnxruntime` module; the one installed last wins).
+# silero-vad only for the ONNX file it ships (its torch dependency serves its own Python API, not ours).
 RUN pip install "/app${EXTRAS:+[$EXTRAS]}" \
+    && pip install --no-deps "silero-vad>=5.1" \
     && pip uninstall -y onnxruntime \
     && pip install --no-deps --force-reinstall "onnxruntime-gpu>=1.20,<2" \
     && python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()"

@@ -20,7 +20,7 @@ import numpy as np
 
 from asr_server.audio.io import decode_audio
 from asr_server.audio.opus import OpusStreamDecoder
-from asr_server.audio.vad import WINDOW, SileroVad, VadStream
+from asr_server.audio.vad import SileroVad, VadStream
 from asr_server.engines.sensevoice import SenseVoice
 from asr_server.engines.speaker import SpeakerEmbedder
 
@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             t = timeit(lambda g=group: sv.transcribe_batch(g, ["auto"] * len(g), [True] * len(g)), args.repeat)
             rows.append(row(f"SenseVoice {label}, batch {b}", "per utterance", [x / b for x in t],
                             f"batch call {statistics.median(t):.0f} ms"))
-        del sv
 
     spk = SpeakerEmbedder.load(args.models / "campplus" / "campplus.onnx", device="cpu", threads=args.threads)
     per_utt = []

@@ -382,7 +382,7 @@ def train_sensevoice(model: Any, sp: Any, clips: Sequence[Clip], feats: list[lis
         sched.step()
         losses.append(loss.item())
         if step % 100 == 0:
-            log.info("sensevoice step %d/%d loss %.3f", step, plan.asr_steps, float(loss))
+            log.info("sensevoice step %d/%d loss %.3f", step, plan.asr_steps, loss.item())
     model.eval()
     return losses
 

@@ -30,3 +30,6 @@ spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 echo "setup: pip install -e '$spec'" >&2
 "$venv/bin/python" -m pip install -q -e "$spec"
+# The Silero VAD ONNX file ships in the silero-vad package; its torch dependency serves only the
+# package's own Python API, so ONNX serving takes the file without it.
+"$venv/bin/python" -m pip show -q silero-vad >/dev/null 2>&1 || "$venv/bin/python" -m pip install -q --no-deps "silero-vad>=5.1"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loadtest.clips import Clip, encode_pcm, load_clip
-from loadtest.device import ConnectError, Device, DeviceClosed, DeviceConfig, ReplyTimeout
+from loadtest.device import ConnectError, Device, DeviceConfig, ReplyTimeout
 from tests.conftest import clip, needs_audio
 
 PACE = 3.0
