@@ -143,3 +143,65 @@ def load_funasr_campplus(weights: Path, device: str = "cpu", **dims: Any) -> Any
         state = state["state_dict"]
     model.load_state_dict(state)
     return model.eval()
+
+
+ECAPA_DUMMY_FRAMES = 200
+
+
+def _ecapa_module(embedding_model: Any) -> Any:
+    import torch
+
+    class EcapaEmbedding(torch.nn.Module):
+        """`embedding_model(feats, lengths)` with the speaker axis squeezed: [B,T,80] → [B,D]."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, feats: Any, lengths: Any) -> Any:
+            return self.model(feats, lengths).squeeze(1)
+
+    return EcapaEmbedding(embedding_model).eval()
+
+
+@contextlib.contextmanager
+def _traceable_length_to_mask() -> Iterator[None]:
+    """speechbrain's `length_to_mask` sizes its mask with `len(length)`, which the tracer freezes
+    to the dummy batch size; while exporting, ECAPA gets a broadcasting equivalent instead."""
+    import torch
+    from speechbrain.lobes.models import ECAPA_TDNN
+
+    def length_to_mask(length: Any, max_len: Any = None, dtype: Any = None, device: Any = None) -> Any:
+        steps = torch.arange(max_len, device=length.device, dtype=length.dtype)
+        mask = steps.unsqueeze(0) < length.unsqueeze(1)
+        return mask.to(dtype=dtype or length.dtype, device=device or length.device)
+
+    original = ECAPA_TDNN.length_to_mask
+    ECAPA_TDNN.length_to_mask = length_to_mask
+    try:
+        yield
+    finally:
+        ECAPA_TDNN.length_to_mask = original
+
+
+def export_ecapa(model_dir: Path, out_path: Path) -> Path:
+    """Write speechbrain's ECAPA-TDNN (`models/ecapa/`) as ONNX: `feats` f32 [B,T,80] and relative
+    `lengths` f32 [B] → `embedding` f32 [B,D].
+
+    Only the embedding network is in the graph. What `EncoderClassifier.encode_batch` does before
+    it (Fbank, then sentence mean normalisation) is `features.ecapa_features` in numpy; the
+    optional `mean_var_norm_emb` after it is not applied by `encode_batch` by default, nor here.
+    """
+    import torch
+
+    from asr_server.engines.ecapa import load_encoder_classifier
+
+    out_path = Path(out_path)
+    classifier = load_encoder_classifier(Path(model_dir), "cpu")
+    m = _ecapa_module(copy.deepcopy(classifier.mods.embedding_model).float())
+    dummy = (torch.randn(2, ECAPA_DUMMY_FRAMES, 80), torch.tensor([1.0, 0.75]))
+    with _traceable_length_to_mask():
+        _torch_onnx_export(m, dummy, out_path, input_names=["feats", "lengths"], output_names=["embedding"],
+                           dynamic_axes={"feats": {0: "batch_size", 1: "frames"}, "lengths": {0: "batch_size"},
+                                         "embedding": {0: "batch_size"}})
+    return out_path

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from asr_server.config import Config
-from asr_server.engines.ecapa import ECAPA_FILES
+from asr_server.engines.ecapa import ECAPA_FILES, ECAPA_ONNX
 from asr_server.engines.torch_backend import campplus_dims
 from asr_server.engines.runtime import ModelFileError
 
@@ -144,6 +144,14 @@ CAMPPLUS_CONTRACT = ModelContract(
     "CAM++",
     inputs=(Expected("feature", ("float32",), 3, ((2, 80),)),),
     outputs=(Expected("embedding", ("float32",), 2, ((1, 192),)),),
+)
+#: ECAPA as `export.export_ecapa` writes it; the embedding size is whatever the checkpoint has
+#: (192 for spkrec-ecapa-voxceleb), the voiceprint store records it.
+ECAPA_CONTRACT = ModelContract(
+    "ECAPA",
+    inputs=(Expected("feats", ("float32",), 3, ((2, 80),)),
+            Expected("lengths", ("float32",), 1)),
+    outputs=(Expected("embedding", ("float32",), 2),),
 )
 
 
@@ -289,7 +297,9 @@ def expected_files(config: Config) -> list[ModelFile]:
               ModelFile(sv / SENSEVOICE_BPE, "SenseVoice", required=True),
               ModelFile(sv / SENSEVOICE_CONFIG, "SenseVoice", required=True)]
     if config.speaker.enabled and speaker_model_type(config) == "ecapa":
-        files += [ModelFile(ecapa_dir(config) / n, "ECAPA", required=True) for n in ECAPA_FILES]
+        files += [ModelFile(ecapa_dir(config) / ECAPA_ONNX, "ECAPA", required=not torch_backend,
+                            contract=ECAPA_CONTRACT)]
+        files += [ModelFile(ecapa_dir(config) / n, "ECAPA", required=torch_backend) for n in ECAPA_FILES]
     elif config.speaker.enabled:
         onnx_path = Path(config.speaker.model)
         files += [ModelFile(onnx_path, "CAM++", required=not torch_backend, contract=CAMPPLUS_CONTRACT),
@@ -470,7 +480,8 @@ def inspect_models(config: Config, *, hashes: bool = True, signatures: bool = Tr
                 contract = None
                 if p.suffix == ".onnx":
                     contract = SENSEVOICE_CONTRACT if d == Path(config.asr.model_dir) else (
-                        CAMPPLUS_CONTRACT if d == Path(config.speaker.model).parent else None)
+                        ECAPA_CONTRACT if d == ecapa_dir(config) else (
+                            CAMPPLUS_CONTRACT if d == Path(config.speaker.model).parent else None))
                 paths[p] = ModelFile(p, _model_of(config, d), required=False, contract=contract)
     for key in manifest:
         p = Path(key) if Path(key).is_absolute() else root / key
@@ -883,8 +894,9 @@ def export_models(config: Config, *, quantize: bool = True, force: bool = False,
                   missing_only: bool = False) -> list[Path]:
     """Turn the PyTorch weights in the model folders into the ONNX files the engines read.
 
-    Exports SenseVoice (fp32, plus int8 with `quantize`) and CAM++ where their ONNX files are
-    absent, or always with `force`. Raises `ExportError` when there is nothing to export from,
+    Exports SenseVoice (fp32, plus int8 with `quantize`), CAM++ and ECAPA (when its speechbrain
+    files are in `models/ecapa/`) where their ONNX files are absent, or always with `force`.
+    Raises `ExportError` when there is nothing to export from,
     unless `missing_only` (as `pull` calls it) just skips those.
     """
     produced: list[Path] = []
@@ -911,6 +923,19 @@ def export_models(config: Config, *, quantize: bool = True, force: bool = False,
                                   f"run `asr-server models pull`")
         elif not missing_only:
             echo(f"{out}: present, not exported again (use --force)")
+
+    ed = ecapa_dir(config)
+    wants_ecapa = config.speaker.enabled and speaker_model_type(config) == "ecapa"
+    if all((ed / n).is_file() for n in ECAPA_FILES):
+        out = ed / ECAPA_ONNX
+        if force or not out.is_file():
+            echo(f"exporting {ed} (speechbrain ECAPA-TDNN) to {out} (opset 14, fp32)")
+            produced += _export_ecapa(ed, out)
+        elif not missing_only:
+            echo(f"{out}: present, not exported again (use --force)")
+    elif wants_ecapa and not missing_only and (force or not (ed / ECAPA_ONNX).is_file()):
+        raise ExportError(f"no speechbrain ECAPA files ({', '.join(ECAPA_FILES)}) in {ed}: nothing to export; "
+                          "run `asr-server models pull --ecapa`")
     for p in produced:
         record_files(config, [p], f"export:{_manifest_key(models_root(config), p.parent)}")
     return produced
@@ -951,6 +976,17 @@ def _export_campplus(weights: Path, out: Path) -> list[Path]:
         raise ExportError(f"exporting CAM++ from {weights} failed: {_one_line(e)}") from e
     if not out.is_file():
         raise ExportError(f"exporting CAM++ from {weights} wrote no {out}")
+    return [out]
+
+
+def _export_ecapa(model_dir: Path, out: Path) -> list[Path]:
+    export = _import_exporters()
+    try:
+        export.export_ecapa(model_dir, out)
+    except ModelsError:
+        raise
+    except Exception as e:
+        raise ExportError(f"exporting ECAPA from {model_dir} failed: {_one_line(e)}") from e
     return [out]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from asr_server.audio.vad import SAMPLE_RATE, SileroVad, VadStream, VadWindow, rms_dbfs
 from asr_server.config import Config
 from asr_server.engines.batching import MicroBatcher
-from asr_server.engines.ecapa import EcapaEmbedder
+from asr_server.engines.ecapa import EcapaEmbedder, OnnxEcapaBackend
 from asr_server.engines.runtime import ModelInfo
 from asr_server.engines.sensevoice import SenseVoice
 from asr_server.engines.speaker import SpeakerEmbedder
@@ -40,7 +40,7 @@ class Pipeline:
     """Models plus their batchers; construct with `Pipeline.load(config)`."""
 
     def __init__(self, config: Config, vad: SileroVad, asr: SenseVoice,
-                 speaker: SpeakerEmbedder | EcapaEmbedder | None, voiceprints: VoiceprintStore | None,
+                 speaker: SpeakerEmbedder | EcapaEmbedder | OnnxEcapaBackend | None, voiceprints: VoiceprintStore | None,
                  metrics: Metrics) -> None:
         self.config = config
         self.vad = vad

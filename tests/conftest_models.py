@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 AUDIO_DIR = REPO.parent / "shared" / "audio"
 TEST_MODELS = REPO / "build" / "test-models"
@@ -53,3 +55,12 @@ def load_clips() -> list:
 
     d = clips_dir()
     return _load(d) if d is not None else []
+
+
+def voice(seconds: float, f0: float, seed: int) -> np.ndarray:
+    """A synthetic voiced sound (harmonics of a wobbling f0, light noise): speakers differ by f0."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / 16000
+    x = sum(np.sin(k * phase) / k ** 1.5 for k in range(1, 25))
+    return (0.2 * x / np.abs(x).max() + 0.005 * rng.standard_normal(t.size)).astype(np.float32)

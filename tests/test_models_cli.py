@@ -144,8 +144,11 @@ def test_missing_model_files_follows_the_config(tmp_path):
     assert sv / "model.pt" in torch_backend and root / "campplus" / models.CAMPPLUS_WEIGHTS in torch_backend
     assert sv / "model.onnx" not in torch_backend
     ecapa = models.missing_model_files(make_config(root, speaker={"model_type": "ecapa"}))
-    assert root / "ecapa" / "embedding_model.ckpt" in ecapa
+    assert root / "ecapa" / "ecapa.onnx" in ecapa and root / "ecapa" / "embedding_model.ckpt" not in ecapa
     assert root / "campplus" / "campplus.onnx" not in ecapa
+    ecapa_torch = models.missing_model_files(make_config(root, speaker={"model_type": "ecapa"},
+                                                         engine={"backend": "torch"}))
+    assert root / "ecapa" / "embedding_model.ckpt" in ecapa_torch and root / "ecapa" / "ecapa.onnx" not in ecapa_torch
 
 
 def test_either_sensevoice_file_is_enough_in_auto_mode(good):

@@ -10,7 +10,7 @@ import pytest
 
 from asr_server.engines.runtime import ModelFileError
 from asr_server.engines.speaker import MIN_FRAMES, SpeakerEmbedder
-from tests.conftest_models import campplus_path, load_clips
+from tests.conftest_models import campplus_path, load_clips, voice
 
 
 @pytest.fixture(scope="module")
@@ -21,14 +21,6 @@ def model_path() -> Path:
 @pytest.fixture(scope="module")
 def embedder(model_path) -> SpeakerEmbedder:
     return SpeakerEmbedder.load(model_path, device="cpu", threads=1)
-
-
-def voice(seconds: float, f0: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / 16000
-    x = sum(np.sin(k * phase) / k ** 1.5 for k in range(1, 25))
-    return (0.2 * x / np.abs(x).max() + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 def test_info_and_dim(embedder):

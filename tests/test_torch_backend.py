@@ -1,7 +1,7 @@
 """The PyTorch backends against ONNX Runtime on the tiny stand-ins: same logits (within 1e-3),
 same decoded text, same CAM++ embeddings; batched calls equal single calls; the torch-backed
 pipeline end to end; ECAPA through speechbrain on a stand-in built here; and the documented
-fallbacks and errors (fp16 or CUDA asked for on a CPU, torch missing, ECAPA on ONNX)."""
+fallbacks and errors (fp16 or CUDA asked for on a CPU, torch missing, ECAPA on ONNX without its file)."""
 
 from __future__ import annotations
 
@@ -23,21 +23,14 @@ from asr_server.engines.speaker import SpeakerEmbedder  # noqa: E402
 from asr_server.engines.torch_backend import (BackendUnavailableError, TorchSenseVoiceBackend,  # noqa: E402
                                               TorchSpeakerBackend)
 from tests.conftest import make_config  # noqa: E402
-from tests.conftest_models import load_clips  # noqa: E402
+from tests.conftest_models import load_clips, voice  # noqa: E402
+from tests.ecapa_models import build_tiny_ecapa  # noqa: E402
 
 #: Largest difference allowed between ONNX Runtime and torch fp32 logits (same graph, same weights;
 #: only kernel order differs, typically ~1e-5).
 LOGIT_ATOL = 1e-3
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device")
-
-
-def voice(seconds: float, f0: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    phase = 2 * np.pi * np.cumsum(f0 * (1 + 0.05 * np.sin(2 * np.pi * 3 * t))) / 16000
-    x = sum(np.sin(k * phase) / k ** 1.5 for k in range(1, 25))
-    return (0.2 * x / np.abs(x).max() + 0.005 * rng.standard_normal(t.size)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -284,72 +277,6 @@ async def test_torch_pipeline_recognizes_like_onnx_fp32(models_dir, tmp_path, on
 
 # --- ECAPA -------------------------------------------------------------------------------------
 
-ECAPA_YAML = """\
-# A tiny ECAPA-TDNN in the layout of speechbrain/spkrec-ecapa-voxceleb (random weights, for tests).
-n_mels: 80
-pretrained_path: speechbrain/spkrec-ecapa-voxceleb
-out_n_neurons: 4
-compute_features: !new:speechbrain.lobes.features.Fbank
-    n_mels: !ref <n_mels>
-mean_var_norm: !new:speechbrain.processing.features.InputNormalization
-    norm_type: sentence
-    std_norm: False
-embedding_model: !new:speechbrain.lobes.models.ECAPA_TDNN.ECAPA_TDNN
-    input_size: !ref <n_mels>
-    channels: [32, 32, 32, 32, 96]
-    kernel_sizes: [5, 3, 3, 3, 1]
-    dilations: [1, 2, 3, 4, 1]
-    attention_channels: 16
-    se_channels: 16
-    lin_neurons: 24
-classifier: !new:speechbrain.lobes.models.ECAPA_TDNN.Classifier
-    input_size: 24
-    out_neurons: !ref <out_n_neurons>
-mean_var_norm_emb: !new:speechbrain.processing.features.InputNormalization
-    norm_type: global
-    std_norm: False
-modules:
-    compute_features: !ref <compute_features>
-    mean_var_norm: !ref <mean_var_norm>
-    embedding_model: !ref <embedding_model>
-    mean_var_norm_emb: !ref <mean_var_norm_emb>
-    classifier: !ref <classifier>
-label_encoder: !new:speechbrain.dataio.encoder.CategoricalEncoder
-pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
-    loadables:
-        embedding_model: !ref <embedding_model>
-        mean_var_norm_emb: !ref <mean_var_norm_emb>
-        classifier: !ref <classifier>
-        label_encoder: !ref <label_encoder>
-    paths:
-        embedding_model: !ref <pretrained_path>/embedding_model.ckpt
-        mean_var_norm_emb: !ref <pretrained_path>/mean_var_norm_emb.ckpt
-        classifier: !ref <pretrained_path>/classifier.ckpt
-        label_encoder: !ref <pretrained_path>/label_encoder.txt
-"""
-
-
-def build_tiny_ecapa(out: Path, seed: int = 0) -> Path:
-    """The five files `models pull --ecapa` places, for a tiny random ECAPA (speechbrain's classes)."""
-    from hyperpyyaml import load_hyperpyyaml
-
-    out.mkdir(parents=True)
-    (out / "hyperparams.yaml").write_text(ECAPA_YAML, encoding="utf-8")
-    torch.manual_seed(seed)
-    hp = load_hyperpyyaml(ECAPA_YAML, overrides={"pretrained_path": str(out)})
-    emb = hp["embedding_model"].eval()
-    torch.save(emb.state_dict(), out / "embedding_model.ckpt")
-    torch.save(hp["classifier"].state_dict(), out / "classifier.ckpt")
-    norm = hp["mean_var_norm_emb"]
-    norm.train()
-    norm(torch.randn(8, 1, 24), torch.ones(8))  # global statistics need one update before they can be saved
-    norm._save(out / "mean_var_norm_emb.ckpt")
-    enc = hp["label_encoder"]
-    enc.update_from_iterable([f"spk{i}" for i in range(4)])
-    enc.save(out / "label_encoder.txt")
-    return out
-
-
 @pytest.fixture(scope="module")
 def ecapa_dir(tmp_path_factory) -> Path:
     pytest.importorskip("speechbrain")
@@ -386,7 +313,8 @@ def test_ecapa_batched_and_single_agree(ecapa):
 def test_ecapa_errors(ecapa_dir, tmp_path):
     from asr_server.engines.ecapa import EcapaEmbedder
 
-    with pytest.raises(BackendUnavailableError, match="engine.backend: torch"):
+    # The ONNX backend reads ecapa.onnx, which only `models export` writes: absent here.
+    with pytest.raises(ModelFileError, match="models export"):
         EcapaEmbedder.load(ecapa_dir, device="cpu", backend="onnx")
     with pytest.raises(ModelFileError, match="models pull --ecapa"):
         EcapaEmbedder.load(tmp_path / "nowhere", device="cpu")

@@ -1,16 +1,20 @@
-"""ECAPA-TDNN speaker embeddings (speechbrain `spkrec-ecapa-voxceleb`) on PyTorch.
+"""ECAPA-TDNN speaker embeddings (speechbrain `spkrec-ecapa-voxceleb`) on PyTorch or ONNX Runtime.
 
 The model folder is what `asr-server models pull --ecapa` writes (`models/ecapa/`): speechbrain's
 `hyperparams.yaml` and the checkpoints it names. It is loaded with speechbrain's own
 `EncoderClassifier`, pointed at the folder and barred from the network, so features are
 speechbrain's (its Fbank and sentence mean normalisation), not the Kaldi fbank of CAM++.
 
-ECAPA runs on the torch backend only: there is no ONNX path for it (its features would have to be
-re-implemented in numpy and held to speechbrain's), and `Pipeline.load` says so at start.
+On ONNX Runtime (`OnnxEcapaBackend`) the embedding network is `ecapa.onnx` beside those files,
+written by `asr-server models export` (`export.export_ecapa`), and the features are speechbrain's
+re-implemented in numpy (`features.ecapa_features`, held to speechbrain's output by the tests).
 
-`EcapaEmbedder` has the public face of `SpeakerEmbedder` (`info`, `dim`, `embed_batch`, `embed`)
-and the same batching rule: only utterances of equal length share a call, so a batch gives exactly
-the embeddings of single calls.
+Both have the public face of `SpeakerEmbedder` (`info`, `dim`, `embed_batch`, `embed`) and its
+batching rule: only utterances of equal length share a call, so a batch gives exactly the
+embeddings of single calls. The ONNX graph does take relative lengths and masks padding in its
+pooling, but its "same" convolutions still see the padding near the end of a shorter utterance
+(cosine ~0.9998 to the single call on the test stand-in): voiceprints would depend on what an
+utterance happened to be batched with.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .runtime import ModelFileError, ModelInfo
-from .torch_backend import BackendUnavailableError, TorchPlacement, import_torch_module
+from .features import ecapa_features
+from .runtime import ModelFileError, ModelInfo, check_signature, open_onnx
+from .torch_backend import TorchPlacement, import_torch_module
 
 #: The files speechbrain's `EncoderClassifier` loads (its hyperparams.yaml names them).
 ECAPA_FILES = ("hyperparams.yaml", "embedding_model.ckpt", "mean_var_norm_emb.ckpt", "classifier.ckpt",
                "label_encoder.txt")
+#: What `asr-server models export` writes into the ECAPA folder for the ONNX backend.
+ECAPA_ONNX = "ecapa.onnx"
 SAMPLE_RATE = 16000
 #: Shorter utterances are repeated up to 0.3 s, as CAM++ does, so that every one gets an embedding.
 MIN_SAMPLES = 4800
@@ -95,11 +102,13 @@ class EcapaEmbedder:
 
     @classmethod
     def load(cls, model_dir: Path, device: str = "auto", threads: int = 0, backend: str = "torch",
-             precision: str = "fp32") -> "EcapaEmbedder":
+             precision: str = "fp32") -> "EcapaEmbedder | OnnxEcapaBackend":
+        """ECAPA from its folder: speechbrain on torch, or `ecapa.onnx` in it on ONNX Runtime (which,
+        like CAM++ there, runs in fp32 whatever `precision` says)."""
+        if backend == "onnx":
+            return OnnxEcapaBackend(Path(model_dir) / ECAPA_ONNX, device, threads)
         if backend != "torch":
-            raise BackendUnavailableError("speaker.model_type: ecapa runs on engine.backend: torch only (there is "
-                                          "no ONNX path for it); set engine.backend: torch, or speaker.model_type: "
-                                          "campplus")
+            raise ValueError(f"backend must be onnx or torch, not {backend!r}")
         return cls(model_dir, device, precision, threads)
 
     @property
@@ -128,6 +137,65 @@ class EcapaEmbedder:
             groups.setdefault(w.shape[0], []).append(i)
         for idx in groups.values():
             out[idx] = self._embed_group(np.stack([wavs[i] for i in idx]))
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def embed(self, audio: np.ndarray) -> np.ndarray:
+        return self.embed_batch([audio])[0]
+
+
+_ONNX_INPUTS = {"feats": "tensor(float)", "lengths": "tensor(float)"}
+_ONNX_OUTPUTS = ["embedding"]
+
+
+def relative_lengths(frames: Sequence[int]) -> np.ndarray:
+    """speechbrain's relative lengths for a batch padded to `max(frames)`. The graph keeps frame
+    `t` where `t < length · T`; shorter rows get half a frame less than `n / T`, so float rounding
+    of `n / T · T` can never let a padding frame in."""
+    longest = max(frames)
+    return np.array([1.0 if n == longest else (n - 0.5) / longest for n in frames], dtype=np.float32)
+
+
+class OnnxEcapaBackend:
+    """ECAPA-TDNN on ONNX Runtime (`ecapa.onnx`: `feats` [B,T,80], relative `lengths` [B] →
+    `embedding` [B,D]) with numpy features. Not thread-safe."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFileError(f"ECAPA ONNX model not found: {self.path}; write it with `asr-server models export` "
+                                 "(after `asr-server models pull --ecapa`)")
+        self.session, provider, used_device, load_s = open_onnx(self.path, device, threads)
+        check_signature(self.session, self.path, _ONNX_INPUTS, _ONNX_OUTPUTS)
+        shape = self.session.get_inputs()[0].shape
+        if len(shape) != 3 or shape[2] not in (80, "80"):
+            raise ModelFileError(f"{self.path}: input 'feats' has shape {shape}, expected [B, T, 80]")
+        self.dim = int(self._run([ecapa_features(np.zeros(MIN_SAMPLES, np.float32))]).shape[-1])
+        self.info = ModelInfo(name="speaker", path=self.path, backend="onnxruntime", device=used_device,
+                              provider=provider, precision="fp32", load_s=load_s)
+
+    @property
+    def device(self) -> str:
+        return self.info.device
+
+    def _run(self, feats: Sequence[np.ndarray]) -> np.ndarray:
+        """Raw embeddings [B, D]; rows of different lengths are zero-padded and masked by `lengths`."""
+        frames = [f.shape[0] for f in feats]
+        batch = np.zeros((len(feats), max(frames), feats[0].shape[1]), np.float32)
+        for row, f in zip(batch, feats):
+            row[:f.shape[0]] = f
+        (emb,) = self.session.run(_ONNX_OUTPUTS, {"feats": batch, "lengths": relative_lengths(frames)})
+        return emb.reshape(len(feats), -1)
+
+    def embed_batch(self, audios: Sequence[np.ndarray]) -> np.ndarray:
+        """Embeddings [B, D] of 16 kHz mono utterances, each of unit L2 norm, in input order."""
+        out = np.zeros((len(audios), self.dim), dtype=np.float32)
+        feats = [ecapa_features(_pad_short(_as_mono_float(a))) for a in audios]
+        groups: dict[int, list[int]] = {}
+        for i, f in enumerate(feats):
+            groups.setdefault(f.shape[0], []).append(i)
+        for idx in groups.values():
+            out[idx] = self._run([feats[i] for i in idx])
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 

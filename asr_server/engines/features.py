@@ -192,3 +192,49 @@ def campplus_features(audio: np.ndarray) -> np.ndarray:
     """CAM++ features: `campplus_fbank` minus its mean over time → [T, 80]."""
     fbank = campplus_fbank(audio)
     return fbank - fbank.mean(axis=0, keepdims=True)
+
+
+# --- ECAPA-TDNN (speechbrain) ------------------------------------------------------------------
+#: speechbrain's `Fbank` as spkrec-ecapa-voxceleb configures it: 25 ms Hamming window, 10 ms hop,
+#: 400-point FFT, centred frames with zero padding, power spectrum, 80 triangular mel filters over
+#: 0–8000 Hz, 10·log10 with a floor of 1e-10 and a top_db of 80 below each utterance's maximum.
+ECAPA_N_FFT = 400
+ECAPA_HOP = 160
+ECAPA_MELS = 80
+ECAPA_TOP_DB = 80.0
+
+
+def _ecapa_mel_matrix() -> np.ndarray:
+    """speechbrain's `Filterbank` triangular matrix [201, 80], computed in float32 as it does."""
+    to_mel = lambda hz: 2595.0 * np.log10(1.0 + hz / 700.0)  # noqa: E731
+    mel = np.linspace(to_mel(0.0), to_mel(SAMPLE_RATE / 2), ECAPA_MELS + 2, dtype=np.float32)
+    hz = (700.0 * (10.0 ** (mel / 2595.0) - 1.0)).astype(np.float32)
+    band = (hz[1:] - hz[:-1])[:-1]
+    central = hz[1:-1]
+    freqs = np.linspace(0, SAMPLE_RATE // 2, ECAPA_N_FFT // 2 + 1, dtype=np.float32)
+    slope = (freqs[None, :] - central[:, None]) / band[:, None]
+    return np.maximum(0.0, np.minimum(slope + 1.0, 1.0 - slope)).T.astype(np.float32)
+
+
+_ECAPA_MEL = _ecapa_mel_matrix()
+# torch.hamming_window(400) is periodic: the denominator is N, not N − 1.
+_ECAPA_WINDOW = (0.54 - 0.46 * np.cos(2 * np.pi * np.arange(ECAPA_N_FFT) / ECAPA_N_FFT)).astype(np.float32)
+
+
+def ecapa_fbank(audio: np.ndarray) -> np.ndarray:
+    """speechbrain's `Fbank(n_mels=80)` of one 16 kHz utterance: float32 [1 + N // 160, 80]."""
+    x = _as_mono_float(audio)
+    x = np.pad(x, ECAPA_N_FFT // 2)
+    n_frames = 1 + (x.shape[0] - ECAPA_N_FFT) // ECAPA_HOP
+    idx = np.arange(ECAPA_N_FFT)[None, :] + ECAPA_HOP * np.arange(n_frames)[:, None]
+    spec = np.fft.rfft(x[idx] * _ECAPA_WINDOW, axis=1)
+    power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
+    db = 10.0 * np.log10(np.maximum(power @ _ECAPA_MEL, 1e-10))
+    return np.maximum(db, db.max() - ECAPA_TOP_DB).astype(np.float32)
+
+
+def ecapa_features(audio: np.ndarray) -> np.ndarray:
+    """What ECAPA's embedding network reads: `ecapa_fbank` with speechbrain's sentence mean
+    normalisation (`InputNormalization(norm_type="sentence", std_norm=False)`) over the utterance."""
+    feats = ecapa_fbank(audio)
+    return feats - feats.mean(axis=0, keepdims=True)
