@@ -43,6 +43,19 @@ def clip(name_prefix: str) -> ManifestClip:
     pytest.skip(f"no clip {name_prefix}* in ../shared/audio")
 
 
+def cer(ref: str, hyp: str) -> float:
+    """Character error rate, ignoring case, spaces and punctuation."""
+    norm = lambda s: [c for c in s.lower() if c.isalnum()]  # noqa: E731
+    r, h = norm(ref), norm(hyp)
+    d = list(range(len(h) + 1))
+    for i in range(1, len(r) + 1):
+        prev, d[0] = d[0], i
+        for j in range(1, len(h) + 1):
+            cur = min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
+            prev, d[j] = d[j], cur
+    return d[len(h)] / max(1, len(r))
+
+
 @pytest.fixture(scope="session")
 def models_dir() -> Path:
     from tests.conftest_models import tiny_models_dir

@@ -13,23 +13,10 @@ import pytest
 
 from loadtest.clips import Clip, encode_pcm, load_clip
 from loadtest.device import ConnectError, Device, DeviceConfig, ReplyTimeout
-from tests.conftest import clip, needs_audio
+from tests.conftest import cer, clip, needs_audio
 
 PACE = 3.0
 REPLY_S = 20.0
-
-
-def cer(ref: str, hyp: str) -> float:
-    """Character error rate, ignoring case, spaces and punctuation."""
-    norm = lambda s: [c for c in s.lower() if c.isalnum()]  # noqa: E731
-    r, h = norm(ref), norm(hyp)
-    d = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        prev, d[0] = d[0], i
-        for j in range(1, len(h) + 1):
-            cur = min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-            prev, d[j] = d[j], cur
-    return d[len(h)] / max(1, len(r))
 
 
 def device(server, **kw) -> Device:

@@ -9,7 +9,6 @@ tiny SenseVoice and CAM++ models when `tests/conftest_models.py` can build them.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import json
 import re
@@ -27,15 +26,12 @@ import websockets
 from asr_server.config import load_config
 from asr_server.events import EventBus
 from asr_server.http_api import build_app, parse_language, start_http
+from tests.conftest import AUDIO, cer, needs_audio
 from tests.backend_fakes import WebhookReceiver, fake_pipeline, fake_text
 from tests.test_audio_io import encode
 from tests.test_events import make_event
 
-AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 KEY = "sk-test-key"
-needs_audio = pytest.mark.skipif(not (AUDIO / "MANIFEST.tsv").is_file(), reason="../shared/audio absent")
-needs_tiny_models = pytest.mark.skipif(importlib.util.find_spec("tests.conftest_models") is None,
-                                       reason="tests/conftest_models.py (tiny model builder) absent")
 
 
 def read(name: str) -> np.ndarray:
@@ -400,20 +396,7 @@ async def test_health_ready_metrics(api):
 
 # --- through the real (tiny) models ------------------------------------------------------------
 
-def cer(ref: str, hyp: str) -> float:
-    norm = lambda s: [c for c in s.lower() if c.isalnum()]  # noqa: E731
-    r, h = norm(ref), norm(hyp)
-    d = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        prev, d[0] = d[0], i
-        for j in range(1, len(h) + 1):
-            cur = min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
-            prev, d[j] = d[j], cur
-    return d[len(h)] / max(1, len(r))
-
-
 @needs_audio
-@needs_tiny_models
 async def test_real_models_openai_and_voiceprint(start_server):
     from tests.conftest import clip
 

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .features import ecapa_features
+from .features import as_mono_float, ecapa_features
 from .runtime import ModelFileError, ModelInfo, check_signature, open_onnx
 from .torch_backend import TorchPlacement, import_torch_module
 
@@ -45,17 +45,6 @@ def _pad_short(audio: np.ndarray) -> np.ndarray:
     if audio.shape[0] == 0:
         return np.zeros(MIN_SAMPLES, np.float32)
     return np.tile(audio, -(-MIN_SAMPLES // audio.shape[0]))[:MIN_SAMPLES]
-
-
-def _as_mono_float(audio: np.ndarray) -> np.ndarray:
-    audio = np.asarray(audio)
-    if audio.ndim != 1:
-        raise ValueError(f"expected mono audio as a 1-D array, got shape {audio.shape}")
-    if audio.dtype == np.int16:
-        return audio.astype(np.float32) / 32768.0
-    if not np.issubdtype(audio.dtype, np.floating):
-        raise ValueError(f"expected float32 samples in [-1, 1] or int16, got {audio.dtype}")
-    return audio.astype(np.float32, copy=False)
 
 
 def load_encoder_classifier(model_dir: Path, device: str) -> Any:
@@ -131,7 +120,7 @@ class EcapaEmbedder:
     def embed_batch(self, audios: Sequence[np.ndarray]) -> np.ndarray:
         """Embeddings [B, D] of 16 kHz mono utterances, each of unit L2 norm, in input order."""
         out = np.zeros((len(audios), self.dim), dtype=np.float32)
-        wavs = [_pad_short(_as_mono_float(a)) for a in audios]
+        wavs = [_pad_short(as_mono_float(a)) for a in audios]
         groups: dict[int, list[int]] = {}
         for i, w in enumerate(wavs):
             groups.setdefault(w.shape[0], []).append(i)
@@ -190,7 +179,7 @@ class OnnxEcapaBackend:
     def embed_batch(self, audios: Sequence[np.ndarray]) -> np.ndarray:
         """Embeddings [B, D] of 16 kHz mono utterances, each of unit L2 norm, in input order."""
         out = np.zeros((len(audios), self.dim), dtype=np.float32)
-        feats = [ecapa_features(_pad_short(_as_mono_float(a))) for a in audios]
+        feats = [ecapa_features(_pad_short(as_mono_float(a))) for a in audios]
         groups: dict[int, list[int]] = {}
         for i, f in enumerate(feats):
             groups.setdefault(f.shape[0], []).append(i)

@@ -92,7 +92,8 @@ def write_cmvn(path: Path, mean: np.ndarray, std: np.ndarray) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
-def _as_mono_float(audio: np.ndarray) -> np.ndarray:
+def as_mono_float(audio: np.ndarray) -> np.ndarray:
+    """1-D float32 in [-1, 1] from float or int16 samples; anything else is a ValueError."""
     audio = np.asarray(audio)
     if audio.ndim != 1:
         raise ValueError(f"expected mono audio as a 1-D array, got shape {audio.shape}")
@@ -178,14 +179,14 @@ class SenseVoiceFrontend:
 def sensevoice_lfr(audio: np.ndarray) -> np.ndarray:
     """SenseVoice features before CMVN (what `am.mvn` is computed over): fbank of the ×32768
     waveform, hamming window, stacked 7 frames every 6 → [T', 560]."""
-    samples = _as_mono_float(audio) * 32768.0
+    samples = as_mono_float(audio) * 32768.0
     fbank = kaldi_fbank(samples, window="hamming", num_bins=SenseVoiceFrontend.num_bins)
     return apply_lfr(fbank, SenseVoiceFrontend.lfr_m, SenseVoiceFrontend.lfr_n)
 
 
 def campplus_fbank(audio: np.ndarray) -> np.ndarray:
     """CAM++ filterbank before mean removal: 80 bins, povey window, waveform in [-1, 1] → [T, 80]."""
-    return kaldi_fbank(_as_mono_float(audio), window="povey", num_bins=80)
+    return kaldi_fbank(as_mono_float(audio), window="povey", num_bins=80)
 
 
 def campplus_features(audio: np.ndarray) -> np.ndarray:
@@ -223,7 +224,7 @@ _ECAPA_WINDOW = (0.54 - 0.46 * np.cos(2 * np.pi * np.arange(ECAPA_N_FFT) / ECAPA
 
 def ecapa_fbank(audio: np.ndarray) -> np.ndarray:
     """speechbrain's `Fbank(n_mels=80)` of one 16 kHz utterance: float32 [1 + N // 160, 80]."""
-    x = _as_mono_float(audio)
+    x = as_mono_float(audio)
     x = np.pad(x, ECAPA_N_FFT // 2)
     n_frames = 1 + (x.shape[0] - ECAPA_N_FFT) // ECAPA_HOP
     idx = np.arange(ECAPA_N_FFT)[None, :] + ECAPA_HOP * np.arange(n_frames)[:, None]
