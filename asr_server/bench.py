@@ -21,6 +21,7 @@ import numpy as np
 from asr_server.audio.io import decode_audio
 from asr_server.audio.opus import OpusStreamDecoder
 from asr_server.audio.vad import SileroVad, VadStream
+from asr_server.bench_gpu import cpu_name
 from asr_server.engines.sensevoice import SenseVoice
 from asr_server.engines.speaker import SpeakerEmbedder
 
@@ -29,17 +30,9 @@ DEFAULT_AUDIO = REPO.parent / "shared" / "audio"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime
 
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
+    return f"{cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
 
 
 def timeit(fn: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:

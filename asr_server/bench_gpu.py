@@ -63,16 +63,19 @@ class Report:
     total_s: float = 0.0
 
 
-def machine_info(torch: Any, device: str) -> dict[str, Any]:
-    cpu = platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, else the platform's machine type."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+    return platform.processor() or platform.machine()
+
+
+def machine_info(torch: Any, device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                             "torch": torch.__version__}
     try:
         info["funasr"] = importlib.metadata.version("funasr")

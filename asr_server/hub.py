@@ -23,10 +23,10 @@ from asr_server.auth import bearer_token
 from asr_server.config import Config
 from asr_server.pipeline import Pipeline
 from asr_server.protocol.xiaozhi import (
-    FramingError, Hello, MessageError, ProtocolError, error_message, parse_message, parse_protocol_version,
+    FramingError, Hello, MessageError, ProtocolError, dumps, error_message, parse_message, parse_protocol_version,
     server_hello,
 )
-from asr_server.session import PROTOCOL, ClientInfo, Publish, Session, dumps
+from asr_server.session import PROTOCOL, ClientInfo, Publish, Session
 
 log = logging.getLogger(__name__)
 

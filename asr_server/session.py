@@ -9,7 +9,6 @@ on the pipeline's batchers, which run them in worker threads.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -270,7 +269,3 @@ class Session:
         self._abort()
         if self._replies:
             await asyncio.gather(*self._replies, return_exceptions=True)
-
-
-def dumps(message: dict[str, Any]) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnxruntime as ort
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,17 @@ class ModelInfo:
         mem = f", GPU memory {self.gpu_memory_mb:.0f} MiB" if self.gpu_memory_mb is not None else ""
         return (f"{self.name}: {self.path} on {self.backend}/{self.provider} ({self.device}, {self.precision}), "
                 f"loaded in {self.load_s:.2f} s{mem}")
+
+
+def read_yaml_mapping(path: Path) -> dict:
+    """A model directory's YAML config as a mapping; an unreadable or non-mapping file is a `ModelFileError`."""
+    try:
+        conf = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelFileError(f"cannot read {path}: {e}") from None
+    if not isinstance(conf, dict):
+        raise ModelFileError(f"{path}: top level is not a mapping")
+    return conf
 
 
 def resolve_providers(device: str) -> tuple[list, str]:

@@ -15,11 +15,10 @@ from typing import Protocol, Sequence
 import numpy as np
 import onnxruntime as ort
 import sentencepiece as spm
-import yaml
 
 from ..results import Transcript
 from .features import CmvnFileError, SenseVoiceFrontend
-from .runtime import ModelFileError, ModelInfo, check_signature, open_onnx
+from .runtime import ModelFileError, ModelInfo, check_signature, open_onnx, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +137,7 @@ def language_id(language: str) -> int:
 
 
 def _check_frontend_config(path: Path) -> None:
-    try:
-        conf = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ModelFileError(f"cannot read {path}: {e}") from None
-    if not isinstance(conf, dict):
-        raise ModelFileError(f"{path}: not a SenseVoice config (top level is not a mapping)")
+    conf = read_yaml_mapping(path)
     front = conf.get("frontend_conf") or {}
     if not isinstance(front, dict):
         raise ModelFileError(f"{path}: frontend_conf is not a mapping")

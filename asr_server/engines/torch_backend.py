@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from .runtime import ModelFileError, ModelInfo
+from .runtime import ModelFileError, ModelInfo, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -194,21 +193,11 @@ class TorchPlacement:
             self.torch.cuda.synchronize(self.device)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        conf = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ModelFileError(f"cannot read {path}: {e}") from None
-    if not isinstance(conf, dict):
-        raise ModelFileError(f"{path}: top level is not a mapping")
-    return conf
-
-
 def build_sensevoice(model_dir: Path) -> Any:
     """funasr's `SenseVoiceSmall` with the weights of `model_dir/model.pt` and the encoder of its
     `config.yaml` (vocabulary and input sizes come from the weights), on the CPU, in eval mode."""
     model_dir = Path(model_dir)
-    conf = _read_yaml(model_dir / SENSEVOICE_CONFIG)
+    conf = read_yaml_mapping(model_dir / SENSEVOICE_CONFIG)
     weights = model_dir / SENSEVOICE_WEIGHTS
     state = load_state(weights)
     sv = import_torch_module("funasr.models.sense_voice.model", "funasr")
@@ -281,7 +270,7 @@ def campplus_dims(model_dir: Path) -> dict[str, Any]:
     3D-Speaker's configuration.json (`fbank_dim`, `emb_size`); the defaults fit the hub model."""
     model_dir = Path(model_dir)
     if (model_dir / "config.yaml").is_file():
-        conf = _read_yaml(model_dir / "config.yaml")
+        conf = read_yaml_mapping(model_dir / "config.yaml")
         if isinstance(conf.get("model_conf"), dict):
             return dict(conf["model_conf"])
     try:

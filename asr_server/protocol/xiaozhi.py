@@ -182,3 +182,8 @@ def error_message(message: str, session_id: str | None = None) -> dict[str, Any]
     if session_id:
         out["session_id"] = session_id
     return out
+
+
+def dumps(message: dict[str, Any]) -> str:
+    """A server message as the text frame the firmware reads (compact, UTF-8 kept)."""
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
