@@ -3,14 +3,14 @@
 #   docker build -t asr-server .
 #   docker run --gpus all -p 8000:8000 -p 8001:8001 -p 10095:10095 \
 #       -v asr-models:/models -v asr-data:/data asr-server
-# The first start runs `asr-server models pull` when the model files are absent (see models/README.md).
-# EXTRAS=torch (the default) installs funasr and torch, which that pull needs to export the hubs'
-# PyTorch weights to ONNX (and which the torch backend uses); `--build-arg EXTRAS=` builds a much
-# smaller image that serves ONNX files already placed on the volume.
+# The first start runs `asr-server models pull` when the model files are absent (see models/README.md):
+# pre-exported ONNX files where the hub has them. WITH_TORCH=1 (the default) also installs the torch lock,
+# which exports the fp32 SenseVoice a GPU wants when the hub has only the int8 graph (and which the torch
+# backend uses); `--build-arg WITH_TORCH=0` builds a much smaller image that serves ONNX files only.
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 FROM ${CUDA_IMAGE}
 
-ARG EXTRAS=torch
+ARG WITH_TORCH=1
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -27,16 +27,18 @@ RUN apt-get update \
     && python3.11 -m venv /opt/venv
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.txt ./
+COPY requirements ./requirements
 COPY asr_server ./asr_server
 
-# The package, then ONNX Runtime's GPU build in place of the CPU build the core dependency brings
-# (both install the same `onnxruntime` module; the one installed last wins).
-# silero-vad only for the ONNX file it ships (its torch dependency serves its own Python API, not ours).
-RUN pip install "/app${EXTRAS:+[$EXTRAS]}" \
-    && pip install --no-deps "silero-vad>=5.1" \
-    && pip uninstall -y onnxruntime \
-    && pip install --no-deps --force-reinstall "onnxruntime-gpu>=1.20,<2" \
+# Exactly the locks' versions, nothing resolved again. The GPU lock carries onnxruntime-gpu in place of
+# onnxruntime (both install the module `onnxruntime`); every package the locks share has one version.
+RUN pip install --require-hashes --no-deps -r requirements/build.txt \
+    && if [ "$WITH_TORCH" = "1" ]; then \
+           pip install --require-hashes --no-deps -r requirements/torch.txt && pip uninstall -y onnxruntime; \
+       fi \
+    && pip install --require-hashes --no-deps -r requirements/gpu.txt \
+    && pip install --no-deps --no-build-isolation /app \
     && python -c "import onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()"
 
 COPY config.yaml ./config.yaml

@@ -45,6 +45,7 @@ SENSEVOICE_INT8 = "model_quant.onnx"
 SENSEVOICE_WEIGHTS = "model.pt"
 SENSEVOICE_CMVN = "am.mvn"
 SENSEVOICE_BPE = "chn_jpn_yue_eng_ko_spectok.bpe.model"
+SENSEVOICE_TOKENS = "tokens.json"  # the token table a pre-exported SenseVoice ships instead of the bpe model
 SENSEVOICE_CONFIG = "config.yaml"
 # CAM++: weights as 3D-Speaker publishes them; exported to `speaker.model`.
 CAMPPLUS_WEIGHTS = "campplus_cn_common.bin"
@@ -294,7 +295,8 @@ def expected_files(config: Config) -> list[ModelFile]:
                                choice="sensevoice-onnx" if not torch_backend and q == "auto" else None))
     files += [ModelFile(sv / SENSEVOICE_WEIGHTS, "SenseVoice", required=torch_backend),
               ModelFile(sv / SENSEVOICE_CMVN, "SenseVoice", required=True),
-              ModelFile(sv / SENSEVOICE_BPE, "SenseVoice", required=True),
+              ModelFile(sv / SENSEVOICE_BPE, "SenseVoice", required=False, choice="sensevoice-tokens"),
+              ModelFile(sv / SENSEVOICE_TOKENS, "SenseVoice", required=False, choice="sensevoice-tokens"),
               ModelFile(sv / SENSEVOICE_CONFIG, "SenseVoice", required=True)]
     if config.speaker.enabled and speaker_model_type(config) == "ecapa":
         files += [ModelFile(ecapa_dir(config) / ECAPA_ONNX, "ECAPA", required=not torch_backend,
@@ -488,19 +490,23 @@ def inspect_models(config: Config, *, hashes: bool = True, signatures: bool = Tr
         if p not in paths:
             paths[p] = ModelFile(p, "recorded", required=False)
 
-    bpe_pieces = None
-    bpe_path = Path(config.asr.model_dir) / SENSEVOICE_BPE
+    vocab: dict[Path, int] = {}
+    token_files = (Path(config.asr.model_dir) / SENSEVOICE_BPE, Path(config.asr.model_dir) / SENSEVOICE_TOKENS)
     statuses = []
     for p, mf in paths.items():
         st = _inspect_file(mf, manifest.get(_manifest_key(root, p)), hashes, signatures, load)
-        if p == bpe_path and st.present and not st.problems:
-            bpe_pieces, bpe_problem = _bpe_pieces(p)
-            if bpe_problem:
-                st = _with_problem(st, bpe_problem)
+        if p in token_files and st.present and not st.problems:
+            pieces, problem = _token_count(p)
+            if problem:
+                st = _with_problem(st, problem)
+            elif pieces is not None:
+                vocab[p] = pieces
         statuses.append(st)
-    # The logits must have one class per sentencepiece piece, or the text decodes to nonsense.
-    if bpe_pieces is not None:
-        statuses = [_check_vocab(st, bpe_pieces, bpe_path) for st in statuses]
+    # The logits must have one class per piece, or the text decodes to nonsense. The engine decodes
+    # with the bpe model when there is one, else with tokens.json.
+    used = next((p for p in token_files if p in vocab), None)
+    if used is not None:
+        statuses = [_check_vocab(st, vocab[used], used) for st in statuses]
 
     choices: dict[str, list[Path]] = {}
     for mf in wanted.values():
@@ -584,25 +590,25 @@ def _check_cmvn(p: Path) -> list[str]:
     return [f"not a Kaldi CMVN file (no {', '.join(missing)})"] if missing else []
 
 
-def _bpe_pieces(p: Path) -> tuple[int | None, str | None]:
+def _token_count(p: Path) -> tuple[int | None, str | None]:
+    """Pieces in the bpe model or the token table at `p`, or why it cannot be read."""
+    from asr_server.engines.tokenizer import SentencePieceTokenizer, read_token_table
+
     try:
-        import sentencepiece as spm
-
-        sp = spm.SentencePieceProcessor()
-        sp.Load(str(p))
-        return sp.GetPieceSize(), None
-    except ImportError:
-        return None, None
-    except Exception as e:
-        return None, f"not a readable sentencepiece model: {_one_line(e)}"
+        if p.name == SENSEVOICE_TOKENS:
+            return len(read_token_table(p)), None
+        return SentencePieceTokenizer(p).size, None
+    except ModelFileError as e:
+        kind = "token table" if p.name == SENSEVOICE_TOKENS else "sentencepiece model"
+        return None, f"not a readable {kind}: {_one_line(e).removeprefix(f'{p}: ')}"
 
 
-def _check_vocab(st: FileStatus, pieces: int, bpe_path: Path) -> FileStatus:
+def _check_vocab(st: FileStatus, pieces: int, token_path: Path) -> FileStatus:
     if st.signature is None or st.contract is not SENSEVOICE_CONTRACT:
         return st
     for out in st.signature.outputs:
         if out.name == "ctc_logits" and out.shape and isinstance(out.shape[-1], int) and out.shape[-1] != pieces:
-            return _with_problem(st, f"ctc_logits has {out.shape[-1]} classes but {bpe_path.name} has {pieces} "
+            return _with_problem(st, f"ctc_logits has {out.shape[-1]} classes but {token_path.name} has {pieces} "
                                      f"pieces: the two files come from different models")
     return st
 
@@ -630,24 +636,44 @@ def require_models(config: Config, *, deep: bool = False) -> None:
 
 @dataclass(frozen=True, slots=True)
 class HubRepo:
-    """One model as each hub names it, and which of its files to fetch."""
+    """One model as each hub names it, and which of its files to fetch.
+
+    `pre_exported` repositories hold ONNX files ready for the engines; the others hold the PyTorch
+    weights the hubs publish, which `export` turns into ONNX (and which the torch backend reads).
+    A hub that does not offer a repository has None for it.
+    """
 
     model: str
     modelscope: str | None
-    huggingface: str
+    huggingface: str | None
     allow: tuple[str, ...]
+    pre_exported: bool = False
+
+    def repo_id(self, source: Source) -> str | None:
+        return self.modelscope if source == "modelscope" else self.huggingface
 
 
 SENSEVOICE_REPO = HubRepo("SenseVoice", "iic/SenseVoiceSmall", "FunAudioLLM/SenseVoiceSmall",
                           (SENSEVOICE_WEIGHTS, SENSEVOICE_CMVN, SENSEVOICE_BPE, SENSEVOICE_CONFIG,
                            "configuration.json"))
+#: FunASR's own ONNX runtime model (what its C++ and Python runtimes load): the int8 graph, the
+#: frontend files and `tokens.json`, but no sentencepiece model (fetched alone from SENSEVOICE_REPO).
+SENSEVOICE_ONNX_REPO = HubRepo("SenseVoice", "iic/SenseVoiceSmall-onnx", None,
+                               (SENSEVOICE_INT8, SENSEVOICE_FP32, SENSEVOICE_CMVN, SENSEVOICE_CONFIG,
+                                SENSEVOICE_TOKENS, "configuration.json"), pre_exported=True)
 # funasr's own hub map (funasr/download/name_maps_from_hub.py) gives the HF mirror of CAM++.
 CAMPPLUS_REPO = HubRepo("CAM++", "iic/speech_campplus_sv_zh-cn_16k-common", "funasr/campplus",
                         ("*.bin", "*.pt", "*.yaml", "*.json"))
+#: The same ModelScope repository also carries 3D-Speaker's ONNX export (`campplus_cn_common.onnx`).
+CAMPPLUS_ONNX_REPO = HubRepo("CAM++", "iic/speech_campplus_sv_zh-cn_16k-common", None,
+                             ("*.onnx", "configuration.json"), pre_exported=True)
 ECAPA_REPO = HubRepo("ECAPA", None, "speechbrain/spkrec-ecapa-voxceleb", ECAPA_FILES)
+#: A pre-exported repository's fallback: the weights to export when its ONNX does not fit.
+_WEIGHTS_OF = {id(SENSEVOICE_ONNX_REPO): SENSEVOICE_REPO, id(CAMPPLUS_ONNX_REPO): CAMPPLUS_REPO}
 
 MODELSCOPE_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 HUGGINGFACE_DEFAULT_ENDPOINT = "https://huggingface.co"
+TORCH_SETUP = "scripts/setup.sh torch"
 
 
 def normalize_source(source: str) -> Source:
@@ -682,46 +708,72 @@ class PullTarget:
     endpoint: str
     dest: Path
     ignore: tuple[str, ...] = ()
+    allow: tuple[str, ...] | None = None  # a subset of `repo.allow` (one file of a repository)
+    fallback: bool = False  # the weights fetched because the pre-exported files did not fit
 
     @property
     def url(self) -> str:
         return f"{self.endpoint}/models/{self.repo_id}" if self.source == "modelscope" else f"{self.endpoint}/{self.repo_id}"
 
+    @property
+    def patterns(self) -> list[str]:
+        return [p for p in (self.allow or self.repo.allow) if p not in self.ignore]
+
+
+def _target(repo: HubRepo, source: Source, endpoint: str, dest: Path, **kw: Any) -> PullTarget | None:
+    repo_id = repo.repo_id(source)
+    return PullTarget(repo, source, repo_id, endpoint, dest, **kw) if repo_id else None
+
+
+def _sensevoice_support_ready(sv: Path) -> bool:
+    return all((sv / n).is_file() for n in (SENSEVOICE_CMVN, SENSEVOICE_CONFIG)) and (
+        (sv / SENSEVOICE_BPE).is_file() or (sv / SENSEVOICE_TOKENS).is_file())
+
 
 def plan_pull(config: Config, source: str = "modelscope", *, endpoint: str | None = None,
               ecapa: bool = False, force: bool = False) -> list[PullTarget]:
-    """The repositories whose files are missing (all of them with `force`)."""
+    """The repositories whose files are missing (all of them with `force`).
+
+    On the ONNX backend a model with no ONNX file yet comes from the hub's pre-exported repository
+    when it has one, and from the PyTorch weights (to export) otherwise.
+    """
     src = normalize_source(source)
     url = hub_endpoint(src, endpoint)
     sv = Path(config.asr.model_dir)
-    targets = []
-
-    def repo_id(repo: HubRepo) -> str:
-        return repo.modelscope if src == "modelscope" and repo.modelscope else repo.huggingface
+    onnx_backend = config.engine.backend != "torch"
+    targets: list[PullTarget | None] = []
 
     sv_onnx = sensevoice_onnx_ready(config)
-    sv_need = [sv / n for n in (SENSEVOICE_CMVN, SENSEVOICE_BPE, SENSEVOICE_CONFIG)]
-    if config.engine.backend == "torch" or not sv_onnx:
-        sv_need.append(sv / SENSEVOICE_WEIGHTS)
-    if force or not all(p.is_file() for p in sv_need):
-        # With ONNX already here the 900 MB of PyTorch weights are not needed.
-        ignore = (SENSEVOICE_WEIGHTS,) if sv_onnx and config.engine.backend != "torch" and not force else ()
-        targets.append(PullTarget(SENSEVOICE_REPO, src, repo_id(SENSEVOICE_REPO), url, sv, ignore))
+    if not onnx_backend:
+        if force or not (_sensevoice_support_ready(sv) and (sv / SENSEVOICE_WEIGHTS).is_file()):
+            targets.append(_target(SENSEVOICE_REPO, src, url, sv))
+    elif force or not sv_onnx:
+        pre = _target(SENSEVOICE_ONNX_REPO, src, url, sv)
+        weights_here = (sv / SENSEVOICE_WEIGHTS).is_file() and _sensevoice_support_ready(sv)
+        if pre is not None and not (weights_here and not force):
+            targets.append(pre)
+        elif not weights_here or force:
+            targets.append(_target(SENSEVOICE_REPO, src, url, sv))
+    elif not _sensevoice_support_ready(sv):
+        # ONNX is here: the 900 MB of PyTorch weights are not needed, only the small files beside them.
+        targets.append(_target(SENSEVOICE_REPO, src, url, sv, ignore=(SENSEVOICE_WEIGHTS,)))
 
     kind = speaker_model_type(config)
     if config.speaker.enabled and kind == "campplus":
         onnx_path = Path(config.speaker.model)
-        have = onnx_path.is_file() and config.engine.backend != "torch"
-        have = have or _find_campplus_weights(onnx_path.parent) is not None
-        if force or not have:
-            targets.append(PullTarget(CAMPPLUS_REPO, src, repo_id(CAMPPLUS_REPO), url, onnx_path.parent))
+        weights = _find_campplus_weights(onnx_path.parent)
+        if not onnx_backend:
+            if force or weights is None:
+                targets.append(_target(CAMPPLUS_REPO, src, url, onnx_path.parent))
+        elif force or (not onnx_path.is_file() and weights is None):
+            targets.append(_target(CAMPPLUS_ONNX_REPO, src, url, onnx_path.parent)
+                           or _target(CAMPPLUS_REPO, src, url, onnx_path.parent))
     if ecapa or (config.speaker.enabled and kind == "ecapa"):
         d = ecapa_dir(config)
         if force or not all((d / n).is_file() for n in ECAPA_FILES):
             # speechbrain fetches from Hugging Face whatever --source says, at $HF_ENDPOINT if set.
-            hf = hub_endpoint("huggingface")
-            targets.append(PullTarget(ECAPA_REPO, "huggingface", ECAPA_REPO.huggingface, hf, d))
-    return targets
+            targets.append(_target(ECAPA_REPO, "huggingface", hub_endpoint("huggingface"), d))
+    return [t for t in targets if t is not None]
 
 
 def probe_endpoint(url: str, timeout: float = DEFAULT_PROBE_TIMEOUT_S) -> None:
@@ -760,11 +812,11 @@ def manual_instructions(config: Config, targets: list[PullTarget]) -> str:
     lines = [("To place the files by hand, download them on a machine that can reach the hub "
               "(or copy them from another server) and put them here:")]
     for t in targets:
-        if t.repo is SENSEVOICE_REPO:
+        if t.repo.model == "SenseVoice":
             lines.append(f"  {t.dest}/: {SENSEVOICE_FP32} and/or {SENSEVOICE_INT8} (or {SENSEVOICE_WEIGHTS}, then run "
-                         f"`asr-server models export`), {SENSEVOICE_CMVN}, {SENSEVOICE_BPE}, {SENSEVOICE_CONFIG}"
-                         f"  [from {t.url}]")
-        elif t.repo is CAMPPLUS_REPO:
+                         f"`asr-server models export`), {SENSEVOICE_CMVN}, {SENSEVOICE_BPE} (or {SENSEVOICE_TOKENS}), "
+                         f"{SENSEVOICE_CONFIG}  [from {t.url}]")
+        elif t.repo.model == "CAM++":
             lines.append(f"  {Path(config.speaker.model)} (or {CAMPPLUS_WEIGHTS} in {t.dest}/, then run "
                          f"`asr-server models export`)  [from {t.url}]")
         else:
@@ -780,53 +832,181 @@ class PullResult:
     recorded: tuple[Path, ...]
 
 
+def _probe_all(config: Config, targets: list[PullTarget], probe_timeout: float) -> None:
+    for url in dict.fromkeys(t.endpoint for t in targets):
+        try:
+            probe_endpoint(url, probe_timeout)
+        except HubUnreachableError as e:
+            tried = "; ".join(f"{t.repo_id} ({t.url})" for t in targets if t.endpoint == url)
+            hint = ("try `--source hf`, or `--endpoint URL` for a mirror, or "
+                    if targets[0].source == "modelscope" else "try `--endpoint URL` for a mirror, or ")
+            raise HubUnreachableError(
+                f"cannot reach the model hub: {e}.\nTried to fetch: {tried}.\n"
+                f"Nothing was downloaded. Check the network or proxy (HTTPS_PROXY), {hint}place the files by hand.\n"
+                + manual_instructions(config, targets)) from None
+
+
+def _fetch(config: Config, t: PullTarget, echo: Echo) -> list[Path]:
+    """Download one target and record what came; `DownloadError` says how to resume."""
+    echo(f"fetching {t.repo_id} from {t.endpoint} into {t.dest}/"
+         + (f" (only {', '.join(t.allow)})" if t.allow else ""))
+    try:
+        _download(t)
+    except ModelsError:
+        raise
+    except Exception as e:  # the hub clients' own error types differ by client and version
+        raise DownloadError(f"downloading {t.repo_id} from {t.url} into {t.dest}/ failed: {_one_line(e)}\n"
+                            "Run `asr-server models pull` again: finished files are kept and a partial "
+                            "file resumes where it stopped.") from e
+    fetched = [p for p in _dir_files(t.dest) if any(fnmatch.fnmatch(p.name, pat) for pat in t.patterns)]
+    return record_files(config, fetched, f"{t.source}:{t.repo_id}")
+
+
+def _reject(path: Path, why: str, echo: Echo) -> None:
+    """Move a file the engine cannot use out of its way (kept, for a look), and say why."""
+    aside = path.with_name(path.name + ".rejected")
+    os.replace(path, aside)
+    echo(f"{path} does not fit the engine ({why}); moved to {aside.name}, not used")
+
+
+def accept_pre_exported(config: Config, t: PullTarget, echo: Echo = _stderr) -> bool:
+    """Check what a pre-exported repository delivered against the engine's contract.
+
+    Files that do not fit are moved aside with the mismatch named; True when the model is ready.
+    """
+    if t.repo is SENSEVOICE_ONNX_REPO:
+        sv = t.dest
+        pieces = None
+        for name in (SENSEVOICE_BPE, SENSEVOICE_TOKENS):
+            if (sv / name).is_file():
+                pieces, problem = _token_count(sv / name)
+                if problem:
+                    _reject(sv / name, problem, echo)
+                break
+        for name in (SENSEVOICE_INT8, SENSEVOICE_FP32):
+            path = sv / name
+            if not path.is_file():
+                continue
+            problems = _contract_problems(path, SENSEVOICE_CONTRACT)
+            if not problems and pieces is not None:
+                st = _check_vocab(FileStatus(path, "SenseVoice", True, True, signature=read_signature(path),
+                                             contract=SENSEVOICE_CONTRACT), pieces, sv / name)
+                problems = list(st.problems)
+            if problems:
+                _reject(path, "; ".join(problems), echo)
+        return sensevoice_onnx_ready(config) and _sensevoice_support_ready(sv)
+    # CAM++: 3D-Speaker's file name differs from speaker.model; the first ONNX that fits becomes it.
+    out = Path(config.speaker.model)
+    for path in sorted(p for p in _dir_files(t.dest) if p.suffix == ".onnx" and p != out):
+        problems = _contract_problems(path, CAMPPLUS_CONTRACT)
+        if problems:
+            _reject(path, "; ".join(problems), echo)
+        elif not out.is_file():
+            os.replace(path, out)
+            echo(f"{path.name} from {t.repo_id} fits the CAM++ engine: saved as {out}")
+    return out.is_file()
+
+
+def _contract_problems(path: Path, contract: ModelContract) -> list[str]:
+    try:
+        return match_signature(read_signature(path), contract)
+    except ModelFileError as e:
+        return [str(e).removeprefix(f"{path}: ")]
+
+
+def _exporter_missing() -> str | None:
+    """Why the torch export cannot run here, or None when it can."""
+    missing = [m for m in ("torch", "funasr", "onnx") if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed" if missing else None
+
+
 def pull_models(config: Config, source: str = "modelscope", *, endpoint: str | None = None,
                 ecapa: bool = False, export: bool = True, quantize: bool = True, force: bool = False,
                 probe_timeout: float = DEFAULT_PROBE_TIMEOUT_S, echo: Echo = _stderr) -> PullResult:
     """Fetch what is missing, export what has no ONNX yet, record everything in the manifest.
 
-    Probes each hub first and raises `HubUnreachableError` at once when it does not answer, with
-    what was tried and how to place the files by hand; nothing is downloaded then.
+    Pre-exported ONNX files are preferred; only a model whose hub has none that fits falls back to
+    its PyTorch weights and the export, which needs the torch lock (the error says how to install
+    it before 900 MB of weights are fetched for nothing). Probes each hub first and raises
+    `HubUnreachableError` at once when it does not answer, with what was tried and how to place
+    the files by hand; nothing is downloaded then.
     """
     targets = plan_pull(config, source, endpoint=endpoint, ecapa=ecapa, force=force)
     if targets:
         for t in targets:
             _require_client(t)
-        for url in dict.fromkeys(t.endpoint for t in targets):
-            try:
-                probe_endpoint(url, probe_timeout)
-            except HubUnreachableError as e:
-                tried = "; ".join(f"{t.repo_id} ({t.url})" for t in targets if t.endpoint == url)
-                hint = ("try `--source hf`, or `--endpoint URL` for a mirror, or "
-                        if targets[0].source == "modelscope" else "try `--endpoint URL` for a mirror, or ")
-                raise HubUnreachableError(
-                    f"cannot reach the model hub: {e}.\nTried to fetch: {tried}.\n"
-                    f"Nothing was downloaded. Check the network or proxy (HTTPS_PROXY), {hint}place the files by hand.\n"
-                    + manual_instructions(config, targets)) from None
+        _probe_all(config, targets, probe_timeout)
     else:
         echo("all model files the configuration needs are present; nothing to download")
     recorded: list[Path] = []
-    for t in targets:
-        echo(f"fetching {t.repo_id} from {t.endpoint} into {t.dest}/")
-        try:
-            _download(t)
-        except ModelsError:
-            raise
-        except Exception as e:  # the hub clients' own error types differ by client and version
-            raise DownloadError(f"downloading {t.repo_id} from {t.url} into {t.dest}/ failed: {_one_line(e)}\n"
-                                "Run `asr-server models pull` again: finished files are kept and a partial "
-                                "file resumes where it stopped.") from e
-        fetched = [p for p in _dir_files(t.dest) if any(fnmatch.fnmatch(p.name, pat) for pat in t.repo.allow)]
-        recorded += record_files(config, fetched, f"{t.source}:{t.repo_id}")
+    fetched: list[PullTarget] = []
+    queue = list(targets)
+    while queue:
+        t = queue.pop(0)
+        if not t.repo.pre_exported and export and config.engine.backend != "torch" and t.repo.model != "ECAPA" \
+                and SENSEVOICE_WEIGHTS not in t.ignore and (why := _exporter_missing()):
+            raise MissingDependencyError(
+                f"{t.repo.model}: {'the pre-exported ONNX files do not fit' if t.fallback else 'no pre-exported ONNX on ' + t.source}"
+                f", so it must be exported from its PyTorch weights ({t.repo_id}), which needs the torch lock ({why}). "
+                f"Install it with `{TORCH_SETUP}`, then run `asr-server models pull` again.")
+        recorded += _fetch(config, t, echo)
+        fetched.append(t)
+        if t.repo.pre_exported and not accept_pre_exported(config, t, echo):
+            fallback = _target(_WEIGHTS_OF[id(t.repo)], t.source, t.endpoint, t.dest, fallback=True)
+            if fallback is not None:
+                echo(f"{t.repo.model}: nothing pre-exported fits; falling back to the PyTorch weights and the export")
+                queue.insert(0, fallback)
+        elif t.repo is SENSEVOICE_ONNX_REPO and not (t.dest / SENSEVOICE_BPE).is_file():
+            # Decoding works from tokens.json; the sentencepiece model is what funasr itself decodes with.
+            bpe = _target(SENSEVOICE_REPO, t.source, t.endpoint, t.dest, allow=(SENSEVOICE_BPE,))
+            if bpe is not None:
+                try:
+                    recorded += _fetch(config, bpe, echo)
+                    fetched.append(bpe)
+                except DownloadError as e:
+                    echo(f"{SENSEVOICE_BPE} not fetched ({_one_line(e)}); decoding with {SENSEVOICE_TOKENS}")
 
     exported: list[Path] = []
     if export:
         exported = export_models(config, quantize=quantize, force=False, echo=echo, missing_only=True)
+        if _wants_fp32(config) and not (Path(config.asr.model_dir) / SENSEVOICE_FP32).is_file():
+            more, fetched_weights = _fp32_for_cuda(config, source, endpoint, echo)
+            exported += more
+            fetched += fetched_weights
         recorded += exported
     # Files placed by hand are recorded as found, so `verify` notices when they change later.
     for d in _model_dirs(config):
         recorded += record_files(config, _dir_files(d), "local", replace=False)
-    return PullResult(tuple(targets), tuple(exported), tuple(dict.fromkeys(recorded)))
+    return PullResult(tuple(fetched), tuple(exported), tuple(dict.fromkeys(recorded)))
+
+
+def _wants_fp32(config: Config) -> bool:
+    """On CUDA the int8 graph (dynamic quantisation) runs slowly: `auto` wants the fp32 file there."""
+    return (config.engine.backend != "torch" and config.engine.device.startswith("cuda")
+            and config.asr.quantized in ("auto", "no"))
+
+
+def _fp32_for_cuda(config: Config, source: str, endpoint: str | None, echo: Echo) -> tuple[list[Path], list[PullTarget]]:
+    """Export `model.onnx` from the weights when a pre-exported repository brought only the int8 graph."""
+    sv = Path(config.asr.model_dir)
+    why = _exporter_missing()
+    if why:
+        echo(f"SenseVoice: only {SENSEVOICE_INT8} is here, and int8 runs slowly on CUDA. For {SENSEVOICE_FP32}, "
+             f"install the torch lock (`{TORCH_SETUP}`; {why}) and run `asr-server models pull` again.")
+        return [], []
+    fetched = []
+    if not (sv / SENSEVOICE_WEIGHTS).is_file():
+        src = normalize_source(source)
+        t = _target(SENSEVOICE_REPO, src, hub_endpoint(src, endpoint), sv)
+        if t is None:
+            return [], []
+        _fetch(config, t, echo)
+        fetched.append(t)
+    echo(f"exporting {sv / SENSEVOICE_WEIGHTS} to {SENSEVOICE_FP32} for CUDA (opset 14, fp32)")
+    produced = _export_sensevoice(sv, quantize=False)
+    for p in produced:
+        record_files(config, [p], f"export:{_manifest_key(models_root(config), p.parent)}")
+    return produced, fetched
 
 
 _CLIENTS = {"modelscope": ("modelscope", "modelscope"), "huggingface": ("huggingface_hub", "huggingface_hub")}
@@ -835,8 +1015,9 @@ _CLIENTS = {"modelscope": ("modelscope", "modelscope"), "huggingface": ("hugging
 def _require_client(t: PullTarget) -> None:
     module, package = ("speechbrain", "speechbrain") if t.repo is ECAPA_REPO else _CLIENTS[t.source]
     if importlib.util.find_spec(module) is None:
-        raise MissingDependencyError(f"fetching {t.repo_id} needs the {package} package: "
-                                     f"pip install 'asr-server[torch]' (or pip install {package})")
+        setup = TORCH_SETUP if t.repo is ECAPA_REPO else "scripts/setup.sh"
+        raise MissingDependencyError(f"fetching {t.repo_id} needs the {package} package: run `{setup}` "
+                                     f"(or pip install {package})")
 
 
 def _download(t: PullTarget) -> None:
@@ -849,7 +1030,7 @@ def _download(t: PullTarget) -> None:
         EncoderClassifier.from_hparams(source=t.repo_id, savedir=str(t.dest), download_only=True,
                                        local_strategy=LocalStrategy.COPY_SKIP_CACHE)
         return
-    allow = [p for p in t.repo.allow if p not in t.ignore]
+    allow = t.patterns
     if t.source == "modelscope":
         from modelscope.hub.snapshot_download import snapshot_download
 
@@ -948,7 +1129,7 @@ def _import_exporters() -> Any:
         from asr_server import export
     except ImportError as e:
         raise MissingDependencyError(f"exporting to ONNX needs torch, funasr and onnx ({e.name or e} is missing): "
-                                     "pip install 'asr-server[torch]'") from None
+                                     f"install the torch lock with `{TORCH_SETUP}`") from None
     return export
 
 

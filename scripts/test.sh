@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite (offline): libopus, the package with the torch and test extras,
-# then pytest. The tiny stand-in models are built on first use into build/test-models/ (cached).
+# Set up and run the whole test suite (offline): libopus, the test lock, then the lock check and pytest.
+# The tiny stand-in models are built on first use into build/test-models/ (cached).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh torch,test
+mkdir -p build
+scripts/setup.sh test
+python3 scripts/lock.py --check
 exec .venv/bin/python -m pytest -q "$@"

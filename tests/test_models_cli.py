@@ -125,10 +125,12 @@ def test_missing_model_files_names_every_absent_file(tmp_path):
     cfg = make_config(tmp_path / "models")
     sv = Path(cfg.asr.model_dir)
     missing = set(models.missing_model_files(cfg))
-    assert missing == {sv / "am.mvn", sv / models.SENSEVOICE_BPE, sv / "config.yaml", sv / "model.onnx",
-                       sv / "model_quant.onnx", Path(cfg.speaker.model)}
+    # Alternatives are both named when neither is there: either ONNX file, the bpe model or tokens.json.
+    assert missing == {sv / "am.mvn", sv / models.SENSEVOICE_BPE, sv / models.SENSEVOICE_TOKENS, sv / "config.yaml",
+                       sv / "model.onnx", sv / "model_quant.onnx", Path(cfg.speaker.model)}
     problems = models.check_models(cfg)
     assert any("neither model.onnx nor model_quant.onnx" in p for p in problems)
+    assert any(f"neither {models.SENSEVOICE_BPE} nor {models.SENSEVOICE_TOKENS}" in p for p in problems)
     assert any(str(Path(cfg.speaker.model)) in p and "missing" in p for p in problems)
     with pytest.raises(ModelFileError, match="asr-server models pull"):
         models.require_models(cfg)
@@ -380,7 +382,7 @@ def test_a_failed_download_is_named_and_can_be_resumed(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(models, "probe_endpoint", lambda url, timeout: None)
     monkeypatch.setattr(models, "_download", broken_download)
-    with pytest.raises(models.DownloadError, match="iic/SenseVoiceSmall .*connection reset by peer"):
+    with pytest.raises(models.DownloadError, match="iic/SenseVoiceSmall-onnx .*connection reset by peer"):
         models.pull_models(cfg, endpoint="http://127.0.0.1:9", echo=lambda msg: None)
     assert run_cli(cfg, "pull", "--endpoint", "http://127.0.0.1:9") == 1
     assert "Run `asr-server models pull` again" in capsys.readouterr().err
@@ -449,3 +451,153 @@ def test_export_turns_the_weights_into_onnx_the_engines_accept(weights_root, cap
     assert entries["SenseVoiceSmall/model_quant.onnx"].source == "export:SenseVoiceSmall"
     assert entries["campplus/campplus.onnx"].source == "export:campplus"
     assert models.export_models(cfg, echo=lambda msg: None) == []  # present: not exported again
+
+
+# --------------------------------------------------------------------------- pre-exported ONNX first
+
+
+def fake_hub(root: Path):
+    """A stand-in for the hub clients: copies `root/<repo_id>/` files matching the target's patterns."""
+    import fnmatch
+    import shutil
+
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def download(target):
+        calls.append((target.repo_id, tuple(target.patterns)))
+        target.dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted((root / target.repo_id).iterdir()):
+            if any(fnmatch.fnmatch(f.name, pat) for pat in target.patterns):
+                shutil.copy(f, target.dest / f.name)
+
+    return download, calls
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """ModelScope's layout built from the tiny stand-ins: the pre-exported SenseVoice (int8 ONNX and
+    tokens.json, no bpe model), the PyTorch SenseVoice repo (weights and bpe model), and the CAM++
+    repo with both 3D-Speaker's ONNX export and the weights."""
+    import shutil
+
+    from asr_server.engines.tokenizer import SentencePieceTokenizer, write_token_table
+    from tests.conftest_models import tiny_models_dir
+
+    tiny = tiny_models_dir()
+    root = tmp_path / "hub"
+    onnx_repo, pt_repo, cp_repo = (root / "iic/SenseVoiceSmall-onnx", root / "iic/SenseVoiceSmall",
+                                   root / "iic/speech_campplus_sv_zh-cn_16k-common")
+    for d in (onnx_repo, pt_repo, cp_repo):
+        d.mkdir(parents=True)
+    sv = tiny / "SenseVoiceSmall"
+    for name in ("model_quant.onnx", "am.mvn", "config.yaml", "configuration.json"):
+        shutil.copy(sv / name, onnx_repo / name)
+    write_token_table(SentencePieceTokenizer(sv / models.SENSEVOICE_BPE), onnx_repo / "tokens.json")
+    for name in ("model.pt", "am.mvn", "config.yaml", "configuration.json", models.SENSEVOICE_BPE):
+        shutil.copy(sv / name, pt_repo / name)
+    shutil.copy(tiny / "campplus" / "campplus.onnx", cp_repo / "campplus_cn_common.onnx")
+    shutil.copy(tiny / "campplus" / models.CAMPPLUS_WEIGHTS, cp_repo / models.CAMPPLUS_WEIGHTS)
+    download, calls = fake_hub(root)
+    monkeypatch.setattr(models, "probe_endpoint", lambda url, timeout: None)
+    monkeypatch.setattr(models, "_download", download)
+    return root, calls
+
+
+@pytest.mark.parametrize("bpe_on_hub", [True, False], ids=["bpe-fetched-alone", "tokens-json-only"])
+def test_pull_takes_pre_exported_onnx_and_never_exports(hub, tmp_path, monkeypatch, bpe_on_hub):
+    root, calls = hub
+    if not bpe_on_hub:
+        (root / "iic/SenseVoiceSmall" / models.SENSEVOICE_BPE).unlink()
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("pull exported although the hub has pre-exported ONNX files")
+
+    monkeypatch.setattr(models, "_export_sensevoice", no_export)
+    monkeypatch.setattr(models, "_export_campplus", no_export)
+    cfg = make_config(tmp_path / "models")
+    result = models.pull_models(cfg, endpoint="http://127.0.0.1:9", echo=lambda msg: None)
+    assert [repo for repo, _ in calls] == ["iic/SenseVoiceSmall-onnx", "iic/SenseVoiceSmall",
+                                           "iic/speech_campplus_sv_zh-cn_16k-common"]
+    assert calls[1][1] == (models.SENSEVOICE_BPE,)  # only the bpe model, which the ONNX repo lacks
+    assert not any("*.bin" in pats or "model.pt" in pats for _, pats in calls)
+    sv = Path(cfg.asr.model_dir)
+    assert sorted(p.name for p in sv.iterdir()) == sorted(
+        ["am.mvn", "config.yaml", "configuration.json", "model_quant.onnx", "tokens.json"]
+        + ([models.SENSEVOICE_BPE] if bpe_on_hub else []))
+    assert Path(cfg.speaker.model).is_file() and not (Path(cfg.speaker.model).parent / "campplus_cn_common.onnx").exists()
+    assert result.exported == () and models.missing_model_files(cfg) == []
+    assert models.check_models(cfg, deep=True) == []
+    entries = models.read_manifest(models.manifest_path(cfg))
+    assert entries["SenseVoiceSmall/tokens.json"].source == "modelscope:iic/SenseVoiceSmall-onnx"
+    # The folder serves: the engines load it and the text decodes from tokens.json.
+    from asr_server.engines.sensevoice import SenseVoice
+    from asr_server.engines.speaker import SpeakerEmbedder
+
+    tokenizer = SenseVoice.load(sv, device="cpu").tokenizer
+    assert type(tokenizer).__name__ == ("SentencePieceTokenizer" if bpe_on_hub else "TokenTable")
+    assert SpeakerEmbedder.load(Path(cfg.speaker.model)).dim == 192
+
+
+def test_pre_exported_files_that_do_not_fit_are_named_and_export_takes_over(hub, tmp_path, capsys):
+    root, calls = hub
+    # A graph with sherpa-onnx's tensor names in place of funasr's.
+    bad = root / "iic/SenseVoiceSmall-onnx" / "model_quant.onnx"
+    sensevoice_onnx(bad, 10)
+    model = onnx.load(str(bad))
+    renames = {"speech": "x", "speech_lengths": "x_length", "language": "language", "textnorm": "text_norm"}
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+    for value in model.graph.input:
+        value.name = renames[value.name]
+    onnx.save(model, str(bad))
+    messages: list[str] = []
+    cfg = make_config(tmp_path / "models")
+    result = models.pull_models(cfg, endpoint="http://127.0.0.1:9", echo=messages.append)
+    sv = Path(cfg.asr.model_dir)
+    assert any("model_quant.onnx does not fit the engine" in m and "'speech' missing" in m for m in messages)
+    assert (sv / "model_quant.onnx.rejected").is_file()
+    assert [repo for repo, _ in calls][:2] == ["iic/SenseVoiceSmall-onnx", "iic/SenseVoiceSmall"]
+    assert "model.pt" in calls[1][1]  # the fallback fetched the weights...
+    assert sv / "model.onnx" in result.exported  # ...and exported them
+    assert models.check_models(cfg, deep=True) == []
+
+
+def test_export_fallback_without_torch_says_how_to_install_before_fetching_weights(hub, tmp_path, monkeypatch, capsys):
+    root, calls = hub
+    monkeypatch.setattr(models, "_exporter_missing", lambda: "torch, funasr, onnx not installed")
+    cfg = make_config(tmp_path / "models")
+    with pytest.raises(models.MissingDependencyError) as err:
+        models.pull_models(cfg, "hf", endpoint="http://127.0.0.1:9", echo=lambda msg: None)
+    assert "no pre-exported ONNX on huggingface" in str(err.value)
+    assert "scripts/setup.sh torch" in str(err.value)
+    assert calls == []  # nothing fetched for nothing
+    assert run_cli(cfg, "pull", "--source", "hf", "--endpoint", "http://127.0.0.1:9") == 1
+    assert "scripts/setup.sh torch" in capsys.readouterr().err
+
+
+def test_verify_checks_a_token_table_against_the_logits(good, bpe_bytes):
+    sv = Path(good.asr.model_dir)
+    (sv / models.SENSEVOICE_BPE).unlink()
+    _, pieces = bpe_bytes
+    (sv / models.SENSEVOICE_TOKENS).write_text(json.dumps([f"p{i}" for i in range(pieces)]))
+    assert models.check_models(good, deep=True) == []
+    (sv / models.SENSEVOICE_TOKENS).write_text(json.dumps([f"p{i}" for i in range(pieces + 3)]))
+    problems = models.check_models(good, deep=True)
+    assert any("classes but tokens.json has" in p for p in problems)
+    (sv / models.SENSEVOICE_TOKENS).write_text("{")
+    problems = models.check_models(good, deep=True)
+    assert any("tokens.json" in p and "not a readable token table" in p for p in problems)
+    (sv / models.SENSEVOICE_TOKENS).unlink()
+    assert any("neither" in p and models.SENSEVOICE_TOKENS in p for p in models.check_models(good))
+
+
+def test_on_cuda_pull_exports_the_fp32_graph_the_int8_only_hub_lacks(hub, tmp_path):
+    root, calls = hub
+    cfg = make_config(tmp_path / "models", engine={"device": "cuda"})
+    messages: list[str] = []
+    result = models.pull_models(cfg, endpoint="http://127.0.0.1:9", echo=messages.append)
+    sv = Path(cfg.asr.model_dir)
+    assert (sv / "model_quant.onnx").is_file() and (sv / "model.onnx").is_file()
+    assert sv / "model.onnx" in result.exported
+    assert any("for CUDA" in m for m in messages)
+    assert models.check_models(cfg, deep=True) == []

@@ -78,7 +78,7 @@ def test_parse_transcript_tolerates_missing_and_stray_tags(raw, text, language, 
 
 
 def test_decode_hand_made_logits_through_the_tokenizer(engine):
-    sp = engine.tokenizer
+    sp = engine.tokenizer.processor
     ids = [sp.piece_to_id(p) for p in ("<|en|>", "<|HAPPY|>", "<|Speech|>", "<|woitn|>")]
     body = sp.encode("the light")
     assert 0 not in ids + body
@@ -196,7 +196,7 @@ def test_batched_equals_single(engine, clips):
     batched = engine.logits(feats, languages, itn)
     for i, f in enumerate(feats):
         (alone,) = engine.logits([f], [languages[i]], [itn[i]])
-        assert batched[i].shape == alone.shape == (f.shape[0] + 4, engine.tokenizer.get_piece_size())
+        assert batched[i].shape == alone.shape == (f.shape[0] + 4, engine.tokenizer.size)
         np.testing.assert_allclose(batched[i], alone, atol=1e-4, rtol=1e-4)
 
 
@@ -265,3 +265,48 @@ def test_cuda_request_without_cuda_provider_runs_on_cpu(model_dir, caplog):
         assert engine.info.device == "cpu" and engine.info.provider == "CPUExecutionProvider"
         assert engine.info.path.name == INT8_FILE
         assert "FALLING BACK TO CPU" in caplog.text
+
+
+# --- the pre-exported layout: tokens.json instead of the sentencepiece model ------------------
+
+def hub_onnx_layout(model_dir: Path, dst: Path) -> Path:
+    """The files of ModelScope's `iic/SenseVoiceSmall-onnx` made from the tiny model: the int8 graph,
+    am.mvn, config.yaml and tokens.json, no sentencepiece model."""
+    from asr_server.engines.tokenizer import SentencePieceTokenizer, write_token_table
+
+    d = copy_dir(model_dir, dst, skip=(BPE_FILE, "model.onnx", "model.pt"))
+    write_token_table(SentencePieceTokenizer(model_dir / BPE_FILE), d / "tokens.json")
+    return d
+
+
+def test_token_table_decodes_as_sentencepiece_does(engine):
+    from asr_server.engines.tokenizer import TokenTable, write_token_table
+
+    sp = engine.tokenizer
+    path = Path(engine.model_dir).parent / "tokens-test.json"
+    try:
+        write_token_table(sp, path)
+        table = TokenTable(path)
+    finally:
+        path.unlink(missing_ok=True)
+    assert table.size == sp.size
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ids = [int(i) for i in rng.integers(1, sp.size, size=rng.integers(1, 30))]
+        assert table.decode(ids) == sp.decode(ids)
+
+
+def test_pre_exported_layout_loads_and_transcribes_like_the_bpe_model(model_dir, tmp_path, clips):
+    d = hub_onnx_layout(model_dir, tmp_path / "hub")
+    assert not (d / BPE_FILE).exists()
+    hub = SenseVoice.load(d, quantized="auto", device="cpu", threads=1)
+    assert type(hub.tokenizer).__name__ == "TokenTable"
+    ref = SenseVoice.load(model_dir, quantized="yes", device="cpu", threads=1)
+    audios = [c.audio for c in clips] or [tone_burst(2.0, 220, 1)]
+    assert hub.transcribe_batch(audios) == ref.transcribe_batch(audios)
+    (d / "tokens.json").write_text('{"not": "a list"}')
+    with pytest.raises(ModelFileError, match="tokens.json"):
+        SenseVoice.load(d, quantized="auto")
+    (d / "tokens.json").unlink()
+    with pytest.raises(ModelFileError, match=f"{BPE_FILE} \\(or tokens.json\\)"):
+        SenseVoice.load(d, quantized="auto")

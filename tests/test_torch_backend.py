@@ -73,7 +73,7 @@ def test_torch_backend_info(torch_sv, sv_dir):
     assert (info.backend, info.device, info.precision, info.path) == ("torch", "cpu", "fp32", sv_dir / "model.pt")
     assert info.gpu_memory_mb is None and "torch/CPU" in info.describe()
     assert isinstance(torch_sv.backend, TorchSenseVoiceBackend)
-    assert torch_sv.backend.vocab_size == torch_sv.tokenizer.GetPieceSize()
+    assert torch_sv.backend.vocab_size == torch_sv.tokenizer.size
 
 
 def test_logits_match_onnx(torch_sv, onnx_sv, audios):

@@ -14,11 +14,11 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
-import sentencepiece as spm
 
 from ..results import Transcript
 from .features import CmvnFileError, SenseVoiceFrontend
 from .runtime import ModelFileError, ModelInfo, check_signature, open_onnx, read_yaml_mapping
+from .tokenizer import BPE_FILE, TOKENS_FILE, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,6 @@ FP32_FILE = "model.onnx"
 INT8_FILE = "model_quant.onnx"
 TORCH_WEIGHTS_FILE = "model.pt"
 CMVN_FILE = "am.mvn"
-BPE_FILE = "chn_jpn_yue_eng_ko_spectok.bpe.model"
 CONFIG_FILE = "config.yaml"
 
 #: Ids of the learned language queries (an embedding table, not vocabulary ids).
@@ -169,7 +168,7 @@ class SenseVoice:
     (the micro-batcher's worker thread)."""
 
     def __init__(self, model_dir: Path, frontend: SenseVoiceFrontend, backend: SenseVoiceBackend,
-                 tokenizer: spm.SentencePieceProcessor) -> None:
+                 tokenizer: Tokenizer) -> None:
         self.model_dir = Path(model_dir)
         self.frontend = frontend
         self.backend = backend
@@ -180,8 +179,9 @@ class SenseVoice:
     def load(cls, model_dir: Path, quantized: str = "auto", device: str = "cpu", threads: int = 0,
              backend: str = "onnx", precision: str = "fp32") -> "SenseVoice":
         """Load a SenseVoice directory (`model.onnx`/`model_quant.onnx`, or `model.pt` for
-        `backend="torch"`; `am.mvn`, the bpe model, `config.yaml`). Raises `ModelFileError` naming
-        every missing or unreadable file. `precision` (fp32 | fp16) applies to the torch backend."""
+        `backend="torch"`; `am.mvn`, the bpe model or a pre-exported model's `tokens.json`,
+        `config.yaml`). Raises `ModelFileError` naming every missing or unreadable file.
+        `precision` (fp32 | fp16) applies to the torch backend."""
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise ModelFileError(f"SenseVoice model directory not found: {model_dir}")
@@ -195,8 +195,10 @@ class SenseVoice:
             if precision != "fp32":
                 log.warning("engine.precision=%s applies to the torch backend; ONNX Runtime runs %s", precision,
                             weights.name)
-        needed = [weights, model_dir / CMVN_FILE, model_dir / BPE_FILE, model_dir / CONFIG_FILE]
+        needed = [weights, model_dir / CMVN_FILE, model_dir / CONFIG_FILE]
         missing = [p.name for p in needed if not p.is_file()]
+        if not (model_dir / BPE_FILE).is_file() and not (model_dir / TOKENS_FILE).is_file():
+            missing.append(f"{BPE_FILE} (or {TOKENS_FILE})")
         if missing:
             raise ModelFileError(f"{model_dir}: missing {', '.join(missing)}")
         _check_frontend_config(model_dir / CONFIG_FILE)
@@ -204,20 +206,16 @@ class SenseVoice:
             frontend = SenseVoiceFrontend(model_dir / CMVN_FILE)
         except (CmvnFileError, OSError, UnicodeDecodeError) as e:
             raise ModelFileError(f"cannot read {model_dir / CMVN_FILE}: {e}") from None
-        tokenizer = spm.SentencePieceProcessor()
-        try:
-            tokenizer.Load(str(model_dir / BPE_FILE))
-        except (OSError, RuntimeError) as e:
-            raise ModelFileError(f"cannot load {model_dir / BPE_FILE}: {e}") from None
+        tokenizer = load_tokenizer(model_dir)
         if backend == "torch":
             from .torch_backend import TorchSenseVoiceBackend
 
             runner: SenseVoiceBackend = TorchSenseVoiceBackend(model_dir, device, precision, threads)
         else:
             runner = OnnxSenseVoiceBackend(weights, device, threads, "int8" if weights.name == INT8_FILE else "fp32")
-        if runner.vocab_size is not None and runner.vocab_size != tokenizer.GetPieceSize():
-            raise ModelFileError(f"{weights}: {runner.vocab_size} output classes but {BPE_FILE} has "
-                                 f"{tokenizer.GetPieceSize()} pieces (files from different models?)")
+        if runner.vocab_size is not None and runner.vocab_size != tokenizer.size:
+            raise ModelFileError(f"{weights}: {runner.vocab_size} output classes but {tokenizer.path.name} has "
+                                 f"{tokenizer.size} pieces (files from different models?)")
         return cls(model_dir, frontend, runner, tokenizer)
 
     def features(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -242,7 +240,7 @@ class SenseVoice:
 
     def decode(self, logits: np.ndarray) -> Transcript:
         ids = ctc_greedy(logits, logits.shape[0])
-        return parse_transcript(self.tokenizer.DecodeIds(ids))
+        return parse_transcript(self.tokenizer.decode(ids))
 
     def transcribe_batch(self, audios: Sequence[np.ndarray], languages: Sequence[str] | None = None,
                          use_itn: Sequence[bool] | None = None) -> list[Transcript]:

@@ -39,7 +39,7 @@ SENSEVOICE_WEIGHTS = "model.pt"
 SENSEVOICE_CONFIG = "config.yaml"
 CAMPPLUS_WEIGHTS = "campplus_cn_common.bin"
 PRECISIONS = ("fp32", "fp16")
-INSTALL_HINT = "pip install 'asr-server[torch]'"
+INSTALL_HINT = "`scripts/setup.sh torch` (the torch lock)"
 
 
 class BackendUnavailableError(RuntimeError):
