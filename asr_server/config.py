@@ -4,22 +4,29 @@ Every key has a default here; `config.yaml` at the repository root documents the
 ill-typed key stops the start with a `ConfigError` that names the key and why. Environment
 variables named `ASR_SERVER__SECTION__KEY` (double underscores between levels) override keys;
 their values are parsed as YAML scalars, so `ASR_SERVER__VAD__THRESHOLD=0.6` gives a float.
+
+Renamed keys keep working under their old names, with a line in `Config.deprecations` that the
+CLI logs at start: the section `server` is now `xiaozhi` (it configures the device socket only).
+Every listener and every queue has its limit here, with a default; a refusal names the key.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .constants import Language, Protocol
+from .errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
 ENV_PREFIX = "ASR_SERVER__"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names each bad key and why."""
 
 
 class _Section(BaseModel):
@@ -31,7 +38,9 @@ class AuthConfig(_Section):
     tokens: list[str] = Field(default_factory=list, description="Accepted bearer tokens (device path and HTTP API).")
 
 
-class ServerConfig(_Section):
+class XiaozhiConfig(_Section):
+    """The device WebSocket (xiaozhi firmware protocol)."""
+
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     path: str = "/xiaozhi/v1/"
@@ -42,6 +51,11 @@ class ServerConfig(_Section):
     max_frames_per_s: int = Field(200, ge=10)
     max_sessions: int = Field(2000, ge=1)
     ping_interval_s: float | None = Field(None, description="WebSocket pings; the firmware never needs them.")
+    close_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description=("How long a close waits for the client's answer (a flooding client has frames queued before it)."),
+    )
 
 
 class VadConfig(_Section):
@@ -55,9 +69,10 @@ class VadConfig(_Section):
     energy_gate_dbfs: float = Field(-60.0, le=0)
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
+    max_queue: int = Field(10000, ge=1, description="VAD windows waiting at most; beyond, a frame's VAD is refused.")
 
     @model_validator(mode="after")
-    def _thresholds(self) -> "VadConfig":
+    def _thresholds(self) -> VadConfig:
         if self.threshold_low > self.threshold:
             raise ValueError("threshold_low must not exceed threshold")
         return self
@@ -66,10 +81,11 @@ class VadConfig(_Section):
 class AsrConfig(_Section):
     model_dir: Path = Path("models/SenseVoiceSmall")
     quantized: Literal["auto", "yes", "no"] = "auto"
-    language: Literal["auto", "zh", "en", "yue", "ja", "ko", "nospeech"] = "auto"
+    language: Language = "auto"
     use_itn: bool = True
     max_batch: int = Field(8, ge=1)
     max_wait_ms: float = Field(10.0, ge=0)
+    max_queue: int = Field(1000, ge=1, description="Utterances waiting at most; beyond, one is refused with an error.")
     speculative: bool = True
 
 
@@ -82,14 +98,19 @@ class SpeakerConfig(_Section):
     min_audio_ms: int = Field(500, ge=0)
     max_batch: int = Field(8, ge=1)
     max_wait_ms: float = Field(10.0, ge=0)
+    max_queue: int = Field(1000, ge=1, description="Embeddings waiting at most; beyond, one is refused.")
 
 
 class EngineConfig(_Section):
     backend: Literal["onnx", "torch"] = "onnx"
     device: str = "auto"
-    precision: Literal["fp32", "fp16"] = Field("fp32", description=(
-        "Torch backend on CUDA: fp16 halves weights and runs under autocast; on CPU it falls back to fp32 "
-        "with a warning. ONNX Runtime runs the file asr.quantized picks."))
+    precision: Literal["fp32", "fp16"] = Field(
+        "fp32",
+        description=(
+            "Torch backend on CUDA: fp16 halves weights and runs under autocast; on CPU it falls back to fp32 "
+            "with a warning. ONNX Runtime runs the file asr.quantized picks."
+        ),
+    )
     threads: int = Field(0, ge=0, description="Intra-op threads per model; 0 lets the runtime choose.")
 
     @field_validator("device")
@@ -106,9 +127,13 @@ class HttpConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(8001, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list, description=(
-        "Bearer keys the HTTP API accepts, besides server.auth.tokens when server.auth.enabled; "
-        "no keys and device auth off means the API is open."))
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Bearer keys the HTTP API accepts, besides server.auth.tokens when server.auth.enabled; "
+            "no keys and device auth off means the API is open."
+        ),
+    )
     max_upload_mb: float = Field(50.0, gt=0, description="Largest request body; larger uploads get 413.")
     max_audio_s: float = Field(3600.0, gt=0, description="Longest decoded upload; longer audio gets 413.")
     model_name: str = Field("sensevoice-small", description="The model id /v1/models lists; any `model` is accepted.")
@@ -124,26 +149,36 @@ class FunAsrConfig(_Section):
     auth: bool = Field(False, description="Require an http.api_keys key (sent as `Authorization: Bearer; <key>`).")
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_audio_s: float = Field(600.0, gt=0, description="Most audio buffered for one offline request.")
-    partial_interval_ms: int = Field(600, ge=100,
-                                     description="online/2pass: re-decode the utterance so far this often.")
+    partial_interval_ms: int = Field(
+        600, ge=100, description="online/2pass: re-decode the utterance so far this often."
+    )
     idle_timeout_s: float = Field(120.0, gt=0)
+    max_sessions: int = Field(500, ge=1, description="Connections beyond this are refused with HTTP 503.")
     ping_interval_s: float | None = Field(None, description="WebSocket pings; FunASR clients never need them.")
-    ssl_certfile: Path | None = Field(None, description=(
-        "Serve wss:// with this PEM certificate (xiaozhi's FunASRServer defaults to is_ssl: true)."))
+    close_timeout_s: float = Field(2.0, gt=0)
+    ssl_certfile: Path | None = Field(
+        None, description=("Serve wss:// with this PEM certificate (xiaozhi's FunASRServer defaults to is_ssl: true).")
+    )
     ssl_keyfile: Path | None = Field(None, description="The certificate's key, unless the certfile holds it.")
 
     @model_validator(mode="after")
-    def _tls(self) -> "FunAsrConfig":
+    def _tls(self) -> FunAsrConfig:
         if self.ssl_keyfile is not None and self.ssl_certfile is None:
             raise ValueError("ssl_keyfile needs ssl_certfile")
         return self
 
 
+def _device_protocol_only() -> list[Protocol]:
+    return ["xiaozhi"]
+
+
 class EventsConfig(_Section):
     """Where final transcripts go: a webhook and the /v1/events WebSocket stream."""
 
-    protocols: list[Literal["xiaozhi", "funasr", "openai"]] = Field(default_factory=lambda: ["xiaozhi"], description=(
-        "Protocols whose transcripts become events (xiaozhi, funasr, openai)."))
+    protocols: list[Protocol] = Field(
+        default_factory=_device_protocol_only,
+        description=("Protocols whose transcripts become events (xiaozhi, funasr, openai)."),
+    )
     webhook_url: str | None = Field(None, description="POST each event as JSON here; null turns the webhook off.")
     webhook_headers: dict[str, str] = Field(default_factory=dict, description="Extra headers, e.g. Authorization.")
     webhook_timeout_s: float = Field(5.0, gt=0)
@@ -153,11 +188,26 @@ class EventsConfig(_Section):
     webhook_concurrency: int = Field(2, ge=1, description="Deliveries in flight at once.")
     queue_size: int = Field(1000, ge=1, description="Undelivered webhook events kept; the oldest is dropped beyond.")
     subscriber_queue_size: int = Field(256, ge=1, description="Events kept per slow /v1/events subscriber.")
+    max_subscribers: int = Field(100, ge=1, description="/v1/events connections beyond this are refused with 503.")
+    heartbeat_s: float = Field(30.0, gt=0, description="/v1/events WebSocket pings, to notice a vanished subscriber.")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"must be an http(s) URL, got {url!r}")
+        return url
+
+
+#: Old key → new key, for sections that were renamed; the old name still works, with a warning.
+RENAMED_SECTIONS = {"server": "xiaozhi"}
 
 
 class Config(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    server: ServerConfig = Field(default_factory=ServerConfig)
+    xiaozhi: XiaozhiConfig = Field(default_factory=XiaozhiConfig)
     vad: VadConfig = Field(default_factory=VadConfig)
     asr: AsrConfig = Field(default_factory=AsrConfig)
     speaker: SpeakerConfig = Field(default_factory=SpeakerConfig)
@@ -165,12 +215,45 @@ class Config(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
     funasr: FunAsrConfig = Field(default_factory=FunAsrConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    deprecations: list[str] = Field(
+        default_factory=list,
+        exclude=True,
+        description=(
+            "Renamed keys found in this configuration, as warnings the CLI logs at start (set by load_config)."
+        ),
+    )
+
+    @property
+    def server(self) -> XiaozhiConfig:
+        """The device socket's section under its old name (renamed `xiaozhi`)."""
+        return self.xiaozhi
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
+def _rename_sections(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
+    """Move renamed sections to their new names; what moved, as deprecation lines."""
+    notes = []
+    for old, new in RENAMED_SECTIONS.items():
+        if old in data:
+            value = data.pop(old)
+            if isinstance(value, dict) and isinstance(data.get(new), dict):
+                value = _merge(value, data[new])
+            data[new] = value
+            notes.append(
+                f"the section {old!r} ({source}) is now called {new!r}; {old!r} still works, "
+                f"rename it before it is removed"
+            )
+    return data, notes
+
+
+def _format_errors(err: ValidationError, source: str, renamed: frozenset[str] | set[str] = frozenset()) -> str:
+    """One line per bad key; a key under a renamed section is named as the user wrote it."""
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        for old in renamed:
+            new = RENAMED_SECTIONS[old]
+            if key == new or key.startswith(new + "."):
+                key = f"{old}{key[len(new) :]} (now {key})"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
@@ -181,7 +264,7 @@ def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     for name, raw in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
-        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
         if not path:
             continue
         node = tree
@@ -206,8 +289,9 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
-                overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, env: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
     """Read `path` (if given and present), apply environment and explicit overrides, validate."""
     data: dict[str, Any] = {}
     source = "defaults"
@@ -223,10 +307,17 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
         data = loaded or {}
         source = str(p)
-    data = _merge(data, _env_overrides(os.environ if env is None else env))
+    data, notes = _rename_sections(data, source)
+    env_tree, env_notes = _rename_sections(_env_overrides(os.environ if env is None else env), "environment")
+    data = _merge(data, env_tree)
     if overrides:
-        data = _merge(data, overrides)
+        over, over_notes = _rename_sections(dict(overrides), "overrides")
+        data = _merge(data, over)
+        notes += over_notes
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source + " + environment")) from None
+        renamed = {old for old in RENAMED_SECTIONS if any(f"{old!r}" in n for n in notes + env_notes)}
+        raise ConfigError(_format_errors(e, source + " + environment", renamed)) from None
+    config.deprecations = notes + env_notes
+    return config

@@ -9,16 +9,44 @@ that only receives.
 """
 
 from .clips import Clip, ClipError, load_clips, make_clip
-from .device import (ConnectError, ConnectTimeout, Device, DeviceClosed, DeviceConfig, DeviceError,
-                     HelloRejected, HelloTimeout, ReplyTimeout, ServerMessage)
+from .device import (
+    ConnectError,
+    ConnectTimeout,
+    Device,
+    DeviceClosed,
+    DeviceConfig,
+    DeviceError,
+    HelloRejected,
+    HelloTimeout,
+    ReplyTimeout,
+    ServerMessage,
+)
 from .report import LoadReport, StepReport, StepStats, UtteranceSample
 from .run import LoadOptions, OptionsError, run_load, run_step
 from .stats import Percentiles
 
 __all__ = [
-    "Clip", "ClipError", "load_clips", "make_clip",
-    "ConnectError", "ConnectTimeout", "Device", "DeviceClosed", "DeviceConfig", "DeviceError", "HelloRejected",
-    "HelloTimeout", "ReplyTimeout", "ServerMessage",
-    "LoadReport", "StepReport", "StepStats", "UtteranceSample",
-    "LoadOptions", "OptionsError", "run_load", "run_step", "Percentiles",
+    "Clip",
+    "ClipError",
+    "ConnectError",
+    "ConnectTimeout",
+    "Device",
+    "DeviceClosed",
+    "DeviceConfig",
+    "DeviceError",
+    "HelloRejected",
+    "HelloTimeout",
+    "LoadOptions",
+    "LoadReport",
+    "OptionsError",
+    "Percentiles",
+    "ReplyTimeout",
+    "ServerMessage",
+    "StepReport",
+    "StepStats",
+    "UtteranceSample",
+    "load_clips",
+    "make_clip",
+    "run_load",
+    "run_step",
 ]

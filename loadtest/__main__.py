@@ -44,36 +44,71 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m loadtest",
         description="Simulated xiaozhi devices sending real Opus speech at real-time pace; reports "
-                    "end-of-speech -> stt latency per client count.")
+        "end-of-speech -> stt latency per client count.",
+    )
     ap.add_argument("--url", default="ws://127.0.0.1:8000/xiaozhi/v1/", help="server WebSocket URL")
     ap.add_argument("--clients", type=int, default=10, help="simultaneous devices (one step)")
-    ap.add_argument("--ramp", type=_int_list, default=None, metavar="N,N,...",
-                    help="run one step per client count, e.g. 5,10,20,40,80 (overrides --clients)")
+    ap.add_argument(
+        "--ramp",
+        type=_int_list,
+        default=None,
+        metavar="N,N,...",
+        help="run one step per client count, e.g. 5,10,20,40,80 (overrides --clients)",
+    )
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of speech per step")
     ap.add_argument("--token", default=None, help="bearer token (sent as Authorization)")
     ap.add_argument("--protocol-version", type=int, choices=(1, 2, 3), default=1)
-    ap.add_argument("--mode", choices=("auto", "manual", "realtime"), default="auto",
-                    help="auto/realtime: trailing silence until the server endpoints; manual: listen stop")
+    ap.add_argument(
+        "--mode",
+        choices=("auto", "manual", "realtime"),
+        default="auto",
+        help="auto/realtime: trailing silence until the server endpoints; manual: listen stop",
+    )
     ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO_DIR, help="folder of .wav/.flac clips")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--procs", type=int, default=1, help="generator processes sharing the clients")
     ap.add_argument("--frame-ms", type=int, choices=(10, 20, 40, 60), default=60)
-    ap.add_argument("--think-ms", type=_range_ms, default=(1000.0, 3000.0), metavar="MIN[,MAX]",
-                    help="pause between a reply and the next utterance")
-    ap.add_argument("--stagger", type=float, default=None, help="seconds over which clients start "
-                    "(default 5, longer beyond 200 connections a second, at most a quarter of --duration)")
-    ap.add_argument("--reply-timeout", type=float, default=10.0, help="seconds after end of speech "
-                    "before an utterance counts as missing")
+    ap.add_argument(
+        "--think-ms",
+        type=_range_ms,
+        default=(1000.0, 3000.0),
+        metavar="MIN[,MAX]",
+        help="pause between a reply and the next utterance",
+    )
+    ap.add_argument(
+        "--stagger",
+        type=float,
+        default=None,
+        help="seconds over which clients start "
+        "(default 5, longer beyond 200 connections a second, at most a quarter of --duration)",
+    )
+    ap.add_argument(
+        "--reply-timeout",
+        type=float,
+        default=10.0,
+        help="seconds after end of speech before an utterance counts as missing",
+    )
     ap.add_argument("--connect-timeout", type=float, default=10.0)
     ap.add_argument("--retry", type=float, default=1.0, help="seconds before reconnecting after a refusal or drop")
     ap.add_argument("--hello-timeout", type=float, default=10.0)
-    ap.add_argument("--server-silence-ms", type=float, default=400.0,
-                    help="the server's end-of-speech silence, subtracted to get its processing time")
+    ap.add_argument(
+        "--server-silence-ms",
+        type=float,
+        default=400.0,
+        help="the server's end-of-speech silence, subtracted to get its processing time",
+    )
     ap.add_argument("--budget-ms", type=float, default=800.0, help="p95 latency budget of a step")
-    ap.add_argument("--lateness-budget-ms", type=float, default=20.0,
-                    help="frame send lateness p99 under which the generator is on time")
-    ap.add_argument("--auth-in-query", action="store_true",
-                    help="pass device-id, client-id, authorization as query parameters, not headers")
+    ap.add_argument(
+        "--lateness-budget-ms",
+        type=float,
+        default=20.0,
+        help="frame send lateness p99 under which the generator is on time",
+    )
+    ap.add_argument(
+        "--auth-in-query",
+        action="store_true",
+        help="pass device-id, client-id, authorization as query parameters, not headers",
+    )
     ap.add_argument("--wake-word", default=None, help="send listen detect with this text before listening")
     ap.add_argument("--server-pid", type=int, default=None, help="read the server's CPU and RSS from /proc")
     ap.add_argument("--metrics-url", default=None, help="or from its Prometheus endpoint")
@@ -82,9 +117,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, default=None, help="output folder (default loadtest-results/<time>/)")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
-    ap.add_argument("--sink", action="store_true",
-                    help="measure the generator alone: start a local sink server (python -m loadtest.sink) "
-                         "and send to it instead of --url")
+    ap.add_argument(
+        "--sink",
+        action="store_true",
+        help="measure the generator alone: start a local sink server (python -m loadtest.sink) "
+        "and send to it instead of --url",
+    )
     ap.add_argument("--sink-procs", type=int, default=1, help="processes of that sink server")
     return ap
 
@@ -122,8 +160,23 @@ def _start_sink(procs: int, bound_s: float) -> tuple[subprocess.Popen[str], str]
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "loadtest.sink", "--host", "127.0.0.1", "--port", port, "--duration", str(bound_s),
-         "--procs", str(procs)], stdout=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "loadtest.sink",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port,
+            "--duration",
+            str(bound_s),
+            "--procs",
+            str(procs),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     assert proc.stdout is not None
     line = proc.stdout.readline().strip()
     if not line.startswith("sink listening on "):
@@ -138,14 +191,33 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     try:
         opts = LoadOptions(
-            url=url, clients=args.ramp or (args.clients,), duration_s=args.duration, mode=args.mode,
-            protocol_version=args.protocol_version, token=args.token, auth_in_query=args.auth_in_query,
-            audio_dir=args.audio, seed=args.seed, procs=args.procs, frame_ms=args.frame_ms, think_ms=args.think_ms,
-            stagger_s=args.stagger, reply_timeout_s=args.reply_timeout, connect_timeout_s=args.connect_timeout,
-            hello_timeout_s=args.hello_timeout, retry_s=args.retry, server_silence_ms=args.server_silence_ms,
-            budget_ms=args.budget_ms, lateness_budget_ms=args.lateness_budget_ms, expect_replies=not args.sink, wake_word=args.wake_word,
-            server_pid=args.server_pid, metrics_url=args.metrics_url, step_pause_s=args.step_pause,
-            stop_on_fail=not args.no_stop)
+            url=url,
+            clients=args.ramp or (args.clients,),
+            duration_s=args.duration,
+            mode=args.mode,
+            protocol_version=args.protocol_version,
+            token=args.token,
+            auth_in_query=args.auth_in_query,
+            audio_dir=args.audio,
+            seed=args.seed,
+            procs=args.procs,
+            frame_ms=args.frame_ms,
+            think_ms=args.think_ms,
+            stagger_s=args.stagger,
+            reply_timeout_s=args.reply_timeout,
+            connect_timeout_s=args.connect_timeout,
+            hello_timeout_s=args.hello_timeout,
+            retry_s=args.retry,
+            server_silence_ms=args.server_silence_ms,
+            budget_ms=args.budget_ms,
+            lateness_budget_ms=args.lateness_budget_ms,
+            expect_replies=not args.sink,
+            wake_word=args.wake_word,
+            server_pid=args.server_pid,
+            metrics_url=args.metrics_url,
+            step_pause_s=args.step_pause,
+            stop_on_fail=not args.no_stop,
+        )
     except OptionsError as e:
         print(f"loadtest: {e}", file=sys.stderr)
         return 2

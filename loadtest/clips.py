@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +23,8 @@ import soxr
 SAMPLE_RATE = 16000
 FRAME_MS_CHOICES = (10, 20, 40, 60)
 AUDIO_SUFFIXES = (".wav", ".flac")
-DEFAULT_AUDIO_DIR = Path(__file__).resolve().parent.parent.parent / "shared" / "audio"
+#: The workplace's shared speech clips beside the checkout; `ASR_AUDIO_DIR` points elsewhere.
+DEFAULT_AUDIO_DIR = Path(os.environ.get("ASR_AUDIO_DIR") or Path(__file__).resolve().parents[2] / "shared" / "audio")
 
 _WINDOW_MS = 10
 _FLOOR_DBFS = -60.0  # below this a window is silence whatever the clip's level
@@ -86,8 +88,7 @@ def speech_end_sample(pcm: np.ndarray, sample_rate: int = SAMPLE_RATE) -> int:
         return 0
     frames = pcm[: n * win].astype(np.float64).reshape(n, win)
     db = 10.0 * np.log10(np.mean(frames * frames, axis=1) + 1e-12)
-    threshold = max(_FLOOR_DBFS, float(db.max()) - _BELOW_PEAK_DB,
-                    float(np.percentile(db, 10)) + _ABOVE_NOISE_DB)
+    threshold = max(_FLOOR_DBFS, float(db.max()) - _BELOW_PEAK_DB, float(np.percentile(db, 10)) + _ABOVE_NOISE_DB)
     loud = (db > threshold).astype(np.int32)
     run = min(_MIN_RUN, n)
     starts = np.flatnonzero(np.convolve(loud, np.ones(run, dtype=np.int32), "valid") >= run)
@@ -110,7 +111,7 @@ def encode_pcm(pcm: np.ndarray, frame_ms: int = 60, application: Literal["voip",
     if pad:
         pcm16 = np.concatenate([pcm16, np.zeros(pad, dtype="<i2")])
     enc = _encoder(application)
-    return [enc.encode(pcm16[i:i + size].tobytes(), size) for i in range(0, len(pcm16), size)]
+    return [enc.encode(pcm16[i : i + size].tobytes(), size) for i in range(0, len(pcm16), size)]
 
 
 @functools.lru_cache(maxsize=16)
@@ -121,8 +122,7 @@ def silence_packet(frame_ms: int = 60, application: Literal["voip", "audio"] = "
     return encode_pcm(zeros, frame_ms, application)[-1]
 
 
-def make_clip(name: str, pcm: np.ndarray, frame_ms: int = 60,
-              application: Literal["voip", "audio"] = "voip") -> Clip:
+def make_clip(name: str, pcm: np.ndarray, frame_ms: int = 60, application: Literal["voip", "audio"] = "voip") -> Clip:
     """Encode 16 kHz mono float PCM into a `Clip`."""
     if len(pcm) == 0:
         raise ClipError(f"clip {name!r} holds no samples")
@@ -138,8 +138,9 @@ def load_clip(path: str | Path, frame_ms: int = 60, application: Literal["voip",
     return make_clip(p.name, read_audio(p), frame_ms, application)
 
 
-def load_clips(directory: str | Path, frame_ms: int = 60,
-               application: Literal["voip", "audio"] = "voip") -> tuple[Clip, ...]:
+def load_clips(
+    directory: str | Path, frame_ms: int = 60, application: Literal["voip", "audio"] = "voip"
+) -> tuple[Clip, ...]:
     """Every wav/flac file of `directory` (sorted by name, so a seed picks the same clips)."""
     _check_frame_ms(frame_ms)
     d = Path(directory)

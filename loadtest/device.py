@@ -14,14 +14,15 @@ import asyncio
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from asr_server.protocol.xiaozhi import LISTEN_MODES, PROTOCOL_VERSIONS, pack_audio
+from asr_server.adapters.xiaozhi.wire import LISTEN_MODES, PROTOCOL_VERSIONS, pack_audio
 
 from .clips import FRAME_MS_CHOICES, silence_packet
 from .stats import Histogram
@@ -106,8 +107,7 @@ class DeviceConfig:
         return self.token if " " in self.token else f"Bearer {self.token}"
 
     def headers(self) -> dict[str, str]:
-        h = {"Protocol-Version": str(self.protocol_version), "Device-Id": self.device_id,
-             "Client-Id": self.client_id}
+        h = {"Protocol-Version": str(self.protocol_version), "Device-Id": self.device_id, "Client-Id": self.client_id}
         auth = self.authorization()
         if auth:
             h["Authorization"] = auth
@@ -118,8 +118,11 @@ class DeviceConfig:
         if not self.auth_in_query:
             return self.url
         parts = urlsplit(self.url)
-        params = {"device-id": self.device_id, "client-id": self.client_id,
-                  "protocol-version": str(self.protocol_version)}
+        params = {
+            "device-id": self.device_id,
+            "client-id": self.client_id,
+            "protocol-version": str(self.protocol_version),
+        }
         auth = self.authorization()
         if auth:
             params["authorization"] = auth
@@ -127,10 +130,18 @@ class DeviceConfig:
         return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
     def hello(self) -> dict[str, Any]:
-        return {"type": "hello", "version": self.protocol_version, "features": dict(self.features),
-                "transport": "websocket",
-                "audio_params": {"format": "opus", "sample_rate": self.sample_rate, "channels": 1,
-                                 "frame_duration": self.frame_ms}}
+        return {
+            "type": "hello",
+            "version": self.protocol_version,
+            "features": dict(self.features),
+            "transport": "websocket",
+            "audio_params": {
+                "format": "opus",
+                "sample_rate": self.sample_rate,
+                "channels": 1,
+                "frame_duration": self.frame_ms,
+            },
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +186,7 @@ class Device:
         self._audio_ms = 0  # the device's audio clock, sent as the v2 timestamp
         self._silence = silence_packet(config.frame_ms)
 
-    async def __aenter__(self) -> "Device":
+    async def __aenter__(self) -> Device:
         await self.connect()
         return self
 
@@ -195,9 +206,16 @@ class Device:
         cfg = self.config
         try:
             self._ws = await connect(
-                cfg.connect_url(), additional_headers=None if cfg.auth_in_query else cfg.headers(),
-                compression=None, ping_interval=None, proxy=None, open_timeout=cfg.open_timeout_s,
-                close_timeout=cfg.close_timeout_s, max_size=1 << 20, user_agent_header=None)
+                cfg.connect_url(),
+                additional_headers=None if cfg.auth_in_query else cfg.headers(),
+                compression=None,
+                ping_interval=None,
+                proxy=None,
+                open_timeout=cfg.open_timeout_s,
+                close_timeout=cfg.close_timeout_s,
+                max_size=1 << 20,
+                user_agent_header=None,
+            )
         except InvalidStatus as e:
             status = e.response.status_code
             raise ConnectError(f"server refused the upgrade with HTTP {status}", status) from None
@@ -256,8 +274,9 @@ class Device:
             code = ws.close_code
             reason = ws.close_reason or ""
             who = "device" if self._closing else "server"
-            self._closed = DeviceClosed(f"connection closed by the {who} (code {code}, reason {reason!r})",
-                                        code, reason)
+            self._closed = DeviceClosed(
+                f"connection closed by the {who} (code {code}, reason {reason!r})", code, reason
+            )
             self._messages.put_nowait(_CLOSE_MARK)
 
     def _require_open(self) -> ClientConnection:
@@ -347,8 +366,7 @@ class Device:
             out.append(msg)
         return out
 
-    async def next_message(self, type: str | tuple[str, ...] | None = None,
-                           timeout: float = 10.0) -> ServerMessage:
+    async def next_message(self, type: str | tuple[str, ...] | None = None, timeout: float = 10.0) -> ServerMessage:
         """The next message (of `type`, if given: others are dropped) within `timeout` seconds.
 
         Raises `ReplyTimeout`, or `DeviceClosed` once the connection is closed and every message

@@ -48,7 +48,7 @@ def read_proc(pid: int, proc_root: Path = Path("/proc")) -> ProbeSample:
     except OSError as e:
         raise ProbeError(f"cannot read /proc for pid {pid}: {e.strerror or e}") from None
     # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     ticks = os.sysconf("SC_CLK_TCK")
     cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
     rss = int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -76,7 +76,7 @@ def parse_metrics(text: str) -> tuple[float, int]:
 
 def read_metrics(url: str, timeout_s: float = 2.0) -> ProbeSample:
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (operator's URL)
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
             text = resp.read(4 << 20).decode("utf-8", "replace")
     except (OSError, ValueError) as e:
         raise ProbeError(f"cannot read metrics from {url}: {e}") from None

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from .stats import Histogram, Percentiles, summarize
 
@@ -87,8 +88,9 @@ class StepStats:
 
     def consistent(self) -> bool:
         """Every utterance is answered or counted unanswered; percentiles are ordered."""
-        return (self.answered + self.missing + self.errors + self.disconnected + self.sent == self.utterances
-                and all(p.ordered() for p in (self.latency, self.server, self.hello, self.lateness)))
+        return self.answered + self.missing + self.errors + self.disconnected + self.sent == self.utterances and all(
+            p.ordered() for p in (self.latency, self.server, self.hello, self.lateness)
+        )
 
 
 @dataclass(slots=True)
@@ -148,10 +150,20 @@ def p95_counting_unanswered(latencies: Sequence[float], unanswered: int) -> floa
     return float(vals[rank - 1]) if rank <= len(vals) else None
 
 
-def build_step_stats(clients: int, wall_s: float, samples: Sequence[UtteranceSample], counters: Counters,
-                     hello_ms: Sequence[float], lateness: Histogram, *, budget_ms: float,
-                     lateness_budget_ms: float, expect_replies: bool, generator_cpu_percent: float | None,
-                     client_error_messages: Sequence[str] = ()) -> StepStats:
+def build_step_stats(
+    clients: int,
+    wall_s: float,
+    samples: Sequence[UtteranceSample],
+    counters: Counters,
+    hello_ms: Sequence[float],
+    lateness: Histogram,
+    *,
+    budget_ms: float,
+    lateness_budget_ms: float,
+    expect_replies: bool,
+    generator_cpu_percent: float | None,
+    client_error_messages: Sequence[str] = (),
+) -> StepStats:
     by = {o: 0 for o in ("ok", "missing", "error", "disconnected", "sent")}
     for s in samples:
         by[s.outcome] += 1
@@ -167,11 +179,25 @@ def build_step_stats(clients: int, wall_s: float, samples: Sequence[UtteranceSam
         p95_all = None
         within = on_time and counters.connects > 0
     return StepStats(
-        clients=clients, wall_s=wall_s, utterances=len(samples), answered=by["ok"], missing=by["missing"],
-        errors=by["error"], disconnected=by["disconnected"], sent=by["sent"], counters=counters,
-        latency=summarize(latencies), server=summarize(server), hello=summarize(hello_ms), lateness=lat,
-        p95_all_ms=p95_all, within_budget=within, generator_on_time=on_time,
-        generator_cpu_percent=generator_cpu_percent, client_error_messages=tuple(client_error_messages))
+        clients=clients,
+        wall_s=wall_s,
+        utterances=len(samples),
+        answered=by["ok"],
+        missing=by["missing"],
+        errors=by["error"],
+        disconnected=by["disconnected"],
+        sent=by["sent"],
+        counters=counters,
+        latency=summarize(latencies),
+        server=summarize(server),
+        hello=summarize(hello_ms),
+        lateness=lat,
+        p95_all_ms=p95_all,
+        within_budget=within,
+        generator_on_time=on_time,
+        generator_cpu_percent=generator_cpu_percent,
+        client_error_messages=tuple(client_error_messages),
+    )
 
 
 def _ms(v: float | None) -> str:
@@ -187,24 +213,61 @@ def _pct(v: float | None) -> str:
 
 
 def format_progress(p: Progress) -> str:
-    return (f"step {p.step}/{p.steps} | {p.connected}/{p.clients} connected | {p.elapsed_s:4.0f}/{p.duration_s:.0f} s"
-            f" | utt {p.utterances} ok {p.answered} miss {p.missing} err {p.errors}"
-            f" | p50 {_ms(p.latency_p50)} p95 {_ms(p.latency_p95)} ms | late p99 {_ms1(p.lateness_p99)} ms"
-            f" | disc {p.disconnects} refused {p.refused}")
+    return (
+        f"step {p.step}/{p.steps} | {p.connected}/{p.clients} connected | {p.elapsed_s:4.0f}/{p.duration_s:.0f} s"
+        f" | utt {p.utterances} ok {p.answered} miss {p.missing} err {p.errors}"
+        f" | p50 {_ms(p.latency_p50)} p95 {_ms(p.latency_p95)} ms | late p99 {_ms1(p.lateness_p99)} ms"
+        f" | disc {p.disconnects} refused {p.refused}"
+    )
 
 
-_COLUMNS = ("clients", "utts", "ok", "miss", "err", "disc", "refused", "p50", "p90", "p95", "p99", "max",
-            "srv p95", "hello p95", "late p99", "srv CPU", "srv RSS MB", "gen CPU", "pass")
+_COLUMNS = (
+    "clients",
+    "utts",
+    "ok",
+    "miss",
+    "err",
+    "disc",
+    "refused",
+    "p50",
+    "p90",
+    "p95",
+    "p99",
+    "max",
+    "srv p95",
+    "hello p95",
+    "late p99",
+    "srv CPU",
+    "srv RSS MB",
+    "gen CPU",
+    "pass",
+)
 
 
 def _row(s: StepStats) -> list[str]:
     c = s.counters
     refused = c.refused + c.connect_timeouts + c.hello_timeouts + c.hello_rejected
-    return [str(s.clients), str(s.utterances), str(s.answered), str(s.missing), str(s.errors),
-            str(c.disconnects), str(refused), _ms(s.latency.p50), _ms(s.latency.p90), _ms(s.latency.p95),
-            _ms(s.latency.p99), _ms(s.latency.max), _ms(s.server.p95), _ms(s.hello.p95), _ms1(s.lateness.p99),
-            _pct(s.server_cpu_percent), _ms(s.server_rss_peak_mb), _pct(s.generator_cpu_percent),
-            "yes" if s.within_budget else "no"]
+    return [
+        str(s.clients),
+        str(s.utterances),
+        str(s.answered),
+        str(s.missing),
+        str(s.errors),
+        str(c.disconnects),
+        str(refused),
+        _ms(s.latency.p50),
+        _ms(s.latency.p90),
+        _ms(s.latency.p95),
+        _ms(s.latency.p99),
+        _ms(s.latency.max),
+        _ms(s.server.p95),
+        _ms(s.hello.p95),
+        _ms1(s.lateness.p99),
+        _pct(s.server_cpu_percent),
+        _ms(s.server_rss_peak_mb),
+        _pct(s.generator_cpu_percent),
+        "yes" if s.within_budget else "no",
+    ]
 
 
 def format_table(report: LoadReport) -> str:
@@ -230,15 +293,18 @@ def capacity_line(report: LoadReport) -> str:
     line = f"{what}: {cap if cap is not None else 'none of the steps'} ({crit})"
     late = [s.stats.clients for s in report.steps if not s.stats.generator_on_time and not report.sink_mode]
     if late:
-        line += (f"\nwarning: the generator fell behind (frame lateness p99 >= {opts['lateness_budget_ms']:g} ms)"
-                 f" at {', '.join(map(str, late))} clients: use --procs or a second machine")
+        line += (
+            f"\nwarning: the generator fell behind (frame lateness p99 >= {opts['lateness_budget_ms']:g} ms)"
+            f" at {', '.join(map(str, late))} clients: use --procs or a second machine"
+        )
     return line
 
 
 def render_markdown(report: LoadReport) -> str:
     o = report.options
     head = [
-        "# Load test summary", "",
+        "# Load test summary",
+        "",
         f"- started: {report.started_at}",
         f"- target: `{o['url']}` (protocol v{o['protocol_version']}, mode {o['mode']},"
         f" {o['frame_ms']} ms Opus frames{', sink mode' if report.sink_mode else ''})",
@@ -246,10 +312,12 @@ def render_markdown(report: LoadReport) -> str:
         f" {o['procs']} generator process(es), seed {o['seed']}",
         f"- think pause {o['think_ms'][0]:g}-{o['think_ms'][1]:g} ms, reply timeout {o['reply_timeout_s']:g} s,"
         f" server end-of-speech silence {o['server_silence_ms']:g} ms",
-        f"- **{capacity_line(report)}**", "",
+        f"- **{capacity_line(report)}**",
+        "",
         "Latencies in ms, from the send time of the last frame holding speech to the `stt`; `srv` is the"
         " same less the server's end-of-speech silence; `late` is how late frames left against the"
-        " device clock; `refused` adds refused connections, connect and hello timeouts.", "",
+        " device clock; `refused` adds refused connections, connect and hello timeouts.",
+        "",
     ]
     rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
     table = ["| " + " | ".join(rows[0]) + " |", "|" + "---:|" * len(_COLUMNS)]
@@ -259,8 +327,10 @@ def render_markdown(report: LoadReport) -> str:
         st = s.stats
         c = st.counters
         if c.client_errors:
-            notes.append(f"- {st.clients} clients: {c.client_errors} client task errors: "
-                         + "; ".join(st.client_error_messages[:3]))
+            notes.append(
+                f"- {st.clients} clients: {c.client_errors} client task errors: "
+                + "; ".join(st.client_error_messages[:3])
+            )
         if st.probe_error:
             notes.append(f"- {st.clients} clients: server probe: {st.probe_error}")
         if c.late_replies:
@@ -285,11 +355,24 @@ def report_to_dict(report: LoadReport) -> dict[str, Any]:
     steps = []
     for s in report.steps:
         stats = dataclasses.asdict(s.stats)
-        steps.append({"index": s.index, "stats": stats, "hello_ms": s.hello_ms,
-                      "lateness_histogram_0.1ms": s.lateness.to_dict(),
-                      "samples": [dataclasses.asdict(x) for x in s.samples]})
-    return _clean({"options": report.options, "started_at": report.started_at, "sink_mode": report.sink_mode,
-                   "capacity": report.capacity, "steps": steps})
+        steps.append(
+            {
+                "index": s.index,
+                "stats": stats,
+                "hello_ms": s.hello_ms,
+                "lateness_histogram_0.1ms": s.lateness.to_dict(),
+                "samples": [dataclasses.asdict(x) for x in s.samples],
+            }
+        )
+    return _clean(
+        {
+            "options": report.options,
+            "started_at": report.started_at,
+            "sink_mode": report.sink_mode,
+            "capacity": report.capacity,
+            "steps": steps,
+        }
+    )
 
 
 def write_outputs(report: LoadReport, out_dir: Path, plot: bool = True) -> tuple[list[Path], str | None]:
@@ -306,6 +389,7 @@ def write_outputs(report: LoadReport, out_dir: Path, plot: bool = True) -> tuple
     skipped: str | None = "plot not asked for"
     if plot:
         from .plot import PlotUnavailable, write_plot
+
         try:
             files.append(write_plot(report, out_dir / "plot.png"))
             skipped = None

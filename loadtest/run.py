@@ -21,17 +21,26 @@ import queue
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 from .clips import DEFAULT_AUDIO_DIR, FRAME_MS_CHOICES, Clip, load_clips
-from .device import (ConnectError, Device, DeviceClosed, DeviceConfig, HelloRejected, HelloTimeout,
-                     ReplyTimeout, ServerMessage, default_device_id)
+from .device import (
+    ConnectError,
+    Device,
+    DeviceClosed,
+    DeviceConfig,
+    HelloRejected,
+    HelloTimeout,
+    ReplyTimeout,
+    ServerMessage,
+    default_device_id,
+)
 from .probe import ResourceUsage, ServerProbe
-from .report import (Counters, LoadReport, Outcome, Progress, StepReport, UtteranceSample,
-                     build_step_stats)
+from .report import Counters, LoadReport, Outcome, Progress, StepReport, UtteranceSample, build_step_stats
 from .stats import Histogram, summarize
 
 Mode = Literal["auto", "manual", "realtime"]
@@ -166,13 +175,19 @@ class _ShardState:
     wall_s: float = 0.0
     client_error_messages: list[str] = field(default_factory=list)
 
-    def snapshot(self) -> "_Snapshot":
+    def snapshot(self) -> _Snapshot:
         """What the progress line needs, small enough to send between processes each second."""
         missing = sum(1 for s in self.samples if s.outcome == "missing")
         errors = sum(1 for s in self.samples if s.outcome == "error")
         lat = [s.latency_ms for s in self.samples if s.outcome == "ok" and s.latency_ms is not None]
-        return _Snapshot(dataclasses.replace(self.counters), len(self.samples), missing, errors, lat,
-                         Histogram(dict(self.lateness.counts)))
+        return _Snapshot(
+            dataclasses.replace(self.counters),
+            len(self.samples),
+            missing,
+            errors,
+            lat,
+            Histogram(dict(self.lateness.counts)),
+        )
 
 
 @dataclass(slots=True)
@@ -231,8 +246,7 @@ async def _start_listening(dev: Device, opts: LoadOptions) -> None:
     await dev.listen("start", opts.mode)
 
 
-async def _utterance(plan: _Plan, state: _ShardState, dev: Device, clip: Clip, think_s: float,
-                     index: int) -> None:
+async def _utterance(plan: _Plan, state: _ShardState, dev: Device, clip: Clip, think_s: float, index: int) -> None:
     """Send one clip and wait for its reply; always records one sample."""
     opts = plan.options
     streaming = opts.mode != "manual"
@@ -273,25 +287,51 @@ async def _utterance(plan: _Plan, state: _ShardState, dev: Device, clip: Clip, t
             state.counters.answered += 1
 
 
-def _sample(plan: _Plan, clip: Clip, index: int, t_eos: float | None, t_stop: float | None,
-            reply: ServerMessage | None, early: int, closed: bool) -> UtteranceSample:
+def _sample(
+    plan: _Plan,
+    clip: Clip,
+    index: int,
+    t_eos: float | None,
+    t_stop: float | None,
+    reply: ServerMessage | None,
+    early: int,
+    closed: bool,
+) -> UtteranceSample:
     opts = plan.options
     eos_s = None if t_eos is None else t_eos - plan.t0
     if reply is None or t_eos is None:
-        outcome: Outcome = "sent" if (not opts.expect_replies and t_eos is not None) else (
-            "disconnected" if closed else "missing")
-        return UtteranceSample(index, clip.name, outcome, eos_s, None, None, clip.speech_end_ms,
-                               early_replies=early)
+        outcome: Outcome = (
+            "sent" if (not opts.expect_replies and t_eos is not None) else ("disconnected" if closed else "missing")
+        )
+        return UtteranceSample(index, clip.name, outcome, eos_s, None, None, clip.speech_end_ms, early_replies=early)
     latency = (reply.at - t_eos) * 1000.0
     if reply.type == "error":
         msg = reply.data.get("message")
-        return UtteranceSample(index, clip.name, "error", eos_s, latency, None, clip.speech_end_ms,
-                               error=str(msg) if msg is not None else None, early_replies=early)
+        return UtteranceSample(
+            index,
+            clip.name,
+            "error",
+            eos_s,
+            latency,
+            None,
+            clip.speech_end_ms,
+            error=str(msg) if msg is not None else None,
+            early_replies=early,
+        )
     server = (reply.at - t_stop) * 1000.0 if t_stop is not None else latency - opts.server_silence_ms
     text = reply.data.get("text")
-    return UtteranceSample(index, clip.name, "ok", eos_s, latency, server, clip.speech_end_ms,
-                           text=text if isinstance(text, str) else None,
-                           reported_latency_ms=_number(reply.data.get("latency_ms")), early_replies=early)
+    return UtteranceSample(
+        index,
+        clip.name,
+        "ok",
+        eos_s,
+        latency,
+        server,
+        clip.speech_end_ms,
+        text=text if isinstance(text, str) else None,
+        reported_latency_ms=_number(reply.data.get("latency_ms")),
+        early_replies=early,
+    )
 
 
 async def _converse(plan: _Plan, state: _ShardState, dev: Device, rng: random.Random, index: int) -> None:
@@ -314,10 +354,16 @@ async def _client(plan: _Plan, state: _ShardState, index: int) -> None:
     c = state.counters
     rng = random.Random(f"{opts.seed}:{index}")
     cfg = DeviceConfig(
-        url=opts.url, token=opts.token, protocol_version=opts.protocol_version,
-        device_id=default_device_id(index), client_id=str(uuid.uuid5(_CLIENT_NS, f"{opts.seed}:{index}")),
-        auth_in_query=opts.auth_in_query, frame_ms=opts.frame_ms, open_timeout_s=opts.connect_timeout_s,
-        hello_timeout_s=opts.hello_timeout_s)
+        url=opts.url,
+        token=opts.token,
+        protocol_version=opts.protocol_version,
+        device_id=default_device_id(index),
+        client_id=str(uuid.uuid5(_CLIENT_NS, f"{opts.seed}:{index}")),
+        auth_in_query=opts.auth_in_query,
+        frame_ms=opts.frame_ms,
+        open_timeout_s=opts.connect_timeout_s,
+        hello_timeout_s=opts.hello_timeout_s,
+    )
     await _sleep_until(plan.t0 + opts.stagger_for(plan.total_clients) * index / plan.total_clients)
     while time.monotonic() < plan.speech_end:
         dev = Device(cfg, lateness=state.lateness)
@@ -405,7 +451,7 @@ async def _run_shard(plan: _Plan, state: _ShardState) -> _ShardState:
     return state
 
 
-def _shard_process(plan: _Plan, shard: int, out: "multiprocessing.Queue[tuple[str, int, object]]") -> None:
+def _shard_process(plan: _Plan, shard: int, out: multiprocessing.Queue[tuple[str, int, object]]) -> None:
     """Entry point of a generator process: run the shard, report progress each second."""
     state = _ShardState()
 
@@ -443,10 +489,23 @@ def _merge(states: list[_ShardState]) -> _ShardState:
 def _progress(step: int, steps: int, clients: int, opts: LoadOptions, t0: float, snap: _Snapshot) -> Progress:
     lat = summarize(snap.latencies)
     c = snap.counters
-    return Progress(step, steps, clients, max(0.0, time.monotonic() - t0), opts.duration_s, c.connected,
-                    snap.utterances, c.answered, snap.missing, snap.errors, c.disconnects,
-                    c.refused + c.connect_timeouts + c.hello_timeouts + c.hello_rejected,
-                    lat.p50, lat.p95, snap.lateness.summary().p99)
+    return Progress(
+        step,
+        steps,
+        clients,
+        max(0.0, time.monotonic() - t0),
+        opts.duration_s,
+        c.connected,
+        snap.utterances,
+        c.answered,
+        snap.missing,
+        snap.errors,
+        c.disconnects,
+        c.refused + c.connect_timeouts + c.hello_timeouts + c.hello_rejected,
+        lat.p50,
+        lat.p95,
+        snap.lateness.summary().p99,
+    )
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -467,8 +526,9 @@ async def _run_step_inprocess(plan: _Plan, on_tick: Callable[[_Snapshot], None])
         ticker.cancel()
 
 
-async def _run_step_processes(opts: LoadOptions, clips: tuple[Clip, ...], clients: int, t0: float,
-                              on_tick: Callable[[_Snapshot], None]) -> _ShardState:
+async def _run_step_processes(
+    opts: LoadOptions, clips: tuple[Clip, ...], clients: int, t0: float, on_tick: Callable[[_Snapshot], None]
+) -> _ShardState:
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[tuple[str, int, object]] = ctx.Queue()
     nproc = min(opts.procs, clients)
@@ -494,8 +554,14 @@ async def _run_step_processes(opts: LoadOptions, clips: tuple[Clip, ...], client
             elif kind == "progress" and isinstance(payload, _Snapshot):
                 latest[shard] = payload
                 if shard == 0:
-                    on_tick(_merge_snapshots([results[k].snapshot() if k in results else latest.get(k, _Snapshot())
-                                              for k in range(nproc)]))
+                    on_tick(
+                        _merge_snapshots(
+                            [
+                                results[k].snapshot() if k in results else latest.get(k, _Snapshot())
+                                for k in range(nproc)
+                            ]
+                        )
+                    )
     finally:
         for p in procs:
             p.join(timeout=2.0)
@@ -510,8 +576,14 @@ async def _run_step_processes(opts: LoadOptions, clips: tuple[Clip, ...], client
     return merged
 
 
-async def run_step(opts: LoadOptions, clips: tuple[Clip, ...], clients: int, index: int = 0,
-                   steps: int = 1, on_progress: ProgressCallback | None = None) -> StepReport:
+async def run_step(
+    opts: LoadOptions,
+    clips: tuple[Clip, ...],
+    clients: int,
+    index: int = 0,
+    steps: int = 1,
+    on_progress: ProgressCallback | None = None,
+) -> StepReport:
     """Run one step with `clients` devices for `opts.duration_s`; bounded by `opts.step_bound_s`
     (and a few seconds to start the processes when `opts.procs > 1`)."""
     if not clips:
@@ -533,13 +605,27 @@ async def run_step(opts: LoadOptions, clips: tuple[Clip, ...], clients: int, ind
     usage: ResourceUsage | None = await probe.stop() if probe is not None else None
     on_tick(state.snapshot())
     gen_cpu = state.cpu_s / state.wall_s * 100.0 if state.wall_s > 0 else None
-    stats = build_step_stats(clients, state.wall_s, state.samples, state.counters, state.hello_ms, state.lateness,
-                             budget_ms=opts.budget_ms, lateness_budget_ms=opts.lateness_budget_ms,
-                             expect_replies=opts.expect_replies, generator_cpu_percent=gen_cpu,
-                             client_error_messages=state.client_error_messages)
+    stats = build_step_stats(
+        clients,
+        state.wall_s,
+        state.samples,
+        state.counters,
+        state.hello_ms,
+        state.lateness,
+        budget_ms=opts.budget_ms,
+        lateness_budget_ms=opts.lateness_budget_ms,
+        expect_replies=opts.expect_replies,
+        generator_cpu_percent=gen_cpu,
+        client_error_messages=state.client_error_messages,
+    )
     if usage is not None:
-        stats = dataclasses.replace(stats, server_cpu_percent=usage.cpu_percent, server_rss_peak_mb=usage.rss_peak_mb,
-                                    server_rss_end_mb=usage.rss_end_mb, probe_error=usage.error)
+        stats = dataclasses.replace(
+            stats,
+            server_cpu_percent=usage.cpu_percent,
+            server_rss_peak_mb=usage.rss_peak_mb,
+            server_rss_end_mb=usage.rss_end_mb,
+            probe_error=usage.error,
+        )
     samples = sorted(state.samples, key=lambda s: (s.eos_s if s.eos_s is not None else float("inf"), s.client))
     return StepReport(index, stats, samples, state.hello_ms, state.lateness)
 
@@ -552,8 +638,9 @@ def options_dict(opts: LoadOptions) -> dict[str, object]:
     return d
 
 
-async def run_load(options: LoadOptions, clips: tuple[Clip, ...] | None = None,
-                   on_progress: ProgressCallback | None = None) -> LoadReport:
+async def run_load(
+    options: LoadOptions, clips: tuple[Clip, ...] | None = None, on_progress: ProgressCallback | None = None
+) -> LoadReport:
     """Run every step of `options.clients` and return the report.
 
     `clips` default to the files of `options.audio_dir`, encoded once with the run's frame
@@ -568,10 +655,13 @@ async def run_load(options: LoadOptions, clips: tuple[Clip, ...] | None = None,
         raise OptionsError(f"clips {bad} are encoded with another frame duration than {options.frame_ms} ms")
     shortest = min(c.duration_ms for c in clips) / 1000.0 / options.pace
     if shortest > options.duration_s:
-        raise OptionsError(f"every clip is longer than the {options.duration_s:g} s step (shortest {shortest:.1f} s):"
-                           " raise the duration")
-    report = LoadReport(options_dict(options), datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        sink_mode=not options.expect_replies)
+        raise OptionsError(
+            f"every clip is longer than the {options.duration_s:g} s step (shortest {shortest:.1f} s):"
+            " raise the duration"
+        )
+    report = LoadReport(
+        options_dict(options), datetime.now(UTC).isoformat(timespec="seconds"), sink_mode=not options.expect_replies
+    )
     steps = len(options.clients)
     for i, n in enumerate(options.clients):
         if i:

@@ -25,7 +25,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from asr_server.protocol.xiaozhi import server_hello
+from asr_server.adapters.xiaozhi.wire import server_hello
 
 SINK_PATH = "/xiaozhi/v1/"
 
@@ -78,8 +78,16 @@ class Sink:
             st.open -= 1
 
     async def start(self) -> str:
-        self._server = await serve(self._handle, self.host, self.port, compression=None, ping_interval=None,
-                                   max_size=1 << 16, reuse_port=self.reuse_port or None, backlog=2048)
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            compression=None,
+            ping_interval=None,
+            max_size=1 << 16,
+            reuse_port=self.reuse_port or None,
+            backlog=2048,
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self.url
 
@@ -89,7 +97,7 @@ class Sink:
             await asyncio.wait_for(self._server.wait_closed(), 5.0)
             self._server = None
 
-    async def __aenter__(self) -> "Sink":
+    async def __aenter__(self) -> Sink:
         await self.start()
         return self
 
@@ -97,8 +105,9 @@ class Sink:
         await self.close()
 
 
-async def _serve(host: str, port: int, duration: float | None, reuse_port: bool, announce: bool,
-                 report_every_s: float = 5.0) -> SinkStats:
+async def _serve(
+    host: str, port: int, duration: float | None, reuse_port: bool, announce: bool, report_every_s: float = 5.0
+) -> SinkStats:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 QUANTILES = (50.0, 90.0, 95.0, 99.0)
 
@@ -68,7 +68,7 @@ class Histogram:
         if ms > self.max_ms:
             self.max_ms = ms
 
-    def merge(self, other: "Histogram") -> None:
+    def merge(self, other: Histogram) -> None:
         self.counts.update(other.counts)
         self.max_ms = max(self.max_ms, other.max_ms)
 

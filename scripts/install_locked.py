@@ -31,26 +31,38 @@ class Failure:
 
 _PATTERNS: tuple[tuple[str, str, str], ...] = (
     # (regex on pip's output, summary with {0} = the match, advice); the first that matches wins
-    (r"THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE[\s\S]*?\n\s+([A-Za-z0-9._-]+==[^\s]+)",
-     "the file downloaded for {0} does not match the hash in the lock (a changed upload or a corrupt download)",
-     "run the set-up again; if it repeats, regenerate the locks (`" + REGENERATE + "`)"),
-    (r"In --require-hashes mode, all requirements must have their versions pinned[^\n]*\n\s*([^\n]+)",
-     "the lock holds an unpinned requirement: {0}",
-     "regenerate the locks (`" + REGENERATE + "`) instead of editing them"),
-    (r"Hashes are required in --require-hashes mode, but they are missing from some requirements[\s\S]*?\n\s+([A-Za-z0-9._-]+==[^\s]+)",
-     "the lock has no hash for {0}",
-     "regenerate the locks (`" + REGENERATE + "`) instead of editing them"),
-    (r"No matching distribution found for ([^\s]+)",
-     "{0} is not on the package index for Python {py} on {platform} (a release withdrawn from the "
-     "registry, or no wheel for this Python)",
-     "regenerate the locks on a machine with the index (`" + REGENERATE + "`), or use Python 3.11, which the "
-     "locks were made for"),
-    (r"(Could not fetch URL[^\n]*|Failed to establish a new connection[^\n]*|Network is unreachable)",
-     "the package index cannot be reached ({0})",
-     "check the network or set PIP_INDEX_URL to a mirror, then run the set-up again"),
-    (r"Failed building wheel for ([^\s]+)",
-     "{0} has no wheel for this platform and building it from source failed",
-     "install the compiler and headers it needs (see build/setup-pip.log), or use Python 3.11 on x86_64 or aarch64"),
+    (
+        r"THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE[\s\S]*?\n\s+([A-Za-z0-9._-]+==[^\s]+)",
+        "the file downloaded for {0} does not match the hash in the lock (a changed upload or a corrupt download)",
+        "run the set-up again; if it repeats, regenerate the locks (`" + REGENERATE + "`)",
+    ),
+    (
+        r"In --require-hashes mode, all requirements must have their versions pinned[^\n]*\n\s*([^\n]+)",
+        "the lock holds an unpinned requirement: {0}",
+        "regenerate the locks (`" + REGENERATE + "`) instead of editing them",
+    ),
+    (
+        r"Hashes are required in --require-hashes mode, but they are missing from some requirements[\s\S]*?\n\s+([A-Za-z0-9._-]+==[^\s]+)",
+        "the lock has no hash for {0}",
+        "regenerate the locks (`" + REGENERATE + "`) instead of editing them",
+    ),
+    (
+        r"No matching distribution found for ([^\s]+)",
+        "{0} is not on the package index for Python {py} on {platform} (a release withdrawn from the "
+        "registry, or no wheel for this Python)",
+        "regenerate the locks on a machine with the index (`" + REGENERATE + "`), or use Python 3.11, which the "
+        "locks were made for",
+    ),
+    (
+        r"(Could not fetch URL[^\n]*|Failed to establish a new connection[^\n]*|Network is unreachable)",
+        "the package index cannot be reached ({0})",
+        "check the network or set PIP_INDEX_URL to a mirror, then run the set-up again",
+    ),
+    (
+        r"Failed building wheel for ([^\s]+)",
+        "{0} has no wheel for this platform and building it from source failed",
+        "install the compiler and headers it needs (see build/setup-pip.log), or use Python 3.11 on x86_64 or aarch64",
+    ),
 )
 
 
@@ -62,8 +74,9 @@ def diagnose(output: str) -> Failure:
         m = re.search(pattern, output)
         if m:
             what = m.group(1).strip().rstrip(".") if m.groups() else m.group(0)
-            return Failure(summary.format(what[:200], py=platform.python_version(), platform=platform.machine()),
-                           advice)
+            return Failure(
+                summary.format(what[:200], py=platform.python_version(), platform=platform.machine()), advice
+            )
     last = [line for line in output.strip().splitlines() if line.startswith("ERROR")][-1:] or ["pip failed"]
     return Failure(last[0][:300], f"see {LOG} for pip's full output")
 
@@ -72,8 +85,17 @@ def install(locks: list[str], log: Path = LOG) -> int:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as out:
         for lock in locks:
-            cmd = [sys.executable, "-m", "pip", "install", "--require-hashes", "--no-deps",
-                   "--disable-pip-version-check", "-r", lock]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--require-hashes",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-r",
+                lock,
+            ]
             print(f"setup: pip install --require-hashes --no-deps -r {lock}", file=sys.stderr, flush=True)
             out.write(f"\n$ {' '.join(cmd)}\n")
             out.flush()
@@ -81,9 +103,12 @@ def install(locks: list[str], log: Path = LOG) -> int:
             out.write(result.stdout + result.stderr)
             if result.returncode != 0:
                 failure = diagnose(result.stdout + "\n" + result.stderr)
-                print(f"setup: cannot install {lock}: {failure.summary}.\n"
-                      f"setup: what to do: {failure.advice}.\n"
-                      f"setup: pip's full output: {log}", file=sys.stderr)
+                print(
+                    f"setup: cannot install {lock}: {failure.summary}.\n"
+                    f"setup: what to do: {failure.advice}.\n"
+                    f"setup: pip's full output: {log}",
+                    file=sys.stderr,
+                )
                 return 2
     return 0
 

@@ -57,17 +57,38 @@ class Lock:
 LOCKS = (
     # Resolved widest first: each narrower lock keeps the wider lock's pin of every package they share, so
     # a version one purpose needs (torch 2.11 caps setuptools, say) holds for every lock.
-    Lock("requirements/test.txt", "the test suite, the load test and the benchmarks",
-         extras=("silero", "torch", "test", "loadtest")),
-    Lock("requirements/build.txt", "pip and the build backend that installs the package itself", build=True,
-         constrained_by="requirements/test.txt"),
-    Lock("requirements/torch.txt", "model pull/export from PyTorch weights and the torch backend",
-         extras=("silero", "torch"), constrained_by="requirements/test.txt"),
+    Lock(
+        "requirements/test.txt",
+        "the test suite, the load test and the benchmarks",
+        extras=("silero", "torch", "test", "loadtest"),
+    ),
+    Lock(
+        "requirements/build.txt",
+        "pip and the build backend that installs the package itself",
+        build=True,
+        constrained_by="requirements/test.txt",
+    ),
+    Lock(
+        "requirements/torch.txt",
+        "model pull/export from PyTorch weights and the torch backend",
+        extras=("silero", "torch"),
+        constrained_by="requirements/test.txt",
+    ),
     # silero-vad ships silero_vad.onnx; its torch dependency serves only its own Python API.
-    Lock("requirements.txt", "`asr-server serve` on ONNX Runtime (CPU): no torch",
-         extras=("silero",), never=("torch",), constrained_by="requirements/torch.txt"),
-    Lock("requirements/gpu.txt", "serving on ONNX Runtime with CUDA (onnxruntime-gpu in place of onnxruntime)",
-         extras=("silero", "gpu"), never=("torch", "onnxruntime"), constrained_by="requirements.txt"),
+    Lock(
+        "requirements.txt",
+        "`asr-server serve` on ONNX Runtime (CPU): no torch",
+        extras=("silero",),
+        never=("torch",),
+        constrained_by="requirements/torch.txt",
+    ),
+    Lock(
+        "requirements/gpu.txt",
+        "serving on ONNX Runtime with CUDA (onnxruntime-gpu in place of onnxruntime)",
+        extras=("silero", "gpu"),
+        never=("torch", "onnxruntime"),
+        constrained_by="requirements.txt",
+    ),
 )
 
 
@@ -113,8 +134,12 @@ def _sha256(text: str) -> str:
 
 def inputs_digest(lock: Lock, pyproject: dict, repo: Path = REPO) -> str:
     """What the lock was resolved from: requirements, overrides, constraints, tool, Python."""
-    parts = [f"uv {UV_VERSION}", f"python {PYTHON_VERSION}", *requirements(lock, pyproject),
-             *(f"never {n}" for n in lock.never)]
+    parts = [
+        f"uv {UV_VERSION}",
+        f"python {PYTHON_VERSION}",
+        *requirements(lock, pyproject),
+        *(f"never {n}" for n in lock.never),
+    ]
     if lock.constrained_by:
         parts.append(f"constraints {_sha256((repo / lock.constrained_by).read_text(encoding='utf-8'))}")
     return _sha256("\n".join(parts))
@@ -172,16 +197,17 @@ def check(repo: Path = REPO, locks: tuple[Lock, ...] = LOCKS) -> list[str]:
             problems.append(f"{lock.path} has no generation header: run `{REGENERATE}`")
             continue
         if fields["body-sha256"] != _sha256(body):
-            problems.append(f"{lock.path} was edited by hand (its pins no longer match its header): "
-                            f"run `{REGENERATE}`")
+            problems.append(f"{lock.path} was edited by hand (its pins no longer match its header): run `{REGENERATE}`")
         try:
             inputs = inputs_digest(lock, pyproject, repo)
         except (LockError, OSError) as e:
             problems.append(f"{lock.path}: {e}")
             continue
         if fields["inputs-sha256"] != inputs:
-            problems.append(f"{lock.path} is out of date: pyproject.toml (or {lock.constrained_by or 'the lock tool'}) "
-                            f"changed since it was generated: run `{REGENERATE}`")
+            problems.append(
+                f"{lock.path} is out of date: pyproject.toml (or {lock.constrained_by or 'the lock tool'}) "
+                f"changed since it was generated: run `{REGENERATE}`"
+            )
         pinned = pins(body)
         for line in requirements(lock, pyproject):
             name = _normalise(_requirement_name(line))
@@ -193,6 +219,7 @@ def check(repo: Path = REPO, locks: tuple[Lock, ...] = LOCKS) -> list[str]:
 
 
 # --------------------------------------------------------------------------- generation
+
 
 def _uv() -> list[str]:
     """A uv of the pinned version: on PATH, else installed into build/lock-tools."""
@@ -240,9 +267,21 @@ def generate(lock: Lock, uv: list[str], pyproject: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "requirements.in"
         req.write_text("\n".join(requirements(lock, pyproject)) + "\n", encoding="utf-8")
-        cmd = [*uv, "pip", "compile", str(req), "--universal", "--python-version", PYTHON_VERSION,
-               "--generate-hashes", "--no-header", "--no-annotate", "--quiet", "--index-url",
-               os.environ.get("UV_INDEX_URL", "https://pypi.org/simple")]
+        cmd = [
+            *uv,
+            "pip",
+            "compile",
+            str(req),
+            "--universal",
+            "--python-version",
+            PYTHON_VERSION,
+            "--generate-hashes",
+            "--no-header",
+            "--no-annotate",
+            "--quiet",
+            "--index-url",
+            os.environ.get("UV_INDEX_URL", "https://pypi.org/simple"),
+        ]
         if lock.never:
             overrides = Path(tmp) / "overrides.txt"
             overrides.write_text("".join(f"{n} ; sys_platform == 'never'\n" for n in lock.never), encoding="utf-8")

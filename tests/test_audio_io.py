@@ -9,29 +9,15 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
-from asr_server.audio.io import (AudioDecodeError, AudioTooLongError, EmptyAudioError, PcmFormatError, PcmResampler,
-                                 decode_audio, float_to_pcm16, pcm16_to_float)
+from asr_server.audio.io import decode_audio
+from asr_server.audio.resample import PcmResampler, float_to_pcm16, pcm16_to_float
+from asr_server.errors import AudioDecodeError, AudioTooLongError, EmptyAudioError, PcmFormatError
+from tests.support.audio import encode
 
 AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 ZH = AUDIO / "zh_aishell_BAC009S0724W0121_wenet.wav"
 needs_audio = pytest.mark.skipif(not ZH.is_file(), reason="../shared/audio absent")
-
-
-def encode(samples: np.ndarray, rate: int, container: str, codec: str, channels: int = 1) -> bytes:
-    """Encode 16 kHz float audio to a container in memory with FFmpeg (what a client would upload)."""
-    if rate != 16000:
-        samples = soxr.resample(samples, 16000, rate)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container) as out:
-        stream = out.add_stream(codec, rate=rate, layout="mono" if channels == 1 else "stereo")
-        pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(np.tile(pcm, (channels, 1)), format="s16p", layout=stream.layout.name)
-        frame.sample_rate = rate
-        for packet in [*stream.encode(frame), *stream.encode(None)]:
-            out.mux(packet)
-    return buf.getvalue()
 
 
 def similarity(decoded: np.ndarray, ref: np.ndarray) -> float:
@@ -52,16 +38,19 @@ def speech() -> np.ndarray:
 
 
 @needs_audio
-@pytest.mark.parametrize("container,codec,rate,channels,decoder", [
-    ("wav", "pcm_s16le", 16000, 1, "soundfile"),
-    ("wav", "pcm_s16le", 8000, 1, "soundfile"),
-    ("wav", "pcm_s16le", 44100, 2, "soundfile"),
-    ("flac", "flac", 48000, 2, "soundfile"),
-    ("mp3", "libmp3lame", 44100, 2, "pyav"),
-    ("ogg", "libopus", 48000, 1, "pyav"),
-    ("webm", "libopus", 48000, 2, "pyav"),
-    ("mp4", "aac", 16000, 1, "pyav"),  # .m4a
-])
+@pytest.mark.parametrize(
+    "container,codec,rate,channels,decoder",
+    [
+        ("wav", "pcm_s16le", 16000, 1, "soundfile"),
+        ("wav", "pcm_s16le", 8000, 1, "soundfile"),
+        ("wav", "pcm_s16le", 44100, 2, "soundfile"),
+        ("flac", "flac", 48000, 2, "soundfile"),
+        ("mp3", "libmp3lame", 44100, 2, "pyav"),
+        ("ogg", "libopus", 48000, 1, "pyav"),
+        ("webm", "libopus", 48000, 2, "pyav"),
+        ("mp4", "aac", 16000, 1, "pyav"),  # .m4a
+    ],
+)
 def test_containers_and_rates_decode_to_16k_mono(speech, container, codec, rate, channels, decoder):
     d = decode_audio(encode(speech, rate, container, codec, channels))
     assert d.decoder == decoder
@@ -78,8 +67,9 @@ def test_real_clip_flac_44k_stereo():
     assert abs(d.duration_s - 11.0) < 0.01
 
 
-@pytest.mark.parametrize("data", [b"this is plain text, not audio" * 20, b'{"mode": "offline"}', b"\x00" * 4000,
-                                  bytes(range(256)) * 20])
+@pytest.mark.parametrize(
+    "data", [b"this is plain text, not audio" * 20, b'{"mode": "offline"}', b"\x00" * 4000, bytes(range(256)) * 20]
+)
 def test_not_audio_is_a_named_error(data):
     with pytest.raises(AudioDecodeError, match="not"):
         decode_audio(data)
@@ -130,7 +120,7 @@ def test_pcm_resampler_streams_8k_to_16k():
     tone = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
     pcm = float_to_pcm16(tone)
     r = PcmResampler(8000)
-    out = np.concatenate([r.push(pcm[i:i + 640]) for i in range(0, len(pcm), 640)] + [r.push(b"", last=True)])
+    out = np.concatenate([r.push(pcm[i : i + 640]) for i in range(0, len(pcm), 640)] + [r.push(b"", last=True)])
     assert abs(len(out) - 16000) <= 2
     ref = (0.3 * np.sin(2 * np.pi * 300 * np.arange(16000) / 16000)).astype(np.float32)
     assert similarity(out, ref) > 0.99

@@ -21,8 +21,15 @@ def test_shipped_config_yaml_matches_defaults():
 
 
 def test_env_overrides_nested_key_with_yaml_typing():
-    cfg = load_config(None, env={"ASR_SERVER__VAD__THRESHOLD": "0.6", "ASR_SERVER__SERVER__AUTH__ENABLED": "true",
-                                 "ASR_SERVER__SERVER__AUTH__TOKENS": "[a, b]", "UNRELATED": "x"})
+    cfg = load_config(
+        None,
+        env={
+            "ASR_SERVER__VAD__THRESHOLD": "0.6",
+            "ASR_SERVER__SERVER__AUTH__ENABLED": "true",
+            "ASR_SERVER__SERVER__AUTH__TOKENS": "[a, b]",
+            "UNRELATED": "x",
+        },
+    )
     assert cfg.vad.threshold == 0.6
     assert cfg.server.auth.enabled is True
     assert cfg.server.auth.tokens == ["a", "b"]

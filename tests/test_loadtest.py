@@ -18,16 +18,16 @@ import soundfile
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from asr_server.protocol.xiaozhi import parse_message, parse_protocol_version, server_hello, unpack_audio, Listen
+from asr_server.adapters.xiaozhi.wire import Listen, parse_message, parse_protocol_version, server_hello, unpack_audio
 from loadtest.__main__ import main as cli_main
 from loadtest.clips import DEFAULT_AUDIO_DIR, ClipError, load_clip, load_clips, make_clip, speech_end_sample
-from loadtest.device import (ConnectError, Device, DeviceClosed, DeviceConfig, HelloRejected, HelloTimeout,
-                             ReplyTimeout)
+from loadtest.device import ConnectError, Device, DeviceClosed, DeviceConfig, HelloRejected, HelloTimeout, ReplyTimeout
 from loadtest.probe import ProbeError, parse_metrics, read_proc
 from loadtest.report import LoadReport, p95_counting_unanswered, render_markdown, write_outputs
 from loadtest.run import LoadOptions, OptionsError, run_load
 from loadtest.sink import Sink
 from loadtest.stats import Histogram, percentile, summarize
+from tests.support.loadtest import assert_consistent
 
 SR = 16000
 
@@ -52,8 +52,9 @@ class FakeServer:
     frames), silent (never replies to utterances), error (answers each utterance with an error).
     """
 
-    def __init__(self, behaviour: str = "normal", delay_ms: float = 30.0, silence_ms: float = 200.0,
-                 close_after: int = 10) -> None:
+    def __init__(
+        self, behaviour: str = "normal", delay_ms: float = 30.0, silence_ms: float = 200.0, close_after: int = 10
+    ) -> None:
         self.behaviour = behaviour
         self.delay = delay_ms / 1000.0
         self.silence_ms = silence_ms
@@ -66,7 +67,7 @@ class FakeServer:
         self._server = None
         self.url = ""
 
-    async def __aenter__(self) -> "FakeServer":
+    async def __aenter__(self) -> FakeServer:
         self._server = await serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None)
         self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/xiaozhi/v1/"
         return self
@@ -77,8 +78,11 @@ class FakeServer:
 
     async def _reply(self, ws: ServerConnection, sid: str, n: int) -> None:
         await asyncio.sleep(self.delay)
-        msg = ({"type": "error", "message": "cannot recognise"} if self.behaviour == "error" else
-               {"type": "stt", "text": f"utterance {n}", "session_id": sid, "latency_ms": self.delay * 1000})
+        msg = (
+            {"type": "error", "message": "cannot recognise"}
+            if self.behaviour == "error"
+            else {"type": "stt", "text": f"utterance {n}", "session_id": sid, "latency_ms": self.delay * 1000}
+        )
         try:
             await ws.send(json.dumps(msg))
             self.replies += 1
@@ -146,8 +150,19 @@ def free_port() -> int:
 
 
 def opts(url: str, **kw) -> LoadOptions:
-    base = dict(url=url, clients=(3,), duration_s=2.5, think_ms=(50.0, 150.0), stagger_s=0.2, reply_timeout_s=1.5,
-                connect_timeout_s=1.0, hello_timeout_s=1.0, retry_s=0.3, server_silence_ms=200.0, step_pause_s=0.2)
+    base = dict(
+        url=url,
+        clients=(3,),
+        duration_s=2.5,
+        think_ms=(50.0, 150.0),
+        stagger_s=0.2,
+        reply_timeout_s=1.5,
+        connect_timeout_s=1.0,
+        hello_timeout_s=1.0,
+        retry_s=0.3,
+        server_silence_ms=200.0,
+        step_pause_s=0.2,
+    )
     base.update(kw)
     return LoadOptions(**base)
 
@@ -158,21 +173,8 @@ async def run_bounded(o: LoadOptions, clips) -> LoadReport:
     return await asyncio.wait_for(run_load(o, clips), bound)
 
 
-def assert_consistent(report: LoadReport) -> None:
-    for step in report.steps:
-        s = step.stats
-        assert s.consistent(), s
-        assert s.answered + s.missing + s.errors + s.disconnected + s.sent == s.utterances == len(step.samples)
-        assert s.latency.count == s.answered
-        assert s.counters.client_errors == 0, s.client_error_messages
-        assert s.counters.cancelled == 0
-        assert s.hello.count == s.counters.connects
-        assert s.lateness.count == step.lateness.total > 0 or s.counters.connects == 0
-        for x in step.samples:
-            assert (x.latency_ms is not None) == (x.outcome in ("ok", "error"))
-
-
 # --- clips ---------------------------------------------------------------------------------------
+
 
 def test_clip_resampled_encoded_and_speech_end_found(tmp_path: Path):
     x = tone_burst(0.6, 0.5, lead_s=0.2)  # speech from 200 to 800 ms, clip 1300 ms
@@ -214,6 +216,7 @@ def test_speech_end_boundaries_and_bad_input(tmp_path: Path):
 
 
 @pytest.mark.skipif(not DEFAULT_AUDIO_DIR.is_dir(), reason="../shared/audio absent")
+@pytest.mark.slow
 def test_shared_clips_load_with_speech_inside():
     loaded = load_clips(DEFAULT_AUDIO_DIR)
     assert len(loaded) >= 1
@@ -223,6 +226,7 @@ def test_shared_clips_load_with_speech_inside():
 
 
 # --- stats and probe -----------------------------------------------------------------------------
+
 
 def test_percentiles_nearest_rank_and_histogram():
     vals = list(range(1, 101))
@@ -248,9 +252,11 @@ def test_probe_reads_proc_and_metrics_text():
     s = read_proc(os.getpid())
     assert s.cpu_s > 0 and s.rss_bytes > 1 << 20
     with pytest.raises(ProbeError):
-        read_proc(2 ** 22 + 12345)
-    text = ("# HELP process_cpu_seconds_total x\nprocess_cpu_seconds_total 12.5\n"
-            "process_resident_memory_bytes 1.048576e+08\nother{a=\"b\"} 3\n")
+        read_proc(2**22 + 12345)
+    text = (
+        "# HELP process_cpu_seconds_total x\nprocess_cpu_seconds_total 12.5\n"
+        'process_resident_memory_bytes 1.048576e+08\nother{a="b"} 3\n'
+    )
     assert parse_metrics(text) == (12.5, 104857600)
     with pytest.raises(ProbeError, match="process_resident_memory_bytes"):
         parse_metrics("process_cpu_seconds_total 1\n")
@@ -277,11 +283,13 @@ async def test_clips_longer_than_the_step_are_refused(clips):
 
 # --- the device ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("version", [1, 2, 3])
 async def test_device_headers_framing_and_messages(clips, version):
     async with FakeServer() as srv:
-        cfg = DeviceConfig(url=srv.url, token="tok", protocol_version=version, device_id="02:00:00:00:00:07",
-                           client_id="cid-1")
+        cfg = DeviceConfig(
+            url=srv.url, token="tok", protocol_version=version, device_id="02:00:00:00:00:07", client_id="cid-1"
+        )
         async with Device(cfg) as dev:
             assert dev.session_id and dev.hello_ms is not None and dev.hello_ms >= 0
             await dev.listen("start", "manual")
@@ -351,6 +359,8 @@ async def test_device_failures_are_named():
 
 # --- whole runs ----------------------------------------------------------------------------------
 
+
+@pytest.mark.slow
 async def test_run_against_fake_recogniser_auto(clips):
     async with FakeServer(delay_ms=30.0, silence_ms=200.0) as srv:
         report = await run_bounded(opts(srv.url), clips)
@@ -368,10 +378,12 @@ async def test_run_against_fake_recogniser_auto(clips):
     assert srv.replies == s.utterances + s.counters.late_replies
 
 
+@pytest.mark.slow
 async def test_run_manual_mode_protocol_v3_and_outputs(clips, tmp_path: Path):
     async with FakeServer(delay_ms=40.0) as srv:
-        report = await run_bounded(opts(srv.url, mode="manual", protocol_version=3, wake_word="你好小智",
-                                        clients=(2,)), clips)
+        report = await run_bounded(
+            opts(srv.url, mode="manual", protocol_version=3, wake_word="你好小智", clients=(2,)), clips
+        )
     assert_consistent(report)
     s = report.steps[0].stats
     assert s.answered == s.utterances >= 2
@@ -388,10 +400,12 @@ async def test_run_manual_mode_protocol_v3_and_outputs(clips, tmp_path: Path):
         assert (tmp_path / "out" / "plot.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 async def test_seed_picks_the_same_utterances(clips):
     async with FakeServer() as srv:
         a = await run_bounded(opts(srv.url, clients=(2,), seed=7, duration_s=1.8), clips)
         b = await run_bounded(opts(srv.url, clients=(2,), seed=7, duration_s=1.8), clips)
+
     def picks(r: LoadReport, client: int) -> list[str]:
         return [x.clip for x in sorted(r.steps[0].samples, key=lambda x: x.eos_s) if x.client == client]
 
@@ -401,6 +415,7 @@ async def test_seed_picks_the_same_utterances(clips):
         assert n >= 1 and pa[:n] == pb[:n]
 
 
+@pytest.mark.slow
 async def test_unanswered_utterances_are_counted_missing_or_error(clips):
     async with FakeServer("silent") as srv:
         silent = await run_bounded(opts(srv.url, clients=(2,), reply_timeout_s=0.4), clips)
@@ -416,9 +431,9 @@ async def test_unanswered_utterances_are_counted_missing_or_error(clips):
     assert all(x.error == "cannot recognise" for x in errs.steps[0].samples)
 
 
+@pytest.mark.slow
 async def test_refusing_stalling_and_closing_servers_are_counted(clips):
-    refused = await run_bounded(opts(f"ws://127.0.0.1:{free_port()}/xiaozhi/v1/", clients=(2,), duration_s=1.5),
-                                clips)
+    refused = await run_bounded(opts(f"ws://127.0.0.1:{free_port()}/xiaozhi/v1/", clients=(2,), duration_s=1.5), clips)
     s = refused.steps[0].stats
     assert s.counters.refused >= 2 and s.counters.connects == 0 and s.utterances == 0
     assert refused.capacity is None
@@ -434,6 +449,7 @@ async def test_refusing_stalling_and_closing_servers_are_counted(clips):
         assert r.steps[0].stats.counters.client_errors == 0 and r.steps[0].stats.consistent()
 
 
+@pytest.mark.slow
 async def test_ramp_reports_capacity_and_stops_after_a_failed_step(clips):
     async with FakeServer(delay_ms=20.0) as srv:
         ok = await run_bounded(opts(srv.url, clients=(1, 2), duration_s=1.5), clips)
@@ -444,6 +460,7 @@ async def test_ramp_reports_capacity_and_stops_after_a_failed_step(clips):
     assert "capacity: none of the steps" in render_markdown(tight)
 
 
+@pytest.mark.slow
 async def test_sink_measures_the_generator(clips):
     async with Sink() as sink:
         report = await run_bounded(opts(sink.url, clients=(4,), expect_replies=False), clips)
@@ -458,10 +475,10 @@ async def test_sink_measures_the_generator(clips):
     assert s.within_budget == (s.lateness.p99 < 20.0)
 
 
+@pytest.mark.slow
 async def test_generator_processes_share_the_clients(clips):
     async with Sink() as sink:
-        report = await run_bounded(opts(sink.url, clients=(4,), duration_s=2.0, procs=2, expect_replies=False),
-                                   clips)
+        report = await run_bounded(opts(sink.url, clients=(4,), duration_s=2.0, procs=2, expect_replies=False), clips)
         await asyncio.sleep(0.2)
     assert_consistent(report)
     s = report.steps[0].stats
@@ -488,7 +505,7 @@ async def test_server_probe_from_proc_and_metrics_endpoint():
     cpu = iter([10.0, 10.5, 11.0, 11.5, 12.0, 12.5, 13.0, 13.5] + [14.0] * 100)
 
     class Metrics(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             body = (f"process_cpu_seconds_total {next(cpu)}\nprocess_resident_memory_bytes 2097152\n").encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
@@ -515,13 +532,30 @@ async def test_server_probe_from_proc_and_metrics_endpoint():
     assert usage.cpu_percent is None and "cannot read metrics" in usage.error
 
 
+@pytest.mark.slow
 def test_cli_sink_mode_writes_every_output(tmp_path: Path):
     audio = tmp_path / "audio"
     audio.mkdir()
     soundfile.write(audio / "burst.wav", tone_burst(0.4, 0.2), SR)
     out = tmp_path / "out"
-    rc = cli_main(["--sink", "--clients", "2", "--duration", "1.5", "--audio", str(audio), "--out", str(out),
-                   "--quiet", "--think-ms", "50,100", "--stagger", "0.1"])
+    rc = cli_main(
+        [
+            "--sink",
+            "--clients",
+            "2",
+            "--duration",
+            "1.5",
+            "--audio",
+            str(audio),
+            "--out",
+            str(out),
+            "--quiet",
+            "--think-ms",
+            "50,100",
+            "--stagger",
+            "0.1",
+        ]
+    )
     assert rc == 0
     data = json.loads((out / "samples.json").read_text())
     step = data["steps"][0]

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import pytest
+
 from loadtest.clips import load_clip
 from loadtest.run import LoadOptions, run_load
-from tests.conftest import AUDIO, needs_audio
-from tests.test_loadtest import assert_consistent
+from tests.support.audio import AUDIO, needs_audio
+from tests.support.loadtest import assert_consistent
+
+pytestmark = pytest.mark.slow  # a load-test step against the server
 
 
 @needs_audio
 async def test_harness_against_our_server_reports_consistent_numbers(server, tmp_path):
     clips = tuple(load_clip(p) for p in sorted(AUDIO.glob("*_tts_living_room_light_wyoming.wav")))
     silence = server.config.vad.min_silence_ms
-    opts = LoadOptions(url=server.endpoints.device_url, clients=(3,), duration_s=8.0, think_ms=(200.0, 500.0),
-                       stagger_s=0.5, reply_timeout_s=8.0, server_silence_ms=float(silence),
-                       metrics_url=f"{server.endpoints.http_url}/metrics")
+    opts = LoadOptions(
+        url=server.endpoints.device_url,
+        clients=(3,),
+        duration_s=8.0,
+        think_ms=(200.0, 500.0),
+        stagger_s=0.5,
+        reply_timeout_s=8.0,
+        server_silence_ms=float(silence),
+        metrics_url=f"{server.endpoints.http_url}/metrics",
+    )
     report = await run_load(opts, clips)
     assert_consistent(report)
     (step,) = report.steps

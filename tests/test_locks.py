@@ -81,8 +81,7 @@ def test_a_lock_edited_by_hand_fails_the_check(repo_copy):
 
 def test_a_range_changed_in_pyproject_without_regenerating_fails_the_check(repo_copy):
     path = repo_copy / "pyproject.toml"
-    path.write_text(path.read_text(encoding="utf-8").replace('"websockets>=13"', '"websockets>=14"'),
-                    encoding="utf-8")
+    path.write_text(path.read_text(encoding="utf-8").replace('"websockets>=13"', '"websockets>=14"'), encoding="utf-8")
     problems = lock.check(repo_copy)
     assert {p.split(" ")[0] for p in problems if "out of date" in p} == {lk.path for lk in lock.LOCKS if not lk.build}
 
@@ -108,8 +107,13 @@ def test_an_uninstallable_lock_stops_setup_with_the_package_and_what_to_do(tmp_p
     named = "asr-server-no-such-package==1.0.0 is not on the package index"
     env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(tmp_path), "PIP_CONFIG_FILE": os.devnull}
     env.pop("PIP_INDEX_URL", None)
-    result = subprocess.run([sys.executable, str(REPO / "scripts/install_locked.py"), str(bad)],
-                            capture_output=True, text=True, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/install_locked.py"), str(bad)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert named in result.stderr
     assert "what to do:" in result.stderr and "setup-pip.log" in result.stderr
@@ -120,15 +124,18 @@ def test_diagnose_names_a_hash_mismatch_and_an_unreachable_index():
     mismatch = install_locked.diagnose(
         "ERROR: THESE PACKAGES DO NOT MATCH THE HASHES FROM THE REQUIREMENTS FILE. If you have updated the "
         "package versions, please update the hashes.\n    numpy==2.4.6 from https://files/numpy.whl:\n"
-        "        Expected sha256 00\n             Got        11\n")
+        "        Expected sha256 00\n             Got        11\n"
+    )
     assert "numpy==2.4.6" in mismatch.summary and "hash" in mismatch.summary
     offline = install_locked.diagnose(
         "WARNING: Retrying ... Failed to establish a new connection: [Errno -3] Temporary failure in name "
-        "resolution\nERROR: Could not find a version that satisfies the requirement numpy==2.4.6\n")
+        "resolution\nERROR: Could not find a version that satisfies the requirement numpy==2.4.6\n"
+    )
     assert "cannot be reached" in offline.summary
     unpinned = install_locked.diagnose(
         "ERROR: In --require-hashes mode, all requirements must have their versions pinned with ==. These do "
-        "not:\n    numpy>=1.26 from https://files/numpy.whl\n")
+        "not:\n    numpy>=1.26 from https://files/numpy.whl\n"
+    )
     assert "unpinned requirement: numpy>=1.26" in unpinned.summary and "scripts/lock.py" in unpinned.advice
 
 
@@ -140,10 +147,20 @@ def test_the_serving_lock_alone_runs_the_server_without_torch(tmp_path, models_d
     py = venv / "bin" / "python"
     log = tmp_path / "pip.log"
     env = {**os.environ, "VIRTUAL_ENV": str(venv)}
-    subprocess.run([str(py), str(REPO / "scripts/install_locked.py"), "requirements/build.txt", "requirements.txt"],
-                   check=True, cwd=REPO, env=env, capture_output=True)
-    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
-                   check=True, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    subprocess.run(
+        [str(py), str(REPO / "scripts/install_locked.py"), "requirements/build.txt", "requirements.txt"],
+        check=True,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+    )
+    subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)],
+        check=True,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     no_torch = subprocess.run([str(py), "-c", "import torch"], capture_output=True, text=True)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     cli = venv / "bin" / "asr-server"
@@ -153,7 +170,8 @@ def test_the_serving_lock_alone_runs_the_server_without_torch(tmp_path, models_d
     config.write_text(
         f"asr: {{model_dir: {models_dir / 'SenseVoiceSmall'}}}\n"
         f"speaker: {{model: {models_dir / 'campplus' / 'campplus.onnx'}, db: {tmp_path / 'vp.sqlite'}}}\n"
-        "server: {host: 127.0.0.1, port: 0}\nhttp: {host: 127.0.0.1, port: 0}\nfunasr: {host: 127.0.0.1, port: 0}\n")
+        "server: {host: 127.0.0.1, port: 0}\nhttp: {host: 127.0.0.1, port: 0}\nfunasr: {host: 127.0.0.1, port: 0}\n"
+    )
     clip = REPO.parent / "shared" / "audio" / "en_tts_living_room_light_wyoming.wav"
     wav = clip if clip.is_file() else None
     if wav is None:
@@ -162,15 +180,20 @@ def test_the_serving_lock_alone_runs_the_server_without_torch(tmp_path, models_d
 
         wav = tmp_path / "tone.wav"
         sf.write(wav, (0.1 * np.sin(np.arange(16000) / 5)).astype("float32"), 16000)
-    out = subprocess.run([str(cli), "--config", str(config), "transcribe", "--json", str(wav)],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(cli), "--config", str(config), "transcribe", "--json", str(wav)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert '"file"' in out.stdout
     if clip.is_file():
         assert "living room" in out.stdout.lower()
 
-    serve = subprocess.Popen([str(cli), "--config", str(config), "serve"], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    serve = subprocess.Popen(
+        [str(cli), "--config", str(config), "serve"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         assert serve.stdout is not None
         lines = []
@@ -188,9 +211,21 @@ def test_the_serving_lock_alone_runs_the_server_without_torch(tmp_path, models_d
             from websockets.asyncio.client import connect
 
             async with connect(url) as ws:
-                await ws.send(json.dumps({"type": "hello", "version": 1, "transport": "websocket",
-                                          "audio_params": {"format": "opus", "sample_rate": 16000,
-                                                           "channels": 1, "frame_duration": 60}}))
+                await ws.send(
+                    json.dumps(
+                        {
+                            "type": "hello",
+                            "version": 1,
+                            "transport": "websocket",
+                            "audio_params": {
+                                "format": "opus",
+                                "sample_rate": 16000,
+                                "channels": 1,
+                                "frame_duration": 60,
+                            },
+                        }
+                    )
+                )
                 return json.loads(await ws.recv())
 
         import asyncio

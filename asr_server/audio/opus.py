@@ -5,12 +5,10 @@ from __future__ import annotations
 import numpy as np
 import opuslib
 
-SAMPLE_RATE = 16000
+from ..constants import SAMPLE_RATE
+from ..errors import OpusDecodeError
+
 _MAX_FRAME = SAMPLE_RATE * 120 // 1000  # the longest Opus packet, 120 ms
-
-
-class OpusDecodeError(ValueError):
-    """A packet libopus rejects (corrupt or not Opus)."""
 
 
 class OpusStreamDecoder:

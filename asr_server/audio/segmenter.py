@@ -12,16 +12,34 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 
-from asr_server.audio.vad import SAMPLE_RATE, WINDOW
-from asr_server.config import VadConfig
+from ..constants import VAD_WINDOW as WINDOW
+from ..constants import VAD_WINDOW_MS as _WINDOW_MS
 
-_WINDOW_MS = WINDOW * 1000 / SAMPLE_RATE  # 32 ms
 _ONSET_OF = 5
 _ONSET_NEED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SegmenterOptions:
+    """How speech is turned into utterances (the `vad` section of the configuration gives them)."""
+
+    threshold: float = 0.5
+    """Probability at or above which a window enters speech."""
+    threshold_low: float = 0.3
+    """Probability at or below which a window leaves speech; in between the last decision holds."""
+    min_silence_ms: float = 400
+    """Silence that ends an utterance."""
+    min_speech_ms: float = 250
+    """Utterances with less voiced audio are dropped."""
+    pre_roll_ms: float = 300
+    """Audio kept from before the speech onset."""
+    max_utterance_s: float = 30.0
+    """An utterance is cut here even if speech goes on."""
+    tail_ms: float = 96.0
+    """Silence after the last voiced window that ends the utterance's audio and starts a speculation."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,17 +85,17 @@ class Dropped:
     speech_ms: float
 
 
-Event = Union[SpeechStarted, Speculate, SpeechResumed, Utterance, Dropped]
+Event = SpeechStarted | Speculate | SpeechResumed | Utterance | Dropped
 
 
 class Segmenter:
     """Feeds on (chunk, probability) pairs of 512 samples, in order; emits events."""
 
-    def __init__(self, cfg: VadConfig, tail_ms: float = 96.0) -> None:
-        self.cfg = cfg
-        self._pre_roll_windows = max(1, int(round(cfg.pre_roll_ms / _WINDOW_MS)))
+    def __init__(self, options: SegmenterOptions) -> None:
+        self.cfg = cfg = options
+        self._pre_roll_windows = max(1, round(cfg.pre_roll_ms / _WINDOW_MS))
         self._silence_windows = max(1, int(np.ceil(cfg.min_silence_ms / _WINDOW_MS)))
-        self._tail_windows = min(self._silence_windows, max(1, int(round(tail_ms / _WINDOW_MS))))
+        self._tail_windows = min(self._silence_windows, max(1, round(cfg.tail_ms / _WINDOW_MS)))
         self._max_windows = max(1, int(cfg.max_utterance_s * 1000 / _WINDOW_MS))
         self._next_id = 1
         self._pushed = 0  # windows fed since construction: stream positions survive reset()
@@ -179,7 +197,7 @@ class Segmenter:
         speculated = self._speculated and reason == "silence"
         start_sample = self._start_window * WINDOW
         # Keep the trailing silence as the next utterance's pre-roll.
-        tail = self._chunks[-self._pre_roll_windows:]
+        tail = self._chunks[-self._pre_roll_windows :]
         self.reset()
         self._pre_roll.extend(tail)
         if not long_enough:

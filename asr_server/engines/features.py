@@ -14,13 +14,11 @@ from pathlib import Path
 import kaldi_native_fbank as knf
 import numpy as np
 
-SAMPLE_RATE = 16000
+from ..constants import SAMPLE_RATE
+from ..errors import CmvnFileError
+
 #: Samples in one 25 ms analysis window; shorter input is zero-padded to one frame.
 FRAME_SAMPLES = 400
-
-
-class CmvnFileError(ValueError):
-    """`am.mvn` is missing its `<AddShift>`/`<Rescale>` vectors or they disagree in size."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +39,7 @@ class Cmvn:
 def _vector_after(lines: list[str], tag: str, path: Path) -> np.ndarray:
     for i, line in enumerate(lines):
         if line.split()[:1] == [tag]:
-            for follow in lines[i + 1:]:
+            for follow in lines[i + 1 :]:
                 parts = follow.split()
                 if parts[:1] == ["<LearnRateCoef>"]:
                     # "<LearnRateCoef> 0 [ v1 v2 ... ]"
@@ -51,7 +49,7 @@ def _vector_after(lines: list[str], tag: str, path: Path) -> np.ndarray:
                     except ValueError:
                         break
                     try:
-                        return np.asarray(parts[open_at + 1:close_at], dtype=np.float32)
+                        return np.asarray(parts[open_at + 1 : close_at], dtype=np.float32)
                     except ValueError as e:
                         raise CmvnFileError(f"{path}: {tag} holds a non-number: {e}") from None
             break
@@ -104,8 +102,7 @@ def as_mono_float(audio: np.ndarray) -> np.ndarray:
     return audio.astype(np.float32, copy=False)
 
 
-def kaldi_fbank(samples: np.ndarray, *, window: str, num_bins: int = 80,
-                sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+def kaldi_fbank(samples: np.ndarray, *, window: str, num_bins: int = 80, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Kaldi log-mel filterbank, dither 0, snip_edges; returns float32 [T, num_bins].
 
     Input shorter than one 25 ms frame is zero-padded to one frame so that every utterance
@@ -141,11 +138,13 @@ def apply_lfr(feats: np.ndarray, m: int = 7, n: int = 6) -> np.ndarray:
     t_out = -(-t // n)
     left = (m - 1) // 2
     need = (t_out - 1) * n + m  # rows the last window reaches, counting the left padding
-    padded = np.concatenate([
-        np.repeat(feats[:1], left, axis=0),
-        feats,
-        np.repeat(feats[-1:], max(0, need - left - t), axis=0),
-    ])
+    padded = np.concatenate(
+        [
+            np.repeat(feats[:1], left, axis=0),
+            feats,
+            np.repeat(feats[-1:], max(0, need - left - t), axis=0),
+        ]
+    )
     idx = np.arange(t_out)[:, None] * n + np.arange(m)[None, :]
     return padded[idx].reshape(t_out, m * d)
 
@@ -229,7 +228,7 @@ def ecapa_fbank(audio: np.ndarray) -> np.ndarray:
     n_frames = 1 + (x.shape[0] - ECAPA_N_FFT) // ECAPA_HOP
     idx = np.arange(ECAPA_N_FFT)[None, :] + ECAPA_HOP * np.arange(n_frames)[:, None]
     spec = np.fft.rfft(x[idx] * _ECAPA_WINDOW, axis=1)
-    power = (spec.real ** 2 + spec.imag ** 2).astype(np.float32)
+    power = (spec.real**2 + spec.imag**2).astype(np.float32)
     db = 10.0 * np.log10(np.maximum(power @ _ECAPA_MEL, 1e-10))
     return np.maximum(db, db.max() - ECAPA_TOP_DB).astype(np.float32)
 

@@ -1,0 +1,91 @@
+"""The FunASR-runtime-compatible WebSocket server: handshake checks, TLS, one `FunAsrSession` per client."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Sequence
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from ...config import Config, FunAsrConfig
+from ...core.events import EventBus
+from ...core.metrics import Metrics
+from ...core.pipeline import Pipeline
+from ...errors import ConfigError
+from ..admission import ConnectionSlots
+from ..auth import ApiKeys, bearer_token
+from .session import PROTOCOL, FunAsrSession
+
+log = logging.getLogger(__name__)
+
+
+class FunAsrServer:
+    """Handshake checks and one `FunAsrSession` per client."""
+
+    def __init__(self, config: Config, pipeline: Pipeline, metrics: Metrics, bus: EventBus | None = None) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.bus = bus
+        self.keys = ApiKeys.from_config(config) if config.funasr.auth else ApiKeys(frozenset(), required=False)
+        self.slots = ConnectionSlots(
+            config.funasr.max_sessions, "funasr.max_sessions", metrics.errors.labels("capacity").inc
+        )
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = self.config.funasr.path
+        if path != "/" and request.path.split("?", 1)[0].rstrip("/") != path.rstrip("/"):
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no FunASR endpoint at {request.path}; use {path}\n")
+        if not self.keys.allows(bearer_token(request.headers.get("Authorization"))):
+            self.metrics.errors.labels("auth").inc()
+            return connection.respond(
+                HTTPStatus.UNAUTHORIZED, "missing or invalid key (send `Authorization: Bearer <key>`)\n"
+            )
+        return self.slots.admit(connection)
+
+    @staticmethod
+    def select_subprotocol(connection: ServerConnection, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:
+        """FunASR clients offer `binary`; take it when offered, and clients that offer nothing too."""
+        return Subprotocol("binary") if "binary" in subprotocols else None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        self.metrics.sessions_total.labels(PROTOCOL).inc()
+        self.metrics.sessions.labels(PROTOCOL).inc()
+        try:
+            await FunAsrSession(self, ws).run()
+        finally:
+            self.metrics.sessions.labels(PROTOCOL).dec()
+
+
+def tls_context(cfg: FunAsrConfig) -> ssl.SSLContext | None:
+    """The server TLS context for `funasr.ssl_certfile`, or None for plain ws://."""
+    if cfg.ssl_certfile is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"invalid configuration: funasr.ssl_certfile/ssl_keyfile cannot be loaded: {e}") from None
+    return ctx
+
+
+async def serve_funasr(config: Config, pipeline: Pipeline, metrics: Metrics, bus: EventBus | None = None) -> Server:
+    """Listen on `funasr.host:funasr.port` (0 picks a free port; `server.sockets` tells which)."""
+    cfg = config.funasr
+    handler = FunAsrServer(config, pipeline, metrics, bus)
+    return await serve(
+        handler.handle,
+        cfg.host,
+        cfg.port,
+        process_request=handler.process_request,
+        select_subprotocol=handler.select_subprotocol,
+        max_size=cfg.max_message_bytes,
+        ping_interval=cfg.ping_interval_s,
+        close_timeout=cfg.close_timeout_s,
+        compression=None,
+        ssl=tls_context(cfg),
+    )

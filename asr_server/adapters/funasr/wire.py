@@ -1,0 +1,168 @@
+"""FunASR's runtime WebSocket protocol as data: the client's configuration, its validation, and the
+result messages. Pure functions, no I/O; every malformed input is a `FunAsrProtocolError` whose
+`code` is the close code that says how (see `session` for the conversation).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from websockets.frames import CloseCode
+
+from ...constants import LANGUAGES, SAMPLE_RATE
+from ...errors import FunAsrProtocolError
+from ...types import Recognition
+
+MODES = ("offline", "online", "2pass")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestConfig:
+    """The client's configuration message(s), validated. Later messages update earlier ones."""
+
+    mode: str = "2pass"
+    wav_name: str = "microphone"
+    wav_format: str = "pcm"
+    audio_fs: int = SAMPLE_RATE
+    itn: bool = True
+    language: str | None = None  # `svs_lang` (FunASR's name for SenseVoice's language), None = auto
+    chunk_size: tuple[int, ...] = (5, 10, 5)
+    chunk_interval: int = 10
+    hotwords: str | None = None  # accepted; SenseVoice has no hotword biasing
+
+    @property
+    def is_pcm(self) -> bool:
+        return self.wav_format.lower() in ("pcm", "")
+
+    def update(self, msg: dict[str, Any]) -> RequestConfig:
+        """A new configuration with the keys of `msg` applied; `FunAsrProtocolError` on a bad value."""
+        changes: dict[str, Any] = {}
+        if "mode" in msg:
+            if msg["mode"] not in MODES:
+                raise FunAsrProtocolError(
+                    CloseCode.INVALID_DATA, f"unsupported mode {msg['mode']!r}; use offline, online or 2pass"
+                )
+            changes["mode"] = msg["mode"]
+        if "wav_name" in msg:
+            changes["wav_name"] = _string(msg, "wav_name")[:256]
+        if "wav_format" in msg:
+            changes["wav_format"] = _string(msg, "wav_format")
+        if "audio_fs" in msg:
+            fs = _integer(msg, "audio_fs")
+            if not 4000 <= fs <= 192000:
+                raise FunAsrProtocolError(CloseCode.INVALID_DATA, f"audio_fs {fs} is outside 4000..192000")
+            changes["audio_fs"] = fs
+        for key in ("itn", "svs_itn"):
+            if key in msg:
+                changes["itn"] = boolean(msg, key)
+        if "svs_lang" in msg:
+            lang = _string(msg, "svs_lang").lower()
+            if lang not in LANGUAGES:
+                raise FunAsrProtocolError(
+                    CloseCode.INVALID_DATA, f"svs_lang {lang!r} is not one of {', '.join(LANGUAGES)}"
+                )
+            changes["language"] = None if lang == "auto" else lang
+        if "chunk_size" in msg:
+            changes["chunk_size"] = _chunk_size(msg["chunk_size"])
+        if "chunk_interval" in msg:
+            changes["chunk_interval"] = _integer(msg, "chunk_interval")
+        if "hotwords" in msg:
+            hw = msg["hotwords"]
+            changes["hotwords"] = hw if isinstance(hw, str) else json.dumps(hw, ensure_ascii=False)
+        return replace(self, **changes) if changes else self
+
+
+def _bad_type(key: str, want: str, value: Any) -> FunAsrProtocolError:
+    return FunAsrProtocolError(
+        CloseCode.INVALID_DATA, f"config key {key!r} must be {want}, got {json.dumps(value)[:40]}"
+    )
+
+
+def _string(msg: dict, key: str) -> str:
+    v = msg[key]
+    if isinstance(v, (str, int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise _bad_type(key, "a string", v)
+
+
+def _integer(msg: dict, key: str) -> int:
+    v = msg[key]
+    if isinstance(v, bool):
+        raise _bad_type(key, "an integer", v)
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str) and v.strip().isdigit():
+        return int(v)
+    raise _bad_type(key, "an integer", v)
+
+
+def boolean(msg: dict, key: str) -> bool:
+    v = msg[key]
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0"):
+        return v.lower() in ("true", "1")
+    raise _bad_type(key, "true or false", v)
+
+
+def _chunk_size(v: Any) -> tuple[int, ...]:
+    items = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+    try:
+        if not isinstance(items, list) or len(items) != 3 or any(isinstance(x, bool) for x in items):
+            raise ValueError
+        return tuple(int(x) for x in items)
+    except (TypeError, ValueError):
+        raise _bad_type("chunk_size", "three integers such as [5, 10, 5]", v) from None
+
+
+def parse_message(text: str) -> dict[str, Any]:
+    try:
+        msg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FunAsrProtocolError(CloseCode.INVALID_DATA, f"malformed JSON config: {e.msg} at char {e.pos}") from None
+    if not isinstance(msg, dict):
+        raise FunAsrProtocolError(CloseCode.INVALID_DATA, "the JSON config must be an object")
+    if "is_speaking" in msg and not isinstance(msg["is_speaking"], bool):
+        boolean(msg, "is_speaking")
+    return msg
+
+
+def stable_prefix(text: str) -> str:
+    """A partial's text without its last unit (word or character), which the next decode may still change."""
+    text = text.rstrip()
+    if not text:
+        return ""
+    if text[-1].isascii():
+        cut = text.rfind(" ")
+        return text[: cut + 1] if cut >= 0 else ""
+    return text[:-1]
+
+
+def delta(sent: str, text: str) -> str:
+    """What extends `sent` to `text`; when the decode revised sent text, what follows the common part."""
+    if text.startswith(sent):
+        return text[len(sent) :]
+    common = 0
+    for a, b in zip(sent, text, strict=False):
+        if a != b:
+            break
+        common += 1
+    return text[common:]
+
+
+def result_fields(rec: Recognition | None) -> dict[str, Any]:
+    t = rec.transcript if rec is not None else None
+    speaker = rec.speaker if rec is not None else None
+    return {
+        "language": t.language if t else None,
+        "emotion": t.emotion if t else None,
+        "event": t.event if t else None,
+        "spk_name": speaker.name if speaker else "unknown",
+        "spk_score": round(speaker.score, 4) if speaker else 0.0,
+    }

@@ -1,0 +1,54 @@
+"""What every HTTP handler shares: the application's keys, the authorisation rule, the error shapes."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from ...config import Config
+from ...core.events import EventBus
+from ...core.metrics import Metrics
+from ...core.pipeline import Pipeline
+from ...errors import ApiError
+from ..auth import ApiKeys, bearer_token
+
+CONFIG = web.AppKey("config", Config)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+BUS = web.AppKey("bus", EventBus)
+METRICS = web.AppKey("metrics", Metrics)
+READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
+KEYS = web.AppKey("keys", ApiKeys)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
+
+
+def authorize(request: web.Request, *query_names: str) -> None:
+    """Refuse (401) a request without one of the API's keys; `query_names` may carry it for browsers."""
+    keys = request.app[KEYS]
+    token = bearer_token(request.headers.get("Authorization"))
+    for name in query_names:
+        token = token or request.query.get(name)
+    if not keys.allows(token):
+        raise ApiError(401, "missing API key" if not token else "invalid API key", code="invalid_api_key")
+
+
+def error_response(request: web.Request, err: ApiError) -> web.Response:
+    if request.path.startswith("/v1/"):
+        kind = (
+            "authentication_error"
+            if err.status == 401
+            else "invalid_request_error"
+            if err.status < 500
+            else "server_error"
+        )
+        body: dict[str, Any] = {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
+    else:
+        body = {"detail": err.message}
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return web.json_response(body, status=err.status, headers=headers)
+
+
+def too_large_message(config: Config) -> str:
+    return f"upload larger than the {config.http.max_upload_mb:g} MB limit (http.max_upload_mb)"

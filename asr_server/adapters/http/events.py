@@ -1,0 +1,66 @@
+"""`GET /v1/events`: a WebSocket stream of final transcripts, optionally for some devices only."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from ...errors import ApiError, SubscriptionClosed
+from .context import BUS, CONFIG, SOCKETS, authorize
+
+#: Subscribers send nothing but their close; a larger message is not a subscriber.
+_MAX_MESSAGE_BYTES = 4096
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/events` WebSocket: `?device_id=a&device_id=b` (or comma separated) to filter.
+
+    Browsers cannot set headers, so the key may also come as `?token=` or `?key=`.
+    """
+    authorize(request, "token", "key")
+    cfg = request.app[CONFIG].events
+    bus = request.app[BUS]
+    if bus.subscribers >= cfg.max_subscribers:
+        raise ApiError(
+            503,
+            f"too many event subscribers: {bus.subscribers} connected (events.max_subscribers = {cfg.max_subscribers})",
+            code="server_busy",
+        )
+    ids = [d.strip() for v in request.query.getall("device_id", []) for d in v.split(",") if d.strip()]
+    ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=_MAX_MESSAGE_BYTES)
+    await ws.prepare(request)
+    request.app[SOCKETS].add(ws)
+    with bus.subscribe(ids or None) as sub:
+        await ws.send_json({"type": "subscribed", "device_ids": ids or None})
+
+        async def read_until_closed() -> None:
+            async for msg in ws:  # subscribers have nothing to say; this notices their close
+                if msg.type == WSMsgType.ERROR:
+                    break
+
+        reader = asyncio.create_task(read_until_closed())
+        try:
+            while not reader.done():
+                getter = asyncio.ensure_future(sub.get())
+                done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                try:
+                    event = getter.result()
+                except SubscriptionClosed:
+                    await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+                    break
+                await ws.send_str(event.to_json())
+        except ConnectionResetError:
+            pass
+        finally:
+            reader.cancel()
+    return ws
+
+
+async def close_sockets(app: web.Application) -> None:
+    sockets = app[SOCKETS]
+    for ws in list(sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")

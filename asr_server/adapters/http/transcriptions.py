@@ -1,0 +1,175 @@
+"""`POST /v1/audio/transcriptions` and `GET /v1/models`: the OpenAI audio API (the `openai` client,
+xiaozhi-esp32-server's `openai` ASR provider, Open WebUI...); any common container, long files cut by VAD."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from aiohttp import web
+
+from ...constants import OPENAI
+from ...core.events import EventBus
+from ...core.recording import Segment, dominant, join_texts, recognize_recording
+from ...errors import ApiError
+from ...types import TranscriptEvent
+from .context import BUS, CONFIG, METRICS, PIPELINE, authorize
+from .forms import decode, read_form, upload
+
+PROTOCOL = OPENAI
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+
+# OpenAI takes ISO-639-1 codes; SenseVoice knows these languages (and `auto`).
+_LANGUAGES = {
+    "auto": "auto",
+    "zh": "zh",
+    "en": "en",
+    "ja": "ja",
+    "ko": "ko",
+    "yue": "yue",
+    "cmn": "zh",
+    "chinese": "zh",
+    "mandarin": "zh",
+    "english": "en",
+    "japanese": "ja",
+    "korean": "ko",
+    "cantonese": "yue",
+    "zh-hk": "yue",
+    "zh-yue": "yue",
+}
+
+
+def parse_language(value: str | None) -> str | None:
+    """An OpenAI `language` value as a SenseVoice language; None for auto-detection."""
+    if not value:
+        return None
+    v = value.strip().lower().replace("_", "-")
+    lang = _LANGUAGES.get(v) or (_LANGUAGES.get(v.split("-")[0]) if "-" in v else None)
+    if lang is None:
+        raise ApiError(
+            400,
+            f"language {value!r} is not supported; use one of zh, en, yue, ja, ko or auto",
+            code="unsupported_language",
+            param="language",
+        )
+    return None if lang == "auto" else lang
+
+
+def _timestamp(seconds: float, sep: str) -> str:
+    ms = round(seconds * 1000)
+    h, ms = divmod(ms, 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    s, ms = divmod(ms, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def render_srt(segments: list[Segment]) -> str:
+    return "".join(
+        f"{i}\n{_timestamp(s.start_s, ',')} --> {_timestamp(s.end_s, ',')}\n{s.text}\n\n"
+        for i, s in enumerate(segments, 1)
+    )
+
+
+def render_vtt(segments: list[Segment]) -> str:
+    return "WEBVTT\n\n" + "".join(
+        f"{_timestamp(s.start_s, '.')} --> {_timestamp(s.end_s, '.')}\n{s.text}\n\n" for s in segments
+    )
+
+
+def verbose_json(segments: list[Segment], duration_s: float, text: str) -> dict:
+    """OpenAI's verbose_json, with SenseVoice's language, emotion, event and the speaker per segment."""
+    out = []
+    for i, s in enumerate(segments):
+        t = s.recognition.transcript
+        out.append(
+            {
+                "id": i,
+                "seek": int(s.start_s * 100),
+                "start": round(s.start_s, 3),
+                "end": round(s.end_s, 3),
+                "text": s.text,
+                "tokens": [],
+                "temperature": 0.0,
+                "avg_logprob": 0.0,
+                "compression_ratio": 0.0,
+                "no_speech_prob": 0.0,
+                "language": t.language,
+                "emotion": t.emotion,
+                "event": t.event,
+                "speaker": s.recognition.speaker.as_dict() if s.recognition.speaker is not None else None,
+            }
+        )
+    language = dominant([(s.recognition.transcript.language, s.end_s - s.start_s) for s in segments])
+    return {
+        "task": "transcribe",
+        "language": language or "",
+        "duration": round(duration_s, 3),
+        "text": text,
+        "segments": out,
+        "usage": {"type": "duration", "seconds": round(duration_s, 3)},
+    }
+
+
+async def transcriptions(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/audio/transcriptions` (multipart: file, model, language, response_format, ...)."""
+    authorize(request)
+    app = request.app
+    pipeline, metrics = app[PIPELINE], app[METRICS]
+    form = await read_form(request)
+    audio_file = upload(form)
+    response_format = (form.get("response_format") or "json").lower()
+    if response_format not in RESPONSE_FORMATS:
+        raise ApiError(
+            400,
+            f"response_format {response_format!r} is not supported; use one of {', '.join(RESPONSE_FORMATS)}",
+            param="response_format",
+        )
+    if (form.get("stream") or "").lower() in ("true", "1"):
+        raise ApiError(400, "streaming transcription is not supported; leave `stream` unset", param="stream")
+    language = parse_language(form.get("language"))
+    # `model`, `prompt`, `temperature`, `timestamp_granularities[]` are accepted and ignored.
+    decoded = await decode(request, audio_file)
+    t0 = time.perf_counter()
+    metrics.sessions_total.labels(PROTOCOL).inc()
+    metrics.sessions.labels(PROTOCOL).inc()
+    try:
+        segments = await recognize_recording(pipeline, decoded.samples, language)
+    finally:
+        metrics.sessions.labels(PROTOCOL).dec()
+    metrics.utterances.labels(PROTOCOL).inc(len(segments))
+    latency = time.perf_counter() - t0
+    metrics.reply_latency.labels(PROTOCOL).observe(latency)
+    _publish(app[BUS], segments, session_id=f"http-{uuid.uuid4().hex[:12]}", latency_ms=latency * 1000)
+    text = join_texts([s.text for s in segments])
+    if response_format == "text":
+        return web.Response(text=text + "\n", content_type="text/plain")
+    if response_format == "srt":
+        return web.Response(text=render_srt(segments), content_type="application/x-subrip")
+    if response_format == "vtt":
+        return web.Response(text=render_vtt(segments), content_type="text/vtt")
+    if response_format == "verbose_json":
+        return web.json_response(verbose_json(segments, decoded.duration_s, text))
+    return web.json_response({"text": text, "usage": {"type": "duration", "seconds": round(decoded.duration_s, 3)}})
+
+
+def _publish(bus: EventBus, segments: list[Segment], session_id: str, latency_ms: float) -> None:
+    now = time.time()
+    for s in segments:
+        bus.publish(
+            TranscriptEvent.of(
+                s.recognition,
+                protocol=PROTOCOL,
+                session_id=session_id,
+                latency_ms=latency_ms,
+                text=s.text,
+                timestamp=now,
+            )
+        )
+
+
+async def models(request: web.Request) -> web.Response:
+    authorize(request)
+    name = request.app[CONFIG].http.model_name
+    return web.json_response(
+        {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "asr-server"}]}
+    )

@@ -1,0 +1,281 @@
+"""One device connection: protocol state, Opus decoder, speech stream, pending replies.
+
+The server feeds each message in order; the session decodes, runs its `SpeechStream` through the
+shared VAD batcher and, at each endpoint, starts recognition as a task of its own so the next
+frames keep flowing. Replies leave in utterance order. Nothing here blocks the event loop: model
+calls are awaited on the pipeline's batchers, which run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+
+from ...audio.opus import OpusStreamDecoder
+from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, Utterance
+from ...config import Config
+from ...constants import SAMPLE_RATE, XIAOZHI
+from ...core.pipeline import Pipeline
+from ...errors import EngineBusy, OpusDecodeError
+from ...types import ClientInfo, Recognition, TranscriptEvent
+from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_message, unpack_audio
+
+log = logging.getLogger(__name__)
+
+PROTOCOL = XIAOZHI
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Publish = Callable[[TranscriptEvent], None]
+
+
+class Session:
+    """State of one xiaozhi connection after `hello`."""
+
+    def __init__(
+        self,
+        session_id: str,
+        client: ClientInfo,
+        config: Config,
+        pipeline: Pipeline,
+        send: Send,
+        publish: Publish | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.client = client
+        self.config = config
+        self.pipeline = pipeline
+        self._send = send
+        self._publish = publish
+        self._metrics = pipeline.metrics
+        self._decoder = OpusStreamDecoder()
+        self._stream = pipeline.open_stream()
+        self.listening = False
+        self.mode = "auto"
+        self._manual: list[np.ndarray] = []
+        self._manual_samples = 0
+        self._manual_speech = False
+        self._speculation: tuple[int, asyncio.Task[Recognition]] | None = None
+        self._replies: set[asyncio.Task[None]] = set()
+        self._last_reply: asyncio.Task[None] | None = None
+        self._corrupt_logged = False
+        self.frames = 0
+        self.utterances = 0
+
+    async def send_error(self, message: str) -> None:
+        await self._send(error_message(message, self.session_id))
+
+    # --- input ------------------------------------------------------------------------------
+
+    async def on_text(self, text: str | bytes) -> None:
+        msg = parse_message(text)
+        if isinstance(msg, Listen):
+            await self._on_listen(msg)
+        elif isinstance(msg, Abort):
+            log.info("session %s: abort (%s)", self.session_id, msg.reason or "no reason")
+            self._abort()
+        elif isinstance(msg, Hello):
+            log.debug("session %s: repeated hello ignored", self.session_id)
+        elif isinstance(msg, Other):
+            log.debug("session %s: %s message ignored", self.session_id, msg.type)
+
+    async def on_binary(self, data: bytes) -> None:
+        frame = unpack_audio(data, self.client.protocol_version)
+        if not isinstance(frame, AudioFrame):  # protocol v2 carries JSON in binary frames too
+            await self.on_text(frame)
+            return
+        t0 = time.perf_counter()
+        try:
+            pcm = self._decoder.decode(frame.payload)
+        except OpusDecodeError as e:
+            self._metrics.errors.labels("opus").inc()
+            if not self._corrupt_logged:
+                self._corrupt_logged = True
+                log.warning(
+                    "session %s (device %s): %s; dropping such frames", self.session_id, self.client.device_id, e
+                )
+                await self.send_error(f"{e}; frame dropped")
+            return
+        self._metrics.stage.labels("decode").observe(time.perf_counter() - t0)
+        self.frames += 1
+        if not self.listening:
+            return  # wake-word audio before `listen start`: decoded to keep the decoder in step, then dropped
+        if self.mode == "manual":
+            await self._manual_audio(pcm)
+            return
+        for event in await self.pipeline.feed(self._stream, pcm):
+            self._on_segment_event(event)
+
+    async def _on_listen(self, msg: Listen) -> None:
+        if msg.state == "start":
+            mode = msg.mode or self.mode
+            log.info("session %s: listen start (%s)", self.session_id, mode)
+            if self.listening and self.mode == "manual":
+                self._finish_manual()
+            self.mode = mode
+            self.listening = True
+            self._reset_audio()
+        elif msg.state == "stop":
+            log.info("session %s: listen stop", self.session_id)
+            if self.mode == "manual":
+                self._finish_manual()
+            else:
+                event = self._stream.flush()
+                if event is not None:
+                    self._on_segment_event(event)
+            self.listening = False
+        else:  # detect: the wake word the device heard; it recognised it itself
+            log.info("session %s: wake word detected: %r", self.session_id, msg.text)
+
+    # --- auto / realtime: VAD endpointing ----------------------------------------------------
+
+    def _on_segment_event(self, event: Event) -> None:
+        if isinstance(event, Speculate):
+            self._cancel_speculation()
+            if not self.config.asr.speculative:
+                return
+            if self.pipeline.asr_backlogged:
+                self._metrics.speculations.labels("skipped").inc()
+                return
+            task = asyncio.create_task(self.pipeline.recognize(event.audio))
+            self._speculation = (event.utterance_id, task)
+        elif isinstance(event, SpeechResumed):
+            self._cancel_speculation()
+        elif isinstance(event, Utterance):
+            endpoint = time.perf_counter()
+            spec = self._speculation
+            if event.speculated and spec is not None and spec[0] == event.utterance_id:
+                task = spec[1]
+                self._speculation = None
+                self._metrics.speculations.labels("used").inc()
+            else:
+                self._cancel_speculation()
+                task = asyncio.create_task(self.pipeline.recognize(event.audio))
+            self._queue_reply(task, endpoint)
+        elif isinstance(event, Dropped):
+            self._cancel_speculation()
+            log.debug(
+                "session %s: utterance %d dropped (%.0f ms of speech)",
+                self.session_id,
+                event.utterance_id,
+                event.speech_ms,
+            )
+
+    def _cancel_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation[1].cancel()
+            self._speculation = None
+            self._metrics.speculations.labels("discarded").inc()
+
+    # --- manual: push-to-talk ----------------------------------------------------------------
+
+    async def _manual_audio(self, pcm: np.ndarray) -> None:
+        self._manual.append(pcm)
+        self._manual_samples += len(pcm)
+        if not self._manual_speech:  # VAD only until the first speech: nothing to recognise without it
+            probs = await self.pipeline.probabilities(self._stream, pcm)
+            self._manual_speech = any(self._stream.is_voiced(prob) for _, prob in probs)
+        if self._manual_samples >= self.config.vad.max_utterance_s * SAMPLE_RATE:
+            self._finish_manual()
+
+    def _finish_manual(self) -> None:
+        audio = np.concatenate(self._manual) if self._manual else np.zeros(0, np.float32)
+        had_speech = self._manual_speech
+        self._manual, self._manual_samples, self._manual_speech = [], 0, False
+        self._stream.reset()
+        if had_speech and len(audio) * 1000 >= self.config.vad.min_speech_ms * SAMPLE_RATE:
+            self._queue_reply(asyncio.create_task(self.pipeline.recognize(audio)), time.perf_counter())
+
+    # --- replies ------------------------------------------------------------------------------
+
+    def _queue_reply(self, recognition: asyncio.Task[Recognition], endpoint: float) -> None:
+        task = asyncio.create_task(self._reply(recognition, endpoint, self._last_reply))
+        self._last_reply = task
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _reply(
+        self, recognition: asyncio.Task[Recognition], endpoint: float, previous: asyncio.Task[None] | None
+    ) -> None:
+        try:
+            try:
+                rec = await recognition
+            except asyncio.CancelledError:
+                recognition.cancel()
+                raise
+            except EngineBusy as e:
+                self._metrics.errors.labels("busy").inc()
+                log.warning("session %s: utterance refused: %s", self.session_id, e)
+                await self.send_error(f"utterance not recognised: {e}")
+                return
+            except Exception as e:
+                self._metrics.errors.labels("recognition").inc()
+                log.error("session %s: recognition failed: %s", self.session_id, e)
+                await self.send_error("recognition failed")
+                return
+            if previous is not None:
+                await asyncio.shield(previous)  # keep replies in utterance order
+            if rec.is_empty:
+                log.debug("session %s: empty or no-speech utterance (%d ms), no reply", self.session_id, rec.audio_ms)
+                return
+            latency_ms = (time.perf_counter() - endpoint) * 1000
+            reply: dict[str, Any] = {
+                "type": "stt",
+                "text": rec.transcript.text,
+                "session_id": self.session_id,
+                "language": rec.transcript.language,
+                "emotion": rec.transcript.emotion,
+                "event": rec.transcript.event,
+                "speaker": rec.speaker.as_dict() if rec.speaker is not None else None,
+                "audio_ms": rec.audio_ms,
+                "latency_ms": round(latency_ms, 1),
+            }
+            await self._send(reply)
+            self.utterances += 1
+            self._metrics.utterances.labels(PROTOCOL).inc()
+            self._metrics.reply_latency.labels(PROTOCOL).observe(latency_ms / 1000)
+            log.info(
+                "session %s: stt %r (%s, %d ms audio, %.0f ms after endpoint)",
+                self.session_id,
+                rec.transcript.text,
+                rec.transcript.language,
+                rec.audio_ms,
+                latency_ms,
+            )
+            if self._publish is not None:
+                self._publish(
+                    TranscriptEvent.of(
+                        rec,
+                        protocol=PROTOCOL,
+                        session_id=self.session_id,
+                        device_id=self.client.device_id,
+                        client_id=self.client.client_id,
+                        latency_ms=latency_ms,
+                    )
+                )
+        except asyncio.CancelledError:
+            pass
+
+    # --- control ------------------------------------------------------------------------------
+
+    def _reset_audio(self) -> None:
+        self._cancel_speculation()
+        self._stream.reset()
+        self._manual, self._manual_samples, self._manual_speech = [], 0, False
+
+    def _abort(self) -> None:
+        """Drop the utterance in progress and every reply not yet sent."""
+        self._reset_audio()
+        for task in list(self._replies):
+            task.cancel()
+        self._last_reply = None
+
+    async def close(self) -> None:
+        """The connection is gone: cancel pending work so nothing outlives the session."""
+        self._abort()
+        if self._replies:
+            await asyncio.gather(*self._replies, return_exceptions=True)

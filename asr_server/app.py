@@ -1,0 +1,147 @@
+"""The running server: one pipeline, the device socket, the HTTP API and the FunASR-compatible socket.
+
+`AsrServer` is what `asr-server serve` runs and what the tests start on free ports; it checks
+the model files before loading anything, so a missing model stops the start with a message
+that names the files and the command that fetches them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from websockets.asyncio.server import Server
+
+from .adapters.funasr.server import serve_funasr
+from .adapters.http.app import build_app, start_http
+from .adapters.xiaozhi.server import XiaozhiServer
+from .config import Config
+from .core.events import EventBus
+from .core.metrics import Metrics
+from .core.pipeline import Pipeline
+from .errors import StartupError
+from .modelfiles.inspect import check_models
+
+log = logging.getLogger(__name__)
+
+
+def check_model_files(config: Config) -> None:
+    """Raise `StartupError` naming every missing or damaged model file and the command that fetches them.
+
+    The cheap check (presence, sizes against the manifest, readable support files): a start
+    never hashes a gigabyte of weights.
+    """
+    problems = check_models(config)
+    if problems:
+        files = "\n".join(f"  - {p}" for p in problems)
+        raise StartupError(
+            f"model files missing or damaged:\n{files}\n"
+            "fetch them with:  asr-server models pull   (see models/README.md to place them by hand)"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoints:
+    device_url: str
+    http_url: str | None
+    funasr_url: str | None
+
+
+class AsrServer:
+    """Starts and stops every listener around one shared pipeline."""
+
+    def __init__(self, config: Config, pipeline: Pipeline | None = None) -> None:
+        self.config = config
+        self.metrics = pipeline.metrics if pipeline is not None else Metrics()
+        self.pipeline = pipeline
+        self._owns_pipeline = pipeline is None
+        self.xiaozhi: XiaozhiServer | None = None
+        self.bus: EventBus | None = None
+        self._ws: Server | None = None
+        self._http: web.AppRunner | None = None
+        self._funasr: Server | None = None
+        self._ready = False
+        self.endpoints: Endpoints | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> Endpoints:
+        cfg = self.config
+        if self.pipeline is None:
+            check_model_files(cfg)
+            t0 = time.perf_counter()
+            self.pipeline = await asyncio.to_thread(Pipeline.load, cfg, self.metrics)
+            log.info("models loaded in %.1f s", time.perf_counter() - t0)
+        self.bus = EventBus(cfg, self.metrics)
+        await self.bus.start()
+        bus = self.bus
+        self.xiaozhi = XiaozhiServer(cfg, self.pipeline, bus.publish)
+        try:
+            self._ws = await self.xiaozhi.serve()
+            device_port = self._ws.sockets[0].getsockname()[1]
+            http_url = funasr_url = None
+            if cfg.http.enabled:
+                app = build_app(cfg, self.pipeline, self.bus, self.metrics, lambda: self._ready)
+                self._http = await start_http(app, cfg.http.host, cfg.http.port)
+                http_port = self._http.addresses[0][1]
+                http_url = f"http://{_client_host(cfg.http.host)}:{http_port}"
+            if cfg.funasr.enabled:
+                self._funasr = await serve_funasr(cfg, self.pipeline, self.metrics, self.bus)
+                funasr_port = self._funasr.sockets[0].getsockname()[1]
+                funasr_url = f"ws://{_client_host(cfg.funasr.host)}:{funasr_port}/"
+        except OSError as e:
+            await self.stop()
+            raise StartupError(f"cannot listen: {e}") from None
+        self.endpoints = Endpoints(
+            f"ws://{_client_host(cfg.xiaozhi.host)}:{device_port}{cfg.xiaozhi.path}", http_url, funasr_url
+        )
+        self._ready = True
+        log.info("devices: %s", self.endpoints.device_url)
+        if http_url:
+            log.info("HTTP API: %s (/v1/audio/transcriptions, /voiceprint/*, /v1/events, /healthz, /metrics)", http_url)
+        if funasr_url:
+            log.info("FunASR-compatible WebSocket: %s", funasr_url)
+        return self.endpoints
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self._ws is not None:
+            self._ws.close()
+            await self._ws.wait_closed()
+            self._ws = None
+        if self._funasr is not None:
+            self._funasr.close()
+            await self._funasr.wait_closed()
+            self._funasr = None
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self.bus is not None:
+            await self.bus.close()
+            self.bus = None
+        if self.pipeline is not None and self._owns_pipeline:
+            await self.pipeline.close()
+            self.pipeline = None
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+async def serve_forever(config: Config) -> None:
+    """Run until SIGINT/SIGTERM, then close every connection and release the models."""
+    server = AsrServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()

@@ -1,0 +1,77 @@
+"""Prometheus metrics, one registry per server instance (no module-level state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.process_collector import ProcessCollector
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+_STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _QueueDepths:
+    """Reads batcher queue depths at scrape time instead of tracking them on every submit."""
+
+    def __init__(self) -> None:
+        self._sources: dict[str, Callable[[], int]] = {}
+
+    def add(self, engine: str, depth: Callable[[], int]) -> None:
+        self._sources[engine] = depth
+
+    def collect(self):
+        g = GaugeMetricFamily("asr_queue_depth", "Requests waiting in each engine's micro-batcher", labels=["engine"])
+        for engine, depth in self._sources.items():
+            g.add_metric([engine], depth())
+        yield g
+
+
+class Metrics:
+    """Every metric the server exports; adapters and engines record into the same instance."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.sessions = Gauge("asr_sessions_open", "Open sessions by protocol", ["protocol"], registry=r)
+        self.sessions_total = Counter("asr_sessions_opened", "Sessions opened by protocol", ["protocol"], registry=r)
+        self.utterances = Counter("asr_utterances", "Utterances recognised by protocol", ["protocol"], registry=r)
+        self.reply_latency = Histogram(
+            "asr_reply_latency_seconds",
+            "End of speech (endpoint) to reply",
+            ["protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "asr_stage_seconds", "Time per call of each pipeline stage", ["stage"], buckets=_STAGE_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "asr_batch_size",
+            "Items per batched model call",
+            ["engine"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.speculations = Counter(
+            "asr_speculations",
+            "Speculative recognitions by outcome (used, discarded, skipped when the recogniser was backlogged)",
+            ["outcome"],
+            registry=r,
+        )
+        self.errors = Counter("asr_errors", "Errors by kind", ["kind"], registry=r)
+        self.webhook = Counter(
+            "asr_webhook_deliveries", "Webhook deliveries by outcome (ok, failed, dropped)", ["outcome"], registry=r
+        )
+        self.queue_depths = _QueueDepths()
+        r.register(self.queue_depths)
+
+    def on_batch(self, engine: str, size: int, seconds: float) -> None:
+        """The micro-batchers' callback: batch size and the batched call's duration."""
+        self.batch_size.labels(engine).observe(size)
+        self.stage.labels(engine).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,37 @@
+"""SenseVoice on ONNX Runtime: the funasr-exported graph (or FunASR's pre-exported one), features in, logits out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..contracts import SENSEVOICE
+from ..onnx import open_onnx
+
+
+class OnnxSenseVoice:
+    """The funasr-exported graph under ONNX Runtime."""
+
+    def __init__(self, path: Path, device: str = "cpu", threads: int = 0, precision: str = "fp32") -> None:
+        self.path = Path(path)
+        self.session, self.info = open_onnx(
+            self.path, device, threads, SENSEVOICE, name="sensevoice", precision=precision
+        )
+        out = {o.name: o for o in self.session.get_outputs()}["ctc_logits"]
+        dim = out.shape[-1] if out.shape else None
+        self.vocab_size: int | None = dim if isinstance(dim, int) else None
+
+    def run(
+        self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        logits, lens = self.session.run(
+            SENSEVOICE.output_names,
+            {
+                "speech": np.ascontiguousarray(feats, dtype=np.float32),
+                "speech_lengths": np.asarray(lengths, dtype=np.int32),
+                "language": np.asarray(lang_ids, dtype=np.int32),
+                "textnorm": np.asarray(textnorm_ids, dtype=np.int32),
+            },
+        )
+        return logits, lens

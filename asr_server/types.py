@@ -1,0 +1,145 @@
+"""The values that cross layers: engines produce them, the core passes them on, adapters serialise them."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """One decoded SenseVoice utterance: clean text plus the rich tags as fields."""
+
+    text: str
+    """Clean text, tags removed, whitespace collapsed."""
+    language: str | None = None
+    """The language tag without brackets (zh, en, yue, ja, ko, nospeech), None when the model emitted none."""
+    emotion: str | None = None
+    """NEUTRAL, HAPPY, SAD, ANGRY, ... or None."""
+    event: str | None = None
+    """Speech, BGM, Laughter, Applause, ... or None."""
+    raw: str = ""
+    """The whole decoded string with its tags, for debugging."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpeakerMatch:
+    """The enrolled voiceprint closest to an utterance, when its cosine reaches the threshold."""
+
+    name: str
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "score": round(self.score, 4)}
+
+
+@dataclass(frozen=True, slots=True)
+class Recognition:
+    """Everything the server knows about one utterance, as handed to every adapter."""
+
+    transcript: Transcript
+    speaker: SpeakerMatch | None
+    audio_ms: int
+    """Length of the utterance's audio."""
+    asr_ms: float
+    """Time the recognition took, queue wait included."""
+    embed_ms: float | None = None
+    """Time the speaker embedding took; None when none was computed."""
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.transcript.text.strip() or self.transcript.language == "nospeech"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """Who is on the other end, from the upgrade headers (or the same names as query parameters)."""
+
+    device_id: str | None
+    client_id: str | None
+    protocol_version: int
+    remote: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TranscriptEvent:
+    """One final transcript and where it came from: what the webhook and `/v1/events` receive.
+
+    Times are milliseconds: `audio_ms` the utterance, `latency_ms` end of speech to reply,
+    `asr_ms`/`embed_ms` the engine calls. `timestamp` is Unix seconds at the reply. `id` is
+    unique per event, so a receiver can drop the duplicate a retried delivery may cause.
+    """
+
+    text: str
+    language: str | None
+    emotion: str | None
+    event: str | None
+    speaker: SpeakerMatch | None
+    device_id: str | None
+    client_id: str | None
+    session_id: str
+    protocol: str
+    audio_ms: int
+    latency_ms: float | None
+    asr_ms: float | None
+    embed_ms: float | None
+    timestamp: float
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @classmethod
+    def of(
+        cls,
+        rec: Recognition,
+        *,
+        protocol: str,
+        session_id: str,
+        device_id: str | None = None,
+        client_id: str | None = None,
+        latency_ms: float | None = None,
+        text: str | None = None,
+        timestamp: float | None = None,
+    ) -> TranscriptEvent:
+        """The event of one recognised utterance (the one place every adapter builds it)."""
+        t = rec.transcript
+        return cls(
+            text=(t.text if text is None else text).strip(),
+            language=t.language,
+            emotion=t.emotion,
+            event=t.event,
+            speaker=rec.speaker,
+            device_id=device_id,
+            client_id=client_id,
+            session_id=session_id,
+            protocol=protocol,
+            audio_ms=rec.audio_ms,
+            latency_ms=round(latency_ms, 1) if latency_ms is not None else None,
+            asr_ms=round(rec.asr_ms, 1),
+            embed_ms=round(rec.embed_ms, 1) if rec.embed_ms is not None else None,
+            timestamp=time.time() if timestamp is None else timestamp,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "transcript",
+            "id": self.id,
+            "text": self.text,
+            "language": self.language,
+            "emotion": self.emotion,
+            "event": self.event,
+            "speaker": self.speaker.as_dict() if self.speaker is not None else None,
+            "device_id": self.device_id,
+            "client_id": self.client_id,
+            "session_id": self.session_id,
+            "protocol": self.protocol,
+            "audio_ms": self.audio_ms,
+            "latency_ms": self.latency_ms,
+            "asr_ms": self.asr_ms,
+            "embed_ms": self.embed_ms,
+            "timestamp": self.timestamp,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)

@@ -1,0 +1,93 @@
+"""Endpointing on scripted VAD probabilities: 32 ms windows, so counts are easy to reason about."""
+
+import numpy as np
+
+from asr_server.audio.segmenter import (
+    Dropped,
+    Segmenter,
+    SegmenterOptions,
+    Speculate,
+    SpeechResumed,
+    SpeechStarted,
+    Utterance,
+)
+
+W = 512
+
+
+def feed(seg, probs):
+    events = []
+    for i, p in enumerate(probs):
+        chunk = np.full(W, float(i), dtype=np.float32)  # each chunk carries its index
+        events += seg.push(chunk, p)
+    return events
+
+
+def cfg(**kw):
+    base = dict(min_silence_ms=320, min_speech_ms=250, pre_roll_ms=96, max_utterance_s=30.0)
+    base.update(kw)
+    return SegmenterOptions(**base, tail_ms=96)
+
+
+def test_one_utterance_with_pre_roll_speculation_and_endpoint():
+    seg = Segmenter(cfg())
+    probs = [0.0] * 10 + [0.9] * 20 + [0.0] * 12
+    events = feed(seg, probs)
+    kinds = [type(e) for e in events]
+    assert kinds == [SpeechStarted, Speculate, Utterance]
+    spec, utt = events[1], events[2]
+    assert utt.reason == "silence" and utt.speculated
+    np.testing.assert_array_equal(spec.audio, utt.audio)
+    idx = utt.audio[::W].astype(int).tolist()
+    # onset at the 3rd voiced window (index 12); pre-roll of 3 windows covers 10..12, then speech to 29 + 3 tail
+    assert idx[0] == 10 and idx[-1] == 29 + 3
+    assert utt.start_sample == 10 * W
+    assert idx == list(range(idx[0], idx[-1] + 1))
+
+
+def test_dual_threshold_keeps_decision_between_thresholds():
+    seg = Segmenter(cfg())
+    # 0.4 sits between threshold_low 0.3 and threshold 0.5: it continues whatever came before
+    events = feed(seg, [0.9] * 10 + [0.4] * 30 + [0.1] * 11)
+    utts = [e for e in events if isinstance(e, Utterance)]
+    assert len(utts) == 1
+    assert len(utts[0].audio) // W >= 40
+
+
+def test_speech_resuming_voids_speculation_and_gives_one_utterance():
+    seg = Segmenter(cfg())
+    events = feed(seg, [0.9] * 10 + [0.0] * 5 + [0.9] * 10 + [0.0] * 12)
+    kinds = [type(e) for e in events]
+    assert kinds == [SpeechStarted, Speculate, SpeechResumed, Speculate, Utterance]
+
+
+def test_too_short_speech_is_dropped():
+    seg = Segmenter(cfg(min_speech_ms=500))
+    events = feed(seg, [0.9] * 5 + [0.0] * 12)
+    assert isinstance(events[-1], Dropped)
+    assert not any(isinstance(e, (Utterance, Speculate)) for e in events)
+
+
+def test_max_length_cuts_and_flush_ends():
+    seg = Segmenter(cfg(max_utterance_s=1.0))
+    events = feed(seg, [0.9] * 40)
+    cut = [e for e in events if isinstance(e, Utterance)]
+    assert len(cut) == 1 and cut[0].reason == "max_length"
+    assert len(cut[0].audio) // W == int(1000 / 32)
+    seg2 = Segmenter(cfg())
+    feed(seg2, [0.9] * 15)
+    last = seg2.flush()
+    assert isinstance(last, Utterance) and last.reason == "flush" and not last.speculated
+    assert seg2.flush() is None
+
+
+def test_silence_only_gives_nothing():
+    seg = Segmenter(cfg())
+    assert feed(seg, [0.1] * 200) == []
+    assert seg.flush() is None
+
+
+def test_isolated_voiced_windows_do_not_start_speech():
+    seg = Segmenter(cfg())
+    # 2 of every 5 voiced is below the 3-of-5 onset rule
+    assert feed(seg, [0.9, 0.1, 0.9, 0.1, 0.1] * 20) == []

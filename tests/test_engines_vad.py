@@ -1,0 +1,85 @@
+"""The real Silero VAD that the silero-vad package ships, through our per-stream framing."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asr_server.constants import VAD_CONTEXT as CONTEXT
+from asr_server.constants import VAD_WINDOW as WINDOW
+from asr_server.core.streaming import rms_dbfs
+from asr_server.engines.vad import SileroVad, VadStream, packaged_model_path
+from asr_server.errors import ModelFileError
+from tests.support.audio import AUDIO, needs_audio
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return SileroVad.load()
+
+
+def probs_for(vad, audio):
+    stream = VadStream()
+    out = []
+    for chunk in stream.push(audio):
+        w = stream.window(chunk)
+        ((p, stream.state),) = vad.run_batch([w])
+        out.append(p)
+    return np.array(out)
+
+
+def test_packaged_model_found_and_info(vad):
+    assert packaged_model_path().name == "silero_vad.onnx"
+    assert vad.info.provider == "CPUExecutionProvider"
+
+
+def test_windows_carry_context_and_leftover():
+    s = VadStream()
+    a = np.arange(700, dtype=np.float32)
+    chunks = s.push(a)
+    assert len(chunks) == 1 and len(chunks[0]) == WINDOW
+    w1 = s.window(chunks[0])
+    assert np.all(w1.samples[:CONTEXT] == 0) and np.all(w1.samples[CONTEXT:] == a[:WINDOW])
+    chunks = s.push(np.arange(700, 1024, dtype=np.float32))
+    w2 = s.window(chunks[0])
+    np.testing.assert_array_equal(w2.samples[:CONTEXT], a[WINDOW - CONTEXT : WINDOW])
+    np.testing.assert_array_equal(w2.samples[CONTEXT:], np.arange(512, 1024, dtype=np.float32))
+
+
+@needs_audio
+def test_speech_scores_high_silence_low(vad):
+    audio, sr = sf.read(AUDIO / "zh_aishell_BAC009S0724W0121_wenet.wav", dtype="float32")
+    assert sr == 16000
+    padded = np.concatenate([np.zeros(16000, np.float32), audio, np.zeros(16000, np.float32)])
+    p = probs_for(vad, padded)
+    lead = p[: 16000 // WINDOW - 2]
+    assert lead.max() < 0.3
+    assert np.mean(p > 0.5) > 0.3  # a good share of the clip is voiced
+
+
+@needs_audio
+def test_batched_streams_equal_separate_calls(vad):
+    a, _ = sf.read(AUDIO / "en_tts_living_room_light_wyoming.wav", dtype="float32")
+    b, _ = sf.read(AUDIO / "ko_tts_living_room_light_wyoming.wav", dtype="float32")
+    n = min(len(a), len(b))
+    sep_a, sep_b = probs_for(vad, a[:n]), probs_for(vad, b[:n])
+    sa, sb = VadStream(), VadStream()
+    batched_a, batched_b = [], []
+    for ca, cb in zip(sa.push(a[:n]), sb.push(b[:n])):
+        (pa, sa.state), (pb, sb.state) = vad.run_batch([sa.window(ca), sb.window(cb)])
+        batched_a.append(pa), batched_b.append(pb)
+    np.testing.assert_allclose(batched_a, sep_a, atol=1e-5)
+    np.testing.assert_allclose(batched_b, sep_b, atol=1e-5)
+
+
+def test_bad_model_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        SileroVad.load(tmp_path / "none.onnx")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelFileError, match="cannot load"):
+        SileroVad.load(bad)
+
+
+def test_rms_dbfs():
+    assert rms_dbfs(np.zeros(512, np.float32)) < -100
+    assert abs(rms_dbfs(np.ones(512, np.float32)) - 0.0) < 1e-6

@@ -1,0 +1,116 @@
+"""The package's shape: data flows one way (no module imports from a layer above it), no module is
+too large to read, and the wheel holds the package alone (no tests, benchmarks or load test)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "asr_server"
+
+#: Top to bottom, as the README's map draws them; a unit imports only from units below it (and itself).
+LAYERS: dict[str, int] = {
+    "__main__": 7,
+    "cli": 6,
+    "app": 5,
+    "adapters": 4,
+    "core": 3,
+    "modelfiles": 3,
+    "engines": 2,
+    "audio": 2,
+    "config": 1,
+    "types": 0,
+    "constants": 0,
+    "errors": 0,
+}
+MAX_LINES = 500
+
+
+def unit_of(module: str) -> str:
+    """`asr_server.core.pipeline` → `core`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports(path: Path) -> set[str]:
+    """Every asr_server module `path` imports, at the top or inside a function."""
+    rel = path.relative_to(REPO).with_suffix("")
+    here = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+    package = here if rel.name == "__init__" else ".".join(rel.parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("asr_server")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.startswith("asr_server"):
+                out.add(target)
+    return out
+
+
+def modules() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_every_unit_has_a_layer():
+    units = {p.relative_to(PACKAGE).parts[0].removesuffix(".py") for p in modules()} - {"__init__"}
+    assert units <= set(LAYERS), f"units without a layer: {units - set(LAYERS)}"
+
+
+def test_no_module_imports_from_a_layer_above_it():
+    upward = []
+    for path in modules():
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        unit = unit_of(module)
+        if unit == "__init__":
+            continue
+        for target in imports(path):
+            other = unit_of(target)
+            if other in ("__init__", unit):
+                continue
+            if LAYERS[other] >= LAYERS[unit]:
+                upward.append(
+                    f"{module} ({unit}, layer {LAYERS[unit]}) imports {target} ({other}, layer {LAYERS[other]})"
+                )
+    assert upward == []
+
+
+def test_no_module_is_over_the_size_a_newcomer_reads_at_once():
+    large = {str(p.relative_to(REPO)): n for p in modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert large == {}
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_the_package_and_nothing_else(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("asr_server-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops <= {"asr_server", next(n.split("/")[0] for n in names if ".dist-info/" in n)}, tops
+    assert "asr_server/core/pipeline.py" in names
+    assert not [n for n in names if any(part in n for part in ("tests/", "benchmarks/", "loadtest/", "standins"))]
