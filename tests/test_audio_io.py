@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import av
 import numpy as np
@@ -13,11 +12,9 @@ import soundfile as sf
 from asr_server.audio.io import decode_audio
 from asr_server.audio.resample import PcmResampler, float_to_pcm16, pcm16_to_float
 from asr_server.errors import AudioDecodeError, AudioTooLongError, EmptyAudioError, PcmFormatError
-from tests.support.audio import encode
+from tests.support.audio import AUDIO, encode, needs_audio
 
-AUDIO = Path(__file__).resolve().parents[2] / "shared" / "audio"
 ZH = AUDIO / "zh_aishell_BAC009S0724W0121_wenet.wav"
-needs_audio = pytest.mark.skipif(not ZH.is_file(), reason="../shared/audio absent")
 
 
 def similarity(decoded: np.ndarray, ref: np.ndarray) -> float:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.audio import AUDIO
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -172,7 +174,7 @@ def test_the_serving_lock_alone_runs_the_server_without_torch(tmp_path, models_d
         f"speaker: {{model: {models_dir / 'campplus' / 'campplus.onnx'}, db: {tmp_path / 'vp.sqlite'}}}\n"
         "server: {host: 127.0.0.1, port: 0}\nhttp: {host: 127.0.0.1, port: 0}\nfunasr: {host: 127.0.0.1, port: 0}\n"
     )
-    clip = REPO.parent / "shared" / "audio" / "en_tts_living_room_light_wyoming.wav"
+    clip = AUDIO / "en_tts_living_room_light_wyoming.wav"
     wav = clip if clip.is_file() else None
     if wav is None:
         import numpy as np
