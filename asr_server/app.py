@@ -21,7 +21,7 @@ from .adapters.http.app import build_app, start_http
 from .adapters.xiaozhi.server import XiaozhiServer
 from .config import Config
 from .core.events import EventBus
-from .core.metrics import Metrics
+from .core.metrics import Metrics, watch_loop_lag
 from .core.pipeline import Pipeline
 from .errors import StartupError
 from .modelfiles.inspect import check_models
@@ -65,6 +65,7 @@ class AsrServer:
         self._http: web.AppRunner | None = None
         self._funasr: Server | None = None
         self._ready = False
+        self._lag: asyncio.Task[None] | None = None
         self.endpoints: Endpoints | None = None
 
     @property
@@ -102,6 +103,7 @@ class AsrServer:
             f"ws://{_client_host(cfg.xiaozhi.host)}:{device_port}{cfg.xiaozhi.path}", http_url, funasr_url
         )
         self._ready = True
+        self._lag = asyncio.get_running_loop().create_task(watch_loop_lag(self.metrics), name="loop-lag")
         log.info("devices: %s", self.endpoints.device_url)
         if http_url:
             log.info("HTTP API: %s (/v1/audio/transcriptions, /voiceprint/*, /v1/events, /healthz, /metrics)", http_url)
@@ -111,10 +113,15 @@ class AsrServer:
 
     async def stop(self) -> None:
         self._ready = False
+        if self._lag is not None:
+            self._lag.cancel()
+            self._lag = None
         if self._ws is not None:
             self._ws.close()
             await self._ws.wait_closed()
             self._ws = None
+        if self.xiaozhi is not None:
+            await self.xiaozhi.close()
         if self._funasr is not None:
             self._funasr.close()
             await self._funasr.wait_closed()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -27,6 +27,9 @@ from .errors import ConfigError
 __all__ = ["Config", "ConfigError", "load_config"]
 
 ENV_PREFIX = "ASR_SERVER__"
+
+#: A batch size, or `auto` (chosen for the device: see `core.pipeline.batch_size`).
+BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
 
 
 class _Section(BaseModel):
@@ -83,7 +86,13 @@ class AsrConfig(_Section):
     quantized: Literal["auto", "yes", "no"] = "auto"
     language: Language = "auto"
     use_itn: bool = True
-    max_batch: int = Field(8, ge=1)
+    max_batch: BatchSize = Field(
+        "auto",
+        description=(
+            "Utterances per call: auto = 1 on a CPU (a batch costs the sum of its items there, and every caller "
+            "waits for all of it), 16 on CUDA; only utterances of similar length share a batch."
+        ),
+    )
     max_wait_ms: float = Field(10.0, ge=0)
     max_queue: int = Field(1000, ge=1, description="Utterances waiting at most; beyond, one is refused with an error.")
     speculative: bool = True
@@ -96,7 +105,7 @@ class SpeakerConfig(_Section):
     db: Path = Path("data/voiceprints.sqlite")
     threshold: float = Field(0.35, ge=-1, le=1)
     min_audio_ms: int = Field(500, ge=0)
-    max_batch: int = Field(8, ge=1)
+    max_batch: BatchSize = Field("auto", description="Utterances per call: auto = 1 on a CPU, 16 on CUDA.")
     max_wait_ms: float = Field(10.0, ge=0)
     max_queue: int = Field(1000, ge=1, description="Embeddings waiting at most; beyond, one is refused.")
 

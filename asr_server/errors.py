@@ -89,6 +89,10 @@ class EngineClosed(AsrServerError, RuntimeError):
     """The engine's batcher was closed while a request was waiting."""
 
 
+class EngineAborted(AsrServerError, RuntimeError):
+    """A computation was stopped because every caller waiting for it was gone (a discarded speculation)."""
+
+
 class EngineBusy(AsrServerError, RuntimeError):
     """The engine's queue holds its limit of waiting requests; the message names the config key."""
 

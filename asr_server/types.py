@@ -47,7 +47,12 @@ class Recognition:
     asr_ms: float
     """Time the recognition took, queue wait included."""
     embed_ms: float | None = None
-    """Time the speaker embedding took; None when none was computed."""
+    """Time the speaker embedding took, queue wait included; None when none was computed."""
+    asr_queue_ms: float | None = None
+    """Of `asr_ms`, the wait for the recogniser (the rest is the compute of its batch)."""
+    asr_compute_ms: float | None = None
+    embed_queue_ms: float | None = None
+    embed_compute_ms: float | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -104,16 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     vad = SileroVad.load()
     speech = np.concatenate([a for _, a in clips])[: 16000 * 20]
     stream = VadStream()
-    windows = [stream.window(c) for c in stream.push(speech)]
+    windows = stream.inputs(stream.push_block(speech))
+    state1 = np.zeros((2, 1, 128), np.float32)
 
     def vad_single():
         for w in windows:
-            vad.run_batch([w])
+            vad.run(w[None], state1)
 
     t = timeit(vad_single, args.repeat)
     rows.append(row("Silero VAD, batch 1", "per window (32 ms)", [x / len(windows) for x in t]))
-    batch = windows[:64]
-    t = timeit(lambda: vad.run_batch(batch), args.repeat * 10)
+    batch, state64 = windows[:64], np.zeros((2, 64, 128), np.float32)
+    t = timeit(lambda: vad.run(batch, state64), args.repeat * 10)
     rows.append(row("Silero VAD, batch 64", "per stream-window", [x / len(batch) for x in t]))
 
     # SenseVoice per utterance (each clip) and per batch, fp32 and int8.

@@ -76,6 +76,20 @@ def parser() -> argparse.ArgumentParser:
         help="pause between a reply and the next utterance",
     )
     ap.add_argument(
+        "--shape",
+        choices=("continuous", "conversation"),
+        default="continuous",
+        help="continuous: the microphone streams through every pause; conversation: after each reply the "
+        "device sends nothing while the answer plays (--reply-ms), then listens again, as the firmware does",
+    )
+    ap.add_argument(
+        "--reply-ms",
+        type=_range_ms,
+        default=(4000.0, 10000.0),
+        metavar="MIN[,MAX]",
+        help="conversation shape: how long each answer plays (the device's microphone is off)",
+    )
+    ap.add_argument(
         "--stagger",
         type=float,
         default=None,
@@ -111,7 +125,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--wake-word", default=None, help="send listen detect with this text before listening")
     ap.add_argument("--server-pid", type=int, default=None, help="read the server's CPU and RSS from /proc")
-    ap.add_argument("--metrics-url", default=None, help="or from its Prometheus endpoint")
+    ap.add_argument(
+        "--metrics-url",
+        default=None,
+        help="the server's Prometheus endpoint (e.g. http://127.0.0.1:8080/metrics): CPU and RSS when no "
+        "--server-pid, and per step the event-loop lag, speculation outcomes and wasted compute",
+    )
     ap.add_argument("--step-pause", type=float, default=2.0, help="seconds between ramp steps")
     ap.add_argument("--no-stop", action="store_true", help="run every ramp step even after one fails")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default loadtest-results/<time>/)")
@@ -203,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             procs=args.procs,
             frame_ms=args.frame_ms,
             think_ms=args.think_ms,
+            shape=args.shape,
+            reply_ms=args.reply_ms,
             stagger_s=args.stagger,
             reply_timeout_s=args.reply_timeout,
             connect_timeout_s=args.connect_timeout,

@@ -137,3 +137,71 @@ class ServerProbe:
         cpu = (s[-1].cpu_s - s[0].cpu_s) / wall * 100.0 if wall > 0 else None
         mb = 1024.0 * 1024.0
         return ResourceUsage(self.source, cpu, max(x.rss_bytes for x in s) / mb, s[-1].rss_bytes / mb, self._error)
+
+
+Series = dict[str, float]  # 'name{label="v",...}' -> value
+
+
+def parse_series(text: str) -> Series:
+    """Every sample of a Prometheus text exposition, keyed by its name and labels as written."""
+    out: Series = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def fetch_series(url: str, timeout_s: float = 2.0) -> Series:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return parse_series(resp.read(4 << 20).decode("utf-8", "replace"))
+    except (OSError, ValueError) as e:
+        raise ProbeError(f"cannot read metrics from {url}: {e}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStages:
+    """What the server's own metrics say about one step (differences between its start and end)."""
+
+    loop_lag_p95_ms: float | None  # upper bound of the histogram bucket holding the 95th percentile
+    loop_lag_max_bucket_ms: float | None
+    discarded_compute_s: dict[str, float]  # per engine: compute whose result nobody took
+    speculations: dict[str, float]  # per outcome: used, dropped, discarded
+    busy_errors: float
+
+    @staticmethod
+    def between(before: Series, after: Series) -> ServerStages:
+        def d(key: str) -> float:
+            return after.get(key, 0.0) - before.get(key, 0.0)
+
+        def by_label(name: str, label: str) -> dict[str, float]:
+            out = {}
+            for key in after:
+                if key.startswith(name + "{") and f'{label}="' in key:
+                    value = key.split(f'{label}="', 1)[1].split('"', 1)[0]
+                    out[value] = round(d(key), 3)
+            return out
+
+        lag = sorted(
+            (float(k.split('le="', 1)[1].split('"', 1)[0]), d(k))
+            for k in after
+            if k.startswith("asr_event_loop_lag_seconds_bucket{")
+        )
+        total = d("asr_event_loop_lag_seconds_count")
+        p95 = top = None
+        if total > 0:
+            p95 = next((le * 1000 for le, n in lag if n >= 0.95 * total), None)
+            below = [le for le, n in lag if n < total]
+            top = (lag[len(below)][0] * 1000) if len(below) < len(lag) else None
+        return ServerStages(
+            p95,
+            top,
+            by_label("asr_discarded_compute_seconds_total", "engine"),
+            by_label("asr_speculations_total", "outcome"),
+            d('asr_errors_total{kind="busy"}'),
+        )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .probe import ServerStages
 from .stats import Histogram, Percentiles, summarize
 
 Outcome = Literal["ok", "missing", "error", "disconnected", "sent"]
@@ -40,6 +41,36 @@ class UtteranceSample:
     error: str | None = None
     reported_latency_ms: float | None = None  # the server's own `latency_ms` field, if any
     early_replies: int = 0  # replies that came while the clip was still being sent
+    timings: dict[str, Any] | None = None  # the server's `timings` field: where the time went
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """Where the answered utterances' time went, from the `timings` each `stt` carries: the wait
+    for the recogniser and the embedder, their compute, and the share whose text a speculation
+    had started before the endpoint. Empty when the server sends no timings."""
+
+    asr_queue: Percentiles
+    asr: Percentiles
+    embed_queue: Percentiles
+    embed: Percentiles
+    speculated_percent: float | None
+
+    @staticmethod
+    def of(samples: Sequence[UtteranceSample]) -> StageStats:
+        t = [s.timings for s in samples if s.outcome == "ok" and isinstance(s.timings, dict)]
+
+        def col(key: str) -> Percentiles:
+            return summarize(float(x[key]) for x in t if isinstance(x.get(key), (int, float)))
+
+        spec = [x.get("speculated") for x in t if isinstance(x.get("speculated"), bool)]
+        return StageStats(
+            col("asr_queue_ms"),
+            col("asr_ms"),
+            col("embed_queue_ms"),
+            col("embed_ms"),
+            100.0 * sum(spec) / len(spec) if spec else None,
+        )
 
 
 @dataclass(slots=True)
@@ -85,6 +116,8 @@ class StepStats:
     server_rss_end_mb: float | None = None
     probe_error: str | None = None
     client_error_messages: tuple[str, ...] = ()
+    stages: StageStats | None = None
+    server_stages: ServerStages | None = None
 
     def consistent(self) -> bool:
         """Every utterance is answered or counted unanswered; percentiles are ordered."""
@@ -197,6 +230,7 @@ def build_step_stats(
         generator_on_time=on_time,
         generator_cpu_percent=generator_cpu_percent,
         client_error_messages=tuple(client_error_messages),
+        stages=StageStats.of(samples),
     )
 
 
@@ -276,9 +310,79 @@ def format_table(report: LoadReport) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if has_stages(report):
+        lines += ["", "where the time went (ms; asr/emb = compute of the utterance's batch):", format_stage_table(report)]
     lines.append("")
+    lines.append(f"traffic: {traffic_line(report.options)}")
     lines.append(capacity_line(report))
     return "\n".join(lines)
+
+
+_STAGE_COLUMNS = (
+    "clients",
+    "asr wait p50",
+    "asr wait p95",
+    "asr p50",
+    "asr p95",
+    "emb wait p95",
+    "emb p95",
+    "speculated",
+    "loop lag p95",
+    "spec used/dropped/discarded",
+    "wasted CPU s",
+)
+
+
+def _stage_row(s: StepStats) -> list[str]:
+    st, sv = s.stages, s.server_stages
+    spec = wasted = lag = "-"
+    if sv is not None:
+        spec = "/".join(f"{sv.speculations.get(k, 0):.0f}" for k in ("used", "dropped", "discarded"))
+        wasted = f"{sum(sv.discarded_compute_s.values()):.1f}"
+        lag = "-" if sv.loop_lag_p95_ms is None else f"<={sv.loop_lag_p95_ms:g}"
+    if st is None:
+        return [str(s.clients)] + ["-"] * 7 + [lag, spec, wasted]
+    return [
+        str(s.clients),
+        _ms(st.asr_queue.p50),
+        _ms(st.asr_queue.p95),
+        _ms(st.asr.p50),
+        _ms(st.asr.p95),
+        _ms(st.embed_queue.p95),
+        _ms(st.embed.p95),
+        _pct(st.speculated_percent),
+        lag,
+        spec,
+        wasted,
+    ]
+
+
+def has_stages(report: LoadReport) -> bool:
+    return any(
+        (s.stats.stages is not None and s.stats.stages.asr.count) or s.stats.server_stages is not None
+        for s in report.steps
+    )
+
+
+def format_stage_table(report: LoadReport) -> str:
+    """Where the time went, per step: engine waits and compute (ms), speculation, event-loop lag."""
+    rows = [list(_STAGE_COLUMNS)] + [_stage_row(s.stats) for s in report.steps]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_STAGE_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def traffic_line(options: dict[str, Any]) -> str:
+    """The traffic shape in words: every load figure is stated with it."""
+    think = f"think {options['think_ms'][0] / 1000:g}-{options['think_ms'][1] / 1000:g} s"
+    if options.get("shape") == "conversation":
+        reply = options["reply_ms"]
+        return (
+            f"conversation (speak, wait for the answer, microphone off while it plays "
+            f"{reply[0] / 1000:g}-{reply[1] / 1000:g} s, then {think})"
+        )
+    return f"continuous talkers (microphone always on, {think} between utterances)"
 
 
 def capacity_line(report: LoadReport) -> str:
@@ -310,7 +414,7 @@ def render_markdown(report: LoadReport) -> str:
         f" {o['frame_ms']} ms Opus frames{', sink mode' if report.sink_mode else ''})",
         f"- steps: {', '.join(str(s.stats.clients) for s in report.steps)} clients, {o['duration_s']:g} s each,"
         f" {o['procs']} generator process(es), seed {o['seed']}",
-        f"- think pause {o['think_ms'][0]:g}-{o['think_ms'][1]:g} ms, reply timeout {o['reply_timeout_s']:g} s,"
+        f"- traffic: {traffic_line(o)}; reply timeout {o['reply_timeout_s']:g} s,"
         f" server end-of-speech silence {o['server_silence_ms']:g} ms",
         f"- **{capacity_line(report)}**",
         "",
@@ -322,6 +426,12 @@ def render_markdown(report: LoadReport) -> str:
     rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
     table = ["| " + " | ".join(rows[0]) + " |", "|" + "---:|" * len(_COLUMNS)]
     table += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    if has_stages(report):
+        srows = [list(_STAGE_COLUMNS)] + [_stage_row(s.stats) for s in report.steps]
+        table += ["", "Where the time went (ms; `asr`/`emb` are the compute of the utterance's batch, `wait` the"
+                  " queue before it; loop lag from the server's metrics, a histogram bucket's upper bound):", ""]
+        table += ["| " + " | ".join(srows[0]) + " |", "|" + "---:|" * len(_STAGE_COLUMNS)]
+        table += ["| " + " | ".join(r) + " |" for r in srows[1:]]
     notes: list[str] = []
     for s in report.steps:
         st = s.stats

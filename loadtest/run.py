@@ -3,7 +3,11 @@
 Each client is a `Device` that connects (staggered), then repeats: pick a clip (by seed), send it
 at real-time pace, then either keep streaming silence until the server endpoints and answers
 (auto/realtime: a listening device never stops its microphone) or send `listen stop` (manual),
-wait for the `stt`, pause to think. Clients of a step share one asyncio loop per process
+wait for the `stt`, pause to think. Two traffic shapes: `continuous` talkers stream silence
+through the think pause (the microphone is always on), `conversation` devices behave as the
+firmware does in a conversation: after the `stt` they stop sending while the answer plays (the
+firmware mutes its microphone between `tts start` and `tts stop`, `reply_ms`), then send
+`listen start` again and stream silence through the think pause before the next utterance. Clients of a step share one asyncio loop per process
 (`procs` processes take every procs-th client). Nothing a server does can crash or hang the run:
 refusals, closes, silence and errors are counted, and every wait ends by the step's hard
 deadline, `duration_s + reply_timeout_s + 1` s after the step starts (plus a few seconds to
@@ -39,11 +43,12 @@ from .device import (
     ServerMessage,
     default_device_id,
 )
-from .probe import ResourceUsage, ServerProbe
+from .probe import ProbeError, ResourceUsage, ServerProbe, ServerStages, fetch_series
 from .report import Counters, LoadReport, Outcome, Progress, StepReport, UtteranceSample, build_step_stats
 from .stats import Histogram, summarize
 
 Mode = Literal["auto", "manual", "realtime"]
+Shape = Literal["continuous", "conversation"]
 CLOSE_SLACK_S = 3.0  # after the hard deadline: time for clients to close before they are cancelled
 SPAWN_MARGIN_S = 3.0  # procs > 1: the step starts this long after the processes are launched
 _CLIENT_NS = uuid.UUID("7f1c5e2a-8a55-4d3e-9a8e-2b6f0c1d9e41")
@@ -70,6 +75,8 @@ class LoadOptions:
     frame_ms: int = 60
     pace: float = 1.0  # 1.0 = real time
     think_ms: tuple[float, float] = (1000.0, 3000.0)
+    shape: Shape = "continuous"
+    reply_ms: tuple[float, float] = (4000.0, 10000.0)  # conversation: how long the answer plays
     stagger_s: float | None = None  # None: see `stagger_for`
     reply_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
@@ -93,6 +100,7 @@ class LoadOptions:
             object.__setattr__(self, "clients", tuple(self.clients))
         object.__setattr__(self, "audio_dir", Path(self.audio_dir))
         object.__setattr__(self, "think_ms", tuple(float(x) for x in self.think_ms))
+        object.__setattr__(self, "reply_ms", tuple(float(x) for x in self.reply_ms))
         problems = []
         if not self.url.startswith(("ws://", "wss://")):
             problems.append(f"url must start with ws:// or wss://, got {self.url!r}")
@@ -113,6 +121,11 @@ class LoadOptions:
         lo, hi = self.think_ms
         if lo < 0 or hi < lo:
             problems.append(f"think pause range must be 0 <= min <= max, got {self.think_ms}")
+        if self.shape not in ("continuous", "conversation"):
+            problems.append(f"shape must be continuous or conversation, got {self.shape!r}")
+        lo, hi = self.reply_ms
+        if lo < 0 or hi < lo:
+            problems.append(f"reply time range must be 0 <= min <= max, got {self.reply_ms}")
         for name in ("reply_timeout_s", "connect_timeout_s", "hello_timeout_s", "budget_ms", "lateness_budget_ms"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive, got {getattr(self, name)}")
@@ -246,10 +259,13 @@ async def _start_listening(dev: Device, opts: LoadOptions) -> None:
     await dev.listen("start", opts.mode)
 
 
-async def _utterance(plan: _Plan, state: _ShardState, dev: Device, clip: Clip, think_s: float, index: int) -> None:
+async def _utterance(
+    plan: _Plan, state: _ShardState, dev: Device, clip: Clip, think_s: float, reply_s: float, index: int
+) -> None:
     """Send one clip and wait for its reply; always records one sample."""
     opts = plan.options
     streaming = opts.mode != "manual"
+    conversation = opts.shape == "conversation"
     t_eos: float | None = None
     t_stop: float | None = None
     reply: ServerMessage | None = None
@@ -263,8 +279,8 @@ async def _utterance(plan: _Plan, state: _ShardState, dev: Device, clip: Clip, t
         times = await dev.send_opus(clip.packets, opts.pace)
         t_eos = times[clip.last_speech_frame]
         if streaming:
-            # Keep the microphone open: silence until the reply, through the think pause.
-            silence_ms = (opts.reply_window_s + think_s) * 1000.0 + 2 * opts.frame_ms
+            # Keep the microphone open: silence until the reply (and, talking on, through the think pause).
+            silence_ms = (opts.reply_window_s + (0.0 if conversation else think_s)) * 1000.0 + 2 * opts.frame_ms
             streamer = asyncio.get_running_loop().create_task(dev.send_silence(silence_ms, opts.pace))
         else:
             await dev.listen("stop")
@@ -274,6 +290,16 @@ async def _utterance(plan: _Plan, state: _ShardState, dev: Device, clip: Clip, t
             reply, early = await _await_reply(dev, t_eos, deadline)
         else:
             await _sleep_until(deadline)
+        if conversation:
+            # The answer plays: the firmware sends nothing until `tts stop`, then listens again.
+            if streamer is not None:
+                streamer.cancel()
+                await asyncio.gather(streamer, return_exceptions=True)
+                streamer = None
+            await _sleep_until(min(time.monotonic() + reply_s, plan.speech_end))
+            if streaming and time.monotonic() < plan.speech_end:
+                await _start_listening(dev, opts)
+                streamer = asyncio.get_running_loop().create_task(dev.send_silence(think_s * 1000.0, opts.pace))
         await _sleep_until(min(time.monotonic() + think_s, plan.speech_end))
     except DeviceClosed:
         closed = True
@@ -331,6 +357,7 @@ def _sample(
         text=text if isinstance(text, str) else None,
         reported_latency_ms=_number(reply.data.get("latency_ms")),
         early_replies=early,
+        timings=timings if isinstance(timings := reply.data.get("timings"), dict) else None,
     )
 
 
@@ -341,11 +368,12 @@ async def _converse(plan: _Plan, state: _ShardState, dev: Device, rng: random.Ra
     while True:
         clip = rng.choice(plan.clips)
         think_s = rng.uniform(*opts.think_ms) / 1000.0
+        reply_s = rng.uniform(*opts.reply_ms) / 1000.0 if opts.shape == "conversation" else 0.0
         if time.monotonic() + clip.duration_ms / 1000.0 / opts.pace > plan.speech_end:
             return
         stale = dev.pending()
         state.counters.late_replies += sum(1 for m in stale if m.type in ("stt", "error"))
-        await _utterance(plan, state, dev, clip, think_s, index)
+        await _utterance(plan, state, dev, clip, think_s, reply_s, index)
 
 
 async def _client(plan: _Plan, state: _ShardState, index: int) -> None:
@@ -591,6 +619,7 @@ async def run_step(
     probe = ServerProbe(opts.server_pid, opts.metrics_url) if (opts.server_pid or opts.metrics_url) else None
     if probe is not None:
         await probe.start()
+    series_before = await _series(opts.metrics_url)
     multi = opts.procs > 1 and clients > 1
     t0 = time.monotonic() + (SPAWN_MARGIN_S if multi else 0.05)
 
@@ -603,6 +632,7 @@ async def run_step(
     else:
         state = await _run_step_inprocess(_Plan(opts, clips, tuple(range(clients)), clients, t0), on_tick)
     usage: ResourceUsage | None = await probe.stop() if probe is not None else None
+    series_after = await _series(opts.metrics_url)
     on_tick(state.snapshot())
     gen_cpu = state.cpu_s / state.wall_s * 100.0 if state.wall_s > 0 else None
     stats = build_step_stats(
@@ -626,8 +656,20 @@ async def run_step(
             server_rss_end_mb=usage.rss_end_mb,
             probe_error=usage.error,
         )
+    if series_before is not None and series_after is not None:
+        stats = dataclasses.replace(stats, server_stages=ServerStages.between(series_before, series_after))
     samples = sorted(state.samples, key=lambda s: (s.eos_s if s.eos_s is not None else float("inf"), s.client))
     return StepReport(index, stats, samples, state.hello_ms, state.lateness)
+
+
+async def _series(url: str | None) -> dict[str, float] | None:
+    """The server's metrics now, for the step's stage figures; None without a URL or when unreadable."""
+    if url is None:
+        return None
+    try:
+        return await asyncio.to_thread(fetch_series, url)
+    except ProbeError:
+        return None
 
 
 def options_dict(opts: LoadOptions) -> dict[str, object]:

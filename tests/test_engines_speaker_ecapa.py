@@ -221,9 +221,13 @@ async def test_onnx_pipeline_with_ecapa(models_dir, ecapa_dir, tmp_path):
         assert isinstance(p.speaker, EcapaOnnx) and p.speaker.info.backend == "onnxruntime"
         assert p.voiceprints.model == "ecapa" and p.voiceprints.dim == 24
         audio = voice(1.2, 130, 4)
-        got = await p.recognize(audio, language="auto")
-        assert got.transcript is not None and got.embed_ms is not None and got.audio_ms == len(audio) // 16
+        unknown = await p.recognize(audio, language="auto")
+        assert unknown.embed_ms is None  # nobody enrolled: no embedding computed
         emb = await p.embed(audio)
         assert emb.shape == (24,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-5
+        p.voiceprints.enroll("me", emb[None])
+        got = await p.recognize(audio, language="auto")
+        assert got.transcript is not None and got.embed_ms is not None and got.audio_ms == len(audio) // 16
+        assert got.speaker is not None and got.speaker.name == "me"
     finally:
         await p.close()

@@ -280,13 +280,15 @@ async def test_torch_pipeline_recognizes_like_onnx_fp32(models_dir, tmp_path, on
         assert [m.backend for m in p.models][1:] == ["torch", "torch"]  # VAD stays on ONNX Runtime
         assert p.voiceprints.model == "campplus.onnx"  # voiceprints carry over between backends
         audio = audios[0]
+        emb = await p.embed(audio)
+        assert emb.shape == (192,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-5
+        p.voiceprints.enroll("me", emb[None])
         got = await p.recognize(audio, language="auto")
         assert got.transcript.raw == onnx_sv.transcribe(audio, language="auto").raw
         if clips:
             assert got.transcript.text and got.transcript.language == clips[0].language
         assert got.embed_ms is not None and got.audio_ms == len(audio) // 16
-        emb = await p.embed(audio)
-        assert emb.shape == (192,) and abs(float(np.linalg.norm(emb)) - 1) < 1e-5
+        assert got.speaker is not None and got.speaker.name == "me"
     finally:
         await p.close()
 

@@ -20,9 +20,9 @@ def vad():
 def probs_for(vad, audio):
     stream = VadStream()
     out = []
-    for chunk in stream.push(audio):
-        w = stream.window(chunk)
-        ((p, stream.state),) = vad.run_batch([w])
+    for x in stream.inputs(stream.push_block(audio)):
+        (p,), state = vad.run(x[None], stream.state[:, None, :])
+        stream.advance(state[:, 0, :])
         out.append(p)
     return np.array(out)
 
@@ -35,14 +35,24 @@ def test_packaged_model_found_and_info(vad):
 def test_windows_carry_context_and_leftover():
     s = VadStream()
     a = np.arange(700, dtype=np.float32)
-    chunks = s.push(a)
-    assert len(chunks) == 1 and len(chunks[0]) == WINDOW
-    w1 = s.window(chunks[0])
-    assert np.all(w1.samples[:CONTEXT] == 0) and np.all(w1.samples[CONTEXT:] == a[:WINDOW])
-    chunks = s.push(np.arange(700, 1024, dtype=np.float32))
-    w2 = s.window(chunks[0])
-    np.testing.assert_array_equal(w2.samples[:CONTEXT], a[WINDOW - CONTEXT : WINDOW])
-    np.testing.assert_array_equal(w2.samples[CONTEXT:], np.arange(512, 1024, dtype=np.float32))
+    chunks = s.push_block(a)
+    assert chunks.shape == (1, WINDOW)
+    (w1,) = s.inputs(chunks)
+    assert np.all(w1[:CONTEXT] == 0) and np.all(w1[CONTEXT:] == a[:WINDOW])
+    chunks = s.push_block(np.arange(700, 1024, dtype=np.float32))
+    (w2,) = s.inputs(chunks)
+    np.testing.assert_array_equal(w2[:CONTEXT], a[WINDOW - CONTEXT : WINDOW])
+    np.testing.assert_array_equal(w2[CONTEXT:], np.arange(512, 1024, dtype=np.float32))
+
+
+def test_block_inputs_equal_window_by_window():
+    """Framing many chunks at once gives each the same context as framing them one push at a time."""
+    audio = np.random.default_rng(0).standard_normal(5 * WINDOW + 100).astype(np.float32)
+    whole = VadStream()
+    at_once = whole.inputs(whole.push_block(audio))
+    step = VadStream()
+    one_by_one = [step.inputs(step.push_block(audio[i : i + 300])) for i in range(0, len(audio), 300)]
+    np.testing.assert_array_equal(at_once, np.concatenate([x for x in one_by_one if len(x)]))
 
 
 @needs_audio
@@ -64,8 +74,9 @@ def test_batched_streams_equal_separate_calls(vad):
     sep_a, sep_b = probs_for(vad, a[:n]), probs_for(vad, b[:n])
     sa, sb = VadStream(), VadStream()
     batched_a, batched_b = [], []
-    for ca, cb in zip(sa.push(a[:n]), sb.push(b[:n])):
-        (pa, sa.state), (pb, sb.state) = vad.run_batch([sa.window(ca), sb.window(cb)])
+    for xa, xb in zip(sa.inputs(sa.push_block(a[:n])), sb.inputs(sb.push_block(b[:n]))):
+        (pa, pb), state = vad.run(np.stack([xa, xb]), np.stack([sa.state, sb.state], axis=1))
+        sa.advance(state[:, 0, :]), sb.advance(state[:, 1, :])
         batched_a.append(pa), batched_b.append(pb)
     np.testing.assert_allclose(batched_a, sep_a, atol=1e-5)
     np.testing.assert_allclose(batched_b, sep_b, atol=1e-5)

@@ -81,7 +81,9 @@ async def start_api(tmp_path: Path, speaker: bool = True, **sections):
 async def api(tmp_path_factory):
     async with WebhookReceiver() as hook:
         runner, pipeline, bus, state = await start_api(
-            tmp_path_factory.mktemp("api"), events={"protocols": ["xiaozhi", "openai"], "webhook_url": hook.url}
+            tmp_path_factory.mktemp("api"),
+            events={"protocols": ["xiaozhi", "openai"], "webhook_url": hook.url},
+            asr={"max_batch": 8},  # batching as on a GPU (a CPU's default is 1), so long files show it
         )
         yield Api(f"http://127.0.0.1:{runner.addresses[0][1]}", pipeline, bus, state, hook)
         await runner.cleanup()

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import socket
+import time
 import uuid
 from http import HTTPStatus
 from pathlib import Path
@@ -62,7 +63,10 @@ class FakeServer:
         self.headers: list = []  # websockets Headers: case-insensitive
         self.paths: list[str] = []
         self.frames: list[bytes] = []
+        self.frame_times: list[float] = []
+        self.reply_times: list[float] = []
         self.messages: list[object] = []
+        self.listen_start_times: list[float] = []
         self.replies = 0
         self._server = None
         self.url = ""
@@ -81,10 +85,18 @@ class FakeServer:
         msg = (
             {"type": "error", "message": "cannot recognise"}
             if self.behaviour == "error"
-            else {"type": "stt", "text": f"utterance {n}", "session_id": sid, "latency_ms": self.delay * 1000}
+            else {
+                "type": "stt",
+                "text": f"utterance {n}",
+                "session_id": sid,
+                "latency_ms": self.delay * 1000,
+                "timings": {"asr_queue_ms": 5.0 * n, "asr_ms": 20.0, "embed_queue_ms": None, "embed_ms": None,
+                            "speculated": n % 2 == 0},
+            }
         )
         try:
             await ws.send(json.dumps(msg))
+            self.reply_times.append(time.monotonic())
             self.replies += 1
         except ConnectionClosed:
             pass
@@ -117,11 +129,13 @@ class FakeServer:
                             await ws.send(json.dumps(server_hello(sid, {"format": "opus"})))
                     elif isinstance(msg, Listen) and msg.state == "start":
                         mode = msg.mode or "auto"
+                        self.listen_start_times.append(time.monotonic())
                     elif isinstance(msg, Listen) and msg.state == "stop" and mode == "manual":
                         endpoint()
                     continue
                 frame = unpack_audio(raw, version)
                 self.frames.append(frame.payload)
+                self.frame_times.append(time.monotonic())
                 frames += 1
                 if self.behaviour == "close_after" and frames >= self.close_after:
                     if frames == self.close_after:  # close while still reading, so the handshake ends
@@ -379,6 +393,27 @@ async def test_run_against_fake_recogniser_auto(clips):
 
 
 @pytest.mark.slow
+async def test_conversation_shape_mutes_the_microphone_while_the_answer_plays(clips):
+    async with FakeServer(delay_ms=30.0, silence_ms=200.0) as srv:
+        report = await run_bounded(
+            opts(srv.url, clients=(1,), duration_s=4.0, shape="conversation", reply_ms=(600.0, 600.0)), clips
+        )
+    assert_consistent(report)
+    s = report.steps[0].stats
+    assert s.answered == s.utterances >= 2
+    # after each answer: no frame for the reply time, then `listen start` again, then audio
+    for t_reply in srv.reply_times[:-1]:
+        after = [t for t in srv.frame_times if t > t_reply + 0.1]
+        restart = min(t for t in srv.listen_start_times if t > t_reply)
+        assert restart - t_reply >= 0.55 and after and min(after) >= restart
+        assert not [t for t in srv.frame_times if t_reply + 0.1 < t < restart]
+    stages = s.stages
+    assert stages is not None and stages.asr.count == s.answered and stages.asr.p50 == 20.0
+    assert stages.speculated_percent is not None
+    assert "conversation" in render_markdown(report) and "Where the time went" in render_markdown(report)
+
+
+@pytest.mark.slow
 async def test_run_manual_mode_protocol_v3_and_outputs(clips, tmp_path: Path):
     async with FakeServer(delay_ms=40.0) as srv:
         report = await run_bounded(
@@ -530,6 +565,26 @@ async def test_server_probe_from_proc_and_metrics_endpoint():
     await dead.start()
     usage = await dead.stop()
     assert usage.cpu_percent is None and "cannot read metrics" in usage.error
+
+
+def test_server_stages_from_two_metric_readings():
+    from loadtest.probe import ServerStages, parse_series
+
+    def text(lag_counts, used, discarded_s):
+        buckets = "".join(f'asr_event_loop_lag_seconds_bucket{{le="{le}"}} {n}\n' for le, n in lag_counts)
+        return (
+            f"# HELP x\n{buckets}asr_event_loop_lag_seconds_count {lag_counts[-1][1]}\n"
+            f'asr_speculations_total{{outcome="used"}} {used}\n'
+            f'asr_discarded_compute_seconds_total{{engine="asr"}} {discarded_s}\n'
+            'asr_errors_total{kind="busy"} 1.0\n'
+        )
+
+    before = parse_series(text([("0.001", 10), ("0.01", 10), ("0.1", 10), ("+Inf", 10)], 3, 0.5))
+    after = parse_series(text([("0.001", 60), ("0.01", 105), ("0.1", 110), ("+Inf", 110)], 10, 2.0))
+    st = ServerStages.between(before, after)
+    assert st.loop_lag_p95_ms == 10.0  # 95 of the 100 new samples were at or under 10 ms
+    assert st.loop_lag_max_bucket_ms == 100.0
+    assert st.speculations == {"used": 7.0} and st.discarded_compute_s == {"asr": 1.5} and st.busy_errors == 0
 
 
 @pytest.mark.slow

@@ -343,6 +343,23 @@ async def test_hello_timeout(start_server):
     await expect_close(ws, 1008, "no hello within 0.3 s")
 
 
+async def test_idle_session_is_closed_and_an_active_one_is_not(start_server):
+    srv = await start_server(xiaozhi={"idle_timeout_s": 0.6})
+    from loadtest.clips import silence_packet
+
+    quiet, busy = await raw_connect(srv), await raw_connect(srv)
+    for ws in (quiet, busy):
+        await ws.send(HELLO)
+        await ws.recv()
+    for _ in range(25):  # 1.5 s of frames: the busy one stays open past the timeout
+        await busy.send(silence_packet(60))
+        await asyncio.sleep(0.06)
+    await expect_close(quiet, 1000, "idle for 0.6 s")
+    assert busy.close_code is None
+    await busy.close()
+    await wait_sessions_empty(srv)
+
+
 async def test_wrong_path_is_404(server):
     from websockets.exceptions import InvalidStatus
 
@@ -359,7 +376,10 @@ async def test_session_limit_is_503(start_server):
 
 
 async def test_silent_stream_sends_nothing_and_runs_no_recogniser(server, pipeline):
-    before = pipeline._asr_batcher.stats.items
+    def recognised():
+        return pipeline.metrics.registry.get_sample_value("asr_batch_size_sum", {"engine": "asr"}) or 0.0
+
+    before = recognised()
     async with device(server) as dev:
         await dev.listen("start", "auto")
         await dev.send_silence(3000, None)
@@ -370,4 +390,27 @@ async def test_silent_stream_sends_nothing_and_runs_no_recogniser(server, pipeli
         await dev.listen("start", "auto")
         await dev.send_opus(encode_pcm(noise, 60), None)
         await no_message(dev, wait=1.0)
-    assert pipeline._asr_batcher.stats.items == before
+    assert recognised() == before
+
+
+@needs_audio
+async def test_speculation_is_used_at_the_endpoint_and_voided_by_resumed_speech(server, pipeline):
+    def outcomes():
+        get = pipeline.metrics.registry.get_sample_value
+        return {k: get("asr_speculations_total", {"outcome": k}) or 0.0 for k in ("used", "dropped", "discarded")}
+
+    c = load_clip(clip("en_tts_living").path)
+    before = outcomes()
+    async with device(server) as dev:
+        await dev.listen("start", "auto")
+        # The clip's speech runs from 0.22 s to 1.5 s: 1.6 s of it, then the whole clip, is a pause of
+        # about 320 ms: a speculation starts (after 96 ms), then speech goes on before the endpoint (400 ms).
+        await dev.send_opus(c.packets[:27], PACE)
+        await say(dev, c)
+        msg = (await dev.next_message("stt", REPLY_S)).data
+        await no_message(dev)  # the pause did not split the utterance
+    after = outcomes()
+    assert after["used"] - before["used"] == 1
+    assert (after["dropped"] + after["discarded"]) - (before["dropped"] + before["discarded"]) >= 1
+    t = msg["timings"]
+    assert t["speculated"] is True and t["asr_ms"] > 0 and t["asr_queue_ms"] >= 0

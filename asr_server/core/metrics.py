@@ -1,4 +1,9 @@
-"""Prometheus metrics, one registry per server instance (no module-level state)."""
+"""Prometheus metrics, one registry per server instance (no module-level state).
+
+Where the time of an utterance goes, under load: `asr_queue_wait_seconds` and `asr_stage_seconds`
+per engine (wait, then compute), `asr_event_loop_lag_seconds` (how late the loop reads frames),
+`asr_discarded_compute_seconds` (engine time spent on results nobody took: discarded speculations).
+"""
 
 from __future__ import annotations
 
@@ -57,8 +62,28 @@ class Metrics:
         )
         self.speculations = Counter(
             "asr_speculations",
-            "Speculative recognitions by outcome (used, discarded, skipped when the recogniser was backlogged)",
+            "Speculative recognitions by outcome: used (became the final), dropped (cancelled before it ran: "
+            "free), discarded (speech resumed after it ran or while it ran: its compute was wasted)",
             ["outcome"],
+            registry=r,
+        )
+        self.discarded_compute = Counter(
+            "asr_discarded_compute_seconds",
+            "Engine compute whose result nobody took (discarded speculations, callers gone), by engine",
+            ["engine"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "asr_queue_wait_seconds",
+            "Time a request waited for its engine before its compute began",
+            ["engine"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "asr_event_loop_lag_seconds",
+            "How late a callback scheduled on the event loop ran (sampled every 100 ms): time frames wait to be read",
+            buckets=_STAGE_BUCKETS,
             registry=r,
         )
         self.errors = Counter("asr_errors", "Errors by kind", ["kind"], registry=r)
@@ -69,9 +94,29 @@ class Metrics:
         r.register(self.queue_depths)
 
     def on_batch(self, engine: str, size: int, seconds: float) -> None:
-        """The micro-batchers' callback: batch size and the batched call's duration."""
+        """The schedulers' callback: batch size and the batched call's duration."""
         self.batch_size.labels(engine).observe(size)
         self.stage.labels(engine).observe(seconds)
 
+    def on_wait(self, engine: str, seconds: float) -> None:
+        """The schedulers' callback: how long a request waited before its compute began."""
+        self.queue_wait.labels(engine).observe(seconds)
+
+    def on_discard(self, engine: str, seconds: float) -> None:
+        """The schedulers' callback: compute spent on results nobody took."""
+        self.discarded_compute.labels(engine).inc(seconds)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.1) -> None:
+    """Sample how late the event loop runs a callback (run as a task for the server's lifetime)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    observe = metrics.loop_lag.observe
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(interval_s)
+        observe(max(0.0, loop.time() - t0 - interval_s))

@@ -1,9 +1,10 @@
 """The shared engines behind every protocol adapter: VAD, recognition, speaker embedding.
 
-One `Pipeline` per server process. It owns the models and one micro-batcher per model, so the
-device path, the FunASR-compatible socket and the HTTP API all batch into the same calls, and it
-hands out the `SpeechStream`s adapters stream audio into. Adapters never touch a model directly:
-they await `feed`/`probabilities`, `recognize`, `transcribe`, `embed`.
+One `Pipeline` per server process. It owns the models, the VAD batcher every live stream feeds,
+and one scheduler per recognition model, so the device path, the FunASR-compatible socket and the
+HTTP API all share the same calls and the same order (finals before speculations). It hands out
+the `SpeechStream`s adapters stream audio into. Adapters never touch a model directly: they await
+`feed`/`probabilities` and `recognize`, or hold a `Recognizing` they can promote or cancel.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from ..config import Config
 from ..constants import SAMPLE_RATE
 from ..engines.base import Embedder, ModelInfo, Recognizer, VadModel
 from ..engines.contracts import ECAPA_DIR
-from ..engines.vad import VadWindow
 from ..errors import VoiceprintError
 from ..types import Recognition, SpeakerMatch, Transcript
-from .batching import MicroBatcher
 from .metrics import Metrics
+from .scheduler import InferenceQueue, Job, Priority
 from .streaming import SpeechStream, segmenter_options
+from .vad_batching import VadBatcher
 from .voiceprints import VoiceprintStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,27 @@ class AsrRequest:
     audio: np.ndarray
     language: str
     use_itn: bool
+
+
+@dataclass(eq=False)
+class Recognizing:
+    """A recognition in flight: await `task`; `promote` makes a speculation final; `cancel` drops it
+    (free while it waits, aborted while it runs)."""
+
+    task: asyncio.Task[Recognition]
+    jobs: list[Job]
+
+    def promote(self) -> None:
+        for job in self.jobs:
+            job.promote(Priority.FINAL)
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    @property
+    def started(self) -> bool:
+        """Some of its compute began (cancelling it now wastes that compute)."""
+        return any(j.started for j in self.jobs)
 
 
 def speaker_model_path(config: Config) -> Path:
@@ -55,7 +77,7 @@ def voiceprint_model_id(config: Config) -> str:
 
 
 class Pipeline:
-    """Models plus their batchers; construct with `Pipeline.load(config)`."""
+    """Models plus their schedulers; construct with `Pipeline.load(config)`."""
 
     def __init__(
         self,
@@ -72,29 +94,45 @@ class Pipeline:
         self.speaker = speaker
         self.voiceprints = voiceprints
         self.metrics = metrics
-        self._vad_batcher: MicroBatcher[VadWindow, tuple[float, np.ndarray]] = self._batcher(
-            "vad", vad.run_batch, "vad"
+        self._vad = VadBatcher(
+            vad,
+            max_batch=config.vad.max_batch,
+            max_wait_ms=config.vad.max_wait_ms,
+            max_queue=config.vad.max_queue,
+            on_batch=metrics.on_batch,
         )
-        self._asr_batcher: MicroBatcher[AsrRequest, Transcript] = self._batcher("asr", self._asr_batch, "asr")
-        self._spk_batcher: MicroBatcher[np.ndarray, np.ndarray] | None = (
-            self._batcher("embedding", self._embed_batch, "speaker") if speaker is not None else None
+        self._asr: InferenceQueue[AsrRequest, Transcript] = self._queue(
+            "asr", self._asr_batch, "asr", abort=getattr(asr, "abort", None)
+        )
+        self._spk: InferenceQueue[np.ndarray, np.ndarray] | None = (
+            self._queue("embedding", self._embed_batch, "speaker") if speaker is not None else None
         )
         self._segmenter_options = segmenter_options(config.vad)
-        for b in (self._vad_batcher, self._asr_batcher, self._spk_batcher):
-            if b is not None:
-                metrics.queue_depths.add(b.name, b.depth)
+        metrics.queue_depths.add("vad", self._vad.depth)
+        metrics.queue_depths.add("asr", self._asr.depth)
+        if self._spk is not None:
+            metrics.queue_depths.add("embedding", self._spk.depth)
 
-    def _batcher(self, name: str, fn: Callable[[Sequence[Any]], Sequence[Any]], section: str) -> MicroBatcher:
-        """A micro-batcher with the batch size, wait and queue limit of its config section."""
+    def _queue(
+        self,
+        name: str,
+        fn: Callable[[Sequence[Any]], Sequence[Any]],
+        section: str,
+        abort: Callable[[], None] | None = None,
+    ) -> InferenceQueue:
+        """A scheduler with the batch size, wait and queue limit of its config section."""
         cfg = getattr(self.config, section)
-        return MicroBatcher(
+        return InferenceQueue(
             name,
             fn,
-            cfg.max_batch,
-            cfg.max_wait_ms,
-            self.metrics.on_batch,
+            max_batch=batch_size(self.config, cfg.max_batch),
+            max_wait_ms=cfg.max_wait_ms,
             max_queue=cfg.max_queue,
             limit_key=f"{section}.max_queue",
+            abort=abort,
+            on_batch=self.metrics.on_batch,
+            on_wait=self.metrics.on_wait,
+            on_discard=self.metrics.on_discard,
         )
 
     @classmethod
@@ -140,25 +178,14 @@ class Pipeline:
         """A new stream with the configured energy gate, VAD framing and segmenter."""
         return SpeechStream(self._segmenter_options, self.config.vad.energy_gate_dbfs)
 
-    async def vad_window(self, window: VadWindow) -> tuple[float, np.ndarray]:
-        return await self._vad_batcher.submit(window)
-
     async def probabilities(self, stream: SpeechStream, pcm: np.ndarray) -> list[tuple[np.ndarray, float]]:
         """Each complete window of `pcm` with its speech probability, through the shared VAD batcher."""
-        out = []
-        for w in stream.windows(pcm):
-            if w.model_input is None:
-                out.append((w.chunk, 0.0))
-                continue
-            prob, state = await self.vad_window(w.model_input)
-            stream.advance(state)
-            out.append((w.chunk, prob))
-        return out
+        return await self._vad.probabilities(stream, pcm)
 
     async def feed(self, stream: SpeechStream, pcm: np.ndarray) -> list[Event]:
         """Live audio into `stream`: the segmenter events it causes, in order."""
         events: list[Event] = []
-        for chunk, prob in await self.probabilities(stream, pcm):
+        for chunk, prob in await self._vad.probabilities(stream, pcm):
             events.extend(stream.push(chunk, prob))
         return events
 
@@ -167,15 +194,16 @@ class Pipeline:
         worker thread), ending with the flush of the utterance in progress.
 
         A recording offers one window at a time (each needs the state the last one left), so
-        through the batcher it would pay `max_wait_ms` on every 32 ms window.
+        through the batcher it would wait a tick on every 32 ms window.
         """
         stream = self.open_stream()
         events: list[Event] = []
         for w in stream.windows(audio):
             prob = 0.0
-            if w.model_input is not None:
-                ((prob, state),) = self.vad.run_batch([w.model_input])
-                stream.advance(state)
+            if w.samples is not None:
+                probs, state = self.vad.run(w.samples[None], stream.vad.state[:, None, :])
+                stream.advance(np.ascontiguousarray(state[:, 0, :]))
+                prob = float(probs[0])
             events.extend(stream.push(w.chunk, prob))
         last = stream.flush()
         if last is not None:
@@ -189,28 +217,39 @@ class Pipeline:
             [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
         )
 
-    async def transcribe(
-        self, audio: np.ndarray, language: str | None = None, use_itn: bool | None = None
-    ) -> Transcript:
-        cfg = self.config.asr
-        req = AsrRequest(
-            np.asarray(audio, dtype=np.float32), language or cfg.language, cfg.use_itn if use_itn is None else use_itn
-        )
-        return await self._asr_batcher.submit(req)
-
     def _embed_batch(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
         assert self.speaker is not None
         return list(self.speaker.embed_batch(audios))
 
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        language: str | None = None,
+        use_itn: bool | None = None,
+        priority: Priority = Priority.FINAL,
+    ) -> Transcript:
+        return (await self._asr.run(self._asr_request(audio, language, use_itn), priority, len(audio)))[0]
+
+    def _asr_request(self, audio: np.ndarray, language: str | None, use_itn: bool | None) -> AsrRequest:
+        cfg = self.config.asr
+        return AsrRequest(
+            np.asarray(audio, dtype=np.float32), language or cfg.language, cfg.use_itn if use_itn is None else use_itn
+        )
+
     async def embed(self, audio: np.ndarray) -> np.ndarray:
-        if self._spk_batcher is None:
+        if self._spk is None:
             raise RuntimeError("speaker embedding is disabled (speaker.enabled: false)")
-        return await self._spk_batcher.submit(np.asarray(audio, dtype=np.float32))
+        return (await self._spk.run(np.asarray(audio, dtype=np.float32), Priority.FINAL, len(audio)))[0]
 
     @property
-    def asr_backlogged(self) -> bool:
-        """Utterances are waiting for the recogniser: speculative work would only delay them."""
-        return self._asr_batcher.queue_depth > 0
+    def asr_max_batch(self) -> int:
+        """Utterances the recogniser takes per call (the configured or automatic batch size)."""
+        return self._asr.max_batch
+
+    @property
+    def asr_busy(self) -> bool:
+        """The recogniser is computing or has work waiting."""
+        return self._asr.busy
 
     def identify(self, embedding: np.ndarray) -> SpeakerMatch | None:
         """The enrolled speaker of `embedding`, or None; a degenerate embedding (silence) is an unknown speaker."""
@@ -222,30 +261,88 @@ class Pipeline:
             log.debug("speaker not identified: %s", e)
             return None
 
+    def _wants_speaker(self, audio_ms: int, identify: bool) -> bool:
+        """Embed only where a speaker can be identified: a voiceprint is enrolled, and the utterance
+        is long enough to embed (an empty store makes every embedding wasted compute)."""
+        return (
+            identify
+            and self._spk is not None
+            and audio_ms >= self.config.speaker.min_audio_ms
+            and self.voiceprints is not None
+            and self.voiceprints.count() > 0
+        )
+
+    def start_recognition(
+        self,
+        audio: np.ndarray,
+        language: str | None = None,
+        use_itn: bool | None = None,
+        identify: bool = True,
+        speculative: bool = False,
+    ) -> Recognizing:
+        """Queue one utterance for text and speaker (both at once) and return the handle that awaits them."""
+        audio = np.asarray(audio, dtype=np.float32)
+        audio_ms = int(len(audio) * 1000 / SAMPLE_RATE)
+        priority = Priority.SPECULATION if speculative else Priority.FINAL
+        asr_job = self._asr.submit(self._asr_request(audio, language, use_itn), priority, len(audio))
+        jobs: list[Job] = [asr_job]
+        spk_job = None
+        if self._wants_speaker(audio_ms, identify):
+            assert self._spk is not None
+            spk_job = self._spk.submit(audio, priority, len(audio))
+            jobs.append(spk_job)
+        started = time.perf_counter()
+
+        async def finish() -> Recognition:
+            try:
+                if spk_job is None:
+                    transcript = await asr_job.future
+                    embedding = None
+                else:
+                    transcript, embedding = await asyncio.gather(asr_job.future, spk_job.future)
+            except asyncio.CancelledError:
+                for job in jobs:
+                    job.future.cancel()
+                raise
+            asr_t = asr_job.timing
+            spk_t = spk_job.timing if spk_job is not None else None
+            return Recognition(
+                transcript,
+                self.identify(embedding) if embedding is not None else None,
+                audio_ms,
+                asr_ms=(time.perf_counter() - started) * 1000 if asr_t is None else asr_t.queue_ms + asr_t.compute_ms,
+                embed_ms=None if spk_t is None else spk_t.queue_ms + spk_t.compute_ms,
+                asr_queue_ms=asr_t.queue_ms if asr_t else None,
+                asr_compute_ms=asr_t.compute_ms if asr_t else None,
+                embed_queue_ms=spk_t.queue_ms if spk_t else None,
+                embed_compute_ms=spk_t.compute_ms if spk_t else None,
+            )
+
+        return Recognizing(asyncio.get_running_loop().create_task(finish()), jobs)
+
     async def recognize(
         self, audio: np.ndarray, language: str | None = None, use_itn: bool | None = None, identify: bool = True
     ) -> Recognition:
-        """Text, tags and speaker of one utterance; recognition and embedding run concurrently."""
-        audio_ms = int(len(audio) * 1000 / SAMPLE_RATE)
-        want_speaker = identify and self._spk_batcher is not None and audio_ms >= self.config.speaker.min_audio_ms
-
-        async def timed(coro):
-            t0 = time.perf_counter()
-            result = await coro
-            return result, (time.perf_counter() - t0) * 1000
-
-        asr_task = timed(self.transcribe(audio, language, use_itn))
-        if want_speaker:
-            (transcript, asr_ms), (embedding, embed_ms) = await asyncio.gather(asr_task, timed(self.embed(audio)))
-            speaker = self.identify(embedding)
-        else:
-            transcript, asr_ms = await asr_task
-            speaker, embed_ms = None, None
-        return Recognition(transcript, speaker, audio_ms, asr_ms, embed_ms)
+        """Text, tags and speaker of one utterance, as a final (a caller waits for it)."""
+        r = self.start_recognition(audio, language, use_itn, identify)
+        try:
+            return await r.task
+        except asyncio.CancelledError:
+            r.cancel()
+            raise
 
     async def close(self) -> None:
-        for b in (self._vad_batcher, self._asr_batcher, self._spk_batcher):
-            if b is not None:
-                await b.close()
+        await self._vad.close()
+        await self._asr.close()
+        if self._spk is not None:
+            await self._spk.close()
         if self.voiceprints is not None:
             self.voiceprints.close()
+
+
+def batch_size(config: Config, max_batch: int | str) -> int:
+    """`max_batch`, where `auto` is 1 on a CPU (a batch costs the sum of its items there, and every
+    caller waits for all of it) and 16 on a GPU (a batch costs little more than one item)."""
+    if max_batch != "auto":
+        return int(max_batch)
+    return 16 if config.engine.device.startswith("cuda") else 1

@@ -59,7 +59,8 @@ async def recognize_recording(
         pieces = [(0, audio)]
     else:
         pieces = await split_timed(pipeline, audio)
-    gate = asyncio.Semaphore(max_parallel or pipeline.config.asr.max_batch)
+    # A batch's worth in flight at a time: a long file shares the recogniser with live devices.
+    gate = asyncio.Semaphore(max_parallel or pipeline.asr_max_batch)
 
     async def one(start: int, piece: np.ndarray) -> Segment:
         async with gate:

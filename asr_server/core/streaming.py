@@ -16,7 +16,7 @@ import numpy as np
 
 from ..audio.segmenter import Event, Segmenter, SegmenterOptions
 from ..config import VadConfig
-from ..engines.vad import VadStream, VadWindow
+from ..engines.vad import VadStream
 
 
 def segmenter_options(cfg: VadConfig) -> SegmenterOptions:
@@ -32,10 +32,11 @@ def rms_dbfs(chunk: np.ndarray) -> float:
 
 @dataclass(slots=True)
 class Window:
-    """One 512-sample chunk of a stream and the model input for it, or None below the energy gate."""
+    """One 512-sample chunk of a stream and its model input (64 context samples + the chunk), or
+    None when the chunk is below the energy gate and the model is skipped."""
 
     chunk: np.ndarray
-    model_input: VadWindow | None
+    samples: np.ndarray | None
 
 
 class SpeechStream:
@@ -44,16 +45,20 @@ class SpeechStream:
     def __init__(self, options: SegmenterOptions, gate_dbfs: float) -> None:
         self.options = options
         self.gate_dbfs = gate_dbfs
+        # The gate compares mean power, which is cheaper than dBFS: 10·log10(p) < gate ⇔ p < 10^(gate/10).
+        self._gate_power = 10.0 ** (gate_dbfs / 10.0)
         self.vad = VadStream()
         self.segmenter = Segmenter(options)
 
     def windows(self, pcm: np.ndarray) -> list[Window]:
-        """Frame new samples into the windows now complete, each gated by its level."""
-        out = []
-        for chunk in self.vad.push(pcm):
-            model_input = self.vad.window(chunk)
-            out.append(Window(chunk, None if rms_dbfs(chunk) < self.gate_dbfs else model_input))
-        return out
+        """Frame new samples into the windows now complete, each gated by its level (in one array op)."""
+        block = self.vad.push_block(pcm)
+        if not block.shape[0]:
+            return []
+        inputs = self.vad.inputs(block)
+        power = np.einsum("ij,ij->i", block, block, dtype=np.float64) / block.shape[1]
+        loud = power >= self._gate_power
+        return [Window(block[i], inputs[i] if loud[i] else None) for i in range(block.shape[0])]
 
     def advance(self, state: np.ndarray) -> None:
         """Take the recurrent state the model returned for this stream's last window."""

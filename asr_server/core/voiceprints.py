@@ -127,6 +127,12 @@ class VoiceprintStore:
             self._version = -1
         return cur.rowcount > 0
 
+    def count(self) -> int:
+        """Voiceprints of this store's model (cheap: the matrix is reloaded only when the file changed)."""
+        with self._lock:
+            self._refresh()
+            return len(self._names)
+
     def scores(self, embedding: np.ndarray, names: builtins.list[str] | None = None) -> dict[str, float]:
         """Cosine of `embedding` against each enrolled voiceprint (or only those in `names`)."""
         e = _normalise(embedding)

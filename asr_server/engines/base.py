@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import yaml
@@ -70,7 +70,9 @@ class VadModel(Protocol):
 
     info: ModelInfo
 
-    def run_batch(self, windows: Sequence[Any]) -> list[tuple[float, np.ndarray]]: ...
+    def run(self, samples: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Windows [B, 576] and states [2, B, 128] → probabilities [B] and the new states [2, B, 128]."""
+        ...
 
 
 def read_yaml_mapping(path: Path) -> dict:

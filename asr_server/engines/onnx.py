@@ -8,12 +8,14 @@ same for all of them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
-from ..errors import ModelFileError
+from ..errors import EngineAborted, ModelFileError
 from .base import ModelInfo
 from .contracts import ModelContract, match_signature, session_signature
 
@@ -88,3 +90,34 @@ def check_contract(sess: ort.InferenceSession, path: Path, contract: ModelContra
     problems = match_signature(session_signature(sess), contract)
     if problems:
         raise ModelFileError(f"{path}: does not match the {contract.model} engine: {'; '.join(problems)}")
+
+
+class Runs:
+    """`session.run` calls that another thread can stop: each call gets its own `RunOptions`, and
+    `abort` sets `terminate` on the ones in flight (ONNX Runtime checks it between kernels), so a
+    computation nobody wants any more frees the cores within a few milliseconds."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+        self._lock = threading.Lock()
+        self._running: list[ort.RunOptions] = []
+
+    def __call__(self, outputs: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
+        opts = ort.RunOptions()
+        with self._lock:
+            self._running.append(opts)
+        try:
+            return self.session.run(outputs, feeds, opts)
+        except Exception as e:
+            if opts.terminate:
+                raise EngineAborted("the computation was aborted: nobody waits for its result") from e
+            raise
+        finally:
+            with self._lock:
+                self._running.remove(opts)
+
+    def abort(self) -> None:
+        """Stop every call in flight (called from the event loop's thread)."""
+        with self._lock:
+            for opts in self._running:
+                opts.terminate = True

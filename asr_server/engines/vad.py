@@ -1,16 +1,15 @@
 """Silero VAD: one shared ONNX session, per-stream framing and state, windows batched across streams.
 
-Each stream (`VadStream`) keeps its own 64-sample context and recurrent state; the shared model
-(`SileroVad`) runs many streams' windows as one batch, which gives the same probabilities as
-separate calls at a fraction of the cost. A stream has at most one window in flight, and only the
-stream itself applies the state a result brings (`VadStream.advance`), so its state advances in order.
+Each stream (`VadStream`) keeps its own 64-sample context and recurrent state and frames its audio
+into model inputs a block at a time; the shared model (`SileroVad`) runs many streams' windows as
+one batch, which gives the same probabilities as separate calls at a fraction of the cost. A
+stream has at most one window in flight, and only the stream applies the state a result brings
+(`VadStream.advance`), so its state advances in order.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +37,8 @@ def packaged_model_path() -> Path:
     return path
 
 
-@dataclass(slots=True)
-class VadWindow:
-    """One model input: 64 context samples + 512 new ones, and the stream's state before it."""
-
-    samples: np.ndarray  # float32 [576]
-    state: np.ndarray  # float32 [2, 128]
-
-
 class SileroVad:
-    """The shared Silero ONNX model; `run_batch` is what the VAD micro-batcher calls."""
+    """The shared Silero ONNX model; `run` takes many streams' windows at once (the VAD batcher's call)."""
 
     def __init__(self, session, info: ModelInfo) -> None:
         self._session = session
@@ -60,11 +51,10 @@ class SileroVad:
         # One thread: VAD batches are tiny and the ASR engine needs the cores.
         return cls(*open_onnx(path, "cpu", threads=1, contract=SILERO, name="silero-vad"))
 
-    def run_batch(self, windows: Sequence[VadWindow]) -> list[tuple[float, np.ndarray]]:
-        x = np.stack([w.samples for w in windows]).astype(np.float32, copy=False)
-        state = np.stack([w.state for w in windows], axis=1).astype(np.float32, copy=False)
-        out, state_n = self._session.run(None, {"input": x, "state": state, "sr": self._sr})
-        return [(float(out[i, 0]), np.ascontiguousarray(state_n[:, i, :])) for i in range(len(windows))]
+    def run(self, samples: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Windows [B, 576] and their streams' states [2, B, 128] → probabilities [B] and new states."""
+        out, state_n = self._session.run(None, {"input": samples, "state": state, "sr": self._sr})
+        return out[:, 0], state_n
 
 
 class VadStream:
@@ -75,19 +65,24 @@ class VadStream:
         self._context = np.zeros(VAD_CONTEXT, dtype=np.float32)
         self._pending = np.zeros(0, dtype=np.float32)
 
-    def push(self, pcm: np.ndarray) -> list[np.ndarray]:
-        """Add samples; return the complete 512-sample chunks now available, in order."""
-        buf = np.concatenate([self._pending, pcm.astype(np.float32, copy=False)])
+    def push_block(self, pcm: np.ndarray) -> np.ndarray:
+        """Add samples; the complete chunks now available as one array [n, 512] (n may be 0)."""
+        buf = np.concatenate([self._pending, pcm.astype(np.float32, copy=False)]) if len(self._pending) else pcm
         n = len(buf) // VAD_WINDOW
-        chunks = [buf[i * VAD_WINDOW : (i + 1) * VAD_WINDOW] for i in range(n)]
-        self._pending = buf[n * VAD_WINDOW :]
-        return chunks
+        self._pending = np.array(buf[n * VAD_WINDOW :], dtype=np.float32)
+        return np.asarray(buf[: n * VAD_WINDOW], dtype=np.float32).reshape(n, VAD_WINDOW)
 
-    def window(self, chunk: np.ndarray) -> VadWindow:
-        """The model input for `chunk` (the next chunk from `push`): context + chunk, current state."""
-        samples = np.concatenate([self._context, chunk])
-        self._context = chunk[-VAD_CONTEXT:].copy()
-        return VadWindow(samples, self.state)
+    def inputs(self, block: np.ndarray) -> np.ndarray:
+        """The model inputs [n, 576] for the next chunks `block` [n, 512] (from `push_block`): each
+        chunk with the 64 samples before it as context, in one array."""
+        n = block.shape[0]
+        out = np.empty((n, VAD_CONTEXT + VAD_WINDOW), dtype=np.float32)
+        if n:
+            out[:, VAD_CONTEXT:] = block
+            out[0, :VAD_CONTEXT] = self._context
+            out[1:, :VAD_CONTEXT] = block[:-1, -VAD_CONTEXT:]
+            self._context = block[-1, -VAD_CONTEXT:].copy()
+        return out
 
     def advance(self, state: np.ndarray) -> None:
         """Take the recurrent state the model returned for this stream's last window."""

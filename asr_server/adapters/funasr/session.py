@@ -44,7 +44,9 @@ from ...audio.io import decode_audio
 from ...audio.resample import PcmResampler
 from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ...constants import FUNASR, SAMPLE_RATE, VAD_WINDOW, VAD_WINDOW_MS
+from ...core.pipeline import Recognizing
 from ...core.recording import dominant, join_texts, recognize_recording
+from ...core.scheduler import Priority
 from ...core.streaming import SpeechStream
 from ...errors import AudioDecodeError, EngineBusy, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
@@ -75,7 +77,7 @@ class _Utterance:
     partials: int = 0
     last_partial_chunk: int = 0
     partial_task: asyncio.Task | None = None
-    speculation: asyncio.Task | None = None
+    speculation: Recognizing | None = None
     done: bool = False
 
 
@@ -269,8 +271,11 @@ class FunAsrSession:
                 st.next_index, event.start_sample // VAD_WINDOW, last_partial_chunk=st.speech.windows_fed
             )
             st.next_index += 1
-        elif isinstance(event, Speculate) and utt is not None:
-            utt.speculation = _spawn(self.pipeline.recognize(event.audio, req.language, req.itn))
+        elif isinstance(event, Speculate) and utt is not None and self.server.config.asr.speculative:
+            if utt.speculation is not None:
+                utt.speculation.cancel()
+            utt.speculation = self.pipeline.start_recognition(event.audio, req.language, req.itn, speculative=True)
+            utt.speculation.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         elif isinstance(event, SpeechResumed) and utt is not None and utt.speculation is not None:
             utt.speculation.cancel()
             utt.speculation = None
@@ -294,8 +299,9 @@ class FunAsrSession:
         t0 = time.perf_counter()
         rec: Recognition | None = None
         if utt.speculation is not None:
+            utt.speculation.promote()
             try:
-                rec = await utt.speculation
+                rec = await utt.speculation.task
             except asyncio.CancelledError:
                 rec = None
             except Exception:
@@ -334,7 +340,7 @@ class FunAsrSession:
     async def _partial(self, req: RequestConfig, utt: _Utterance, audio: np.ndarray) -> None:
         try:
             t0 = time.perf_counter()
-            transcript = await self.pipeline.transcribe(audio, req.language, req.itn)
+            transcript = await self.pipeline.transcribe(audio, req.language, req.itn, Priority.PARTIAL)
             self.metrics.stage.labels("partial").observe(time.perf_counter() - t0)
         except asyncio.CancelledError:
             raise

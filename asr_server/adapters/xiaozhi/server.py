@@ -58,6 +58,8 @@ class XiaozhiServer:
         self.pipeline = pipeline
         self.publish = publish
         self.sessions: dict[str, Session] = {}
+        self._sockets: dict[str, ServerConnection] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._metrics = pipeline.metrics
         self._path = config.xiaozhi.path.rstrip("/") or "/"
         self.slots = ConnectionSlots(
@@ -66,6 +68,8 @@ class XiaozhiServer:
 
     async def serve(self, host: str | None = None, port: int | None = None) -> Server:
         cfg = self.config.xiaozhi
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle(), name="xiaozhi-idle-sweep")
         return await serve(
             self._handle,
             host if host is not None else cfg.host,
@@ -125,6 +129,7 @@ class XiaozhiServer:
 
         session = Session(session_id, client, self.config, self.pipeline, send, self.publish)
         self.sessions[session_id] = session
+        self._sockets[session_id] = ws
         self._metrics.sessions.labels(PROTOCOL).inc()
         self._metrics.sessions_total.labels(PROTOCOL).inc()
         log.info(
@@ -148,6 +153,7 @@ class XiaozhiServer:
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self.sessions.pop(session_id, None)
+            self._sockets.pop(session_id, None)
             self._metrics.sessions.labels(PROTOCOL).dec()
             await session.close()
             log.info(
@@ -207,17 +213,34 @@ class XiaozhiServer:
         params.update({k: v for k, v in hello.audio_params.items() if k in params})
         return params
 
+    async def _sweep_idle(self) -> None:
+        """Close sessions that sent nothing for `idle_timeout_s`: one task for the whole server
+        instead of a timer per received frame, checked a few times per timeout."""
+        cfg = self.config.xiaozhi
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, cfg.idle_timeout_s / 4))
+            cutoff = loop.time() - cfg.idle_timeout_s
+            for sid, session in list(self.sessions.items()):
+                ws = self._sockets.get(sid)
+                if ws is not None and session.last_active < cutoff and not session.idle_closed:
+                    session.idle_closed = True
+                    loop.create_task(ws.close(CloseCode.NORMAL_CLOSURE, f"idle for {cfg.idle_timeout_s:g} s"))
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
     async def _serve_session(self, ws: ServerConnection, session: Session) -> str:
         """Read messages until the client leaves; returns why the session ended."""
         cfg = self.config.xiaozhi
         rate = _FrameRate(cfg.max_frames_per_s)
         bad_frames_logged = busy_logged = False
-        while True:
-            try:
-                message = await asyncio.wait_for(ws.recv(), cfg.idle_timeout_s)
-            except TimeoutError:
-                await ws.close(CloseCode.NORMAL_CLOSURE, f"idle for {cfg.idle_timeout_s:g} s")
-                return "idle timeout"
+        clock = asyncio.get_running_loop().time
+        session.last_active = clock()
+        async for message in ws:
+            session.last_active = clock()
             try:
                 if isinstance(message, bytes):
                     if not rate.allow():
@@ -247,6 +270,7 @@ class XiaozhiServer:
                 self._metrics.errors.labels("bad_message").inc()
                 log.warning("session %s: %s", session.session_id, e)
                 await session.send_error(str(e))
+        return "idle timeout" if session.idle_closed else "closed"
 
     async def _refuse(self, ws: ServerConnection, device_id: str | None, kind: str, message: str, code: int) -> None:
         self._metrics.errors.labels(kind).inc()

@@ -20,7 +20,7 @@ from ...audio.opus import OpusStreamDecoder
 from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, Utterance
 from ...config import Config
 from ...constants import SAMPLE_RATE, XIAOZHI
-from ...core.pipeline import Pipeline
+from ...core.pipeline import Pipeline, Recognizing
 from ...errors import EngineBusy, OpusDecodeError
 from ...types import ClientInfo, Recognition, TranscriptEvent
 from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_message, unpack_audio
@@ -59,12 +59,15 @@ class Session:
         self._manual: list[np.ndarray] = []
         self._manual_samples = 0
         self._manual_speech = False
-        self._speculation: tuple[int, asyncio.Task[Recognition]] | None = None
+        self._speculation: tuple[int, Recognizing] | None = None
         self._replies: set[asyncio.Task[None]] = set()
         self._last_reply: asyncio.Task[None] | None = None
         self._corrupt_logged = False
         self.frames = 0
         self.utterances = 0
+        self.last_active = 0.0  # loop time of the last message (the server's idle sweep reads it)
+        self.idle_closed = False
+        self._observe_decode = self._metrics.stage.labels("decode").observe
 
     async def send_error(self, message: str) -> None:
         await self._send(error_message(message, self.session_id))
@@ -100,7 +103,7 @@ class Session:
                 )
                 await self.send_error(f"{e}; frame dropped")
             return
-        self._metrics.stage.labels("decode").observe(time.perf_counter() - t0)
+        self._observe_decode(time.perf_counter() - t0)
         self.frames += 1
         if not self.listening:
             return  # wake-word audio before `listen start`: decoded to keep the decoder in step, then dropped
@@ -136,26 +139,25 @@ class Session:
     def _on_segment_event(self, event: Event) -> None:
         if isinstance(event, Speculate):
             self._cancel_speculation()
-            if not self.config.asr.speculative:
-                return
-            if self.pipeline.asr_backlogged:
-                self._metrics.speculations.labels("skipped").inc()
-                return
-            task = asyncio.create_task(self.pipeline.recognize(event.audio))
-            self._speculation = (event.utterance_id, task)
+            if self.config.asr.speculative:
+                # Queued behind every final and cancelled for free until it runs: it costs only idle time.
+                self._speculation = (event.utterance_id, self.pipeline.start_recognition(event.audio, speculative=True))
         elif isinstance(event, SpeechResumed):
             self._cancel_speculation()
         elif isinstance(event, Utterance):
             endpoint = time.perf_counter()
             spec = self._speculation
-            if event.speculated and spec is not None and spec[0] == event.utterance_id:
-                task = spec[1]
+            speculated = event.speculated and spec is not None and spec[0] == event.utterance_id
+            if speculated:
+                assert spec is not None
+                recognizing = spec[1]
+                recognizing.promote()  # now someone waits for it
                 self._speculation = None
                 self._metrics.speculations.labels("used").inc()
             else:
                 self._cancel_speculation()
-                task = asyncio.create_task(self.pipeline.recognize(event.audio))
-            self._queue_reply(task, endpoint)
+                recognizing = self.pipeline.start_recognition(event.audio)
+            self._queue_reply(recognizing.task, endpoint, speculated)
         elif isinstance(event, Dropped):
             self._cancel_speculation()
             log.debug(
@@ -166,10 +168,13 @@ class Session:
             )
 
     def _cancel_speculation(self) -> None:
+        """Speech went on: the speculation is useless. Free if it has not run yet ("dropped"),
+        aborted if it is running, its compute wasted ("discarded")."""
         if self._speculation is not None:
-            self._speculation[1].cancel()
+            recognizing = self._speculation[1]
+            self._metrics.speculations.labels("discarded" if recognizing.started else "dropped").inc()
+            recognizing.cancel()
             self._speculation = None
-            self._metrics.speculations.labels("discarded").inc()
 
     # --- manual: push-to-talk ----------------------------------------------------------------
 
@@ -188,18 +193,22 @@ class Session:
         self._manual, self._manual_samples, self._manual_speech = [], 0, False
         self._stream.reset()
         if had_speech and len(audio) * 1000 >= self.config.vad.min_speech_ms * SAMPLE_RATE:
-            self._queue_reply(asyncio.create_task(self.pipeline.recognize(audio)), time.perf_counter())
+            self._queue_reply(self.pipeline.start_recognition(audio).task, time.perf_counter())
 
     # --- replies ------------------------------------------------------------------------------
 
-    def _queue_reply(self, recognition: asyncio.Task[Recognition], endpoint: float) -> None:
-        task = asyncio.create_task(self._reply(recognition, endpoint, self._last_reply))
+    def _queue_reply(self, recognition: asyncio.Task[Recognition], endpoint: float, speculated: bool = False) -> None:
+        task = asyncio.create_task(self._reply(recognition, endpoint, self._last_reply, speculated))
         self._last_reply = task
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
     async def _reply(
-        self, recognition: asyncio.Task[Recognition], endpoint: float, previous: asyncio.Task[None] | None
+        self,
+        recognition: asyncio.Task[Recognition],
+        endpoint: float,
+        previous: asyncio.Task[None] | None,
+        speculated: bool,
     ) -> None:
         try:
             try:
@@ -233,6 +242,7 @@ class Session:
                 "speaker": rec.speaker.as_dict() if rec.speaker is not None else None,
                 "audio_ms": rec.audio_ms,
                 "latency_ms": round(latency_ms, 1),
+                "timings": timings(rec, speculated),
             }
             await self._send(reply)
             self.utterances += 1
@@ -279,3 +289,19 @@ class Session:
         self._abort()
         if self._replies:
             await asyncio.gather(*self._replies, return_exceptions=True)
+
+
+def timings(rec: Recognition, speculated: bool) -> dict[str, Any]:
+    """Where the utterance's time went (milliseconds): the wait for each engine and its compute, and
+    whether a speculation started before the endpoint supplied the result. Load tests read it."""
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v, 1)
+
+    return {
+        "asr_queue_ms": ms(rec.asr_queue_ms),
+        "asr_ms": ms(rec.asr_compute_ms),
+        "embed_queue_ms": ms(rec.embed_queue_ms),
+        "embed_ms": ms(rec.embed_compute_ms),
+        "speculated": speculated,
+    }

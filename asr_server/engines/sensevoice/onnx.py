@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contracts import SENSEVOICE
-from ..onnx import open_onnx
+from ..onnx import Runs, open_onnx
 
 
 class OnnxSenseVoice:
@@ -21,11 +21,16 @@ class OnnxSenseVoice:
         out = {o.name: o for o in self.session.get_outputs()}["ctc_logits"]
         dim = out.shape[-1] if out.shape else None
         self.vocab_size: int | None = dim if isinstance(dim, int) else None
+        self._run = Runs(self.session)
+
+    def abort(self) -> None:
+        """Stop the computation in flight (its caller is gone)."""
+        self._run.abort()
 
     def run(
         self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        logits, lens = self.session.run(
+        logits, lens = self._run(
             SENSEVOICE.output_names,
             {
                 "speech": np.ascontiguousarray(feats, dtype=np.float32),

@@ -1,0 +1,303 @@
+"""The order in which one engine serves its callers: finals before speculations, batches only of alike items.
+
+On a CPU a batch costs the sum of its items plus the padding to the longest, and every caller
+waits for the whole batch, so there the scheduler's job is order, not size: the utterance a
+device is waiting for goes before the speculative recognition of an utterance that may not be
+over yet, and a speculation that speech made useless is dropped before it runs, or aborted while
+it runs (ONNX Runtime's `RunOptions.terminate`). Within a priority the oldest goes first: every
+final has the same budget from its endpoint, so oldest first is earliest deadline first (shortest
+first would lower the mean and starve long utterances). On a GPU, where a batch costs little more
+than one item, it batches, but only items of similar length, so padding stays small.
+
+Each request is a `Job`: its priority can be raised (a speculation becomes the final when the
+endpoint confirms it), it can be cancelled (cancelling the task that awaits it is enough), and
+it reports how long it waited and how long its compute took. A queue at its limit refuses at once
+(`EngineBusy`); a batch that fails is retried item by item, so one bad input fails only its caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Generic, TypeVar
+
+from ..errors import EngineBusy, EngineClosed
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    """Lower runs first."""
+
+    FINAL = 0  # a caller is waiting for this result now
+    PARTIAL = 1  # a streaming client's partial text
+    SPECULATION = 2  # an utterance that may still go on: useful only if it ends here
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """What one request spent in the queue and in compute (its batch's compute), milliseconds."""
+
+    queue_ms: float
+    compute_ms: float
+    batch: int
+
+
+@dataclass(eq=False)
+class Job(Generic[T, R]):
+    """One request: its item, its place in the order, and the future its caller awaits."""
+
+    item: T
+    priority: Priority
+    size: float
+    future: asyncio.Future[R]
+    submitted: float
+    seq: int
+    timing: Timing | None = None
+    running: bool = False
+    _queue: InferenceQueue[T, R] | None = field(default=None, repr=False)
+
+    @property
+    def started(self) -> bool:
+        """Its compute began (cancelling it now wastes what it has computed)."""
+        return self.running or self.timing is not None
+
+    def promote(self, priority: Priority) -> None:
+        """Raise the job's priority (a speculation the endpoint confirmed becomes a final)."""
+        if self._queue is not None and priority < self.priority:
+            self._queue._reprioritise(self, priority)
+
+
+class InferenceQueue(Generic[T, R]):
+    """Jobs for `fn` (a list of items → a list of results), run in one worker thread in priority order.
+
+    `max_batch` items of the same priority whose `size` is within `similar`× of the first share a
+    call; up to `max_wait_ms` is waited for them when fewer are queued. `abort` is called (from the
+    event loop's thread) when every job of the running batch was cancelled; `on_discard` is told
+    the compute spent on results nobody took (seconds, each item's share of its batch).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[Sequence[T]], Sequence[R]],
+        *,
+        max_batch: int = 1,
+        max_wait_ms: float = 0.0,
+        max_queue: int | None = None,
+        limit_key: str = "max_queue",
+        similar: float = 1.25,
+        abort: Callable[[], None] | None = None,
+        on_batch: Callable[[str, int, float], None] | None = None,
+        on_wait: Callable[[str, float], None] | None = None,
+        on_discard: Callable[[str, float], None] | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.name = name
+        self._fn = fn
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._limit_key = limit_key
+        self._similar = similar
+        self._abort = abort
+        self._on_batch = on_batch
+        self._on_wait = on_wait
+        self._on_discard = on_discard
+        self._heap: list[tuple[int, int, Job[T, R]]] = []
+        self._waiting = 0  # jobs queued, not running, not cancelled
+        self._seq = itertools.count()
+        self._wake: asyncio.Event | None = None
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: list[Job[T, R]] = []
+        self._closed = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
+
+    @property
+    def queue_depth(self) -> int:
+        """Jobs waiting to run (the running batch not counted)."""
+        return self._waiting
+
+    def depth(self) -> int:
+        return self._waiting
+
+    @property
+    def busy(self) -> bool:
+        """Something runs or waits: new speculative work would only delay it."""
+        return bool(self._running) or self._waiting > 0
+
+    def submit(self, item: T, priority: Priority = Priority.FINAL, size: float = 0.0) -> Job[T, R]:
+        """Queue one item; await `job.future` for its result. Refused at once (`EngineBusy`) when
+        `max_queue` jobs are already waiting, and after `close` (`EngineClosed`)."""
+        if self._closed:
+            raise EngineClosed(f"{self.name} is closed")
+        if self.max_queue is not None and self._waiting >= self.max_queue:
+            raise EngineBusy(
+                f"{self.name} is busy: {self._waiting} requests waiting ({self._limit_key} = {self.max_queue})"
+            )
+        loop = asyncio.get_running_loop()
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._task = loop.create_task(self._run(), name=f"engine-{self.name}")
+        job: Job[T, R] = Job(item, priority, size, loop.create_future(), time.perf_counter(), next(self._seq))
+        job._queue = self
+        job.future.add_done_callback(lambda _: self._on_done(job))
+        heapq.heappush(self._heap, (int(priority), job.seq, job))
+        self._waiting += 1
+        assert self._wake is not None
+        self._wake.set()
+        if self._waiting >= self.max_batch:
+            self._full.set()  # a full batch: no reason to wait out max_wait
+        return job
+
+    async def run(self, item: T, priority: Priority = Priority.FINAL, size: float = 0.0) -> tuple[R, Timing]:
+        """Submit and await: the result and its timing. Cancelling the caller cancels the job."""
+        job = self.submit(item, priority, size)
+        result = await job.future
+        assert job.timing is not None
+        return result, job.timing
+
+    def _reprioritise(self, job: Job[T, R], priority: Priority) -> None:
+        job.priority = priority
+        if not job.running and not job.future.done():
+            # The old heap entry stays; `_pop` skips entries whose priority is no longer the job's.
+            heapq.heappush(self._heap, (int(priority), job.seq, job))
+
+    def _on_done(self, job: Job[T, R]) -> None:
+        if job.running:
+            if job.future.cancelled() and self._abort is not None and all(j.future.cancelled() for j in self._running):
+                self._abort()  # nobody wants the running batch any more
+        elif job.future.cancelled():
+            self._waiting -= 1
+
+    def _pop(self) -> Job[T, R] | None:
+        while self._heap:
+            prio, _, job = heapq.heappop(self._heap)
+            if job.running or job.future.done() or prio != int(job.priority):
+                continue  # taken, cancelled, or a stale entry of a promoted job
+            return job
+        return None
+
+    def _take_batch(self, first: Job[T, R]) -> list[Job[T, R]]:
+        batch = [first]
+        if self.max_batch == 1:
+            return batch
+        lo, hi = first.size / self._similar, first.size * self._similar
+        keep = []
+        while self._heap and len(batch) < self.max_batch:
+            entry = heapq.heappop(self._heap)
+            job = entry[2]
+            if job.running or job.future.done() or entry[0] != int(job.priority):
+                continue
+            if job.priority == first.priority and lo <= job.size <= hi:
+                batch.append(job)
+            else:
+                keep.append(entry)
+        for entry in keep:
+            heapq.heappush(self._heap, entry)
+        return batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wake is not None
+        while True:
+            first = self._pop()
+            if first is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            if self.max_batch > 1 and self.max_wait_s > 0 and self._waiting < self.max_batch:
+                # Room in the batch: give alike items a moment to arrive (put the first one back).
+                heapq.heappush(self._heap, (int(first.priority), first.seq, first))
+                self._full.clear()
+                try:
+                    async with asyncio.timeout(self.max_wait_s):
+                        await self._full.wait()
+                except TimeoutError:
+                    pass
+                first = self._pop()
+                if first is None:
+                    continue
+            batch = self._take_batch(first)
+            started = time.perf_counter()
+            for job in batch:
+                job.running = True
+                self._waiting -= 1
+                if self._on_wait is not None:
+                    self._on_wait(self.name, started - job.submitted)
+            self._running = batch
+            try:
+                results = await self._compute(loop, batch)
+            finally:
+                self._running = []
+            elapsed = time.perf_counter() - started
+            if self._on_batch is not None:
+                self._on_batch(self.name, len(batch), elapsed)
+            unwanted = sum(1 for job in batch if job.future.cancelled())
+            if unwanted and self._on_discard is not None:
+                self._on_discard(self.name, elapsed * unwanted / len(batch))
+            for job, res in zip(batch, results, strict=True):
+                job.timing = Timing((started - job.submitted) * 1000, elapsed * 1000, len(batch))
+                if job.future.done():
+                    continue
+                if isinstance(res, BaseException):
+                    job.future.set_exception(res)
+                else:
+                    job.future.set_result(res)
+
+    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[Job[T, R]]) -> list[R | BaseException]:
+        """The batch's results, or per item its exception: a failing batch is retried one by one."""
+        items = [j.item for j in batch if not j.future.done()]
+        live = [j for j in batch if not j.future.done()]
+        out: dict[int, R | BaseException] = {id(j): EngineClosed("cancelled") for j in batch}
+        if not live:
+            return [out[id(j)] for j in batch]
+        try:
+            results = await loop.run_in_executor(self._executor, self._fn, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} items")
+            for j, r in zip(live, results, strict=True):
+                out[id(j)] = r
+        except Exception as e:
+            if len(live) == 1:
+                if not live[0].future.cancelled():
+                    log.warning("%s: a request failed: %s", self.name, e)
+                out[id(live[0])] = e
+            else:
+                log.warning("%s: a batch of %d failed (%s); retrying its items one by one", self.name, len(live), e)
+                for j in live:
+                    if j.future.done():
+                        continue
+                    try:
+                        (out[id(j)],) = await loop.run_in_executor(self._executor, self._fn, [j.item])
+                    except Exception as one:
+                        out[id(j)] = one
+        return [out[id(j)] for j in batch]
+
+    async def close(self) -> None:
+        """Stop, fail waiting callers with `EngineClosed`, release the worker thread."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._heap:
+            job = heapq.heappop(self._heap)[2]
+            if not job.future.done():
+                job.future.set_exception(EngineClosed(f"{self.name} closed"))
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,204 @@
+"""The inference scheduler: order (finals first, oldest first), batches of alike items, limits,
+cancellation before and during a run, and failures that reach only their own caller."""
+
+import asyncio
+import threading
+
+import pytest
+
+from asr_server.core.scheduler import InferenceQueue, Priority
+from asr_server.errors import EngineBusy, EngineClosed
+
+
+def gated(calls, gate=None):
+    """A model that records each call's items and, if given a gate, waits for it."""
+
+    def fn(items):
+        calls.append(list(items))
+        if gate is not None:
+            gate.wait(5)
+        return [f"r-{i}" for i in items]
+
+    return fn
+
+
+async def test_batches_alike_callers_and_keeps_results_matched():
+    calls = []
+    q = InferenceQueue("t", gated(calls), max_batch=4, max_wait_ms=50)
+    results = await asyncio.gather(*(q.run(i, size=100) for i in range(10)))
+    await q.close()
+    assert [r for r, _ in results] == [f"r-{i}" for i in range(10)]
+    assert max(len(c) for c in calls) == 4 and sum(len(c) for c in calls) == 10
+    assert all(t.batch == len(next(c for c in calls if i in c)) for i, (_, t) in enumerate(results))
+
+
+async def test_only_similar_sizes_share_a_batch():
+    calls = []
+    q = InferenceQueue("t", gated(calls), max_batch=8, max_wait_ms=50)
+    sizes = {"a": 100, "b": 110, "long": 1000, "c": 95}
+    await asyncio.gather(*(q.run(k, size=v) for k, v in sizes.items()))
+    await q.close()
+    assert sorted(map(sorted, calls)) == [["a", "b", "c"], ["long"]]
+
+
+async def test_finals_run_before_speculations_and_oldest_first():
+    calls = []
+    gate = threading.Event()
+    q = InferenceQueue("t", gated(calls, gate))
+    first = q.submit("busy")  # occupies the worker while the others queue
+    await asyncio.sleep(0.05)
+    jobs = [
+        q.submit("spec-1", Priority.SPECULATION),
+        q.submit("final-long", Priority.FINAL, size=1000),
+        q.submit("partial", Priority.PARTIAL),
+        q.submit("final-short", Priority.FINAL, size=10),
+    ]
+    gate.set()
+    await asyncio.gather(first.future, *(j.future for j in jobs))
+    await q.close()
+    assert [c[0] for c in calls] == ["busy", "final-long", "final-short", "partial", "spec-1"]
+
+
+async def test_a_promoted_speculation_runs_as_a_final():
+    calls = []
+    gate = threading.Event()
+    q = InferenceQueue("t", gated(calls, gate))
+    first = q.submit("busy")
+    await asyncio.sleep(0.05)
+    spec = q.submit("spec", Priority.SPECULATION)
+    other = q.submit("other-spec", Priority.SPECULATION)
+    late = q.submit("final", Priority.FINAL)
+    spec.promote(Priority.FINAL)  # the endpoint confirmed it: now before the later final
+    gate.set()
+    await asyncio.gather(first.future, spec.future, other.future, late.future)
+    await q.close()
+    assert [c[0] for c in calls] == ["busy", "spec", "final", "other-spec"]
+
+
+async def test_runs_off_the_event_loop_thread():
+    seen = []
+    q = InferenceQueue("t", lambda items: [seen.append(threading.current_thread().name) or 0 for _ in items])
+    await q.run(1)
+    await q.close()
+    assert seen and seen[0] != threading.current_thread().name
+
+
+async def test_failure_reaches_that_request_only():
+    def fn(items):
+        if "bad" in items:
+            raise ValueError("boom")
+        return items
+
+    q = InferenceQueue("t", fn)
+    with pytest.raises(ValueError, match="boom"):
+        await q.run("bad")
+    assert (await q.run("good"))[0] == "good"
+    await q.close()
+
+
+async def test_a_failing_batch_is_retried_item_by_item():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if "nan" in items:
+            raise ValueError("non-finite input")
+        return [f"ok-{i}" for i in items]
+
+    q = InferenceQueue("t", fn, max_batch=4, max_wait_ms=50)
+    outcomes = await asyncio.gather(*(q.run(i) for i in ("a", "nan", "b")), return_exceptions=True)
+    await q.close()
+    assert outcomes[0][0] == "ok-a" and outcomes[2][0] == "ok-b"
+    assert isinstance(outcomes[1], ValueError)
+    assert calls[0] == ["a", "nan", "b"] and sorted(map(tuple, calls[1:])) == [("a",), ("b",), ("nan",)]
+
+
+async def test_a_cancelled_waiting_job_never_runs_and_frees_its_place():
+    calls = []
+    gate = threading.Event()
+    q = InferenceQueue("t", gated(calls, gate), max_queue=1)
+    first = q.submit("a")
+    await asyncio.sleep(0.05)
+    spec = q.submit("b", Priority.SPECULATION)
+    spec.future.cancel()
+    await asyncio.sleep(0)
+    assert q.queue_depth == 0
+    c = q.submit("c")  # the cancelled job no longer counts against max_queue
+    gate.set()
+    assert await first.future == "r-a" and await c.future == "r-c"
+    await q.close()
+    assert calls == [["a"], ["c"]]
+
+
+async def test_cancelling_the_running_job_aborts_it_and_counts_the_waste():
+    started, aborted = threading.Event(), threading.Event()
+    discarded = []
+
+    def fn(items):
+        if items == ["spec"]:
+            started.set()
+            if aborted.wait(5):
+                raise RuntimeError("terminated")
+        return items
+
+    q = InferenceQueue("t", fn, abort=aborted.set, on_discard=lambda name, s: discarded.append((name, s)))
+    job = q.submit("spec", Priority.SPECULATION)
+    await asyncio.to_thread(started.wait, 5)
+    job.future.cancel()
+    nxt = q.submit("next")
+    assert await asyncio.wait_for(nxt.future, 5) == "next"  # the worker was freed by the abort
+    await q.close()
+    assert aborted.is_set()
+    assert len(discarded) == 1 and discarded[0][0] == "t" and discarded[0][1] >= 0
+
+
+async def test_timing_reports_wait_and_compute():
+    gate = threading.Event()
+    q = InferenceQueue("t", gated([], gate))
+    first = q.submit("a")
+    await asyncio.sleep(0.05)
+    second = q.submit("b")
+    await asyncio.sleep(0.05)
+    gate.set()
+    await asyncio.gather(first.future, second.future)
+    await q.close()
+    assert first.timing is not None and second.timing is not None
+    assert second.timing.queue_ms >= 40  # it waited for the first one's compute
+    assert first.timing.compute_ms >= 40 and first.timing.batch == 1
+
+
+async def test_a_full_batch_does_not_wait_out_max_wait():
+    calls = []
+    q = InferenceQueue("t", gated(calls), max_batch=4, max_wait_ms=60_000)
+    # with a minute of max_wait, only the full-batch wake-up lets this finish inside the guard
+    results = await asyncio.wait_for(asyncio.gather(*(q.run(i) for i in range(4))), timeout=10)
+    await q.close()
+    assert [r for r, _ in results] == ["r-0", "r-1", "r-2", "r-3"] and calls == [[0, 1, 2, 3]]
+
+
+async def test_a_full_queue_refuses_at_once_naming_the_limit():
+    gate = threading.Event()
+    q = InferenceQueue("asr", gated([], gate), max_queue=2, limit_key="asr.max_queue")
+    first = q.submit(0)  # taken by the worker
+    await asyncio.sleep(0.05)
+    waiting = [q.submit(i) for i in (1, 2)]
+    with pytest.raises(EngineBusy, match=r"asr is busy: 2 requests waiting \(asr.max_queue = 2\)"):
+        q.submit(3)
+    gate.set()
+    assert await first.future == "r-0" and [await j.future for j in waiting] == ["r-1", "r-2"]
+    await q.close()
+
+
+async def test_close_fails_waiters():
+    gate = threading.Event()
+    q = InferenceQueue("t", gated([], gate))
+    q.submit(1)
+    await asyncio.sleep(0.02)
+    waiting = q.submit(2)
+    await asyncio.sleep(0.02)
+    await q.close()
+    gate.set()
+    with pytest.raises(EngineClosed):
+        await waiting.future
+    with pytest.raises(EngineClosed):
+        q.submit(3)
