@@ -69,6 +69,13 @@ class VadConfig(_Section):
     min_speech_ms: int = Field(250, ge=0)
     pre_roll_ms: int = Field(300, ge=0)
     max_utterance_s: float = Field(30.0, gt=0)
+    phrase_pause_ms: float = Field(
+        160.0,
+        ge=0,
+        description="Device streams: a pause this long inside a long utterance ends a phrase, recognised while "
+        "the speaker goes on, so the endpoint waits only for the last phrase (0: whole utterances only).",
+    )
+    phrase_min_s: float = Field(2.0, gt=0, description="Phrases are at least this long.")
     energy_gate_dbfs: float = Field(-60.0, le=0)
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
@@ -94,6 +101,13 @@ class AsrConfig(_Section):
         ),
     )
     max_wait_ms: float = Field(10.0, ge=0)
+    parallel: BatchSize = Field(
+        "auto",
+        description=(
+            "Recognitions computed at the same time, each on engine.threads (0: the cores shared among them): "
+            "auto = 1 (one recognition on every core has the lowest latency; see BENCHMARKS.md for 2)."
+        ),
+    )
     max_queue: int = Field(1000, ge=1, description="Utterances waiting at most; beyond, one is refused with an error.")
     speculative: bool = True
 
@@ -120,7 +134,15 @@ class EngineConfig(_Section):
             "with a warning. ONNX Runtime runs the file asr.quantized picks."
         ),
     )
-    threads: int = Field(0, ge=0, description="Intra-op threads per model; 0 lets the runtime choose.")
+    threads: int = Field(
+        0, ge=0, description="Intra-op threads of the recogniser; 0 lets the runtime choose (the cores)."
+    )
+    speaker_threads: int = Field(
+        1,
+        ge=0,
+        description="Intra-op threads of the speaker embedder, which runs beside the recogniser: on CPU a second "
+        "thread does not make CAM++ faster but slows the recogniser it shares the cores with (BENCHMARKS.md).",
+    )
 
     @field_validator("device")
     @classmethod

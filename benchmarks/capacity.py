@@ -96,10 +96,14 @@ def enroll(http_url: str, audio_dir: Path, count: int) -> int:
         sf.write(buf, x.mean(axis=1), sr, format="WAV", subtype="PCM_16")
         boundary = uuid.uuid4().hex
         body = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="speaker_id"\r\n\r\nspeaker-{i}\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-            "Content-Type: audio/wav\r\n\r\n"
-        ).encode() + buf.getvalue() + f"\r\n--{boundary}--\r\n".encode()
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="speaker_id"\r\n\r\nspeaker-{i}\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+                "Content-Type: audio/wav\r\n\r\n"
+            ).encode()
+            + buf.getvalue()
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
         req = urllib.request.Request(
             http_url + "/voiceprint/register",
             data=body,
@@ -183,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         f"load average before: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; "
         f"{datetime.now(UTC).isoformat(timespec='minutes')}"
     )
-    print(f"server: {args.checkout} with {args.models}, overrides {args.set or 'none'}, {enrolled} voiceprints enrolled")
+    print(
+        f"server: {args.checkout} with {args.models}, overrides {args.set or 'none'}, {enrolled} voiceprints enrolled"
+    )
     print(format_table(report))
     print(f"\noutputs in {work}")
     return 0

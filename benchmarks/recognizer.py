@@ -167,7 +167,10 @@ def entries(args: argparse.Namespace) -> tuple[list[Entry], dict[str, SenseVoice
 
         add(f"ours, {label} ({file})", load_ours)
     for label, file in (("int8", SENSEVOICE_INT8), ("fp32", SENSEVOICE_FP32)):
-        add(f"sherpa-onnx, {label} (same {file})", lambda file=file: load_sherpa(model_dir, file, args.work, args.threads))
+        add(
+            f"sherpa-onnx, {label} (same {file})",
+            lambda file=file: load_sherpa(model_dir, file, args.work, args.threads),
+        )
     add("funasr-onnx SenseVoiceSmall, quantize=True", lambda: load_funasr_onnx(model_dir, args.threads))
     add("funasr AutoModel.generate (torch, model.pt)", lambda: load_funasr_torch(model_dir, args.threads))
     return out, ours
@@ -227,7 +230,9 @@ def pct(values: list[float], q: float) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.recognizer", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=Path, default=ROOT / "build" / "bench-models")
-    ap.add_argument("--audio", type=Path, default=Path(os.environ.get("ASR_AUDIO_DIR", ROOT.parent / "shared" / "audio")))
+    ap.add_argument(
+        "--audio", type=Path, default=Path(os.environ.get("ASR_AUDIO_DIR", ROOT.parent / "shared" / "audio"))
+    )
     ap.add_argument("--peers", type=Path, default=ROOT / "build" / "peers", help="--target folder of the peers")
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "peer-models", help="sherpa-onnx's copies")
     ap.add_argument("--threads", type=int, default=2)
@@ -264,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     for e in table:
         if e.fn is None:
             continue
-        sv = ours.get("int8") if e.name.startswith("ours, int8") else ours.get("fp32") if e.name.startswith("ours, fp32") else None
+        sv = (
+            ours.get("int8")
+            if e.name.startswith("ours, int8")
+            else ours.get("fp32")
+            if e.name.startswith("ours, fp32")
+            else None
+        )
         how = "scheduler" if sv is not None else "to_thread, no lock"
         for n in levels:
             lat, wall = asyncio.run(burst(e, sv, clips, n))

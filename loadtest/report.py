@@ -311,7 +311,11 @@ def format_table(report: LoadReport) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if has_stages(report):
-        lines += ["", "where the time went (ms; asr/emb = compute of the utterance's batch):", format_stage_table(report)]
+        lines += [
+            "",
+            "where the time went (ms; asr/emb = compute of the utterance's batch):",
+            format_stage_table(report),
+        ]
     lines.append("")
     lines.append(f"traffic: {traffic_line(report.options)}")
     lines.append(capacity_line(report))
@@ -428,8 +432,12 @@ def render_markdown(report: LoadReport) -> str:
     table += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     if has_stages(report):
         srows = [list(_STAGE_COLUMNS)] + [_stage_row(s.stats) for s in report.steps]
-        table += ["", "Where the time went (ms; `asr`/`emb` are the compute of the utterance's batch, `wait` the"
-                  " queue before it; loop lag from the server's metrics, a histogram bucket's upper bound):", ""]
+        table += [
+            "",
+            "Where the time went (ms; `asr`/`emb` are the compute of the utterance's batch, `wait` the"
+            " queue before it; loop lag from the server's metrics, a histogram bucket's upper bound):",
+            "",
+        ]
         table += ["| " + " | ".join(srows[0]) + " |", "|" + "---:|" * len(_STAGE_COLUMNS)]
         table += ["| " + " | ".join(r) + " |" for r in srows[1:]]
     notes: list[str] = []

@@ -91,3 +91,47 @@ def test_isolated_voiced_windows_do_not_start_speech():
     seg = Segmenter(cfg())
     # 2 of every 5 voiced is below the 3-of-5 onset rule
     assert feed(seg, [0.9, 0.1, 0.9, 0.1, 0.1] * 20) == []
+
+
+def test_phrases_split_a_long_utterance_at_its_pauses():
+    # 320 ms endpoint; phrases at pauses of 160 ms (5 windows) after at least 1 s (31 windows).
+    seg = Segmenter(cfg(phrase_pause_ms=160, phrase_min_s=1.0))
+    probs = [0.0] * 5 + [0.9] * 40 + [0.0] * 6 + [0.9] * 20 + [0.0] * 3 + [0.9] * 20 + [0.0] * 12
+    events = feed(seg, probs)
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == [
+        "SpeechStarted",
+        "Speculate",
+        "SpeechResumed",
+        "Speculate",
+        "SpeechResumed",
+        "Speculate",
+        "Utterance",
+    ]
+    first, resumed1, second, resumed2, last_spec, utt = events[1:]
+    assert resumed1.phrase is True  # 6 windows of pause after 43 windows of piece: a phrase
+    assert resumed2.phrase is False  # 3 windows of pause: too short, the piece goes on
+    assert first.piece == 0 and second.piece == 1 and last_spec.piece == 1
+    # the second speculation starts where the phrase ended: pieces never overlap or leave a gap
+    first_idx = first.audio[::W].astype(int).tolist()
+    second_idx = second.audio[::W].astype(int).tolist()
+    assert second_idx[0] == first_idx[-1] + 1
+    assert utt.phrases == 1 and utt.speculated
+    np.testing.assert_array_equal(utt.last_piece, last_spec.audio)
+    np.testing.assert_array_equal(utt.audio[: len(first.audio)], first.audio)  # the whole utterance is kept
+    assert len(utt.audio) == len(first.audio) + len(last_spec.audio)
+
+
+def test_without_phrases_a_long_pause_only_voids_the_speculation():
+    seg = Segmenter(cfg())
+    events = feed(seg, [0.9] * 40 + [0.0] * 6 + [0.9] * 20 + [0.0] * 12)
+    resumed = [e for e in events if isinstance(e, SpeechResumed)]
+    utt = next(e for e in events if isinstance(e, Utterance))
+    assert [r.phrase for r in resumed] == [False] and utt.phrases == 0 and utt.last_piece_from == 0
+
+
+def test_short_pieces_are_not_phrases():
+    seg = Segmenter(cfg(phrase_pause_ms=160, phrase_min_s=2.0))
+    events = feed(seg, [0.9] * 20 + [0.0] * 6 + [0.9] * 20 + [0.0] * 12)
+    utt = next(e for e in events if isinstance(e, Utterance))
+    assert utt.phrases == 0 and not any(getattr(e, "phrase", False) for e in events)

@@ -141,7 +141,9 @@ async def test_cancelling_the_running_job_aborts_it_and_counts_the_waste():
                 raise RuntimeError("terminated")
         return items
 
-    q = InferenceQueue("t", fn, abort=aborted.set, on_discard=lambda name, s: discarded.append((name, s)))
+    q = InferenceQueue(
+        "t", fn, abort=lambda thread: aborted.set(), on_discard=lambda name, s: discarded.append((name, s))
+    )
     job = q.submit("spec", Priority.SPECULATION)
     await asyncio.to_thread(started.wait, 5)
     job.future.cancel()
@@ -202,3 +204,27 @@ async def test_close_fails_waiters():
         await waiting.future
     with pytest.raises(EngineClosed):
         q.submit(3)
+
+
+async def test_parallel_lanes_run_at_once_and_an_abort_reaches_only_its_lane():
+    started = {"a": threading.Event(), "b": threading.Event()}
+    release = threading.Event()
+    threads, aborted = {}, []
+
+    def fn(items):
+        (item,) = items
+        threads[item] = threading.get_ident()
+        started[item].set()
+        release.wait(5)
+        return [item]
+
+    q = InferenceQueue("t", fn, parallel=2, abort=aborted.append)
+    a, b = q.submit("a"), q.submit("b")
+    assert await asyncio.to_thread(started["a"].wait, 5) and await asyncio.to_thread(started["b"].wait, 5)
+    assert threads["a"] != threads["b"] and q.queue_depth == 0  # both running, each in its own lane
+    b.future.cancel()
+    await asyncio.sleep(0.01)
+    assert aborted == [threads["b"]]  # only b's lane is told to stop
+    release.set()
+    assert await a.future == "a"
+    await q.close()

@@ -280,6 +280,21 @@ def test_tiny_model_transcribes_clips_after_opus(model_dir, clips):
     assert np.mean(cers) <= 0.05, cers
 
 
+def test_int8_graph_computes_what_the_float_graph_does(model_dir, engine, clips):
+    """The shipped quantisation (QInt8 per channel, 7-bit range): logits close to fp32's, the same text."""
+    if not clips:
+        pytest.skip("../shared/audio absent: the tiny model is untrained")
+    int8 = SenseVoice.load(model_dir, quantized="yes", device="cpu", threads=1)
+    agree, same_text = [], 0
+    for c in clips:
+        feats = engine.features([c.audio])
+        ref, got = engine.logits(feats, ["auto"], [True])[0], int8.logits(feats, ["auto"], [True])[0]
+        agree.append(float((ref.argmax(-1) == got.argmax(-1)).mean()))
+        same_text += engine.decode(ref).text == int8.decode(got).text
+    assert min(agree) >= 0.9 and np.mean(agree) >= 0.97, agree
+    assert same_text >= len(clips) - 1, same_text
+
+
 def test_cuda_request_without_cuda_provider_runs_on_cpu(model_dir, caplog):
     import onnxruntime as ort
 

@@ -90,8 +90,13 @@ class FakeServer:
                 "text": f"utterance {n}",
                 "session_id": sid,
                 "latency_ms": self.delay * 1000,
-                "timings": {"asr_queue_ms": 5.0 * n, "asr_ms": 20.0, "embed_queue_ms": None, "embed_ms": None,
-                            "speculated": n % 2 == 0},
+                "timings": {
+                    "asr_queue_ms": 5.0 * n,
+                    "asr_ms": 20.0,
+                    "embed_queue_ms": None,
+                    "embed_ms": None,
+                    "speculated": n % 2 == 0,
+                },
             }
         )
         try:

@@ -414,3 +414,34 @@ async def test_speculation_is_used_at_the_endpoint_and_voided_by_resumed_speech(
     assert (after["dropped"] + after["discarded"]) - (before["dropped"] + before["discarded"]) >= 1
     t = msg["timings"]
     assert t["speculated"] is True and t["asr_ms"] > 0 and t["asr_queue_ms"] >= 0
+
+
+@needs_audio
+@pytest.mark.parametrize("name", ["en_librispeech", "ja_sensevoice"])
+async def test_a_long_utterance_is_recognised_in_phrases_with_the_same_text(pipeline, models_dir, tmp_path, name):
+    from asr_server.app import AsrServer
+    from asr_server.core.metrics import Metrics
+    from asr_server.core.pipeline import Pipeline
+    from tests.support.config import make_config
+
+    c = clip(name)
+    texts = {}
+    for pause in (160, 0):
+        cfg = make_config(models_dir, tmp_path / "vp.sqlite", vad={"phrase_pause_ms": pause})
+        p = Pipeline(cfg, pipeline.vad, pipeline.asr, pipeline.speaker, None, Metrics())
+        srv = AsrServer(cfg, p)
+        await srv.start()
+        try:
+            async with device(srv) as dev:
+                await dev.listen("start", "auto")
+                await say(dev, load_clip(c.path))
+                texts[pause] = (await dev.next_message("stt", REPLY_S)).data
+        finally:
+            await srv.stop()
+            await p.close()
+    phrased, whole = texts[160], texts[0]
+    assert phrased["timings"]["phrases"] >= 1 and whole["timings"]["phrases"] == 0
+    assert cer(c.transcript, phrased["text"]) <= 0.2, phrased["text"]
+    # (the language is not compared: the tiny stand-in learnt its tags on whole clips, not on phrases)
+    assert phrased["text"] == whole["text"] or cer(whole["text"], phrased["text"]) <= 0.1
+    assert abs(phrased["audio_ms"] - whole["audio_ms"]) < 200

@@ -6,6 +6,13 @@ ends after `min_silence_ms` without voice, and utterances with less than `min_sp
 are dropped. The segmenter also announces a *speculative* end as soon as `tail_ms` of silence
 follows the speech: the recogniser can start then, and its result is final if the endpoint comes
 before speech resumes (the audio is the same either way).
+
+With phrases on (`phrase_pause_ms` > 0), a long utterance is recognised in pieces as it is
+spoken: when speech resumes after a pause of at least `phrase_pause_ms` and the piece the last
+speculation covered is at least `phrase_min_s` long, that speculation is kept as a finished
+phrase instead of being thrown away, and the next speculation covers only the audio after it.
+At the endpoint only the last piece is left to recognise, so the wait after a 9 s utterance is
+that of its last phrase, and a speculation interrupted at a phrase boundary is not wasted.
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ class SegmenterOptions:
     """An utterance is cut here even if speech goes on."""
     tail_ms: float = 96.0
     """Silence after the last voiced window that ends the utterance's audio and starts a speculation."""
+    phrase_pause_ms: float = 0.0
+    """A pause inside an utterance at least this long ends a phrase (0: no phrases, one piece)."""
+    phrase_min_s: float = 2.0
+    """A phrase is at least this long: shorter pieces stay with the speech that follows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,29 +63,41 @@ class SpeechStarted:
 
 @dataclass(frozen=True, slots=True)
 class Speculate:
-    """Silence began after speech: `audio` is what the final utterance will be if no speech resumes."""
+    """Silence began after speech: `audio` is what the utterance's current piece will be if no
+    speech resumes (the whole utterance without phrases; the audio since the last phrase with them)."""
 
     utterance_id: int
     audio: np.ndarray
+    piece: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class SpeechResumed:
-    """Speech came back before the endpoint: any speculation for `utterance_id` is void."""
+    """Speech came back before the endpoint. Without `phrase`, the speculation for `utterance_id`
+    is void; with it, the speculated piece is a finished phrase and the utterance goes on after it."""
 
     utterance_id: int
+    phrase: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Utterance:
-    """A finished utterance. `reason` is silence, max_length or flush; `speculated` when the audio equals
-    the last Speculate; `start_sample` is where `audio` begins in the stream fed to the segmenter."""
+    """A finished utterance. `reason` is silence, max_length or flush; `speculated` when its last
+    piece equals the last Speculate; `start_sample` is where `audio` begins in the stream fed to
+    the segmenter. With phrases, `phrases` pieces were finished before it and the last piece is
+    `audio[last_piece_from:]`."""
 
     utterance_id: int
     audio: np.ndarray
     reason: str
     speculated: bool
     start_sample: int = 0
+    phrases: int = 0
+    last_piece_from: int = 0
+
+    @property
+    def last_piece(self) -> np.ndarray:
+        return self.audio[self.last_piece_from :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +119,8 @@ class Segmenter:
         self._pre_roll_windows = max(1, round(cfg.pre_roll_ms / _WINDOW_MS))
         self._silence_windows = max(1, int(np.ceil(cfg.min_silence_ms / _WINDOW_MS)))
         self._tail_windows = min(self._silence_windows, max(1, round(cfg.tail_ms / _WINDOW_MS)))
+        self._phrase_windows = int(np.ceil(cfg.phrase_pause_ms / _WINDOW_MS)) if cfg.phrase_pause_ms > 0 else 0
+        self._phrase_min_windows = max(1, round(cfg.phrase_min_s * 1000 / _WINDOW_MS))
         self._max_windows = max(1, int(cfg.max_utterance_s * 1000 / _WINDOW_MS))
         self._next_id = 1
         self._pushed = 0  # windows fed since construction: stream positions survive reset()
@@ -114,6 +139,9 @@ class Segmenter:
         self._speculated = False
         self._utterance_id = 0
         self._start_window = 0
+        self._piece_start = 0  # index into _chunks where the current piece (after the last phrase) begins
+        self._speculated_end = 0  # index into _chunks where the last speculation's audio ends
+        self._phrases = 0
 
     @property
     def in_speech(self) -> bool:
@@ -159,15 +187,20 @@ class Segmenter:
         self._chunks.append(chunk)
         if voiced:
             self._voiced_windows += 1
-            self._last_voice_end = len(self._chunks)
             if self._speculated:
-                events.append(SpeechResumed(self._utterance_id))
+                phrase = self._ends_phrase()
+                events.append(SpeechResumed(self._utterance_id, phrase))
                 self._speculated = False
+                if phrase:
+                    self._piece_start = self._speculated_end
+                    self._phrases += 1
+            self._last_voice_end = len(self._chunks)
             self._silence_run = 0
         else:
             self._silence_run += 1
             if self._silence_run == self._tail_windows and self._long_enough():
-                events.append(Speculate(self._utterance_id, self._audio()))
+                self._speculated_end = self._speech_end()
+                events.append(Speculate(self._utterance_id, self._audio(), self._phrases))
                 self._speculated = True
             if self._silence_run >= self._silence_windows:
                 events.append(self._finish("silence"))
@@ -185,21 +218,35 @@ class Segmenter:
     def _long_enough(self) -> bool:
         return self._voiced_windows * _WINDOW_MS >= self.cfg.min_speech_ms
 
+    def _ends_phrase(self) -> bool:
+        """Speech resumes: was the pause long enough, and the speculated piece long enough, for a phrase?"""
+        return (
+            self._phrase_windows > 0
+            and self._silence_run >= self._phrase_windows
+            and self._speculated_end - self._piece_start >= self._phrase_min_windows
+        )
+
+    def _speech_end(self) -> int:
+        return min(len(self._chunks), self._last_voice_end + self._tail_windows)
+
     def _audio(self) -> np.ndarray:
-        end = min(len(self._chunks), self._last_voice_end + self._tail_windows)
-        return np.concatenate(self._chunks[:end]) if end else np.zeros(0, np.float32)
+        """The current piece up to the tail after its last voiced window."""
+        chunks = self._chunks[self._piece_start : self._speech_end()]
+        return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
 
     def _finish(self, reason: str) -> Event:
         uid = self._utterance_id
         speech_ms = self._voiced_windows * _WINDOW_MS
         long_enough = self._long_enough()
-        audio = self._audio() if reason == "silence" else np.concatenate(self._chunks)
+        end = self._speech_end() if reason == "silence" else len(self._chunks)
+        audio = np.concatenate(self._chunks[:end]) if end else np.zeros(0, np.float32)
         speculated = self._speculated and reason == "silence"
         start_sample = self._start_window * WINDOW
+        phrases, last_from = self._phrases, self._piece_start * WINDOW
         # Keep the trailing silence as the next utterance's pre-roll.
         tail = self._chunks[-self._pre_roll_windows :]
         self.reset()
         self._pre_roll.extend(tail)
         if not long_enough:
             return Dropped(uid, speech_ms)
-        return Utterance(uid, audio, reason, speculated, start_sample)
+        return Utterance(uid, audio, reason, speculated, start_sample, phrases, last_from)

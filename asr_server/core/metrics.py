@@ -62,8 +62,9 @@ class Metrics:
         )
         self.speculations = Counter(
             "asr_speculations",
-            "Speculative recognitions by outcome: used (became the final), dropped (cancelled before it ran: "
-            "free), discarded (speech resumed after it ran or while it ran: its compute was wasted)",
+            "Speculative recognitions by outcome: used (became the final), phrase (speech resumed after a phrase "
+            "pause: kept as a finished phrase), dropped (cancelled before it ran: free), discarded (speech resumed "
+            "after it ran or while it ran: its compute was wasted)",
             ["outcome"],
             registry=r,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,9 +51,9 @@ class Recognizing:
     task: asyncio.Task[Recognition]
     jobs: list[Job]
 
-    def promote(self) -> None:
+    def promote(self, priority: Priority = Priority.FINAL) -> None:
         for job in self.jobs:
-            job.promote(Priority.FINAL)
+            job.promote(priority)
 
     def cancel(self) -> None:
         self.task.cancel()
@@ -102,12 +103,13 @@ class Pipeline:
             on_batch=metrics.on_batch,
         )
         self._asr: InferenceQueue[AsrRequest, Transcript] = self._queue(
-            "asr", self._asr_batch, "asr", abort=getattr(asr, "abort", None)
+            "asr", self._asr_batch, "asr", abort=getattr(asr, "abort", None), parallel=asr_parallel(config)
         )
         self._spk: InferenceQueue[np.ndarray, np.ndarray] | None = (
             self._queue("embedding", self._embed_batch, "speaker") if speaker is not None else None
         )
         self._segmenter_options = segmenter_options(config.vad)
+        self._phrase_options = segmenter_options(config.vad, phrases=True)
         metrics.queue_depths.add("vad", self._vad.depth)
         metrics.queue_depths.add("asr", self._asr.depth)
         if self._spk is not None:
@@ -118,7 +120,8 @@ class Pipeline:
         name: str,
         fn: Callable[[Sequence[Any]], Sequence[Any]],
         section: str,
-        abort: Callable[[], None] | None = None,
+        abort: Callable[[int | None], None] | None = None,
+        parallel: int = 1,
     ) -> InferenceQueue:
         """A scheduler with the batch size, wait and queue limit of its config section."""
         cfg = getattr(self.config, section)
@@ -129,6 +132,7 @@ class Pipeline:
             max_wait_ms=cfg.max_wait_ms,
             max_queue=cfg.max_queue,
             limit_key=f"{section}.max_queue",
+            parallel=parallel,
             abort=abort,
             on_batch=self.metrics.on_batch,
             on_wait=self.metrics.on_wait,
@@ -148,7 +152,7 @@ class Pipeline:
             config.asr.model_dir,
             quantized=config.asr.quantized,
             device=eng.device,
-            threads=eng.threads,
+            threads=asr_threads(config),
             backend=eng.backend,
             precision=eng.precision,
         )
@@ -158,7 +162,7 @@ class Pipeline:
                 config.speaker.model_type,
                 speaker_model_path(config),
                 device=eng.device,
-                threads=eng.threads,
+                threads=eng.speaker_threads,
                 backend=eng.backend,
                 precision=eng.precision,
             )
@@ -174,9 +178,11 @@ class Pipeline:
 
     # --- VAD -------------------------------------------------------------------------------
 
-    def open_stream(self) -> SpeechStream:
-        """A new stream with the configured energy gate, VAD framing and segmenter."""
-        return SpeechStream(self._segmenter_options, self.config.vad.energy_gate_dbfs)
+    def open_stream(self, phrases: bool = False) -> SpeechStream:
+        """A new stream with the configured energy gate, VAD framing and segmenter; with `phrases`,
+        long utterances come in phrases (`vad.phrase_pause_ms`) for a consumer that joins them."""
+        options = self._phrase_options if phrases else self._segmenter_options
+        return SpeechStream(options, self.config.vad.energy_gate_dbfs)
 
     async def probabilities(self, stream: SpeechStream, pcm: np.ndarray) -> list[tuple[np.ndarray, float]]:
         """Each complete window of `pcm` with its speech probability, through the shared VAD batcher."""
@@ -338,6 +344,21 @@ class Pipeline:
             await self._spk.close()
         if self.voiceprints is not None:
             self.voiceprints.close()
+
+
+def asr_parallel(config: Config) -> int:
+    """Recognitions at once: `asr.parallel`, where `auto` is 1."""
+    return 1 if config.asr.parallel == "auto" else int(config.asr.parallel)
+
+
+def asr_threads(config: Config) -> int:
+    """The recogniser's intra-op threads: `engine.threads`, or with 0 the runtime's choice for one
+    recognition at a time and the cores shared out when several run at once."""
+    n = asr_parallel(config)
+    if config.engine.threads or n == 1:
+        return config.engine.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // n)
 
 
 def batch_size(config: Config, max_batch: int | str) -> int:

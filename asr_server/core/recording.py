@@ -13,6 +13,7 @@ batch and would pay the batcher's wait on every 32 ms window (an hour of audio i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..audio.segmenter import Utterance
 from ..constants import SAMPLE_RATE
-from ..types import Recognition
+from ..types import Recognition, Transcript
 from .pipeline import Pipeline
 
 
@@ -92,3 +93,26 @@ def dominant(values: list[tuple[str | None, float]]) -> str | None:
         if value:
             totals[value] = totals.get(value, 0.0) + seconds
     return max(totals, key=lambda k: totals[k]) if totals else None
+
+
+def join_pieces(pieces: list[Recognition]) -> Recognition:
+    """One utterance recognised in phrases, as one recognition: the texts joined, language,
+    emotion and event those of most of its audio, the speaker of its longest piece that has one,
+    and the timings of the last piece (what the endpoint waited for)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    heard = [p for p in pieces if not p.is_empty] or pieces[-1:]
+
+    def most(attr: str) -> str | None:
+        return dominant([(getattr(p.transcript, attr), float(p.audio_ms)) for p in heard])
+
+    text = join_texts([p.transcript.text for p in heard])
+    raw = "".join(p.transcript.raw for p in heard)
+    speakers = [p for p in pieces if p.speaker is not None]
+    last = pieces[-1]
+    return dataclasses.replace(
+        last,
+        transcript=Transcript(text, most("language"), most("emotion"), most("event"), raw),
+        speaker=max(speakers, key=lambda p: p.audio_ms).speaker if speakers else None,
+        audio_ms=sum(p.audio_ms for p in pieces),
+    )

@@ -21,6 +21,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,7 @@ class Job(Generic[T, R]):
     timing: Timing | None = None
     running: bool = False
     _queue: InferenceQueue[T, R] | None = field(default=None, repr=False)
+    _lane: _Lane | None = field(default=None, repr=False)
 
     @property
     def started(self) -> bool:
@@ -78,13 +80,23 @@ class Job(Generic[T, R]):
             self._queue._reprioritise(self, priority)
 
 
+@dataclass(eq=False)
+class _Lane:
+    """One worker thread of a queue and the batch it computes now."""
+
+    executor: ThreadPoolExecutor
+    running: list = field(default_factory=list)
+    thread: int | None = None  # the worker thread's ident, once it has run something
+
+
 class InferenceQueue(Generic[T, R]):
     """Jobs for `fn` (a list of items → a list of results), run in one worker thread in priority order.
 
     `max_batch` items of the same priority whose `size` is within `similar`× of the first share a
-    call; up to `max_wait_ms` is waited for them when fewer are queued. `abort` is called (from the
-    event loop's thread) when every job of the running batch was cancelled; `on_discard` is told
-    the compute spent on results nobody took (seconds, each item's share of its batch).
+    call; up to `max_wait_ms` is waited for them when fewer are queued. `parallel` batches run at
+    once, each in its own worker thread (a lane). `abort` is called (from the event loop's thread,
+    with the lane's thread ident) when every job of a running batch was cancelled; `on_discard` is
+    told the compute spent on results nobody took (seconds, each item's share of its batch).
     """
 
     def __init__(
@@ -97,13 +109,14 @@ class InferenceQueue(Generic[T, R]):
         max_queue: int | None = None,
         limit_key: str = "max_queue",
         similar: float = 1.25,
-        abort: Callable[[], None] | None = None,
+        parallel: int = 1,
+        abort: Callable[[int | None], None] | None = None,
         on_batch: Callable[[str, int, float], None] | None = None,
         on_wait: Callable[[str, float], None] | None = None,
         on_discard: Callable[[str, float], None] | None = None,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
+        if max_batch < 1 or parallel < 1:
+            raise ValueError("max_batch and parallel must be at least 1")
         self.name = name
         self._fn = fn
         self.max_batch = max_batch
@@ -120,10 +133,11 @@ class InferenceQueue(Generic[T, R]):
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
         self._full = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._running: list[Job[T, R]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}")
+        self._lanes = [
+            _Lane(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}-{i}")) for i in range(parallel)
+        ]
 
     @property
     def queue_depth(self) -> int:
@@ -136,7 +150,7 @@ class InferenceQueue(Generic[T, R]):
     @property
     def busy(self) -> bool:
         """Something runs or waits: new speculative work would only delay it."""
-        return bool(self._running) or self._waiting > 0
+        return any(lane.running for lane in self._lanes) or self._waiting > 0
 
     def submit(self, item: T, priority: Priority = Priority.FINAL, size: float = 0.0) -> Job[T, R]:
         """Queue one item; await `job.future` for its result. Refused at once (`EngineBusy`) when
@@ -148,9 +162,9 @@ class InferenceQueue(Generic[T, R]):
                 f"{self.name} is busy: {self._waiting} requests waiting ({self._limit_key} = {self.max_queue})"
             )
         loop = asyncio.get_running_loop()
-        if self._task is None:
+        if not self._tasks:
             self._wake = asyncio.Event()
-            self._task = loop.create_task(self._run(), name=f"engine-{self.name}")
+            self._tasks = [loop.create_task(self._run(lane), name=f"engine-{self.name}") for lane in self._lanes]
         job: Job[T, R] = Job(item, priority, size, loop.create_future(), time.perf_counter(), next(self._seq))
         job._queue = self
         job.future.add_done_callback(lambda _: self._on_done(job))
@@ -177,8 +191,15 @@ class InferenceQueue(Generic[T, R]):
 
     def _on_done(self, job: Job[T, R]) -> None:
         if job.running:
-            if job.future.cancelled() and self._abort is not None and all(j.future.cancelled() for j in self._running):
-                self._abort()  # nobody wants the running batch any more
+            lane = job._lane
+            if (
+                job.future.cancelled()
+                and self._abort is not None
+                and lane is not None
+                and job in lane.running
+                and all(j.future.cancelled() for j in lane.running)
+            ):
+                self._abort(lane.thread)  # nobody wants the running batch any more
         elif job.future.cancelled():
             self._waiting -= 1
 
@@ -209,7 +230,7 @@ class InferenceQueue(Generic[T, R]):
             heapq.heappush(self._heap, entry)
         return batch
 
-    async def _run(self) -> None:
+    async def _run(self, lane: _Lane) -> None:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         while True:
@@ -234,14 +255,15 @@ class InferenceQueue(Generic[T, R]):
             started = time.perf_counter()
             for job in batch:
                 job.running = True
+                job._lane = lane
                 self._waiting -= 1
                 if self._on_wait is not None:
                     self._on_wait(self.name, started - job.submitted)
-            self._running = batch
+            lane.running = batch
             try:
-                results = await self._compute(loop, batch)
+                results = await self._compute(loop, batch, lane)
             finally:
-                self._running = []
+                lane.running = []
             elapsed = time.perf_counter() - started
             if self._on_batch is not None:
                 self._on_batch(self.name, len(batch), elapsed)
@@ -257,7 +279,13 @@ class InferenceQueue(Generic[T, R]):
                 else:
                     job.future.set_result(res)
 
-    async def _compute(self, loop: asyncio.AbstractEventLoop, batch: list[Job[T, R]]) -> list[R | BaseException]:
+    def _call(self, lane: _Lane, items: list[T]) -> Sequence[R]:
+        lane.thread = threading.get_ident()
+        return self._fn(items)
+
+    async def _compute(
+        self, loop: asyncio.AbstractEventLoop, batch: list[Job[T, R]], lane: _Lane
+    ) -> list[R | BaseException]:
         """The batch's results, or per item its exception: a failing batch is retried one by one."""
         items = [j.item for j in batch if not j.future.done()]
         live = [j for j in batch if not j.future.done()]
@@ -265,7 +293,7 @@ class InferenceQueue(Generic[T, R]):
         if not live:
             return [out[id(j)] for j in batch]
         try:
-            results = await loop.run_in_executor(self._executor, self._fn, items)
+            results = await loop.run_in_executor(lane.executor, self._call, lane, items)
             if len(results) != len(items):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} items")
             for j, r in zip(live, results, strict=True):
@@ -281,7 +309,7 @@ class InferenceQueue(Generic[T, R]):
                     if j.future.done():
                         continue
                     try:
-                        (out[id(j)],) = await loop.run_in_executor(self._executor, self._fn, [j.item])
+                        (out[id(j)],) = await loop.run_in_executor(lane.executor, self._call, lane, [j.item])
                     except Exception as one:
                         out[id(j)] = one
         return [out[id(j)] for j in batch]
@@ -289,15 +317,13 @@ class InferenceQueue(Generic[T, R]):
     async def close(self) -> None:
         """Stop, fail waiting callers with `EngineClosed`, release the worker thread."""
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
         while self._heap:
             job = heapq.heappop(self._heap)[2]
             if not job.future.done():
                 job.future.set_exception(EngineClosed(f"{self.name} closed"))
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for lane in self._lanes:
+            lane.executor.shutdown(wait=False, cancel_futures=True)

@@ -10,7 +10,7 @@ runs the model; only the stream changes its own state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -19,9 +19,13 @@ from ..config import VadConfig
 from ..engines.vad import VadStream
 
 
-def segmenter_options(cfg: VadConfig) -> SegmenterOptions:
-    """The segmenter's options from the `vad` section of the configuration (the keys of the same names)."""
-    return SegmenterOptions(**{f.name: getattr(cfg, f.name) for f in fields(SegmenterOptions) if hasattr(cfg, f.name)})
+def segmenter_options(cfg: VadConfig, phrases: bool = False) -> SegmenterOptions:
+    """The segmenter's options from the `vad` section of the configuration (the keys of the same
+    names); without `phrases`, utterances are whole (phrase_pause_ms 0)."""
+    options = SegmenterOptions(
+        **{f.name: getattr(cfg, f.name) for f in fields(SegmenterOptions) if hasattr(cfg, f.name)}
+    )
+    return options if phrases else replace(options, phrase_pause_ms=0.0)
 
 
 def rms_dbfs(chunk: np.ndarray) -> float:

@@ -94,18 +94,19 @@ def check_contract(sess: ort.InferenceSession, path: Path, contract: ModelContra
 
 class Runs:
     """`session.run` calls that another thread can stop: each call gets its own `RunOptions`, and
-    `abort` sets `terminate` on the ones in flight (ONNX Runtime checks it between kernels), so a
-    computation nobody wants any more frees the cores within a few milliseconds."""
+    `abort` sets `terminate` on the one a thread runs (or on all of them; ONNX Runtime checks it
+    between kernels), so a computation nobody wants any more frees the cores within milliseconds."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
         self._lock = threading.Lock()
-        self._running: list[ort.RunOptions] = []
+        self._running: dict[int, ort.RunOptions] = {}
 
     def __call__(self, outputs: list[str] | None, feeds: dict[str, Any]) -> list[Any]:
         opts = ort.RunOptions()
+        me = threading.get_ident()
         with self._lock:
-            self._running.append(opts)
+            self._running[me] = opts
         try:
             return self.session.run(outputs, feeds, opts)
         except Exception as e:
@@ -114,10 +115,11 @@ class Runs:
             raise
         finally:
             with self._lock:
-                self._running.remove(opts)
+                self._running.pop(me, None)
 
-    def abort(self) -> None:
-        """Stop every call in flight (called from the event loop's thread)."""
+    def abort(self, thread: int | None = None) -> None:
+        """Stop the call that `thread` runs, or every call in flight (called from another thread)."""
         with self._lock:
-            for opts in self._running:
-                opts.terminate = True
+            for ident, opts in self._running.items():
+                if thread is None or ident == thread:
+                    opts.terminate = True

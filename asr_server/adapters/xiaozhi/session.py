@@ -21,6 +21,8 @@ from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, Utteran
 from ...config import Config
 from ...constants import SAMPLE_RATE, XIAOZHI
 from ...core.pipeline import Pipeline, Recognizing
+from ...core.recording import join_pieces
+from ...core.scheduler import Priority
 from ...errors import EngineBusy, OpusDecodeError
 from ...types import ClientInfo, Recognition, TranscriptEvent
 from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_message, unpack_audio
@@ -53,13 +55,14 @@ class Session:
         self._publish = publish
         self._metrics = pipeline.metrics
         self._decoder = OpusStreamDecoder()
-        self._stream = pipeline.open_stream()
+        self._stream = pipeline.open_stream(phrases=True)
         self.listening = False
         self.mode = "auto"
         self._manual: list[np.ndarray] = []
         self._manual_samples = 0
         self._manual_speech = False
         self._speculation: tuple[int, Recognizing] | None = None
+        self._phrases: list[Recognizing] = []  # finished phrases of the utterance in progress
         self._replies: set[asyncio.Task[None]] = set()
         self._last_reply: asyncio.Task[None] | None = None
         self._corrupt_logged = False
@@ -143,7 +146,15 @@ class Session:
                 # Queued behind every final and cancelled for free until it runs: it costs only idle time.
                 self._speculation = (event.utterance_id, self.pipeline.start_recognition(event.audio, speculative=True))
         elif isinstance(event, SpeechResumed):
-            self._cancel_speculation()
+            spec = self._speculation
+            if event.phrase and spec is not None and spec[0] == event.utterance_id:
+                # The speculated piece is a finished phrase: keep it, ahead of other speculations.
+                spec[1].promote(Priority.PARTIAL)
+                self._phrases.append(spec[1])
+                self._speculation = None
+                self._metrics.speculations.labels("phrase").inc()
+            else:
+                self._cancel_speculation()
         elif isinstance(event, Utterance):
             endpoint = time.perf_counter()
             spec = self._speculation
@@ -151,15 +162,18 @@ class Session:
             if speculated:
                 assert spec is not None
                 recognizing = spec[1]
-                recognizing.promote()  # now someone waits for it
                 self._speculation = None
                 self._metrics.speculations.labels("used").inc()
             else:
                 self._cancel_speculation()
-                recognizing = self.pipeline.start_recognition(event.audio)
-            self._queue_reply(recognizing.task, endpoint, speculated)
+                recognizing = self.pipeline.start_recognition(event.last_piece if self._phrases else event.audio)
+            pieces, self._phrases = [*self._phrases, recognizing], []
+            for piece in pieces:
+                piece.promote()  # now someone waits for them
+            self._queue_reply([p.task for p in pieces], endpoint, speculated)
         elif isinstance(event, Dropped):
             self._cancel_speculation()
+            self._cancel_phrases()
             log.debug(
                 "session %s: utterance %d dropped (%.0f ms of speech)",
                 self.session_id,
@@ -175,6 +189,11 @@ class Session:
             self._metrics.speculations.labels("discarded" if recognizing.started else "dropped").inc()
             recognizing.cancel()
             self._speculation = None
+
+    def _cancel_phrases(self) -> None:
+        for phrase in self._phrases:
+            phrase.cancel()
+        self._phrases = []
 
     # --- manual: push-to-talk ----------------------------------------------------------------
 
@@ -193,29 +212,27 @@ class Session:
         self._manual, self._manual_samples, self._manual_speech = [], 0, False
         self._stream.reset()
         if had_speech and len(audio) * 1000 >= self.config.vad.min_speech_ms * SAMPLE_RATE:
-            self._queue_reply(self.pipeline.start_recognition(audio).task, time.perf_counter())
+            self._queue_reply([self.pipeline.start_recognition(audio).task], time.perf_counter())
 
     # --- replies ------------------------------------------------------------------------------
 
-    def _queue_reply(self, recognition: asyncio.Task[Recognition], endpoint: float, speculated: bool = False) -> None:
-        task = asyncio.create_task(self._reply(recognition, endpoint, self._last_reply, speculated))
+    def _queue_reply(self, pieces: list[asyncio.Task[Recognition]], endpoint: float, speculated: bool = False) -> None:
+        task = asyncio.create_task(self._reply(pieces, endpoint, self._last_reply, speculated))
         self._last_reply = task
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
 
     async def _reply(
         self,
-        recognition: asyncio.Task[Recognition],
+        pieces: list[asyncio.Task[Recognition]],
         endpoint: float,
         previous: asyncio.Task[None] | None,
         speculated: bool,
     ) -> None:
+        """Send one utterance's `stt` (its phrases joined), after the previous utterance's."""
         try:
             try:
-                rec = await recognition
-            except asyncio.CancelledError:
-                recognition.cancel()
-                raise
+                rec = await _joined(pieces)
             except EngineBusy as e:
                 self._metrics.errors.labels("busy").inc()
                 log.warning("session %s: utterance refused: %s", self.session_id, e)
@@ -242,7 +259,7 @@ class Session:
                 "speaker": rec.speaker.as_dict() if rec.speaker is not None else None,
                 "audio_ms": rec.audio_ms,
                 "latency_ms": round(latency_ms, 1),
-                "timings": timings(rec, speculated),
+                "timings": timings(rec, speculated, len(pieces) - 1),
             }
             await self._send(reply)
             self.utterances += 1
@@ -274,6 +291,7 @@ class Session:
 
     def _reset_audio(self) -> None:
         self._cancel_speculation()
+        self._cancel_phrases()
         self._stream.reset()
         self._manual, self._manual_samples, self._manual_speech = [], 0, False
 
@@ -291,9 +309,10 @@ class Session:
             await asyncio.gather(*self._replies, return_exceptions=True)
 
 
-def timings(rec: Recognition, speculated: bool) -> dict[str, Any]:
-    """Where the utterance's time went (milliseconds): the wait for each engine and its compute, and
-    whether a speculation started before the endpoint supplied the result. Load tests read it."""
+def timings(rec: Recognition, speculated: bool, phrases: int) -> dict[str, Any]:
+    """Where the utterance's time went (milliseconds): the wait for each engine and its compute (of
+    the last piece, when it came in phrases), whether a speculation started before the endpoint
+    supplied the result, and how many phrases were recognised before the last piece. Load tests read it."""
 
     def ms(v: float | None) -> float | None:
         return None if v is None else round(v, 1)
@@ -304,4 +323,16 @@ def timings(rec: Recognition, speculated: bool) -> dict[str, Any]:
         "embed_queue_ms": ms(rec.embed_queue_ms),
         "embed_ms": ms(rec.embed_compute_ms),
         "speculated": speculated,
+        "phrases": phrases,
     }
+
+
+async def _joined(pieces: list[asyncio.Task[Recognition]]) -> Recognition:
+    """The pieces of one utterance as one recognition; if one fails (or the wait is cancelled), the
+    others are cancelled too: none of them is needed any more."""
+    try:
+        return join_pieces(list(await asyncio.gather(*pieces)))
+    except BaseException:
+        for piece in pieces:
+            piece.cancel()
+        raise

@@ -152,11 +152,12 @@ class SenseVoice:
             )
         return cls(model_dir, frontend, runner, tokenizer)
 
-    def abort(self) -> None:
-        """Stop the batch in flight where the runtime can (ONNX Runtime can; torch runs to its end)."""
+    def abort(self, thread: int | None = None) -> None:
+        """Stop the batch `thread` computes (or all) where the runtime can (ONNX Runtime can; torch
+        runs to its end)."""
         stop = getattr(self.runtime, "abort", None)
         if stop is not None:
-            stop()
+            stop(thread)
 
     def features(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
         return [self.frontend(a) for a in audios]

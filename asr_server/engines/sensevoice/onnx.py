@@ -23,9 +23,9 @@ class OnnxSenseVoice:
         self.vocab_size: int | None = dim if isinstance(dim, int) else None
         self._run = Runs(self.session)
 
-    def abort(self) -> None:
-        """Stop the computation in flight (its caller is gone)."""
-        self._run.abort()
+    def abort(self, thread: int | None = None) -> None:
+        """Stop the computation `thread` runs, or all of them (their callers are gone)."""
+        self._run.abort(thread)
 
     def run(
         self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray
