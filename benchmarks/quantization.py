@@ -2,8 +2,10 @@
 
     python -m benchmarks.quantization --models build/bench-models --work build/quant --threads 1,2
 
-Variants, built once from `model.onnx` into `--work` (the shipped `model_quant.onnx` is used as it is):
-- `u8-per-channel`: the shipped file, funasr's own recipe (dynamic QUInt8 MatMul, per channel);
+Variants, built once from `model.onnx` into `--work`:
+- `shipped`: the `model_quant.onnx` of `--models` as it is (this project's export: `s8-per-channel-rr`);
+- `u8-per-channel`: funasr's own recipe (dynamic QUInt8 MatMul, per channel), what the hub's
+  `model_quant.onnx` holds;
 - `s8-per-channel-rr` / `s8-per-channel` / `s8-per-tensor`: dynamic QInt8 MatMul, with and without
   `reduce_range` (7-bit weights; without it, the u8×s8 products of CPUs without VNNI saturate);
 - `nbits8` / `nbits4`: `MatMulNBits` weight-only blocks of 32 (accuracy level 4);
@@ -45,7 +47,7 @@ def _exclude(src: Path) -> list[str]:
     return [n.name for n in graph.node if "output" in n.name or "bias_encoder" in n.name or "bias_decoder" in n.name]
 
 
-def _dynamic(per_channel: bool, reduce_range: bool) -> Callable[[Path, Path], None]:
+def _dynamic(per_channel: bool, reduce_range: bool, unsigned: bool = False) -> Callable[[Path, Path], None]:
     def build(src: Path, dst: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -55,7 +57,7 @@ def _dynamic(per_channel: bool, reduce_range: bool) -> Callable[[Path, Path], No
             op_types_to_quantize=["MatMul"],
             per_channel=per_channel,
             reduce_range=reduce_range,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
             nodes_to_exclude=_exclude(src),
         )
 
@@ -92,6 +94,7 @@ def _optimised(src: Path, dst: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path, Path], None]] = {
+    "u8-per-channel": _dynamic(True, False, unsigned=True),
     "s8-per-channel-rr": _dynamic(True, True),
     "s8-per-channel": _dynamic(True, False),
     "s8-per-tensor": _dynamic(False, False),
@@ -102,7 +105,7 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
 
 
 def variant_files(model_dir: Path, work: Path, names: list[str]) -> dict[str, Path]:
-    files = {"u8-per-channel": model_dir / SENSEVOICE_INT8, "fp32": model_dir / SENSEVOICE_FP32}
+    files = {"shipped": model_dir / SENSEVOICE_INT8, "fp32": model_dir / SENSEVOICE_FP32}
     work.mkdir(parents=True, exist_ok=True)
     for name in names:
         if name in files:
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "--audio", type=Path, default=Path(os.environ.get("ASR_AUDIO_DIR", ROOT.parent / "shared" / "audio"))
     )
     ap.add_argument("--work", type=Path, default=ROOT / "build" / "quant")
-    ap.add_argument("--variants", default="u8-per-channel," + ",".join(BUILDERS))
+    ap.add_argument("--variants", default=",".join(BUILDERS), help="also: shipped")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args(argv)
