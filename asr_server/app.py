@@ -111,12 +111,18 @@ class AsrServer:
             log.info("FunASR-compatible WebSocket: %s", funasr_url)
         return self.endpoints
 
-    async def stop(self) -> None:
+    async def stop(self, drain: bool = False) -> None:
+        """Close every listener and connection and release the models. With `drain` (SIGTERM), first
+        stop accepting devices and answer the utterances that already ended, for at most
+        `xiaozhi.drain_timeout_s`, then close the devices with 1001."""
         self._ready = False
         if self._lag is not None:
             self._lag.cancel()
             self._lag = None
         if self._ws is not None:
+            if drain and self.xiaozhi is not None:
+                self._ws.close(close_connections=False)  # no new devices; connected ones go on
+                await self.xiaozhi.drain(self.config.xiaozhi.drain_timeout_s)
             self._ws.close()
             await self._ws.wait_closed()
             self._ws = None
@@ -150,5 +156,5 @@ async def serve_forever(config: Config) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down")
-    await server.stop()
+    log.info("shutting down: answering what is in flight (at most %g s)", config.xiaozhi.drain_timeout_s)
+    await server.stop(drain=True)

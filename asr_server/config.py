@@ -38,7 +38,9 @@ class _Section(BaseModel):
 
 class AuthConfig(_Section):
     enabled: bool = False
-    tokens: list[str] = Field(default_factory=list, description="Accepted bearer tokens (device path and HTTP API).")
+    tokens: list[str] = Field(
+        default_factory=list, description="Device tokens: the device socket, and /v1/events for their own devices."
+    )
 
 
 class XiaozhiConfig(_Section):
@@ -51,7 +53,28 @@ class XiaozhiConfig(_Section):
     hello_timeout_s: float = Field(10.0, gt=0)
     idle_timeout_s: float = Field(120.0, gt=0)
     max_message_bytes: int = Field(64 * 1024, ge=1024)
-    max_frames_per_s: int = Field(200, ge=10)
+    max_frames_per_s: int = Field(
+        500, ge=10, description="Binary frames per second per device (real-time 2.5 ms Opus frames are 400)."
+    )
+    max_audio_rate: float = Field(
+        3.0, ge=1.0, description="Seconds of audio per second per device, beyond a burst; faster is a flood."
+    )
+    max_audio_burst_s: float = Field(10.0, gt=0, description="Audio a device may send ahead of real time at once.")
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="A reply the device does not read within this drops the connection."
+    )
+    shed_after_s: float = Field(
+        3.0,
+        ge=0,
+        description="While the recogniser stays behind (asr.admission_wait_ms) this long, the newest device is "
+        "closed with 1013, one per period, so the others keep their latency; 0: never.",
+    )
+    drain_timeout_s: float = Field(
+        8.0,
+        ge=0,
+        description="On SIGTERM, how long utterances already ended may take to be answered before the devices "
+        "are closed (docker stop waits 10 s before SIGKILL).",
+    )
     max_sessions: int = Field(2000, ge=1)
     ping_interval_s: float | None = Field(None, description="WebSocket pings; the firmware never needs them.")
     close_timeout_s: float = Field(
@@ -109,6 +132,18 @@ class AsrConfig(_Section):
         ),
     )
     max_queue: int = Field(1000, ge=1, description="Utterances waiting at most; beyond, one is refused with an error.")
+    deadline_ms: float = Field(
+        3000.0,
+        ge=0,
+        description="An utterance that waited this long for the recogniser is shed (an error to its own client) "
+        "instead of recognised late; 0: never.",
+    )
+    admission_wait_ms: float = Field(
+        500.0,
+        ge=0,
+        description="While the next utterance has waited this long, new device, FunASR and transcription "
+        "requests are refused with 503 and Retry-After; 0: never.",
+    )
     speculative: bool = True
 
 
@@ -161,12 +196,35 @@ class HttpConfig(_Section):
     api_keys: list[str] = Field(
         default_factory=list,
         description=(
-            "Bearer keys the HTTP API accepts, besides server.auth.tokens when server.auth.enabled; "
-            "no keys and device auth off means the API is open."
+            "Admin keys: every endpoint, voiceprint enrol/list/delete included. With no api_keys and no "
+            "read_keys the API is open to read and voiceprints are managed from loopback only; device "
+            "tokens (xiaozhi.auth.tokens) are not API keys, they read their own devices' /v1/events."
         ),
     )
+    read_keys: list[str] = Field(
+        default_factory=list,
+        description="Keys for transcription, identification and /v1/events, not voiceprint writes.",
+    )
     max_upload_mb: float = Field(50.0, gt=0, description="Largest request body; larger uploads get 413.")
-    max_audio_s: float = Field(3600.0, gt=0, description="Longest decoded upload; longer audio gets 413.")
+    max_audio_s: float = Field(
+        3600.0,
+        gt=0,
+        description="Longest decoded upload; longer audio gets 413 (from the file's header where it has one).",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Open connections beyond this get 503 and are closed (a file descriptor each)."
+    )
+    header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
+    body_timeout_s: float = Field(
+        120.0, gt=0, description="An upload's body must arrive within this (408 after; 50 MB at 0.4 MB/s)."
+    )
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    max_decodes: int = Field(
+        2,
+        ge=1,
+        description="Uploads decoded at once (each may hold max_audio_s of 16 kHz audio, 230 MB at an hour); "
+        "the others wait their turn.",
+    )
     model_name: str = Field("sensevoice-small", description="The model id /v1/models lists; any `model` is accepted.")
 
 
@@ -177,13 +235,22 @@ class FunAsrConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(10095, ge=0, le=65535)
     path: str = Field("/", description="Path clients connect to; '/' accepts any path, as FunASR does.")
-    auth: bool = Field(False, description="Require an http.api_keys key (sent as `Authorization: Bearer; <key>`).")
+    auth: bool = Field(
+        False,
+        description="Require an http.api_keys or http.read_keys key (sent as `Authorization: Bearer; <key>`).",
+    )
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_audio_s: float = Field(600.0, gt=0, description="Most audio buffered for one offline request.")
+    max_buffered_mb: float = Field(
+        256.0, gt=0, description="Offline audio all connections together may hold; beyond, 1013 try again later."
+    )
     partial_interval_ms: int = Field(
         600, ge=100, description="online/2pass: re-decode the utterance so far this often."
     )
     idle_timeout_s: float = Field(120.0, gt=0)
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="A result the client does not read within this drops the connection."
+    )
     max_sessions: int = Field(500, ge=1, description="Connections beyond this are refused with HTTP 503.")
     ping_interval_s: float | None = Field(None, description="WebSocket pings; FunASR clients never need them.")
     close_timeout_s: float = Field(2.0, gt=0)
@@ -197,6 +264,38 @@ class FunAsrConfig(_Section):
         if self.ssl_keyfile is not None and self.ssl_certfile is None:
             raise ValueError("ssl_keyfile needs ssl_certfile")
         return self
+
+
+class UpstreamConfig(_Section):
+    """The chatbot server each device session is relayed to (xiaozhi-esp32-server, or a port of it)."""
+
+    url: str | None = Field(
+        None,
+        description="ws(s):// URL of the upstream's device endpoint, e.g. ws://chat:8000/xiaozhi/v1/; "
+        "null: no relay (devices get our `stt` only).",
+    )
+    protocol_version: Literal[1, 2, 3] = Field(
+        1,
+        description="Binary framing the upstream speaks (xiaozhi-esp32-server: bare Opus, 1); re-framed for each device.",
+    )
+    open_timeout_s: float = Field(5.0, gt=0, description="Connecting and the WebSocket handshake.")
+    hello_timeout_s: float = Field(10.0, gt=0, description="The upstream's hello after the device's.")
+    send_timeout_s: float = Field(
+        10.0, gt=0, description="A message the upstream does not take within this ends the relay."
+    )
+    max_message_bytes: int = Field(1024 * 1024, ge=1024)
+    send_speaker: bool = Field(
+        True, description='Send a known speaker as {"speaker": name, "content": text} (xiaozhi-esp32-server reads it).'
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _ws_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("ws", "wss") or not parts.netloc:
+                raise ValueError(f"must be a ws:// or wss:// URL, got {url!r}")
+        return url
 
 
 def _device_protocol_only() -> list[Protocol]:
@@ -246,6 +345,7 @@ class Config(_Section):
     http: HttpConfig = Field(default_factory=HttpConfig)
     funasr: FunAsrConfig = Field(default_factory=FunAsrConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     deprecations: list[str] = Field(
         default_factory=list,
         exclude=True,
@@ -258,6 +358,15 @@ class Config(_Section):
     def server(self) -> XiaozhiConfig:
         """The device socket's section under its old name (renamed `xiaozhi`)."""
         return self.xiaozhi
+
+    @model_validator(mode="after")
+    def _keys(self) -> Config:
+        if self.funasr.auth and not (self.http.api_keys or self.http.read_keys):
+            # Authentication with no key to authenticate with would let everyone in (or no one).
+            raise ValueError("funasr.auth is true but no key is configured: set http.api_keys or http.read_keys")
+        if self.xiaozhi.auth.enabled and not self.xiaozhi.auth.tokens:
+            raise ValueError("xiaozhi.auth.enabled is true but xiaozhi.auth.tokens is empty")
+        return self
 
 
 def _rename_sections(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:

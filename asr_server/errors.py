@@ -31,6 +31,8 @@ error message or close reason and leaves every other session alone. Classes that
     │   ├── FramingError            xiaozhi: a binary frame whose header is malformed
     │   ├── MessageError            xiaozhi: JSON that is invalid, lacks a field, has an unknown type
     │   └── FunAsrProtocolError     FunASR: carries the WebSocket close code that says how
+    ├── ClientGone                  the client left mid-request (also a ConnectionError)
+    ├── UpstreamError               the upstream chatbot server refused, is down, or sent no hello
     └── ApiError                    an HTTP request the API refuses, with its status
 """
 
@@ -148,6 +150,14 @@ class FunAsrProtocolError(ProtocolError):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+class ClientGone(AsrServerError, ConnectionError):
+    """The client left in the middle of its request: nobody to answer, nothing failed here."""
+
+
+class UpstreamError(AsrServerError):
+    """The upstream chatbot server refused the device, is down, or sent no hello in time."""
 
 
 class ApiError(AsrServerError):

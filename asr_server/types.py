@@ -67,6 +67,7 @@ class ClientInfo:
     client_id: str | None
     protocol_version: int
     remote: str = ""
+    scope: str | None = None  # fingerprint of the device token it authenticated with (events it may read)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,6 +94,7 @@ class TranscriptEvent:
     embed_ms: float | None
     timestamp: float
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    scope: str | None = None  # the device token's fingerprint: subscribers with that token see it; not sent
 
     @classmethod
     def of(
@@ -106,6 +108,7 @@ class TranscriptEvent:
         latency_ms: float | None = None,
         text: str | None = None,
         timestamp: float | None = None,
+        scope: str | None = None,
     ) -> TranscriptEvent:
         """The event of one recognised utterance (the one place every adapter builds it)."""
         t = rec.transcript
@@ -124,6 +127,7 @@ class TranscriptEvent:
             asr_ms=round(rec.asr_ms, 1),
             embed_ms=round(rec.embed_ms, 1) if rec.embed_ms is not None else None,
             timestamp=time.time() if timestamp is None else timestamp,
+            scope=scope,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -130,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs", type=int, default=1, help="load generator processes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", type=Path, default=None, help="py-spy record the server into this SVG")
+    ap.add_argument(
+        "--relay",
+        action="store_true",
+        help="relay every device to a stub chatbot server (python -m loadtest.upstream) and time the first TTS audio",
+    )
     args = ap.parse_args(argv)
 
     ports = {"xiaozhi": free_port(), "http": free_port()}
@@ -137,6 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     db = work / "voiceprints.sqlite"
     db.unlink(missing_ok=True)
+    stub = None
+    if args.relay:
+        ports["upstream"] = free_port()
+        stub = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.upstream", "--port", str(ports["upstream"])],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
+        args.set = [*args.set, f"upstream.url=ws://127.0.0.1:{ports['upstream']}/xiaozhi/v1/"]
     env = server_env(args.models.resolve(), ports, args.set, db)
     env["PYTHONPATH"] = str(args.checkout.resolve())
     load1 = os.getloadavg()
@@ -169,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_url=http + "/metrics",
             stop_on_fail=not args.no_stop,
             procs=args.procs,
+            relay=args.relay,
         )
         report = asyncio.run(run_load(opts))
     finally:
@@ -180,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        if stub is not None:
+            stub.terminate()
+            stub.wait(timeout=10)
         log.close()
     write_outputs(report, work, plot=False)
     print(

@@ -76,6 +76,12 @@ def parser() -> argparse.ArgumentParser:
         help="pause between a reply and the next utterance",
     )
     ap.add_argument(
+        "--relay",
+        action="store_true",
+        help="the server relays devices to an upstream chatbot server (upstream.url): also time end of speech "
+        "to the first TTS audio frame at the device",
+    )
+    ap.add_argument(
         "--shape",
         choices=("continuous", "conversation"),
         default="continuous",
@@ -223,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             frame_ms=args.frame_ms,
             think_ms=args.think_ms,
             shape=args.shape,
+            relay=args.relay,
             reply_ms=args.reply_ms,
             stagger_s=args.stagger,
             reply_timeout_s=args.reply_timeout,

@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -176,6 +177,7 @@ class Device:
         self.hello_ms: float | None = None
         self.frames_sent = 0
         self.binary_received = 0
+        self.binary: deque[tuple[float, bytes]] = deque(maxlen=256)  # (monotonic arrival, frame): TTS audio
         self.lateness = lateness if lateness is not None else Histogram()
         self._ws: ClientConnection | None = None
         self._messages: asyncio.Queue[ServerMessage] = asyncio.Queue()
@@ -260,6 +262,7 @@ class Device:
             async for raw in ws:
                 if isinstance(raw, bytes):
                     self.binary_received += 1
+                    self.binary.append((time.monotonic(), raw))
                     continue
                 try:
                     data = json.loads(raw)

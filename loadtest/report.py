@@ -42,6 +42,7 @@ class UtteranceSample:
     reported_latency_ms: float | None = None  # the server's own `latency_ms` field, if any
     early_replies: int = 0  # replies that came while the clip was still being sent
     timings: dict[str, Any] | None = None  # the server's `timings` field: where the time went
+    tts_ms: float | None = None  # relay: end of speech -> the first TTS audio frame at the device
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,8 @@ class StepStats:
     client_error_messages: tuple[str, ...] = ()
     stages: StageStats | None = None
     server_stages: ServerStages | None = None
+    shed: int = 0  # of `errors`: utterances the server shed because it was behind (its error says so)
+    tts: Percentiles | None = None  # relay: end of speech -> first TTS audio, where measured
 
     def consistent(self) -> bool:
         """Every utterance is answered or counted unanswered; percentiles are ordered."""
@@ -231,7 +234,14 @@ def build_step_stats(
         generator_cpu_percent=generator_cpu_percent,
         client_error_messages=tuple(client_error_messages),
         stages=StageStats.of(samples),
+        shed=sum(1 for s in samples if s.outcome == "error" and is_shed(s.error)),
+        tts=summarize(tts) if (tts := [s.tts_ms for s in samples if s.tts_ms is not None]) else None,
     )
+
+
+def is_shed(error: str | None) -> bool:
+    """An error reply that says the server shed the utterance or was at a limit (vs. a failure)."""
+    return error is not None and ("shed" in error or "busy" in error or "overloaded" in error)
 
 
 def _ms(v: float | None) -> str:
@@ -261,6 +271,7 @@ _COLUMNS = (
     "ok",
     "miss",
     "err",
+    "shed",
     "disc",
     "refused",
     "p50",
@@ -287,6 +298,7 @@ def _row(s: StepStats) -> list[str]:
         str(s.answered),
         str(s.missing),
         str(s.errors),
+        str(s.shed),
         str(c.disconnects),
         str(refused),
         _ms(s.latency.p50),
@@ -304,6 +316,18 @@ def _row(s: StepStats) -> list[str]:
     ]
 
 
+def format_tts_table(report: LoadReport) -> str:
+    rows = [["clients", "answered", "p50", "p95", "p99", "max"]]
+    for st in report.steps:
+        t = st.stats.tts
+        if t is not None:
+            rows.append([str(st.stats.clients), str(t.count), _ms(t.p50), _ms(t.p95), _ms(t.p99), _ms(t.max)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
 def format_table(report: LoadReport) -> str:
     """The terminal table: one row per step, latencies in ms."""
     rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
@@ -316,6 +340,8 @@ def format_table(report: LoadReport) -> str:
             "where the time went (ms; asr/emb = compute of the utterance's batch):",
             format_stage_table(report),
         ]
+    if any(s.stats.tts is not None for s in report.steps):
+        lines += ["", "end of speech -> first TTS audio at the device (ms, relay):", format_tts_table(report)]
     lines.append("")
     lines.append(f"traffic: {traffic_line(report.options)}")
     lines.append(capacity_line(report))
@@ -424,7 +450,8 @@ def render_markdown(report: LoadReport) -> str:
         "",
         "Latencies in ms, from the send time of the last frame holding speech to the `stt`; `srv` is the"
         " same less the server's end-of-speech silence; `late` is how late frames left against the"
-        " device clock; `refused` adds refused connections, connect and hello timeouts.",
+        " device clock; `shed` counts the errors that say the server shed the utterance or was at a limit;"
+        " `refused` adds refused connections (a 503 while the server is behind), connect and hello timeouts.",
         "",
     ]
     rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]

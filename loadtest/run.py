@@ -76,6 +76,7 @@ class LoadOptions:
     pace: float = 1.0  # 1.0 = real time
     think_ms: tuple[float, float] = (1000.0, 3000.0)
     shape: Shape = "continuous"
+    relay: bool = False  # the server relays to an upstream: time end of speech -> first TTS audio too
     reply_ms: tuple[float, float] = (4000.0, 10000.0)  # conversation: how long the answer plays
     stagger_s: float | None = None  # None: see `stagger_for`
     reply_timeout_s: float = 10.0
@@ -249,6 +250,18 @@ async def _await_reply(dev: Device, t_eos: float, deadline: float) -> tuple[Serv
         return msg, early
 
 
+async def _first_audio(dev: Device, t_eos: float, deadline: float) -> float | None:
+    """When the first binary frame (the upstream's TTS audio) after the end of speech arrived."""
+    while time.monotonic() < deadline:
+        for at, _ in dev.binary:
+            if at >= t_eos:
+                return at
+        if dev.closed:
+            return None
+        await asyncio.sleep(0.005)
+    return None
+
+
 def _number(v: object) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
@@ -268,6 +281,7 @@ async def _utterance(
     conversation = opts.shape == "conversation"
     t_eos: float | None = None
     t_stop: float | None = None
+    tts_at: float | None = None
     reply: ServerMessage | None = None
     early = 0
     closed = False
@@ -288,6 +302,8 @@ async def _utterance(
         deadline = min(t_eos + opts.reply_window_s, plan.hard_end)
         if opts.expect_replies:
             reply, early = await _await_reply(dev, t_eos, deadline)
+            if opts.relay and reply is not None and reply.type == "stt":
+                tts_at = await _first_audio(dev, t_eos, deadline)
         else:
             await _sleep_until(deadline)
         if conversation:
@@ -308,7 +324,10 @@ async def _utterance(
         if streamer is not None:
             streamer.cancel()
             await asyncio.gather(streamer, return_exceptions=True)
-        state.samples.append(_sample(plan, clip, index, t_eos, t_stop, reply, early, closed))
+        sample = _sample(plan, clip, index, t_eos, t_stop, reply, early, closed)
+        if tts_at is not None and t_eos is not None:
+            sample = dataclasses.replace(sample, tts_ms=(tts_at - t_eos) * 1000.0)
+        state.samples.append(sample)
         if reply is not None and reply.type == "stt":
             state.counters.answered += 1
 

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "types": 0,
     "constants": 0,
     "errors": 0,
+    "logs": 0,
 }
 MAX_LINES = 500
 

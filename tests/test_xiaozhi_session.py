@@ -229,6 +229,17 @@ async def raw_connect(server, headers=None, path=None):
     return await connect(url, additional_headers=headers or {}, open_timeout=5, close_timeout=2, ping_interval=None)
 
 
+async def send_until_closed(ws, data: bytes, times: int) -> None:
+    """Send `data` `times` times, or until the server closes the connection."""
+    from websockets.exceptions import ConnectionClosed
+
+    try:
+        for _ in range(times):
+            await ws.send(data)
+    except ConnectionClosed:
+        pass
+
+
 async def expect_close(ws, code: int, reason_part: str):
     import json
 
@@ -325,13 +336,7 @@ async def test_frame_flood_closes_1008(start_server):
     from loadtest.clips import silence_packet
 
     pkt = silence_packet(60)
-    from websockets.exceptions import ConnectionClosed
-
-    try:
-        for _ in range(200):
-            await ws.send(pkt)
-    except ConnectionClosed:
-        pass
+    await send_until_closed(ws, pkt, 200)
     msgs = await expect_close(ws, 1008, "frame flood")
     assert any("frame flood" in m.get("message", "") for m in msgs)
     await wait_sessions_empty(srv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
@@ -54,3 +55,35 @@ class ConnectionSlots:
             await connection.wait_closed()
         finally:
             self.taken -= 1
+
+
+#: What a refused client is told to wait before it retries (seconds): about one utterance's worth.
+RETRY_AFTER_S = 5
+
+
+def refuse_busy(connection: Any, why: str) -> Any:
+    """The 503 for a WebSocket upgrade while the recogniser is behind, with `Retry-After`, as
+    sherpa-onnx's server does: the device retries later instead of adding to the backlog now."""
+    response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"server busy: {why}; try again later\n")
+    response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    return response
+
+
+class RateBucket:
+    """A token bucket: `burst` units at once, refilled at `rate` per second. `take(n)` is False when
+    the client is over the rate (frames per second, or seconds of audio per second)."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.last = time.monotonic()
+
+    def take(self, n: float = 1.0) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < n:
+            return False
+        self.tokens -= n
+        return True

@@ -1,12 +1,15 @@
 """Bearer keys for the HTTP API and the FunASR-compatible socket.
 
-One rule for every backend-facing endpoint: the keys in `http.api_keys`, plus the device tokens
-(`server.auth.tokens`) when device authentication is on. With neither configured the API is
-open, as a LAN-only ASR box usually is.
+Keys are scoped: admin keys (`http.api_keys`) may do everything, read keys (`http.read_keys`)
+everything but voiceprint writes, and a device token (`xiaozhi.auth.tokens`) only reads the
+transcripts of the sessions that authenticated with it. With no API key configured the API is open
+to read, as a LAN-only ASR box usually is, but voiceprints are managed from loopback only.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import hmac
 from dataclasses import dataclass
 from typing import Any
@@ -38,23 +41,72 @@ def bearer_token(value: str | None) -> str | None:
     return value or None
 
 
+class Role(enum.IntEnum):
+    """What a key may do; each role includes the ones below it."""
+
+    DEVICE = 1  # a device token: its own sessions' transcripts on /v1/events, nothing else
+    READ = 2  # transcribe, identify, subscribe to every device's transcripts
+    ADMIN = 3  # also enrol, list and delete voiceprints (biometric data)
+
+
+def fingerprint(token: str) -> str:
+    """A device token's stand-in in events and logs (the token itself is a secret)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _matches(token: str, keys: frozenset[str]) -> bool:
+    given = token.encode("utf-8", "surrogateescape")  # a non-ASCII header is a wrong key, not a crash
+    return any(hmac.compare_digest(given, k.encode()) for k in keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    role: Role
+    scope: str | None = None  # a device token's fingerprint
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKeys:
-    keys: frozenset[str]
-    required: bool
+    """Who may call the HTTP API and the FunASR socket.
+
+    `http.api_keys` are admin keys, `http.read_keys` read keys; device tokens (`xiaozhi.auth.tokens`)
+    are not API keys: they only read their own devices' events. With no API key configured the API
+    is open to read, and admin (voiceprint write, delete, list) only from loopback clients.
+    """
+
+    admin: frozenset[str]
+    read: frozenset[str]
+    devices: frozenset[str]
 
     @classmethod
     def from_config(cls, config: Config) -> ApiKeys:
-        keys = set(config.http.api_keys)
-        if config.xiaozhi.auth.enabled:
-            keys |= set(config.xiaozhi.auth.tokens)
-        return cls(frozenset(keys), required=config.xiaozhi.auth.enabled or bool(config.http.api_keys))
+        devices = frozenset(config.xiaozhi.auth.tokens) if config.xiaozhi.auth.enabled else frozenset()
+        return cls(frozenset(config.http.api_keys), frozenset(config.http.read_keys), devices)
 
-    def allows(self, token: str | None) -> bool:
-        """True when no key is required or `token` is one of the keys (compared in constant time)."""
-        if not self.required:
-            return True
-        if not token:
-            return False
-        given = token.encode()
-        return any(hmac.compare_digest(given, k.encode()) for k in self.keys)
+    @property
+    def required(self) -> bool:
+        """A key is needed to read: some API key is configured, or devices must authenticate (then an
+        open API would hand out what the device tokens protect)."""
+        return bool(self.admin or self.read or self.devices)
+
+    def grant(self, token: str | None, loopback: bool = False) -> Grant | None:
+        """The rights `token` gives (None: none); without configured API keys, reading is open and
+        a loopback client is an admin."""
+        if token:
+            if _matches(token, self.admin):
+                return Grant(Role.ADMIN)
+            if _matches(token, self.read):
+                return Grant(Role.READ)
+            if _matches(token, self.devices):
+                return Grant(Role.DEVICE, fingerprint(token))
+        if not (self.admin or self.read):
+            if loopback:
+                return Grant(Role.ADMIN)
+            if not self.devices:
+                return Grant(Role.READ)
+        return None
+
+    def allows(self, token: str | None, role: Role = Role.READ) -> bool:
+        """True when `token` (or an open API) has `role`; the FunASR socket's check."""
+        grant = self.grant(token)
+        return grant is not None and grant.role >= role

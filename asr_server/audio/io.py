@@ -119,7 +119,7 @@ def decode_audio(data: bytes, max_duration_s: float | None = None) -> DecodedAud
     """Decode a whole audio file held in memory to 16 kHz mono float32.
 
     Raises `EmptyAudioError` for no bytes or no samples, `AudioTooLongError` beyond
-    `max_duration_s`, `AudioDecodeError` for anything that is not audio. Blocking: call it in a
+    `max_duration_s`, `AudioDecodeError` for anything that is not audio or holds NaN/infinity. Blocking: call it in a
     worker thread from async code.
     """
     if not data:
@@ -129,4 +129,6 @@ def decode_audio(data: bytes, max_duration_s: float | None = None) -> DecodedAud
         decoded = _decode_pyav(data, max_duration_s)
     if len(decoded.samples) == 0:
         raise EmptyAudioError("the file holds no audio samples")
+    if not np.isfinite(decoded.samples).all():  # float WAV/AIFF can carry NaN or inf; one would fail a batch
+        raise AudioDecodeError("the file holds non-finite samples (NaN or infinity)")
     return decoded

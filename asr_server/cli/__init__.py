@@ -14,14 +14,11 @@ from pathlib import Path
 
 from ..config import Config, load_config
 from ..errors import AsrServerError
+from ..logs import setup_logging
 
 DEFAULT_CONFIG = Path("config.yaml")
 
 log = logging.getLogger("asr_server")
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -62,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except AsrServerError as e:
         print(f"asr-server: {e}", file=sys.stderr)
         return 2
-    _setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level)
     for line in cfg.deprecations:
         log.warning("config: %s", line)
     try:

@@ -39,15 +39,20 @@ class Subscription:
     counted in `dropped`.
     """
 
-    def __init__(self, bus: EventBus, device_ids: frozenset[str] | None, maxsize: int) -> None:
+    def __init__(
+        self, bus: EventBus, device_ids: frozenset[str] | None, maxsize: int, scope: str | None = None
+    ) -> None:
         self._bus = bus
         self.device_ids = device_ids
+        self.scope = scope  # a device token's fingerprint: only that token's sessions' events
         self._queue: deque[TranscriptEvent] = deque(maxlen=maxsize)
         self._ready = asyncio.Event()
         self._closed = False
         self.dropped = 0
 
     def matches(self, event: TranscriptEvent) -> bool:
+        if self.scope is not None and event.scope != self.scope:
+            return False
         return self.device_ids is None or event.device_id in self.device_ids
 
     def _offer(self, event: TranscriptEvent) -> bool:
@@ -168,10 +173,10 @@ class EventBus:
         except Exception:  # the reply path must not fail because of an event
             log.exception("publishing a transcript event failed")
 
-    def subscribe(self, device_ids: Iterable[str] | None = None) -> Subscription:
-        """A new subscription to every event, or only to those of `device_ids`."""
+    def subscribe(self, device_ids: Iterable[str] | None = None, scope: str | None = None) -> Subscription:
+        """A new subscription to every event, or only to those of `device_ids` (and of `scope`)."""
         ids = frozenset(device_ids) if device_ids is not None else None
-        sub = Subscription(self, ids or None, self.config.subscriber_queue_size)
+        sub = Subscription(self, ids or None, self.config.subscriber_queue_size, scope)
         if self._closed:
             sub._closed = True
         else:

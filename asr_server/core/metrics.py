@@ -88,6 +88,25 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("asr_errors", "Errors by kind", ["kind"], registry=r)
+        self.upstream_sessions = Gauge("asr_upstream_sessions", "Device sessions relayed to the upstream", registry=r)
+        self.upstream_failures = Counter(
+            "asr_upstream_failures", "Upstream connections that failed, by reason", ["reason"], registry=r
+        )
+        self.relayed = Counter("asr_relayed_messages", "Messages relayed, by direction", ["direction"], registry=r)
+        self.relayed_bytes = Counter("asr_relayed_bytes", "Bytes relayed, by direction", ["direction"], registry=r)
+        self.upstream_first_tts = Histogram(
+            "asr_upstream_first_tts_seconds",
+            "Our endpoint to the upstream's first `tts` for that turn (what the user waits for)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shed = Counter("asr_shed", "Requests failed unrun after their deadline, by engine", ["engine"], registry=r)
+        self.refused = Counter(
+            "asr_refused",
+            "Connections and requests refused because the server is behind, by port",
+            ["port"],
+            registry=r,
+        )
         self.webhook = Counter(
             "asr_webhook_deliveries", "Webhook deliveries by outcome (ok, failed, dropped)", ["outcome"], registry=r
         )
@@ -106,6 +125,10 @@ class Metrics:
     def on_discard(self, engine: str, seconds: float) -> None:
         """The schedulers' callback: compute spent on results nobody took."""
         self.discarded_compute.labels(engine).inc(seconds)
+
+    def on_shed(self, engine: str) -> None:
+        """The schedulers' callback: a request waited past its deadline and was failed, not run."""
+        self.shed.labels(engine).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -103,7 +103,12 @@ class Pipeline:
             on_batch=metrics.on_batch,
         )
         self._asr: InferenceQueue[AsrRequest, Transcript] = self._queue(
-            "asr", self._asr_batch, "asr", abort=getattr(asr, "abort", None), parallel=asr_parallel(config)
+            "asr",
+            self._asr_batch,
+            "asr",
+            abort=getattr(asr, "abort", None),
+            parallel=asr_parallel(config),
+            deadline_s=config.asr.deadline_ms / 1000 if config.asr.deadline_ms else None,
         )
         self._spk: InferenceQueue[np.ndarray, np.ndarray] | None = (
             self._queue("embedding", self._embed_batch, "speaker") if speaker is not None else None
@@ -122,6 +127,7 @@ class Pipeline:
         section: str,
         abort: Callable[[int | None], None] | None = None,
         parallel: int = 1,
+        deadline_s: float | None = None,
     ) -> InferenceQueue:
         """A scheduler with the batch size, wait and queue limit of its config section."""
         cfg = getattr(self.config, section)
@@ -133,10 +139,12 @@ class Pipeline:
             max_queue=cfg.max_queue,
             limit_key=f"{section}.max_queue",
             parallel=parallel,
+            deadline_s=deadline_s,
             abort=abort,
             on_batch=self.metrics.on_batch,
             on_wait=self.metrics.on_wait,
             on_discard=self.metrics.on_discard,
+            on_shed=self.metrics.on_shed,
         )
 
     @classmethod
@@ -251,6 +259,18 @@ class Pipeline:
     def asr_max_batch(self) -> int:
         """Utterances the recogniser takes per call (the configured or automatic batch size)."""
         return self._asr.max_batch
+
+    def overloaded(self) -> str | None:
+        """Why a new session should be refused now (the recogniser is `asr.admission_wait_ms` or more
+        behind), else None. Admission follows the queue, not a session count: a box's capacity
+        depends on how much its devices talk."""
+        limit = self.config.asr.admission_wait_ms
+        if not limit:
+            return None
+        behind = self._asr.head_wait() * 1000
+        if behind < limit:
+            return None
+        return f"the recogniser is {behind:.0f} ms behind (asr.admission_wait_ms = {limit:g})"
 
     @property
     def asr_busy(self) -> bool:

@@ -12,7 +12,8 @@ than one item, it batches, but only items of similar length, so padding stays sm
 Each request is a `Job`: its priority can be raised (a speculation becomes the final when the
 endpoint confirms it), it can be cancelled (cancelling the task that awaits it is enough), and
 it reports how long it waited and how long its compute took. A queue at its limit refuses at once
-(`EngineBusy`); a batch that fails is retried item by item, so one bad input fails only its caller.
+(`EngineBusy`), a job that waited past `deadline_s` is shed (`EngineBusy`) instead of run late;
+a batch that fails is retried item by item, so one bad input fails only its caller.
 """
 
 from __future__ import annotations
@@ -110,14 +111,18 @@ class InferenceQueue(Generic[T, R]):
         limit_key: str = "max_queue",
         similar: float = 1.25,
         parallel: int = 1,
+        deadline_s: float | None = None,
         abort: Callable[[int | None], None] | None = None,
         on_batch: Callable[[str, int, float], None] | None = None,
         on_wait: Callable[[str, float], None] | None = None,
         on_discard: Callable[[str, float], None] | None = None,
+        on_shed: Callable[[str], None] | None = None,
     ) -> None:
         if max_batch < 1 or parallel < 1:
             raise ValueError("max_batch and parallel must be at least 1")
         self.name = name
+        self.deadline_s = deadline_s
+        self._on_shed = on_shed
         self._fn = fn
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
@@ -203,11 +208,32 @@ class InferenceQueue(Generic[T, R]):
         elif job.future.cancelled():
             self._waiting -= 1
 
+    def head_wait(self) -> float:
+        """Seconds the job that runs next has waited (0 when none waits): how far behind the queue is."""
+        while self._heap:
+            prio, _, job = self._heap[0]
+            if job.running or job.future.done() or prio != int(job.priority):
+                heapq.heappop(self._heap)  # a stale entry: drop it here as `_pop` would
+                continue
+            return time.perf_counter() - job.submitted
+        return 0.0
+
     def _pop(self) -> Job[T, R] | None:
         while self._heap:
             prio, _, job = heapq.heappop(self._heap)
             if job.running or job.future.done() or prio != int(job.priority):
                 continue  # taken, cancelled, or a stale entry of a promoted job
+            waited = time.perf_counter() - job.submitted
+            if self.deadline_s is not None and waited > self.deadline_s:
+                # Too late to be of use: fail it (its caller tells its own client) instead of
+                # spending the cores on it while the jobs behind it go late too.
+                self._waiting -= 1
+                job.future.set_exception(
+                    EngineBusy(f"{self.name} is overloaded: shed after waiting {waited:.1f} s (deadline_ms)")
+                )
+                if self._on_shed is not None:
+                    self._on_shed(self.name)
+                continue
             return job
         return None
 

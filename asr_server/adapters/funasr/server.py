@@ -12,11 +12,12 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ...config import Config, FunAsrConfig
+from ...constants import FUNASR
 from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
 from ...errors import ConfigError
-from ..admission import ConnectionSlots
+from ..admission import ConnectionSlots, refuse_busy
 from ..auth import ApiKeys, bearer_token
 from .session import PROTOCOL, FunAsrSession
 
@@ -31,7 +32,10 @@ class FunAsrServer:
         self.pipeline = pipeline
         self.metrics = metrics
         self.bus = bus
-        self.keys = ApiKeys.from_config(config) if config.funasr.auth else ApiKeys(frozenset(), required=False)
+        self.keys = (
+            ApiKeys.from_config(config) if config.funasr.auth else ApiKeys(frozenset(), frozenset(), frozenset())
+        )
+        self.buffered_bytes = 0  # offline audio all sessions hold (FunAsrSession._hold)
         self.slots = ConnectionSlots(
             config.funasr.max_sessions, "funasr.max_sessions", metrics.errors.labels("capacity").inc
         )
@@ -45,6 +49,10 @@ class FunAsrServer:
             return connection.respond(
                 HTTPStatus.UNAUTHORIZED, "missing or invalid key (send `Authorization: Bearer <key>`)\n"
             )
+        why = self.pipeline.overloaded()
+        if why is not None:
+            self.metrics.refused.labels(FUNASR).inc()
+            return refuse_busy(connection, why)
         return self.slots.admit(connection)
 
     @staticmethod

@@ -50,6 +50,7 @@ from ...core.scheduler import Priority
 from ...core.streaming import SpeechStream
 from ...errors import AudioDecodeError, EngineBusy, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
+from ..sending import send_within
 from .wire import RequestConfig, boolean, delta, parse_message, result_fields, stable_prefix
 
 if TYPE_CHECKING:
@@ -104,6 +105,7 @@ class FunAsrSession:
         self._offline_samples = 0
         self._offline_bytes: list[bytes] = []
         self._offline_nbytes = 0
+        self._held = 0  # bytes of offline audio counted in server.buffered_bytes
         self._resampler: PcmResampler | None = None
         self._stream: _Stream | None = None
 
@@ -129,6 +131,7 @@ class FunAsrSession:
         except ConnectionClosed:
             pass
         finally:
+            self._release()
             self._cancel_stream_tasks()
 
     async def _on_text(self, text: str) -> None:
@@ -157,6 +160,24 @@ class FunAsrSession:
         if "is_speaking" in msg and not boolean(msg, "is_speaking"):
             await self._finish(ack="is_end" in msg and boolean(msg, "is_end"))
 
+    def _hold(self, nbytes: int) -> None:
+        """Count offline audio held in memory against the server's budget (`funasr.max_buffered_mb`
+        for all connections together): twenty connections of 600 s each would otherwise hold 700+ MB."""
+        budget = self.server.config.funasr.max_buffered_mb * 2**20
+        if self.server.buffered_bytes + nbytes > budget:
+            self.metrics.errors.labels("funasr_buffer_full").inc()
+            raise FunAsrProtocolError(
+                CloseCode.TRY_AGAIN_LATER,
+                f"the server holds {self.server.buffered_bytes / 2**20:.0f} MB of offline audio "
+                "(funasr.max_buffered_mb); send it again later",
+            )
+        self.server.buffered_bytes += nbytes
+        self._held += nbytes
+
+    def _release(self) -> None:
+        self.server.buffered_bytes -= self._held
+        self._held = 0
+
     def _has_audio(self) -> bool:
         return bool(
             self._offline_pcm
@@ -174,6 +195,7 @@ class FunAsrSession:
             self._offline_nbytes += len(data)
             if self._offline_nbytes > self.server.config.funasr.max_message_bytes:
                 raise FunAsrProtocolError(CloseCode.MESSAGE_TOO_BIG, "audio file larger than funasr.max_message_bytes")
+            self._hold(len(data))
             self._offline_bytes.append(data)
             return
         assert self._resampler is not None
@@ -188,6 +210,7 @@ class FunAsrSession:
                     CloseCode.MESSAGE_TOO_BIG,
                     f"audio longer than funasr.max_audio_s ({self.server.config.funasr.max_audio_s:g} s)",
                 )
+            self._hold(pcm.nbytes)
             self._offline_pcm.append(pcm)
         else:
             await self._stream_audio(pcm)
@@ -204,7 +227,9 @@ class FunAsrSession:
             await self._send({"mode": req.mode, "wav_name": req.wav_name, "is_final": True, "is_end": True})
 
     async def _send(self, message: dict[str, Any]) -> None:
-        await self.ws.send(json.dumps(message, ensure_ascii=False))
+        timeout = self.server.config.funasr.send_timeout_s
+        if not await send_within(self.ws, json.dumps(message, ensure_ascii=False), timeout, self.session_id):
+            raise ConnectionClosed(None, None)  # gone or not reading: end the session
 
     async def _recognize(self, coro):
         try:
@@ -236,6 +261,7 @@ class FunAsrSession:
             audio = np.concatenate([*self._offline_pcm, tail]) if self._offline_pcm else tail
         self._offline_pcm, self._offline_bytes = [], []
         self._offline_samples = self._offline_nbytes = 0
+        self._release()
         self._resampler = PcmResampler(req.audio_fs)
         message: dict[str, Any] = {"mode": "offline", "wav_name": req.wav_name, "text": "", "is_final": True}
         if len(audio) == 0:

@@ -6,6 +6,7 @@ result messages. Pure functions, no I/O; every malformed input is a `FunAsrProto
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,13 +43,13 @@ class RequestConfig:
         if "mode" in msg:
             if msg["mode"] not in MODES:
                 raise FunAsrProtocolError(
-                    CloseCode.INVALID_DATA, f"unsupported mode {msg['mode']!r}; use offline, online or 2pass"
+                    CloseCode.INVALID_DATA, f"unsupported mode {ascii(msg['mode'])[:40]}; use offline, online or 2pass"
                 )
             changes["mode"] = msg["mode"]
         if "wav_name" in msg:
             changes["wav_name"] = _string(msg, "wav_name")[:256]
         if "wav_format" in msg:
-            changes["wav_format"] = _string(msg, "wav_format")
+            changes["wav_format"] = _string(msg, "wav_format")[:32]
         if "audio_fs" in msg:
             fs = _integer(msg, "audio_fs")
             if not 4000 <= fs <= 192000:
@@ -69,35 +70,55 @@ class RequestConfig:
         if "chunk_interval" in msg:
             changes["chunk_interval"] = _integer(msg, "chunk_interval")
         if "hotwords" in msg:
-            hw = msg["hotwords"]
-            changes["hotwords"] = hw if isinstance(hw, str) else json.dumps(hw, ensure_ascii=False)
+            hw = msg["hotwords"]  # accepted and unused: kept short and printable
+            try:
+                text = hw if isinstance(hw, str) else json.dumps(hw, ensure_ascii=False)
+            except (ValueError, RecursionError):
+                raise _bad_type("hotwords", "a string or a JSON object", hw) from None
+            changes["hotwords"] = text[:4096].encode("utf-8", "replace").decode("utf-8")
         return replace(self, **changes) if changes else self
 
 
+#: Largest integer any config key takes (sample rates, chunk sizes); bigger ones are refused, not parsed.
+_MAX_INT = 10**7
+_DIGITS = re.compile(r"[0-9]{1,8}")
+
+
 def _bad_type(key: str, want: str, value: Any) -> FunAsrProtocolError:
-    return FunAsrProtocolError(
-        CloseCode.INVALID_DATA, f"config key {key!r} must be {want}, got {json.dumps(value)[:40]}"
-    )
+    try:
+        shown = json.dumps(value)[:40]
+    except (ValueError, RecursionError):
+        shown = type(value).__name__
+    return FunAsrProtocolError(CloseCode.INVALID_DATA, f"config key {key!r} must be {want}, got {ascii(shown)[1:-1]}")
 
 
 def _string(msg: dict, key: str) -> str:
     v = msg[key]
     if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-        return str(v)
+        # Echoed back in results: a lone surrogate (valid JSON, not UTF-8) would fail every send.
+        return str(v).encode("utf-8", "replace").decode("utf-8")
     raise _bad_type(key, "a string", v)
 
 
-def _integer(msg: dict, key: str) -> int:
-    v = msg[key]
+def _as_int(v: Any) -> int | None:
+    """`v` as a non-negative integer up to `_MAX_INT` (JSON number or ASCII digits), else None."""
     if isinstance(v, bool):
-        raise _bad_type(key, "an integer", v)
+        return None
     if isinstance(v, int):
-        return v
-    if isinstance(v, float) and v.is_integer():
+        return v if 0 <= v <= _MAX_INT else None
+    if isinstance(v, float) and v.is_integer() and 0 <= v <= _MAX_INT:  # inf and nan are not integers
         return int(v)
-    if isinstance(v, str) and v.strip().isdigit():
-        return int(v)
-    raise _bad_type(key, "an integer", v)
+    if isinstance(v, str) and _DIGITS.fullmatch(v.strip()):  # not str.isdigit: it accepts "²"
+        n = int(v.strip())
+        return n if n <= _MAX_INT else None
+    return None
+
+
+def _integer(msg: dict, key: str) -> int:
+    n = _as_int(msg[key])
+    if n is None:
+        raise _bad_type(key, f"an integer from 0 to {_MAX_INT}", msg[key])
+    return n
 
 
 def boolean(msg: dict, key: str) -> bool:
@@ -112,13 +133,11 @@ def boolean(msg: dict, key: str) -> bool:
 
 
 def _chunk_size(v: Any) -> tuple[int, ...]:
-    items = [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
-    try:
-        if not isinstance(items, list) or len(items) != 3 or any(isinstance(x, bool) for x in items):
-            raise ValueError
-        return tuple(int(x) for x in items)
-    except (TypeError, ValueError):
-        raise _bad_type("chunk_size", "three integers such as [5, 10, 5]", v) from None
+    items = [x.strip() for x in v[:100].split(",")] if isinstance(v, str) else v
+    numbers = [_as_int(x) for x in items] if isinstance(items, list) and len(items) == 3 else []
+    if len(numbers) != 3 or any(n is None for n in numbers):
+        raise _bad_type("chunk_size", "three integers such as [5, 10, 5]", v)
+    return tuple(n for n in numbers if n is not None)
 
 
 def parse_message(text: str) -> dict[str, Any]:
@@ -126,6 +145,10 @@ def parse_message(text: str) -> dict[str, Any]:
         msg = json.loads(text)
     except json.JSONDecodeError as e:
         raise FunAsrProtocolError(CloseCode.INVALID_DATA, f"malformed JSON config: {e.msg} at char {e.pos}") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise FunAsrProtocolError(CloseCode.INVALID_DATA, "malformed JSON config: a number too long") from None
+    except RecursionError:
+        raise FunAsrProtocolError(CloseCode.INVALID_DATA, "malformed JSON config: nested too deeply") from None
     if not isinstance(msg, dict):
         raise FunAsrProtocolError(CloseCode.INVALID_DATA, "the JSON config must be an object")
     if "is_speaking" in msg and not isinstance(msg["is_speaking"], bool):

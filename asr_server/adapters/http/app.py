@@ -14,36 +14,101 @@ wrong: 400 bad input, 401 key, 404 unknown speaker, 413 too large, 503 not ready
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ...config import Config
 from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
-from ...errors import ApiError, EngineBusy
+from ...errors import ApiError, ClientGone, EngineBusy
+from ..admission import RETRY_AFTER_S
 from ..auth import ApiKeys
 from . import events, health, transcriptions, voiceprints
-from .context import BUS, CONFIG, KEYS, METRICS, PIPELINE, READY, SOCKETS, error_response, too_large_message
+from .context import (
+    BUS,
+    CONFIG,
+    DECODES,
+    GUARD,
+    KEYS,
+    METRICS,
+    PIPELINE,
+    READY,
+    SOCKETS,
+    error_response,
+    too_large_message,
+)
+from .guard import ConnectionGuard, GuardedSite
 
 log = logging.getLogger(__name__)
+
+
+#: An error answered before the body was read: up to this many times `http.max_upload_mb` of the
+#: rest is read and dropped, within `_DISCARD_S`, so that a client still sending its (too large)
+#: upload gets to read the answer, as nginx's lingering close does; beyond, the connection is closed.
+_DISCARD_UPLOADS = 4
+_DISCARD_S = 10.0
+
+
+async def _discard_rest(request: web.Request) -> bool:
+    """Read and drop the unread rest of the body; False when it is too large, too slow or broken
+    (then the connection closes: aiohttp's own lingering close, which reads without a byte limit, is off)."""
+    content = request.content
+    if content.at_eof():
+        return True
+    budget = _DISCARD_UPLOADS * request.app[CONFIG].http.max_upload_mb * 2**20
+    if request.content_length is not None and request.content_length > budget:
+        return False
+    dropped = 0
+    try:
+        async with asyncio.timeout(_DISCARD_S):
+            while not content.at_eof() and dropped <= budget:
+                chunk = await content.readany()
+                if not chunk:
+                    break
+                dropped += len(chunk)
+    except (TimeoutError, ConnectionError, HttpProcessingError):
+        return False
+    return content.at_eof()
+
+
+@web.middleware
+async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """The request's headers are in: its connection's header deadline no longer applies."""
+    guard = request.app[GUARD]
+    guard.request_started(request.transport)
+    try:
+        return await handler(request)
+    finally:
+        guard.request_done(request.transport)
 
 
 @web.middleware
 async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     metrics = request.app[METRICS]
     try:
-        return await handler(request)
+        response = await handler(request)
     except ApiError as e:
         metrics.errors.labels(f"http_{e.status}").inc()
-        return error_response(request, e)
+        response = error_response(request, e)
+        if not await _discard_rest(request):
+            response.force_close()
+        return response
+    except ClientGone as e:
+        metrics.errors.labels("client_gone").inc()
+        log.info("%s", e)
+        response = web.Response(status=400, text="request body incomplete\n")
+        response.force_close()
+        return response
     except EngineBusy as e:  # refused, not queued: the client may retry shortly
         metrics.errors.labels("http_503").inc()
         response = error_response(request, ApiError(503, str(e), code="server_busy"))
-        response.headers["Retry-After"] = "1"
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
     except web.HTTPException as e:
         if e.status < 400:
@@ -55,20 +120,24 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         }.get(e.status, e.reason)
         if e.status == 413:
             message = too_large_message(request.app[CONFIG])
-        return error_response(request, ApiError(e.status, message))
+        response = error_response(request, ApiError(e.status, message))
+        if not await _discard_rest(request):
+            response.force_close()
+        return response
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         metrics.errors.labels("http_500").inc()
         return error_response(
             request, ApiError(500, "internal error; the server log has the details", code="internal_error")
         )
+    return response
 
 
 def build_app(
     config: Config, pipeline: Pipeline, bus: EventBus, metrics: Metrics, ready: Callable[[], bool]
 ) -> web.Application:
     """The aiohttp application; `ready` answers /readyz (models loaded, listeners up)."""
-    app = web.Application(client_max_size=int(config.http.max_upload_mb * 1024 * 1024), middlewares=[_errors])
+    app = web.Application(client_max_size=int(config.http.max_upload_mb * 1024 * 1024), middlewares=[_guarded, _errors])
     app[CONFIG] = config
     app[PIPELINE] = pipeline
     app[BUS] = bus
@@ -76,6 +145,13 @@ def build_app(
     app[READY] = ready
     app[KEYS] = ApiKeys.from_config(config)
     app[SOCKETS] = weakref.WeakSet()
+    app[DECODES] = asyncio.Semaphore(config.http.max_decodes)
+    app[GUARD] = ConnectionGuard(
+        config.http.max_connections,
+        config.http.header_timeout_s,
+        "http.max_connections",
+        lambda kind: metrics.errors.labels(kind).inc(),
+    )
     app[health.PROBE] = health.EngineProbe()
     app.on_shutdown.append(events.close_sockets)
     r = app.router
@@ -94,10 +170,19 @@ def build_app(
 
 
 async def start_http(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve `app` on host:port (0 picks a free port; `runner.addresses` tells which)."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    """Serve `app` on host:port (0 picks a free port; `runner.addresses` tells which), behind the
+    app's connection guard. No lingering close: a body left unread (after a 413, say) is not read
+    to its end for keep-alive's sake, the connection is closed."""
+    config = app[CONFIG]
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=5.0,
+        keepalive_timeout=config.http.keepalive_timeout_s,
+        lingering_time=0,
+    )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedSite(runner, host, port, app[GUARD])
     try:
         await site.start()
     except OSError:

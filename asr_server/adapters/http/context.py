@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +14,8 @@ from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
 from ...errors import ApiError
-from ..auth import ApiKeys, bearer_token
+from ..auth import ApiKeys, Grant, Role, bearer_token
+from .guard import ConnectionGuard
 
 CONFIG = web.AppKey("config", Config)
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -22,16 +24,27 @@ METRICS = web.AppKey("metrics", Metrics)
 READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 KEYS = web.AppKey("keys", ApiKeys)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
+DECODES = web.AppKey("decodes", asyncio.Semaphore)
+GUARD = web.AppKey("guard", ConnectionGuard)
+_LOOPBACK = ("127.0.0.1", "::1")
 
 
-def authorize(request: web.Request, *query_names: str) -> None:
-    """Refuse (401) a request without one of the API's keys; `query_names` may carry it for browsers."""
+def authorize(request: web.Request, *query_names: str, role: Role = Role.READ) -> Grant:
+    """The caller's rights; 401 without a key that has `role` (403 when the key is valid but has
+    less). `query_names` may carry the key for browsers, which cannot set headers."""
     keys = request.app[KEYS]
     token = bearer_token(request.headers.get("Authorization"))
     for name in query_names:
         token = token or request.query.get(name)
-    if not keys.allows(token):
+    grant = keys.grant(token, loopback=request.remote in _LOOPBACK)
+    if grant is None:
         raise ApiError(401, "missing API key" if not token else "invalid API key", code="invalid_api_key")
+    if grant.role < role:
+        what = "an admin key (http.api_keys)" if role == Role.ADMIN else "an API key (http.api_keys or http.read_keys)"
+        if not (keys.admin or keys.read) and grant.role == Role.READ:
+            what += "; with none configured, only loopback clients may manage voiceprints"
+        raise ApiError(403, f"this needs {what}", code="insufficient_permissions")
+    return grant
 
 
 def error_response(request: web.Request, err: ApiError) -> web.Response:

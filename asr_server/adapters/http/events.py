@@ -7,6 +7,7 @@ import asyncio
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from ...errors import ApiError, SubscriptionClosed
+from ..auth import Role
 from .context import BUS, CONFIG, SOCKETS, authorize
 
 #: Subscribers send nothing but their close; a larger message is not a subscriber.
@@ -16,9 +17,10 @@ _MAX_MESSAGE_BYTES = 4096
 async def events(request: web.Request) -> web.StreamResponse:
     """`GET /v1/events` WebSocket: `?device_id=a&device_id=b` (or comma separated) to filter.
 
-    Browsers cannot set headers, so the key may also come as `?token=` or `?key=`.
+    Browsers cannot set headers, so the key may also come as `?token=` or `?key=`. A device token
+    (`xiaozhi.auth.tokens`) subscribes to the sessions that authenticated with that token only.
     """
-    authorize(request, "token", "key")
+    grant = authorize(request, "token", "key", role=Role.DEVICE)
     cfg = request.app[CONFIG].events
     bus = request.app[BUS]
     if bus.subscribers >= cfg.max_subscribers:
@@ -31,7 +33,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=_MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    with bus.subscribe(ids or None) as sub:
+    with bus.subscribe(ids or None, grant.scope) as sub:  # a device token: its own sessions only
         await ws.send_json({"type": "subscribed", "device_ids": ids or None})
 
         async def read_until_closed() -> None:

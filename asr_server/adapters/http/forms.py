@@ -10,10 +10,14 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ...audio.io import DecodedAudio, decode_audio
-from ...errors import ApiError, AudioDecodeError, AudioTooLongError, EmptyAudioError
-from .context import CONFIG, METRICS, too_large_message
+from ...errors import ApiError, AudioDecodeError, AudioTooLongError, ClientGone, EmptyAudioError
+from .context import CONFIG, DECODES, METRICS, too_large_message
 
 _MAX_FIELD_BYTES = 64 * 1024
+#: Parts a form may have: every API here takes a file and a few fields. aiohttp's multipart reader
+#: copies the unread rest of the body for each part, so thousands of tiny fields cost ~1,600× their
+#: size in memory; a cap on the count bounds that before it is paid.
+MAX_PARTS = 32
 _READ_CHUNK = 1 << 16
 
 
@@ -44,11 +48,26 @@ async def read_form(request: web.Request) -> Form:
             f"expected a multipart/form-data body, got {request.content_type or 'no content type'}",
             code="invalid_content_type",
         )
+    try:
+        async with asyncio.timeout(config.http.body_timeout_s):
+            return await _read_parts(request, limit)
+    except TimeoutError:
+        raise ApiError(
+            408, f"the request body did not arrive within {config.http.body_timeout_s:g} s (http.body_timeout_s)"
+        ) from None
+
+
+async def _read_parts(request: web.Request, limit: int) -> Form:
+    config = request.app[CONFIG]
     form = Form()
     total = 0
     try:
         reader = await request.multipart()
+        parts = 0
         while (part := await reader.next()) is not None:
+            parts += 1
+            if parts > MAX_PARTS:
+                raise ApiError(400, f"a form of more than {MAX_PARTS} parts", code="too_many_parts")
             if not isinstance(part, BodyPartReader):  # a nested multipart: not part of any of these APIs
                 raise ApiError(400, "nested multipart bodies are not supported")
             name = part.name or ""
@@ -71,6 +90,8 @@ async def read_form(request: web.Request) -> Form:
     except (ValueError, HttpProcessingError) as e:  # malformed multipart framing or part headers
         detail = e.message if isinstance(e, HttpProcessingError) else str(e)
         raise ApiError(400, f"malformed multipart body: {detail}".strip(), code="invalid_multipart") from None
+    except ConnectionError:  # aiohttp's ClientConnectionResetError included
+        raise ClientGone(f"the client left during its {request.method} {request.path} body") from None
     return form
 
 
@@ -87,7 +108,8 @@ async def decode(request: web.Request, upload: Upload) -> DecodedAudio:
     config, metrics = request.app[CONFIG], request.app[METRICS]
     t0 = time.perf_counter()
     try:
-        decoded = await asyncio.to_thread(decode_audio, upload.data, config.http.max_audio_s)
+        async with request.app[DECODES]:  # each decode may hold http.max_audio_s of audio in memory
+            decoded = await asyncio.to_thread(decode_audio, upload.data, config.http.max_audio_s)
     except EmptyAudioError as e:
         raise ApiError(400, f"empty audio: {e}", code="empty_file", param="file") from None
     except AudioTooLongError as e:

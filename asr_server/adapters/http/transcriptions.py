@@ -11,7 +11,7 @@ from aiohttp import web
 from ...constants import OPENAI
 from ...core.events import EventBus
 from ...core.recording import Segment, dominant, join_texts, recognize_recording
-from ...errors import ApiError
+from ...errors import ApiError, EngineBusy
 from ...types import TranscriptEvent
 from .context import BUS, CONFIG, METRICS, PIPELINE, authorize
 from .forms import decode, read_form, upload
@@ -115,6 +115,10 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     authorize(request)
     app = request.app
     pipeline, metrics = app[PIPELINE], app[METRICS]
+    why = pipeline.overloaded()
+    if why is not None:  # before the body is read: the client retries after Retry-After
+        metrics.refused.labels("http").inc()
+        raise EngineBusy(why)
     form = await read_form(request)
     audio_file = upload(form)
     response_format = (form.get("response_format") or "json").lower()

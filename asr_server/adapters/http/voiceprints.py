@@ -12,6 +12,7 @@ from aiohttp import web
 from ...constants import SAMPLE_RATE
 from ...core.recording import split_timed
 from ...errors import ApiError, VoiceprintError
+from ..auth import Role
 from .context import CONFIG, PIPELINE, authorize
 from .forms import Upload, decode, read_form, upload
 
@@ -50,7 +51,7 @@ async def _speech_embeddings(request: web.Request, upload: Upload) -> list[np.nd
 
 async def voiceprint_register(request: web.Request) -> web.Response:
     """`POST /voiceprint/register` (form: speaker_id, file) → `{"success": true, "msg": ...}`."""
-    authorize(request)
+    authorize(request, role=Role.ADMIN)
     _, store = _voiceprints(request)
     form = await read_form(request)
     speaker_id = form.get("speaker_id") or ""
@@ -78,7 +79,10 @@ async def voiceprint_identify(request: web.Request) -> web.Response:
         raise ApiError(400, "form field 'speaker_ids' must list at least one speaker id (comma separated)")
     embeddings = await _speech_embeddings(request, upload(form))
     embedding = np.mean(np.stack(embeddings), axis=0)
-    scores = store.scores(embedding, candidates)
+    try:  # off the event loop: thousands of voiceprints and candidates are milliseconds of numpy
+        scores = await asyncio.to_thread(store.scores, embedding, candidates)
+    except VoiceprintError as e:
+        raise ApiError(400, f"no voiceprint can be computed from this audio: {e}", param="file") from None
     if not scores:
         return web.json_response({"speaker_id": "", "score": 0.0})
     best, score = max(scores.items(), key=lambda kv: kv[1])
@@ -94,7 +98,7 @@ async def voiceprint_health(request: web.Request) -> web.Response:
 
 
 async def voiceprint_list(request: web.Request) -> web.Response:
-    authorize(request)
+    authorize(request, role=Role.ADMIN)
     _, store = _voiceprints(request)
     speakers = [
         {
@@ -112,9 +116,9 @@ async def voiceprint_list(request: web.Request) -> web.Response:
 
 async def voiceprint_delete(request: web.Request) -> web.Response:
     """`DELETE /voiceprint/{speaker_id}` → `{"success": true, ...}`, or 404 for an unknown id."""
-    authorize(request)
+    authorize(request, role=Role.ADMIN)
     _, store = _voiceprints(request)
-    speaker_id = request.match_info["speaker_id"]
+    speaker_id = request.match_info["speaker_id"].strip()
     if not await asyncio.to_thread(store.remove, speaker_id):
         raise ApiError(404, f"no voiceprint for speaker {speaker_id!r}")
     return web.json_response({"success": True, "msg": f"deleted: {speaker_id}"})

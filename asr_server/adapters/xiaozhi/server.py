@@ -8,12 +8,12 @@ the session leaves the server's dict whatever way the connection ends.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import logging
 import time
 import uuid
 from http import HTTPStatus
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -22,32 +22,17 @@ from websockets.http11 import Request, Response
 
 from ...config import Config
 from ...core.pipeline import Pipeline
-from ...errors import EngineBusy, FramingError, MessageError, ProtocolError
+from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
+from ...logs import Throttle
 from ...types import ClientInfo
-from ..admission import ConnectionSlots
-from ..auth import bearer_token, header_or_query
+from ..admission import ConnectionSlots, RateBucket, refuse_busy
+from ..auth import bearer_token, fingerprint, header_or_query
+from ..sending import send_within
 from .session import PROTOCOL, Publish, Session
+from .upstream import PASSED, Upstream
 from .wire import Hello, dumps, error_message, parse_message, parse_protocol_version, server_hello
 
 log = logging.getLogger(__name__)
-
-
-class _FrameRate:
-    """Token bucket on binary frames: a second's worth of burst, refilled at the allowed rate."""
-
-    def __init__(self, per_second: int) -> None:
-        self.rate = float(per_second)
-        self.tokens = float(per_second)
-        self.last = time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 class XiaozhiServer:
@@ -62,6 +47,7 @@ class XiaozhiServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._metrics = pipeline.metrics
         self._path = config.xiaozhi.path.rstrip("/") or "/"
+        self._refusals = Throttle()
         self.slots = ConnectionSlots(
             config.xiaozhi.max_sessions, "xiaozhi.max_sessions", self._metrics.errors.labels("capacity").inc
         )
@@ -92,7 +78,9 @@ class XiaozhiServer:
         auth = self.config.xiaozhi.auth
         if auth.enabled:
             token = bearer_token(header_or_query(request, "Authorization") or header_or_query(request, "access_token"))
-            if token is None or not any(hmac.compare_digest(token.encode(), t.encode()) for t in auth.tokens):
+            if token is None or not any(
+                hmac.compare_digest(token.encode("utf-8", "surrogateescape"), t.encode()) for t in auth.tokens
+            ):
                 self._metrics.errors.labels("auth").inc()
                 log.warning(
                     "device %s refused: %s token",
@@ -100,6 +88,14 @@ class XiaozhiServer:
                     "missing" if token is None else "unknown",
                 )
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token\n")
+        why = self.pipeline.overloaded()
+        if why is not None:
+            self._metrics.refused.labels(PROTOCOL).inc()
+            if self._refusals.allow():
+                log.warning(
+                    "device %s refused: %s%s", header_or_query(request, "Device-Id"), why, self._refusals.note()
+                )
+            return refuse_busy(connection, why)
         return self.slots.admit(connection)
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -112,22 +108,37 @@ class XiaozhiServer:
         except ProtocolError as e:
             await self._refuse(ws, device_id, "protocol_version", str(e), CloseCode.PROTOCOL_ERROR)
             return
+        token = bearer_token(header_or_query(request, "Authorization") or header_or_query(request, "access_token"))
         client = ClientInfo(
             device_id,
             header_or_query(request, "Client-Id"),
             version,
             f"{ws.remote_address[0]}:{ws.remote_address[1]}" if ws.remote_address else "",
+            fingerprint(token) if self.config.xiaozhi.auth.enabled and token else None,
         )
 
-        hello = await self._await_hello(ws, client)
-        if hello is None:
+        got = await self._await_hello(ws, client)
+        if got is None:
             return
+        hello, hello_raw = got
+
+        async def send_raw(data: str | bytes) -> None:
+            if not await send_within(ws, data, self.config.xiaozhi.send_timeout_s, f"session {session_id}"):
+                self._metrics.errors.labels("send_failed").inc()
 
         async def send(message: dict) -> None:
-            with contextlib.suppress(ConnectionClosed):
-                await ws.send(dumps(message))
+            await send_raw(dumps(message))
 
-        session = Session(session_id, client, self.config, self.pipeline, send, self.publish)
+        upstream = None
+        if self.config.upstream.url is not None:
+            upstream = Upstream(self.config.upstream, version, send_raw, self._metrics, f"session {session_id}")
+            try:
+                up_hello = await upstream.open(*self._passed_fields(request), hello_raw)
+            except UpstreamError as e:
+                await self._refuse(ws, device_id, "upstream", str(e), CloseCode.TRY_AGAIN_LATER)
+                return
+            session_id = upstream.session_id or session_id  # the device talks to the upstream's session
+        session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream)
         self.sessions[session_id] = session
         self._sockets[session_id] = ws
         self._metrics.sessions.labels(PROTOCOL).inc()
@@ -141,9 +152,17 @@ class XiaozhiServer:
             client.remote,
         )
         reason = "closed"
+        relay: asyncio.Task[str] | None = None
         try:
-            await ws.send(dumps(server_hello(session_id, self._audio_params(hello))))
+            if upstream is not None:
+                await ws.send(dumps(up_hello))  # its session id and TTS audio_params: the device plays what it sends
+                relay = upstream.start()
+                relay.add_done_callback(lambda t: self._upstream_ended(ws, session, t))
+            else:
+                await ws.send(dumps(server_hello(session_id, self._audio_params(hello))))
             reason = await self._serve_session(ws, session)
+            if relay is not None and relay.done() and not relay.cancelled():
+                reason = relay.result()
         except ConnectionClosed as e:
             reason = self._describe_close(e)
         except Exception:
@@ -156,6 +175,8 @@ class XiaozhiServer:
             self._sockets.pop(session_id, None)
             self._metrics.sessions.labels(PROTOCOL).dec()
             await session.close()
+            if upstream is not None:
+                await upstream.close()  # a device that leaves closes its upstream socket
             log.info(
                 "session %s closed (%s): %d frames, %d utterances",
                 session_id,
@@ -164,7 +185,7 @@ class XiaozhiServer:
                 session.utterances,
             )
 
-    async def _await_hello(self, ws: ServerConnection, client: ClientInfo) -> Hello | None:
+    async def _await_hello(self, ws: ServerConnection, client: ClientInfo) -> tuple[Hello, str] | None:
         """The first message must be `hello`, within `hello_timeout_s`; anything else closes the socket."""
         try:
             first = await asyncio.wait_for(ws.recv(), self.config.xiaozhi.hello_timeout_s)
@@ -201,31 +222,111 @@ class XiaozhiServer:
                 ws,
                 client.device_id,
                 "audio_format",
-                f"unsupported audio format {fmt!r}: only opus",
+                f"unsupported audio format {ascii(fmt)[:40]}: only opus",
                 CloseCode.PROTOCOL_ERROR,
             )
             return None
-        return msg
+        return msg, first
+
+    @staticmethod
+    def _passed_fields(request: Request) -> tuple[dict[str, str], bool]:
+        """The device's own identity for the upstream, and whether it came in the query string."""
+        fields = {name: v for name in PASSED if (v := header_or_query(request, name)) is not None}
+        in_query = not any(request.headers.get(name) for name in PASSED) and bool(fields)
+        return fields, in_query
+
+    def _upstream_ended(self, ws: ServerConnection, session: Session, task: asyncio.Task[str]) -> None:
+        """The upstream closed or vanished: tell the device once and close it, so it reconnects."""
+        if task.cancelled() or ws.close_code is not None:
+            return
+        reason = task.result() if task.exception() is None else f"relay failed: {task.exception()}"
+        self._metrics.upstream_failures.labels("closed").inc()
+        log.warning("session %s: %s; closing the device", session.session_id, reason)
+
+        async def close() -> None:
+            await session.send_error(reason)
+            await ws.close(CloseCode.TRY_AGAIN_LATER, reason[:120])
+
+        asyncio.get_running_loop().create_task(close())
 
     @staticmethod
     def _audio_params(hello: Hello) -> dict:
-        params = {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}
-        params.update({k: v for k, v in hello.audio_params.items() if k in params})
+        params: dict[str, Any] = {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}
+        # Echo only what the device said of these keys, and only as numbers: anything else a client
+        # sends (nested objects, lone surrogates) stays out of the reply.
+        params.update(
+            {
+                k: v
+                for k, v in hello.audio_params.items()
+                if k in params and k != "format" and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6
+            }
+        )
         return params
 
     async def _sweep_idle(self) -> None:
         """Close sessions that sent nothing for `idle_timeout_s`: one task for the whole server
-        instead of a timer per received frame, checked a few times per timeout."""
+        instead of a timer per received frame, checked a few times per timeout. While the
+        recogniser stays behind, shed the newest session too (see `_shed_newest`)."""
         cfg = self.config.xiaozhi
         loop = asyncio.get_running_loop()
+        behind_since: float | None = None
         while True:
             await asyncio.sleep(min(1.0, cfg.idle_timeout_s / 4))
-            cutoff = loop.time() - cfg.idle_timeout_s
+            why = self.pipeline.overloaded() if cfg.shed_after_s else None
+            now = loop.time()
+            if why is None:
+                behind_since = None
+            elif behind_since is None:
+                behind_since = now
+            elif now - behind_since >= cfg.shed_after_s:
+                self._shed_newest(why)
+                behind_since = now  # one per period: the queue gets time to show the effect
+            cutoff = now - cfg.idle_timeout_s
             for sid, session in list(self.sessions.items()):
                 ws = self._sockets.get(sid)
                 if ws is not None and session.last_active < cutoff and not session.idle_closed:
                     session.idle_closed = True
                     loop.create_task(ws.close(CloseCode.NORMAL_CLOSURE, f"idle for {cfg.idle_timeout_s:g} s"))
+
+    async def drain(self, timeout_s: float) -> None:
+        """Answer what is in flight, then close every device with 1001: the listener has stopped
+        accepting already. Bounded by `timeout_s` for all sessions together."""
+        sessions = list(self.sessions.items())
+        if not sessions:
+            return
+        t0 = time.perf_counter()
+        pending = await asyncio.gather(*(s.drain(timeout_s) for _, s in sessions))
+        log.info(
+            "drained %d sessions in %.1f s (%d replies were pending)",
+            len(sessions),
+            time.perf_counter() - t0,
+            sum(pending),
+        )
+        await asyncio.gather(
+            *(
+                ws.close(CloseCode.GOING_AWAY, "server shutting down")
+                for sid in self.sessions
+                if (ws := self._sockets.get(sid))
+            ),
+            return_exceptions=True,
+        )
+
+    def _shed_newest(self, why: str) -> None:
+        """The recogniser has been behind for `shed_after_s` although new devices are refused: more
+        devices talk than it can answer in budget. Close the one that came last with 1013 (try
+        again later), so the others keep their latency; its reconnect meets the 503 until the
+        backlog is gone. Admission at the upgrade cannot do this alone: a mass reconnect is admitted
+        before its talking shows in the queue."""
+        for sid in reversed(list(self.sessions)):  # dicts keep insertion order: the newest last
+            ws = self._sockets.get(sid)
+            session = self.sessions[sid]
+            if ws is None or session.idle_closed or session.shed:
+                continue
+            session.shed = True
+            self._metrics.refused.labels("xiaozhi_shed").inc()
+            log.warning("session %s shed: %s", sid, why)
+            asyncio.get_running_loop().create_task(_close_shed(ws, session, why))
+            return
 
     async def close(self) -> None:
         if self._sweeper is not None:
@@ -235,23 +336,24 @@ class XiaozhiServer:
     async def _serve_session(self, ws: ServerConnection, session: Session) -> str:
         """Read messages until the client leaves; returns why the session ended."""
         cfg = self.config.xiaozhi
-        rate = _FrameRate(cfg.max_frames_per_s)
+        frames = RateBucket(cfg.max_frames_per_s, cfg.max_frames_per_s)
+        # Seconds of audio per second: a frame count alone let 120 ms frames in at 24× real time.
+        audio = RateBucket(cfg.max_audio_rate, cfg.max_audio_burst_s)
         bad_frames_logged = busy_logged = False
+        warnings = Throttle()
         clock = asyncio.get_running_loop().time
         session.last_active = clock()
         async for message in ws:
             session.last_active = clock()
             try:
                 if isinstance(message, bytes):
-                    if not rate.allow():
-                        self._metrics.errors.labels("flood").inc()
-                        log.warning(
-                            "session %s: more than %d frames/s, closing", session.session_id, cfg.max_frames_per_s
+                    if not frames.take():
+                        return await self._flood(ws, session, f"more than {cfg.max_frames_per_s} frames per second")
+                    seconds = await session.on_binary(message)
+                    if not audio.take(seconds):
+                        return await self._flood(
+                            ws, session, f"audio faster than {cfg.max_audio_rate:g}× real time (xiaozhi.max_audio_rate)"
                         )
-                        await session.send_error(f"frame flood: more than {cfg.max_frames_per_s} frames per second")
-                        await ws.close(CloseCode.POLICY_VIOLATION, "frame flood")
-                        return "frame flood"
-                    await session.on_binary(message)
                 else:
                     await session.on_text(message)
             except EngineBusy as e:
@@ -268,9 +370,17 @@ class XiaozhiServer:
                 await session.send_error(str(e))
             except ProtocolError as e:
                 self._metrics.errors.labels("bad_message").inc()
-                log.warning("session %s: %s", session.session_id, e)
+                if warnings.allow():
+                    log.warning("session %s: %s%s", session.session_id, e, warnings.note())
                 await session.send_error(str(e))
-        return "idle timeout" if session.idle_closed else "closed"
+        return "idle timeout" if session.idle_closed else "shed (overloaded)" if session.shed else "closed"
+
+    async def _flood(self, ws: ServerConnection, session: Session, why: str) -> str:
+        self._metrics.errors.labels("flood").inc()
+        log.warning("session %s: %s, closing", session.session_id, why)
+        await session.send_error(f"frame flood: {why}")
+        await ws.close(CloseCode.POLICY_VIOLATION, "frame flood")
+        return "frame flood"
 
     async def _refuse(self, ws: ServerConnection, device_id: str | None, kind: str, message: str, code: int) -> None:
         self._metrics.errors.labels(kind).inc()
@@ -289,3 +399,9 @@ class XiaozhiServer:
         if e.rcvd is None:
             return "client vanished"
         return f"client closed ({e.rcvd.code})"
+
+
+async def _close_shed(ws: ServerConnection, session: Session, why: str) -> None:
+    reason = "server overloaded, try again later"
+    await session.send_error(f"{reason}: {why}")
+    await ws.close(CloseCode.TRY_AGAIN_LATER, reason)

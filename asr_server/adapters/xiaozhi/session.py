@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ...audio.opus import OpusStreamDecoder
-from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, Utterance
+from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ...config import Config
 from ...constants import SAMPLE_RATE, XIAOZHI
 from ...core.pipeline import Pipeline, Recognizing
@@ -25,6 +25,7 @@ from ...core.recording import join_pieces
 from ...core.scheduler import Priority
 from ...errors import EngineBusy, OpusDecodeError
 from ...types import ClientInfo, Recognition, TranscriptEvent
+from .upstream import Upstream
 from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_message, unpack_audio
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ class Session:
         pipeline: Pipeline,
         send: Send,
         publish: Publish | None = None,
+        upstream: Upstream | None = None,
     ) -> None:
         self.session_id = session_id
+        self.upstream = upstream  # relay mode: turns go to the chatbot server, its answers come back
         self.client = client
         self.config = config
         self.pipeline = pipeline
@@ -70,6 +73,7 @@ class Session:
         self.utterances = 0
         self.last_active = 0.0  # loop time of the last message (the server's idle sweep reads it)
         self.idle_closed = False
+        self.shed = False  # closed by the server because the recogniser stayed behind
         self._observe_decode = self._metrics.stage.labels("decode").observe
 
     async def send_error(self, message: str) -> None:
@@ -79,6 +83,9 @@ class Session:
 
     async def on_text(self, text: str | bytes) -> None:
         msg = parse_message(text)
+        if self.upstream is not None and not isinstance(msg, Hello):
+            # Relayed as it came (listen, abort, mcp, goodbye...): the upstream keeps the device's state too.
+            await self.upstream.send(text if isinstance(text, str) else text.decode("utf-8", "replace"))
         if isinstance(msg, Listen):
             await self._on_listen(msg)
         elif isinstance(msg, Abort):
@@ -89,11 +96,12 @@ class Session:
         elif isinstance(msg, Other):
             log.debug("session %s: %s message ignored", self.session_id, msg.type)
 
-    async def on_binary(self, data: bytes) -> None:
+    async def on_binary(self, data: bytes) -> float:
+        """Take one binary frame; returns the seconds of audio it held (the server's rate limit)."""
         frame = unpack_audio(data, self.client.protocol_version)
         if not isinstance(frame, AudioFrame):  # protocol v2 carries JSON in binary frames too
             await self.on_text(frame)
-            return
+            return 0.0
         t0 = time.perf_counter()
         try:
             pcm = self._decoder.decode(frame.payload)
@@ -105,16 +113,20 @@ class Session:
                     "session %s (device %s): %s; dropping such frames", self.session_id, self.client.device_id, e
                 )
                 await self.send_error(f"{e}; frame dropped")
-            return
+            return 0.0
         self._observe_decode(time.perf_counter() - t0)
         self.frames += 1
+        seconds = len(pcm) / SAMPLE_RATE
         if not self.listening:
-            return  # wake-word audio before `listen start`: decoded to keep the decoder in step, then dropped
+            return seconds  # wake-word audio before `listen start`: decoded to keep the decoder in step, then dropped
         if self.mode == "manual":
             await self._manual_audio(pcm)
-            return
+            return seconds
+        if self.upstream is not None and self.upstream.speaking and self.mode == "auto":
+            return seconds  # auto mode takes no turn while the answer plays (the firmware's own rule)
         for event in await self.pipeline.feed(self._stream, pcm):
             self._on_segment_event(event)
+        return seconds
 
     async def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
@@ -140,6 +152,10 @@ class Session:
     # --- auto / realtime: VAD endpointing ----------------------------------------------------
 
     def _on_segment_event(self, event: Event) -> None:
+        if isinstance(event, SpeechStarted):
+            if self.upstream is not None and self.upstream.speaking and self.mode == "realtime":
+                self._queue_task(self.upstream.barge_in())  # the user talks over the answer: stop it
+            return
         if isinstance(event, Speculate):
             self._cancel_speculation()
             if self.config.asr.speculative:
@@ -217,10 +233,13 @@ class Session:
     # --- replies ------------------------------------------------------------------------------
 
     def _queue_reply(self, pieces: list[asyncio.Task[Recognition]], endpoint: float, speculated: bool = False) -> None:
-        task = asyncio.create_task(self._reply(pieces, endpoint, self._last_reply, speculated))
-        self._last_reply = task
+        self._last_reply = self._queue_task(self._reply(pieces, endpoint, self._last_reply, speculated))
+
+    def _queue_task(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
         self._replies.add(task)
         task.add_done_callback(self._replies.discard)
+        return task
 
     async def _reply(
         self,
@@ -249,19 +268,12 @@ class Session:
                 log.debug("session %s: empty or no-speech utterance (%d ms), no reply", self.session_id, rec.audio_ms)
                 return
             latency_ms = (time.perf_counter() - endpoint) * 1000
-            reply: dict[str, Any] = {
-                "type": "stt",
-                "text": rec.transcript.text,
-                "session_id": self.session_id,
-                "language": rec.transcript.language,
-                "emotion": rec.transcript.emotion,
-                "event": rec.transcript.event,
-                "speaker": rec.speaker.as_dict() if rec.speaker is not None else None,
-                "audio_ms": rec.audio_ms,
-                "latency_ms": round(latency_ms, 1),
-                "timings": timings(rec, speculated, len(pieces) - 1),
-            }
-            await self._send(reply)
+            if self.upstream is not None:
+                # The upstream answers the turn and sends the device its own `stt` (one bubble, not two).
+                speaker = rec.speaker.name if rec.speaker is not None and self.config.upstream.send_speaker else None
+                await self.upstream.send_turn(rec.transcript.text, speaker, endpoint)
+            else:
+                await self._send(self._stt(rec, latency_ms, speculated, len(pieces) - 1))
             self.utterances += 1
             self._metrics.utterances.labels(PROTOCOL).inc()
             self._metrics.reply_latency.labels(PROTOCOL).observe(latency_ms / 1000)
@@ -282,10 +294,25 @@ class Session:
                         device_id=self.client.device_id,
                         client_id=self.client.client_id,
                         latency_ms=latency_ms,
+                        scope=self.client.scope,
                     )
                 )
         except asyncio.CancelledError:
             pass
+
+    def _stt(self, rec: Recognition, latency_ms: float, speculated: bool, phrases: int) -> dict[str, Any]:
+        return {
+            "type": "stt",
+            "text": rec.transcript.text,
+            "session_id": self.session_id,
+            "language": rec.transcript.language,
+            "emotion": rec.transcript.emotion,
+            "event": rec.transcript.event,
+            "speaker": rec.speaker.as_dict() if rec.speaker is not None else None,
+            "audio_ms": rec.audio_ms,
+            "latency_ms": round(latency_ms, 1),
+            "timings": timings(rec, speculated, phrases),
+        }
 
     # --- control ------------------------------------------------------------------------------
 
@@ -301,6 +328,15 @@ class Session:
         for task in list(self._replies):
             task.cancel()
         self._last_reply = None
+
+    async def drain(self, timeout_s: float) -> int:
+        """Shutdown: take no more audio, send the replies of utterances already ended (within
+        `timeout_s`); returns how many were still pending when it began."""
+        self.listening = False
+        pending = [t for t in self._replies if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        return len(pending)
 
     async def close(self) -> None:
         """The connection is gone: cancel pending work so nothing outlives the session."""

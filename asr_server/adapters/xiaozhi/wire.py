@@ -145,12 +145,20 @@ def pack_audio(payload: bytes, version: int, timestamp_ms: int = 0) -> bytes:
     raise ValueError(f"unsupported protocol version {version}")
 
 
+def _short(value: Any) -> str:
+    """A client value for an error message: ASCII (no lone surrogates), at most 40 characters."""
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def parse_message(text: str | bytes) -> ClientMessage:
     """Parse one JSON text message from the device."""
     try:
         obj = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise MessageError(f"malformed JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, non-UTF-8 bytes, ints over 4300 digits
+        raise MessageError(f"malformed JSON: {_short(str(e))}") from None
+    except RecursionError:
+        raise MessageError("malformed JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise MessageError("a message must be a JSON object")
     typ = obj.get("type")
@@ -171,10 +179,10 @@ def parse_message(text: str | bytes) -> ClientMessage:
     if typ == "listen":
         state = obj.get("state")
         if state not in ("start", "stop", "detect"):
-            raise MessageError(f"listen: unknown state {state!r} (expected start, stop or detect)")
+            raise MessageError(f"listen: unknown state {_short(state)} (expected start, stop or detect)")
         mode = obj.get("mode")
         if mode is not None and mode not in LISTEN_MODES:
-            raise MessageError(f"listen: unknown mode {mode!r} (expected auto, manual or realtime)")
+            raise MessageError(f"listen: unknown mode {_short(mode)} (expected auto, manual or realtime)")
         text_field = obj.get("text")
         return Listen(state, mode, text_field if isinstance(text_field, str) else None)
     if typ == "abort":
@@ -182,7 +190,7 @@ def parse_message(text: str | bytes) -> ClientMessage:
         return Abort(reason if isinstance(reason, str) else None)
     if typ in _IGNORED_TYPES:
         return Other(typ, obj)
-    raise MessageError(f"unknown message type {typ!r}")
+    raise MessageError(f"unknown message type {_short(typ)}")
 
 
 def server_hello(session_id: str, audio_params: dict[str, Any]) -> dict[str, Any]:
@@ -198,5 +206,11 @@ def error_message(message: str, session_id: str | None = None) -> dict[str, Any]
 
 
 def dumps(message: dict[str, Any]) -> str:
-    """A server message as the text frame the firmware reads (compact, UTF-8 kept)."""
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    """A server message as the text frame the firmware reads (compact, UTF-8 kept; a lone surrogate
+    from a client's text, which UTF-8 cannot carry, becomes U+FFFD instead of failing the send)."""
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text

@@ -1,0 +1,145 @@
+"""What aiohttp's server lacks to face the internet: a cap on open connections per port and a
+deadline for each request's headers.
+
+Without them, 19,990 slowloris sockets (headers sent a byte at a time) held every file
+descriptor of the process and every port stopped answering. The guard wraps aiohttp's protocol
+factory: past `limit` open connections a new one gets a 503 and is closed at once; a connection
+that starts a request must finish its headers within `header_timeout_s` (the request then
+belongs to its handler, whose body reads have their own timeout); idle keep-alive connections
+are aiohttp's `keepalive_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..admission import RETRY_AFTER_S
+
+log = logging.getLogger(__name__)
+
+_FULL = (
+    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: {retry}\r\n"
+    "Connection: close\r\nContent-Length: {n}\r\n\r\n{body}"
+)
+
+
+class ConnectionGuard:
+    """Counts a port's connections and arms the header deadline; the middleware marks requests."""
+
+    def __init__(
+        self, limit: int, header_timeout_s: float, key: str, on_event: Callable[[str], None] | None = None
+    ) -> None:
+        self.limit = limit
+        self.header_timeout_s = header_timeout_s
+        self.key = key
+        self.open = 0
+        self._on_event = on_event or (lambda _: None)
+        self._connections: dict[Any, _Guarded] = {}
+
+    def factory(self, inner: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
+        return lambda: _Guarded(inner(), self)
+
+    def request_started(self, transport: Any) -> None:
+        conn = self._connections.get(transport)
+        if conn is not None:
+            conn.disarm()
+
+    def request_done(self, transport: Any) -> None:
+        conn = self._connections.get(transport)
+        if conn is not None:
+            conn.idle = True
+
+    def _event(self, kind: str) -> None:
+        self._on_event(kind)
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol for one connection, behind the guard's checks (every call is forwarded)."""
+
+    def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.transport: asyncio.Transport | None = None
+        self.refused = False
+        self.idle = True  # no request in progress: the next byte starts one
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        g = self.guard
+        if g.open >= g.limit:
+            self.refused = True
+            g._event("http_connections_full")
+            body = f"server full: {g.open} connections open ({g.key} = {g.limit}), try again later\n"
+            transport.write(_FULL.format(retry=RETRY_AFTER_S, n=len(body), body=body).encode())
+            transport.close()
+            return
+        g.open += 1
+        g._connections[transport] = self
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.idle:
+            self.idle = False
+            self._arm()
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return None if self.refused else self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        self.disarm()
+        self.guard.open -= 1
+        self.guard._connections.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if not self.refused:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if not self.refused:
+            self.inner.resume_writing()
+
+    def _arm(self) -> None:
+        self.disarm()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self.guard.header_timeout_s, self._expire)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.guard._event("http_header_timeout")
+        log.info("closing an HTTP connection: no complete request headers within %g s", self.guard.header_timeout_s)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class GuardedSite(web.TCPSite):
+    """`web.TCPSite` whose connections go through a `ConnectionGuard`."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard) -> None:
+        super().__init__(runner, host, port)
+        self.guard = guard
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner (TCPSite.start would listen unguarded)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self.guard.factory(server), self._host, self._port, reuse_address=self._reuse_address
+        )

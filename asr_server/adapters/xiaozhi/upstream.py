@@ -1,0 +1,218 @@
+"""One device's connection to the upstream chatbot server (xiaozhi-esp32-server or a port of it).
+
+The server is the device's edge: it consumes the device's audio (Opus, VAD, SenseVoice, speaker)
+and relays everything else. The upstream sees a device that speaks in text turns: the device's
+`hello` and JSON messages as they are, and each utterance as
+`{"type": "listen", "state": "detect", "text": ...}` — which xiaozhi-esp32-server answers as the
+user's turn (`listenMessageHandler` → `startToChat`) — with `{"speaker": name, "content": text}`
+as the text when the speaker is known (parsed by its `startToChat`). Everything the upstream sends
+goes back to the device in order; binary TTS audio is re-framed for the device's protocol version
+(xiaozhi-esp32-server sends bare Opus, protocol version 1, whatever the device speaks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from ...config import UpstreamConfig
+from ...core.metrics import Metrics
+from ...errors import FramingError, UpstreamError
+from ..sending import send_within
+from .wire import AudioFrame, dumps, pack_audio, unpack_audio
+
+log = logging.getLogger(__name__)
+
+ToDevice = Callable[[str | bytes], Awaitable[None]]
+
+#: The device's upgrade fields passed on (header, or query parameter when the device used the query).
+PASSED = ("Device-Id", "Client-Id", "Authorization")
+
+
+def turn_text(text: str, speaker: str | None) -> str:
+    """The text of a turn as xiaozhi-esp32-server's `startToChat` reads it."""
+    if speaker is None:
+        return text
+    return json.dumps({"speaker": speaker, "content": text}, ensure_ascii=False)
+
+
+class Upstream:
+    """The upstream socket of one device session: open it, pump what it sends to the device, send turns."""
+
+    def __init__(
+        self, config: UpstreamConfig, device_version: int, to_device: ToDevice, metrics: Metrics, who: str
+    ) -> None:
+        assert config.url is not None
+        self.config = config
+        self.device_version = device_version
+        self._to_device = to_device
+        self._metrics = metrics
+        self.who = who
+        self.session_id: str | None = None
+        self.speaking = False  # between the upstream's `tts start` and `tts stop`
+        self._ws: ClientConnection | None = None
+        self._pump: asyncio.Task[str] | None = None
+        self._turn_at: float | None = None  # our endpoint of the last turn, until its first `tts`
+        self._opened = False
+
+    def _url(self, fields: dict[str, str], in_query: bool) -> str:
+        url = self.config.url or ""
+        if not in_query:
+            return url
+        parts = urlsplit(url)
+        query = "&".join(q for q in (parts.query, urlencode({k.lower(): v for k, v in fields.items()})) if q)
+        return urlunsplit(parts._replace(query=query))
+
+    async def open(self, fields: dict[str, str], in_query: bool, hello: str) -> dict[str, Any]:
+        """Connect with the device's own `fields`, send its `hello`, return the upstream's hello."""
+        cfg = self.config
+        headers = {} if in_query else dict(fields)
+        headers["Protocol-Version"] = str(cfg.protocol_version)
+        try:
+            self._ws = await connect(
+                self._url(fields, in_query),
+                additional_headers=headers,
+                open_timeout=cfg.open_timeout_s,
+                close_timeout=2,
+                ping_interval=None,
+                max_size=cfg.max_message_bytes,
+                compression=None,
+                proxy=None,
+            )
+        except InvalidStatus as e:
+            raise self._failed("refused", f"the upstream refused the device: HTTP {e.response.status_code}") from None
+        except (OSError, TimeoutError, InvalidHandshake) as e:
+            raise self._failed("unreachable", f"the upstream is unreachable ({type(e).__name__}: {e})") from None
+        self._opened = True
+        self._metrics.upstream_sessions.inc()
+        try:
+            await self._ws.send(hello)
+            async with asyncio.timeout(cfg.hello_timeout_s):
+                while True:
+                    raw = await self._ws.recv()
+                    msg = _json(raw)
+                    if msg is not None and msg.get("type") == "hello":
+                        break
+        except TimeoutError:
+            await self.close()
+            raise self._failed(
+                "hello_timeout", f"the upstream sent no hello within {cfg.hello_timeout_s:g} s"
+            ) from None
+        except ConnectionClosed as e:
+            await self.close()
+            raise self._failed(
+                "closed", f"the upstream closed before its hello ({e.rcvd.code if e.rcvd else 'no close frame'})"
+            ) from None
+        sid = msg.get("session_id")
+        self.session_id = sid if isinstance(sid, str) else None
+        return msg
+
+    def _failed(self, kind: str, message: str) -> UpstreamError:
+        self._metrics.upstream_failures.labels(kind).inc()
+        return UpstreamError(message)
+
+    def start(self) -> asyncio.Task[str]:
+        """Pump the upstream to the device; the task's result says why it ended."""
+        self._pump = asyncio.get_running_loop().create_task(self._forward(), name=f"upstream-{self.who}")
+        return self._pump
+
+    async def _forward(self) -> str:
+        assert self._ws is not None
+        relayed, nbytes = self._metrics.relayed.labels("to_device"), self._metrics.relayed_bytes.labels("to_device")
+        try:
+            async for raw in self._ws:
+                out: str | bytes
+                if isinstance(raw, bytes):
+                    framed = self._reframe(raw)
+                    if framed is None:
+                        continue
+                    out = framed
+                else:
+                    self._observe(raw)
+                    out = raw
+                relayed.inc()
+                nbytes.inc(len(out))
+                await self._to_device(out)
+        except ConnectionClosed as e:
+            if e.rcvd is None:
+                return "the upstream vanished"
+        ws = self._ws
+        return f"the upstream closed ({ws.close_code}{': ' + ws.close_reason if ws.close_reason else ''})"
+
+    def _reframe(self, data: bytes) -> bytes | None:
+        """Upstream TTS audio in the device's framing (the two may speak different versions)."""
+        up, dev = self.config.protocol_version, self.device_version
+        if up == dev:
+            return data
+        try:
+            frame = unpack_audio(data, up)
+        except FramingError as e:
+            log.warning("%s: upstream frame dropped: %s", self.who, e)
+            return None
+        if not isinstance(frame, AudioFrame):  # v2 JSON in a binary frame
+            return pack_audio(frame, dev) if dev != 1 else None
+        return pack_audio(frame.payload, dev, frame.timestamp_ms or 0)
+
+    def _observe(self, raw: str) -> None:
+        msg = _json(raw)
+        if msg is None or msg.get("type") != "tts":
+            return
+        state = msg.get("state")
+        if state == "start":
+            self.speaking = True
+            if self._turn_at is not None:
+                self._metrics.upstream_first_tts.observe(time.perf_counter() - self._turn_at)
+                self._turn_at = None
+        elif state == "stop":
+            self.speaking = False
+
+    async def send(self, raw: str | bytes) -> None:
+        """Forward one device message as it came; a gone or stuck upstream ends the relay (the pump sees it)."""
+        if self._ws is None:
+            return
+        self._metrics.relayed.labels("to_upstream").inc()
+        self._metrics.relayed_bytes.labels("to_upstream").inc(len(raw))
+        await send_within(self._ws, raw, self.config.send_timeout_s, f"{self.who} upstream")
+
+    async def send_turn(self, text: str, speaker: str | None, endpoint: float) -> None:
+        """The user's turn: what the device said, as the text message the upstream answers."""
+        self._turn_at = endpoint
+        msg: dict[str, Any] = {"type": "listen", "state": "detect", "text": turn_text(text, speaker)}
+        if self.session_id:
+            msg["session_id"] = self.session_id
+        await self.send(dumps(msg))
+
+    async def barge_in(self) -> None:
+        """The user speaks over the answer (realtime mode): stop it, as the firmware's abort does."""
+        msg: dict[str, Any] = {"type": "abort", "reason": "wake_word_detected"}
+        if self.session_id:
+            msg["session_id"] = self.session_id
+        self.speaking = False
+        await self.send(dumps(msg))
+
+    async def close(self) -> None:
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+        if self._ws is not None:
+            await self._ws.close()
+        if self._opened:
+            self._opened = False
+            self._metrics.upstream_sessions.dec()
+
+
+def _json(raw: str | bytes) -> dict[str, Any] | None:
+    if isinstance(raw, bytes):
+        return None
+    try:
+        msg = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return msg if isinstance(msg, dict) else None

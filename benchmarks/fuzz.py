@@ -1,0 +1,380 @@
+"""Seeded, bounded fuzzing of every parser the server exposes, against a real server process.
+
+    python -m benchmarks.fuzz --models build/test-models/<hash> --count 2000 --seed 0
+
+Starts `asr-server serve` (tiny models are enough: the parsers are the target) on free loopback
+ports and feeds each target `--count` inputs built from valid messages by mutation (types swapped,
+numbers huge or non-ASCII, strings with lone surrogates, control characters or 64 KB, JSON nested
+100,000 deep, bytes flipped, lengths lied about), from clients that also vanish mid-message:
+
+- `xiaozhi-text`: hello and the JSON messages, with mutated upgrade headers;
+- `xiaozhi-binary`: protocol v1/v2/v3 frames (headers and Opus payloads mutated);
+- `funasr`: the FunASR socket's configuration messages and audio;
+- `http`: every endpoint, multipart bodies mutated, keys mutated.
+
+Then it reads the server's log and metrics and prints, per target: inputs sent, whether the server
+survived, tracebacks in its log, sessions left open, and the peak RSS. A clean run is 0 tracebacks
+and 0 sessions left. Same seed, same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import soundfile as sf
+from websockets.asyncio.client import connect
+from websockets.exceptions import WebSocketException
+
+from loadtest.clips import DEFAULT_AUDIO_DIR, load_clip
+
+from .capacity import free_port, server_env, wait_ready
+from .stages import machine
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --- mutation ------------------------------------------------------------------------------------
+
+_ODD_STRINGS = [
+    "",
+    "\ud800",
+    "a\udcffb",
+    "x" * 65536,
+    "\n\rFAKE LOG LINE",
+    "²",
+    "٣",
+    "null",
+    "%0A",
+    "\x00",
+    "🎙" * 100,
+]
+_ODD_NUMBERS: list[Any] = [0, -1, 2**63, 10**30, 1e308, -1e308, 0.5, True, False, None]
+
+
+def _deep(rng: random.Random) -> str:
+    n = rng.choice([100, 10_000, 100_000])
+    return "[" * n + "]" * n if rng.random() < 0.5 else '{"a":' * n + "1" + "}" * n
+
+
+def mutate_value(rng: random.Random, value: Any, depth: int = 0) -> Any:
+    r = rng.random()
+    if r < 0.25:
+        return rng.choice(_ODD_STRINGS)
+    if r < 0.45:
+        return rng.choice(_ODD_NUMBERS)
+    if r < 0.55:
+        return [value] if depth < 3 else value
+    if r < 0.65:
+        return {"k": value} if depth < 3 else value
+    if isinstance(value, dict) and depth < 3:
+        return {k: mutate_value(rng, v, depth + 1) if rng.random() < 0.5 else v for k, v in value.items()}
+    return value
+
+
+def mutate_json(rng: random.Random, template: dict[str, Any]) -> str | bytes:
+    """One mutated message: a valid template with fields changed, dropped or added, or broken JSON."""
+    r = rng.random()
+    if r < 0.05:
+        return _deep(rng)
+    if r < 0.1:
+        return rng.randbytes(rng.randint(0, 64))
+    msg = dict(template)
+    for key in list(msg):
+        if rng.random() < 0.3:
+            msg[key] = mutate_value(rng, msg[key])
+        elif rng.random() < 0.1:
+            del msg[key]
+    if rng.random() < 0.2:
+        msg[rng.choice(["extra", "type", "state", "mode"])] = mutate_value(rng, "x")
+    text = json.dumps(msg, ensure_ascii=rng.random() < 0.5)
+    if rng.random() < 0.1:
+        text = text[: rng.randint(0, len(text))]  # truncated
+    if rng.random() < 0.05:
+        text = text.replace('"1"', "1" * 5000)
+    return text
+
+
+def flip(rng: random.Random, data: bytes, n: int = 3) -> bytes:
+    b = bytearray(data)
+    for _ in range(n):
+        if b:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+    return bytes(b)
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+XIAOZHI_TEMPLATES = [
+    {"type": "hello", "version": 1, "transport": "websocket", "audio_params": {"format": "opus", "sample_rate": 16000}},
+    {"type": "listen", "state": "start", "mode": "auto"},
+    {"type": "listen", "state": "stop"},
+    {"type": "listen", "state": "detect", "text": "你好小智"},
+    {"type": "abort", "reason": "wake_word_detected"},
+    {"type": "mcp", "payload": {"jsonrpc": "2.0"}},
+]
+HELLO = json.dumps(XIAOZHI_TEMPLATES[0])
+
+
+def _headers(rng: random.Random) -> dict[str, str]:
+    return {
+        "Device-Id": rng.choice(["aa:bb", "é" * 10, "d" * 500]),
+        "Protocol-Version": rng.choice(["1", "2", "3", "0", "99", "x", ""]),
+    }
+
+
+def _query(rng: random.Random) -> str:
+    """Device ids in the query string, as browsers send them: `%0A` would forge a log line."""
+    return "?device-id=" + rng.choice(["a%0AFAKE%20ERROR%20line", "%F0%9F%8E", "%ED%A0%80", "x" * 300, "ok"])
+
+
+async def _ws_session(url: str, headers: dict[str, str], messages: list[str | bytes], vanish: bool) -> None:
+    try:
+        async with connect(url, additional_headers=headers, open_timeout=5, close_timeout=1, max_size=None) as ws:
+            for m in messages:
+                await ws.send(m)
+            if vanish:
+                ws.transport.abort()
+                return
+            try:
+                while True:  # read what the server answers, briefly
+                    await asyncio.wait_for(ws.recv(), 0.05)
+            except (TimeoutError, WebSocketException):
+                pass
+    except (OSError, TimeoutError, WebSocketException):
+        pass  # refused, closed by the server: the outcomes fuzzing expects
+
+
+async def fuzz_xiaozhi_text(url: str, rng: random.Random, count: int) -> int:
+    sent = 0
+    while sent < count:
+        n = rng.randint(1, 20)
+        msgs: list[str | bytes] = [HELLO if rng.random() < 0.8 else mutate_json(rng, XIAOZHI_TEMPLATES[0])]
+        msgs += [mutate_json(rng, rng.choice(XIAOZHI_TEMPLATES)) for _ in range(n)]
+        await _ws_session(url + _query(rng), _headers(rng), msgs, rng.random() < 0.2)
+        sent += len(msgs)
+    return sent
+
+
+async def fuzz_xiaozhi_binary(url: str, rng: random.Random, count: int, packets: list[bytes]) -> int:
+    import struct
+
+    sent = 0
+    while sent < count:
+        version = rng.choice([1, 2, 3])
+        frames: list[str | bytes] = [HELLO, json.dumps({"type": "listen", "state": "start", "mode": "auto"})]
+        for _ in range(rng.randint(1, 40)):
+            p = rng.choice(packets)
+            p = flip(rng, p, rng.randint(0, 4)) if rng.random() < 0.5 else p
+            if version == 2:
+                size = len(p) if rng.random() < 0.8 else rng.randrange(1 << 32)
+                typ = 0 if rng.random() < 0.8 else rng.choice([1, 2, 65535])
+                body = p if typ != 1 else mutate_json(rng, XIAOZHI_TEMPLATES[1])
+                body = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+                size = len(body) if size == len(p) else size
+                frame = struct.pack(">HHIII", rng.choice([2, 2, 2, 3]), typ, 0, rng.randrange(1 << 32), size) + body
+            elif version == 3:
+                size = len(p) if rng.random() < 0.8 else rng.randrange(1 << 16)
+                frame = struct.pack(">BBH", 0 if rng.random() < 0.9 else 7, 0, size) + p
+            else:
+                frame = p if rng.random() < 0.9 else rng.randbytes(rng.randint(0, 2000))
+            frames.append(frame[: rng.randint(0, len(frame))] if rng.random() < 0.05 else frame)
+        await _ws_session(url, {"Protocol-Version": str(version)}, frames, rng.random() < 0.2)
+        sent += len(frames)
+    return sent
+
+
+FUNASR_TEMPLATE = {
+    "mode": "2pass",
+    "chunk_size": [5, 10, 5],
+    "chunk_interval": 10,
+    "wav_name": "microphone",
+    "is_speaking": True,
+    "wav_format": "pcm",
+    "audio_fs": 16000,
+    "itn": True,
+    "svs_lang": "auto",
+    "hotwords": "",
+}
+
+
+async def fuzz_funasr(url: str, rng: random.Random, count: int, pcm: bytes) -> int:
+    sent = 0
+    while sent < count:
+        msgs: list[str | bytes] = [
+            mutate_json(rng, FUNASR_TEMPLATE) if rng.random() < 0.7 else json.dumps(FUNASR_TEMPLATE)
+        ]
+        for _ in range(rng.randint(0, 15)):
+            if rng.random() < 0.7:
+                start = rng.randrange(max(1, len(pcm) - 20000))
+                chunk = pcm[start : start + rng.choice([1, 959, 960, 9600, 19200])]
+                msgs.append(flip(rng, chunk, 2) if rng.random() < 0.2 else chunk)
+            else:
+                msgs.append(mutate_json(rng, {"is_speaking": False}))
+        msgs.append(json.dumps({"is_speaking": False}))
+        await _ws_session(url, {}, msgs, rng.random() < 0.2)
+        sent += len(msgs)
+    return sent
+
+
+def _wav(rng: random.Random) -> bytes:
+    x = (rng.random() * np.sin(np.arange(rng.choice([0, 10, 8000, 32000])) / 9)).astype(np.float32)
+    if rng.random() < 0.2:
+        x[: len(x) // 2] = np.nan
+    buf = io.BytesIO()
+    sf.write(buf, x, rng.choice([8000, 16000, 44100]), format="WAV", subtype=rng.choice(["PCM_16", "FLOAT"]))
+    data = buf.getvalue()
+    return flip(rng, data, rng.randint(1, 20)) if rng.random() < 0.2 else data
+
+
+async def fuzz_http(url: str, rng: random.Random, count: int) -> int:
+    endpoints = [
+        ("POST", "/v1/audio/transcriptions", ["model", "language", "response_format", "temperature", "prompt"]),
+        ("POST", "/voiceprint/register", ["speaker_id"]),
+        ("POST", "/voiceprint/identify", ["speaker_ids"]),
+        ("GET", "/voiceprint/list", []),
+        ("GET", "/voiceprint/health", []),
+        ("DELETE", "/voiceprint/%20x%0A", []),
+        ("GET", "/v1/models", []),
+        ("GET", "/healthz", []),
+        ("GET", "/readyz", []),
+        ("GET", "/metrics", []),
+        ("GET", "/v1/events?device_id=" + "a," * 500, []),
+        ("PUT", "/v1/audio/transcriptions", []),
+        ("GET", "/nope", []),
+    ]
+    sent = 0
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(timeout=timeout) as s:
+        while sent < count:
+            method, path, fields = rng.choice(endpoints)
+            headers = {}
+            if rng.random() < 0.3:
+                headers["Authorization"] = rng.choice(["Bearer x", "Bearer", "Basic é", "Bearer " + "k" * 9000])
+            data: Any = None
+            if method == "POST":
+                form = aiohttp.FormData()
+                for f in fields:
+                    if rng.random() < 0.7:
+                        v = mutate_value(rng, "whisper-1")
+                        form.add_field(f, v if isinstance(v, str) else json.dumps(v))
+                for _ in range(rng.choice([0, 0, 0, 50, 500])):
+                    form.add_field(f"x{rng.random()}", "y")
+                if rng.random() < 0.9:
+                    form.add_field("file", _wav(rng), filename=rng.choice(["a.wav", None, "\ud800.wav"]))
+                data = form
+                if rng.random() < 0.1:
+                    data, headers["Content-Type"] = (
+                        rng.randbytes(rng.randint(0, 5000)),
+                        "multipart/form-data; boundary=zz",
+                    )
+            try:
+                async with s.request(method, url + path, data=data, headers=headers) as r:
+                    await r.read()
+            except (aiohttp.ClientError, TimeoutError, UnicodeError, ValueError):
+                pass
+            sent += 1
+    return sent
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+def _rss_peak_mb(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    m = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+def _open_sessions(http: str) -> float:
+    with urllib.request.urlopen(http + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(float(v) for v in re.findall(r"^asr_sessions_open\{[^}]*\} (\S+)$", text, re.M))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", type=Path, required=True, help="folder with SenseVoiceSmall/ and campplus/")
+    ap.add_argument("--count", type=int, default=2000, help="inputs per target")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--targets", default="xiaozhi-text,xiaozhi-binary,funasr,http")
+    ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO_DIR)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    work = Path(args.out or ROOT / "build" / "fuzz" / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    work.mkdir(parents=True, exist_ok=True)
+    ports = {"xiaozhi": free_port(), "http": free_port(), "funasr": free_port()}
+    env = server_env(args.models.resolve(), ports, [], work / "voiceprints.sqlite")
+    env.update(
+        {
+            "ASR_SERVER__FUNASR__ENABLED": "true",
+            "ASR_SERVER__FUNASR__HOST": "127.0.0.1",
+            "ASR_SERVER__FUNASR__PORT": str(ports["funasr"]),
+            "ASR_SERVER__LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    log_path = work / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "asr_server", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    http = f"http://127.0.0.1:{ports['http']}"
+    rows = []
+    try:
+        wait_ready(http, proc)
+        clip = next(p for p in sorted(args.audio.iterdir()) if p.suffix in (".wav", ".flac"))
+        packets = list(load_clip(clip).packets)[:50]
+        x, sr = sf.read(clip, dtype="int16")
+        pcm = np.asarray(x if x.ndim == 1 else x[:, 0]).tobytes()
+        device_url = f"ws://127.0.0.1:{ports['xiaozhi']}/xiaozhi/v1/"
+        targets: dict[str, Callable[[random.Random], Any]] = {
+            "xiaozhi-text": lambda rng: fuzz_xiaozhi_text(device_url, rng, args.count),
+            "xiaozhi-binary": lambda rng: fuzz_xiaozhi_binary(device_url, rng, args.count, packets),
+            "funasr": lambda rng: fuzz_funasr(f"ws://127.0.0.1:{ports['funasr']}/", rng, args.count, pcm),
+            "http": lambda rng: fuzz_http(http, rng, args.count),
+        }
+        for name in args.targets.split(","):
+            before = log_path.read_text(errors="replace").count("Traceback")
+            t0 = time.perf_counter()
+            sent = asyncio.run(targets[name](random.Random(f"{args.seed}-{name}")))
+            wall = time.perf_counter() - t0
+            time.sleep(1.5)  # let vanished clients' sessions close
+            alive = proc.poll() is None
+            tracebacks = log_path.read_text(errors="replace").count("Traceback") - before
+            left = _open_sessions(http) if alive else float("nan")
+            rows.append((name, sent, alive, tracebacks, left, _rss_peak_mb(proc.pid) if alive else float("nan"), wall))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    load = os.getloadavg()
+    print(f"machine: {machine()}; load average before: {load[0]:.2f}; seed {args.seed}; {datetime.now(UTC):%Y-%m-%d}")
+    print("| parser | inputs | server alive | tracebacks | sessions left | peak RSS MB | s |")
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
+    for name, sent, alive, tb, left, rss, wall in rows:
+        print(f"| {name} | {sent} | {'yes' if alive else 'NO'} | {tb} | {left:.0f} | {rss:.0f} | {wall:.0f} |")
+    print(f"\nserver log: {log_path}")
+    return 0 if all(r[2] and r[3] == 0 and r[4] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""Nothing one client does hurts another: small reproductions of what the hostile-client review found.
+
+Each test is the fast form of one finding (the heavy forms — thousands of sockets, 10k fuzz
+inputs — are scripts under `benchmarks/fuzz.py`): bounded multipart forms, non-finite audio
+refused at the edge, parser errors that are named protocol errors, logs a client cannot forge,
+scoped keys, a rate limit in seconds of audio, admission by load with `Retry-After`, sends with
+a deadline, and a drain on shutdown that answers what is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+
+import aiohttp
+import numpy as np
+import pytest
+import soundfile as sf
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from asr_server.adapters.auth import ApiKeys, Role, fingerprint
+from asr_server.adapters.funasr import wire as funasr_wire
+from asr_server.adapters.sending import send_within
+from asr_server.adapters.xiaozhi import wire as xiaozhi_wire
+from asr_server.config import load_config
+from asr_server.core.scheduler import InferenceQueue
+from asr_server.errors import ConfigError, EngineBusy, FunAsrProtocolError, MessageError
+from asr_server.logs import SafeFormatter, Throttle, escape
+from loadtest.clips import silence_packet
+from tests.support.audio import clip, needs_audio
+from tests.test_http import KEY, start_api
+from tests.test_xiaozhi_session import HELLO, expect_close, raw_connect, send_until_closed, wait_sessions_empty
+
+# --- HTTP: bounded forms, non-finite audio, clients that leave -----------------------------------
+
+
+@pytest.fixture
+async def api(tmp_path):
+    runner, pipeline, bus, _ = await start_api(tmp_path)
+    yield f"http://127.0.0.1:{runner.addresses[0][1]}", pipeline
+    await runner.cleanup()
+    await bus.close()
+    await pipeline.close()
+
+
+def _wav(x: np.ndarray, subtype: str = "PCM_16") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, format="WAV", subtype=subtype)
+    return buf.getvalue()
+
+
+async def test_a_form_of_thousands_of_fields_is_refused_before_it_costs_memory(api):
+    url, _ = api
+    body = (
+        b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(5000))
+        + b"--b--\r\n"
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            f"{url}/v1/audio/transcriptions",
+            data=body,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data; boundary=b"},
+        ) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["code"] == "too_many_parts"
+
+
+async def test_nan_audio_is_refused_at_the_edge_and_fails_no_one_else(api):
+    url, _ = api
+    bad = np.full(16000, np.nan, np.float32)
+    good = (0.1 * np.sin(np.arange(16000) / 10)).astype(np.float32)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+
+        async def post(path: str, audio: bytes, **fields: str) -> tuple[int, dict]:
+            form = aiohttp.FormData()
+            for k, v in fields.items():
+                form.add_field(k, v)
+            form.add_field("file", audio, filename="a.wav")
+            async with s.post(url + path, data=form) as r:
+                return r.status, await r.json()
+
+        results = await asyncio.gather(
+            post("/v1/audio/transcriptions", _wav(bad, "FLOAT")),
+            post("/v1/audio/transcriptions", _wav(good)),
+            post("/voiceprint/identify", _wav(bad, "FLOAT"), speaker_ids="a,b"),
+        )
+    (s1, b1), (s2, _), (s3, b3) = results
+    assert s1 == 400 and "non-finite" in b1["error"]["message"]
+    assert s2 == 200
+    assert s3 == 400 and "non-finite" in b3["detail"]
+
+
+async def test_413_closes_the_connection_instead_of_reading_the_rest(tmp_path):
+    runner, pipeline, bus, _ = await start_api(tmp_path, http={"max_upload_mb": 1})
+    reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    writer.write(b"%x\r\n%s\r\n" % (len(head), head))
+    chunk = b"x" * 65536
+    sent = 0
+    try:
+        while sent < 200 * 2**20:  # 200 MB offered against the 1 MB limit
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await writer.drain()
+            sent += len(chunk)
+    except ConnectionError:
+        pass
+    try:
+        answer = await asyncio.wait_for(reader.read(), 10)
+    except ConnectionError:
+        answer = b""
+    writer.close()
+    await runner.cleanup()
+    await bus.close()
+    await pipeline.close()
+    # 1 MB read, at most 4 MB dropped while the 413 is sent, then closed: not read to the end
+    assert sent < 20 * 2**20, sent
+    assert not answer or b" 413 " in answer.split(b"\r\n", 1)[0]
+
+
+async def test_a_client_leaving_mid_upload_is_not_a_server_error(api):
+    url, pipeline = api
+    reader, writer = await asyncio.open_connection("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    writer.write(
+        b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() + b"\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + b"x" * 1000
+    )
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.transport.abort()
+    await asyncio.sleep(0.5)
+    value = pipeline.metrics.registry.get_sample_value
+    assert not value("asr_errors_total", {"kind": "http_500"})
+    assert value("asr_errors_total", {"kind": "client_gone"}) == 1
+
+
+async def test_voiceprint_delete_strips_the_name_as_register_does(api):
+    url, _ = api
+    tone = (0.2 * np.sin(np.arange(32000) / 7)).astype(np.float32)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+        form = aiohttp.FormData()
+        form.add_field("speaker_id", " alice ")
+        form.add_field("file", _wav(tone), filename="a.wav")
+        async with s.post(f"{url}/voiceprint/register", data=form) as r:
+            assert r.status == 200
+        async with s.delete(f"{url}/voiceprint/%20alice%20") as r:
+            assert r.status == 200, await r.text()
+
+
+# --- keys: admin, read, device tokens -------------------------------------------------------------
+
+
+def test_keys_are_scoped():
+    cfg = load_config(
+        None,
+        env={},
+        overrides={
+            "http": {"api_keys": ["admin"], "read_keys": ["reader"]},
+            "xiaozhi": {"auth": {"enabled": True, "tokens": ["dev-1"]}},
+        },
+    )
+    keys = ApiKeys.from_config(cfg)
+    assert keys.grant("admin").role == Role.ADMIN
+    assert keys.grant("reader").role == Role.READ
+    dev = keys.grant("dev-1")
+    assert dev.role == Role.DEVICE and dev.scope == fingerprint("dev-1")
+    assert keys.grant("nope") is None and keys.grant(None) is None
+    assert keys.grant("\udcff\udce9") is None  # a non-UTF-8 header: a wrong key, not a crash
+    assert not keys.allows("dev-1")  # a device token is not an API key (FunASR socket, transcriptions)
+    open_api = ApiKeys.from_config(load_config(None, env={}))
+    assert open_api.grant(None).role == Role.READ
+    assert open_api.grant(None, loopback=True).role == Role.ADMIN  # voiceprints: from this machine only
+
+
+def test_funasr_auth_without_any_key_refuses_to_start():
+    with pytest.raises(ConfigError, match="funasr.auth is true but no key"):
+        load_config(None, env={}, overrides={"funasr": {"auth": True}})
+
+
+async def test_read_and_device_keys_cannot_manage_voiceprints(tmp_path):
+    runner, pipeline, bus, _ = await start_api(
+        tmp_path,
+        http={"read_keys": ["reader"]},
+        xiaozhi={"auth": {"enabled": True, "tokens": ["dev-1"]}},
+    )
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for key, status in (("reader", 403), ("dev-1", 403), ("é", 401), (KEY, 200)):
+                async with s.get(f"{url}/voiceprint/list", headers={"Authorization": f"Bearer {key}"}) as r:
+                    assert r.status == status, (key, await r.text())
+            async with s.get(f"{url}/v1/models", headers={"Authorization": "Bearer dev-1"}) as r:
+                assert r.status == 403
+            async with s.get(f"{url}/v1/models", headers={"Authorization": "Bearer reader"}) as r:
+                assert r.status == 200
+    finally:
+        await runner.cleanup()
+        await bus.close()
+        await pipeline.close()
+
+
+async def test_a_device_token_reads_only_its_own_sessions_events(tmp_path):
+    from tests.support.fakes import make_event
+
+    runner, pipeline, bus, _ = await start_api(tmp_path, xiaozhi={"auth": {"enabled": True, "tokens": ["t1", "t2"]}})
+    url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/events"
+    try:
+        async with (
+            websockets.connect(url, additional_headers={"Authorization": "Bearer t1"}) as mine,
+            websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as admin,
+        ):
+            for ws in (mine, admin):
+                assert json.loads(await ws.recv())["type"] == "subscribed"
+            from dataclasses import replace
+
+            bus.publish(replace(make_event("theirs"), scope=fingerprint("t2")))
+            bus.publish(replace(make_event("mine"), scope=fingerprint("t1")))
+            got = json.loads(await asyncio.wait_for(mine.recv(), 5))
+            assert got["text"] == "mine" and "scope" not in got
+            texts = [json.loads(await asyncio.wait_for(admin.recv(), 5))["text"] for _ in range(2)]
+            assert texts == ["theirs", "mine"]
+    finally:
+        await runner.cleanup()
+        await bus.close()
+        await pipeline.close()
+
+
+# --- parsers: named errors for what used to raise ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[" * 100_000 + "]" * 100_000, '{"type": "listen", "state": ' + "9" * 5000 + "}", b'{"type": "\xff"}'],
+)
+def test_xiaozhi_messages_that_used_to_raise_are_message_errors(text):
+    with pytest.raises(MessageError, match="malformed JSON"):
+        xiaozhi_wire.parse_message(text)
+
+
+def test_xiaozhi_replies_survive_lone_surrogates():
+    out = xiaozhi_wire.dumps(xiaozhi_wire.error_message("unknown \ud800 type"))
+    out.encode("utf-8")
+    with pytest.raises(MessageError) as e:
+        xiaozhi_wire.parse_message('{"type": "x' + "y" * 10_000 + '"}')
+    assert len(str(e.value)) < 100  # a client's text is cut in what is sent back and logged
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"chunk_interval": "²"},
+        {"chunk_interval": "9" * 5000},
+        {"audio_fs": 1e999},
+        {"chunk_size": [1e999, 10, 5]},
+        {"chunk_size": "5,²,5"},
+        {"chunk_interval": -3},
+    ],
+)
+def test_funasr_numbers_that_used_to_raise_are_protocol_errors(msg):
+    with pytest.raises(FunAsrProtocolError) as e:
+        funasr_wire.RequestConfig().update(msg)
+    assert e.value.code == 1007
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, '{"a": ' + "1" * 5000 + "}"])
+def test_funasr_json_that_used_to_raise_is_a_protocol_error(text):
+    with pytest.raises(FunAsrProtocolError, match="malformed JSON"):
+        funasr_wire.parse_message(text)
+
+
+def test_funasr_wav_name_with_a_lone_surrogate_can_be_echoed():
+    req = funasr_wire.RequestConfig().update(json.loads('{"wav_name": "a\\ud800b"}'))
+    json.dumps({"wav_name": req.wav_name}, ensure_ascii=False).encode("utf-8")
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+def test_client_text_cannot_forge_or_flood_log_lines():
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "device %s refused", ("a\nFAKE ERROR line",), None)
+    line = SafeFormatter("%(message)s").format(record)
+    assert "\n" not in line and "a\\nFAKE" in line
+    assert len(escape("x" * 70_000)) < 1100
+    t = Throttle(burst=3, per_s=60)
+    assert [t.allow() for _ in range(5)] == [True, True, True, False, False]
+    assert t.note() == " (2 similar lines left out)"
+
+
+# --- the scheduler sheds what is too late --------------------------------------------------------
+
+
+async def test_jobs_past_their_deadline_are_shed_not_run():
+    ran: list[str] = []
+
+    def work(items):
+        time.sleep(0.15)
+        ran.extend(items)
+        return items
+
+    shed: list[str] = []
+    q: InferenceQueue[str, str] = InferenceQueue("asr", work, max_batch=1, deadline_s=0.1, on_shed=shed.append)
+    first = asyncio.ensure_future(q.run("a"))
+    await asyncio.sleep(0.01)
+    late = [asyncio.ensure_future(q.run(x)) for x in "bc"]
+    assert q.head_wait() < 0.1
+    results = await asyncio.gather(first, *late, return_exceptions=True)
+    assert results[0][0] == "a"
+    assert all(isinstance(r, EngineBusy) and "shed after waiting" in str(r) for r in results[1:])
+    assert ran == ["a"] and shed == ["asr", "asr"] and q.queue_depth == 0
+    await q.close()
+
+
+# --- sends with a deadline -----------------------------------------------------------------------
+
+
+async def test_a_send_the_client_never_reads_drops_the_connection():
+    class Stuck:
+        aborted = False
+
+        class transport:
+            @staticmethod
+            def abort() -> None:
+                Stuck.aborted = True
+
+        async def send(self, data):
+            await asyncio.sleep(3600)
+
+    assert not await send_within(Stuck(), "x", 0.05, "test")
+    assert Stuck.aborted
+
+
+# --- the device socket: audio rate, admission by load, drain -------------------------------------
+
+
+async def test_audio_faster_than_real_time_is_a_flood_though_under_the_frame_limit(start_server):
+    srv = await start_server(xiaozhi={"max_audio_rate": 3.0, "max_audio_burst_s": 2.0})
+    ws = await raw_connect(srv)
+    await ws.send(HELLO)
+    await ws.recv()
+    await send_until_closed(ws, silence_packet(60), 300)  # 18 s of audio at once, well under 500 frames/s
+    msgs = await expect_close(ws, 1008, "frame flood")
+    assert any("real time" in m.get("message", "") for m in msgs)
+    await wait_sessions_empty(srv)
+
+
+async def test_while_the_recogniser_is_behind_new_devices_get_503_with_retry_after(start_server, monkeypatch):
+    srv = await start_server()
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: "the recogniser is 900 ms behind")
+    with pytest.raises(InvalidStatus) as e:
+        await raw_connect(srv)
+    assert e.value.response.status_code == 503
+    assert e.value.response.headers["Retry-After"] == "5"
+    assert b"900 ms behind" in e.value.response.body
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: None)
+    ws = await raw_connect(srv)
+    await ws.close()
+
+
+@needs_audio
+async def test_drain_answers_the_utterance_in_flight_then_closes_1001(start_server, monkeypatch):
+    from loadtest.clips import load_clip
+    from loadtest.device import Device, DeviceConfig
+
+    srv = await start_server()
+    slow_release = asyncio.Event()
+    real = srv.pipeline.start_recognition
+
+    def held(*a, **kw):
+        rec = real(*a, **kw)
+        task = rec.task
+
+        async def later():
+            await slow_release.wait()
+            return await task
+
+        rec.task = asyncio.ensure_future(later())
+        return rec
+
+    monkeypatch.setattr(srv.pipeline, "start_recognition", held)
+    c = clip("en_tts_living")
+    async with Device(DeviceConfig(url=srv.endpoints.device_url)) as dev:
+        await dev.listen("start", "auto")
+        await dev.send_opus(load_clip(c.path).packets, 3.0)
+        await dev.send_silence(900, 3.0)
+        await asyncio.sleep(0.5)  # the endpoint is found; its recognition is held
+        stop = asyncio.ensure_future(srv.stop(drain=True))
+        await asyncio.sleep(0.3)
+        with pytest.raises(Exception):  # noqa: B017 (refused or reset: not accepting any more)
+            await raw_connect(srv)
+        slow_release.set()
+        msg = (await dev.next_message("stt", 10)).data
+        assert msg["text"]
+        await stop
+        assert dev.closed_by_server and dev._closed is not None and dev._closed.code == 1001
+
+
+async def test_http_connections_are_capped_and_slow_headers_are_cut(tmp_path):
+    runner, pipeline, bus, _ = await start_api(tmp_path, http={"max_connections": 2, "header_timeout_s": 0.3})
+    port = runner.addresses[0][1]
+    try:
+        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        for _, w in slow:
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        await asyncio.sleep(0.05)
+        r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+        full = await asyncio.wait_for(r3.read(), 5)
+        assert full.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in full and b"http.max_connections" in full
+        for r, _ in slow:  # cut at the header deadline
+            assert await asyncio.wait_for(r.read(), 5) == b""
+        async with aiohttp.ClientSession() as s:  # the slots are free again
+            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+        value = pipeline.metrics.registry.get_sample_value
+        assert value("asr_errors_total", {"kind": "http_header_timeout"}) == 2
+        assert value("asr_errors_total", {"kind": "http_connections_full"}) == 1
+        for _, w in [*slow, (r3, w3)]:
+            w.close()
+    finally:
+        await runner.cleanup()
+        await bus.close()
+        await pipeline.close()
+
+
+async def test_max_sessions_counts_connections_that_have_not_said_hello(start_server):
+    srv = await start_server(xiaozhi={"max_sessions": 2})
+    first, second = await raw_connect(srv), await raw_connect(srv)  # a reconnect burst: no hello yet
+    with pytest.raises(InvalidStatus) as e:
+        await raw_connect(srv)
+    assert e.value.response.status_code == 503 and b"xiaozhi.max_sessions" in e.value.response.body
+    await first.close()
+    await second.close()
+    await asyncio.sleep(0.1)
+    third = await raw_connect(srv)  # the slots came back
+    await third.close()
+
+
+async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_1013(start_server, monkeypatch):
+    srv = await start_server(xiaozhi={"shed_after_s": 0.5})
+    older, newer = await raw_connect(srv), await raw_connect(srv)
+    for ws in (older, newer):
+        await ws.send(HELLO)
+        await ws.recv()
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: "the recogniser is 900 ms behind")
+    msgs = await expect_close(newer, 1013, "server overloaded")
+    assert "900 ms behind" in msgs[-1]["message"]
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: None)
+    assert older.close_code is None  # the others keep their session
+    await older.close()

@@ -1,0 +1,158 @@
+"""Relay mode end to end: a simulated device → our server → a stub chatbot server speaking the device
+protocol (`loadtest.upstream`), over real sockets. The upstream must get the device's hello and
+messages, each utterance as a text turn (with the speaker when known) and no audio; the device must
+get the upstream's hello, messages and TTS audio in order, framed for its protocol version."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from asr_server.adapters.xiaozhi.upstream import turn_text
+from asr_server.adapters.xiaozhi.wire import AudioFrame, unpack_audio
+from loadtest.clips import load_clip
+from loadtest.device import Device, DeviceConfig, HelloRejected
+from loadtest.upstream import UpstreamOptions, UpstreamStub
+from tests.support.audio import cer, clip, needs_audio
+
+pytestmark = pytest.mark.slow
+
+PACE = 3.0
+
+
+async def relay(start_server, stub: UpstreamStub, **sections):
+    return await start_server(
+        upstream={"url": stub.url, "hello_timeout_s": 1.0, **sections.pop("upstream", {})}, **sections
+    )
+
+
+def device(server, **kw) -> Device:
+    return Device(DeviceConfig(url=server.endpoints.device_url, device_id="aa:bb:cc:dd:ee:07", **kw))
+
+
+async def say(dev: Device, name: str) -> str:
+    c = clip(name)
+    await dev.send_opus(load_clip(c.path).packets, PACE)
+    await dev.send_silence(900, PACE)
+    return c.transcript
+
+
+def test_turn_text_carries_the_speaker_as_xiaozhi_server_reads_it():
+    assert turn_text("打开灯", None) == "打开灯"
+    assert turn_text("打开灯", "alice") == '{"speaker": "alice", "content": "打开灯"}'
+
+
+@needs_audio
+@pytest.mark.parametrize("version", [1, 2, 3])
+async def test_a_turn_goes_up_as_text_and_the_answer_comes_back_in_the_devices_framing(start_server, version):
+    async with UpstreamStub(UpstreamOptions(frames=4)) as stub:
+        srv = await relay(start_server, stub)
+        async with device(srv, protocol_version=version) as dev:
+            assert dev.server_hello is not None
+            up = stub.sessions[0]
+            assert dev.session_id == dev.server_hello["session_id"] != ""  # the upstream's session
+            assert up.headers["Device-Id"] == "aa:bb:cc:dd:ee:07" and up.headers["Protocol-Version"] == "1"
+            assert up.text[0]["type"] == "hello"
+            await dev.listen("start", "auto")
+            transcript = await say(dev, "zh_aishell")
+            stt = (await dev.next_message("stt", 20)).data
+            assert cer(transcript, stt["text"]) <= 0.2  # the upstream's stt: one bubble
+            assert (await dev.next_message("tts", 5)).data["state"] == "start"
+            assert (await dev.next_message("tts", 5)).data["state"] == "sentence_start"
+            assert (await dev.next_message("tts", 5)).data["state"] == "stop"
+            assert len(dev.binary) == 4
+            for _, frame in dev.binary:
+                assert isinstance(unpack_audio(frame, version), AudioFrame)
+            assert not [m for m in dev.pending() if m.type == "stt"]  # no second stt from us
+        turns = stub.turns()
+        assert len(turns) == 1 and cer(transcript, turns[0]) <= 0.2
+        assert up.binary == 0  # the device's audio stays with us
+        assert [m["type"] for m in up.text] == ["hello", "listen", "listen"]  # hello, start, the turn
+
+
+@needs_audio
+async def test_manual_mode_turn_at_listen_stop_and_abort_reaches_the_upstream(start_server):
+    async with UpstreamStub(UpstreamOptions(frames=2, think_ms=2000)) as stub:
+        srv = await relay(start_server, stub)
+        async with device(srv) as dev:
+            await dev.listen("start", "manual")
+            c = clip("en_tts_living")
+            await dev.send_opus(load_clip(c.path).packets, PACE)
+            await dev.listen("stop")
+            assert (await dev.next_message("stt", 20)).data["text"]
+            await dev.abort()  # during the upstream's "thinking"
+            assert (await dev.next_message("tts", 5)).data["state"] == "stop"
+        up = stub.sessions[0]
+        assert [m["type"] for m in up.text] == ["hello", "listen", "listen", "listen", "abort"]
+
+
+@needs_audio
+async def test_auto_mode_takes_no_turn_while_the_answer_plays_realtime_barges_in(start_server):
+    async with UpstreamStub(UpstreamOptions(frames=60, pace=True)) as stub:  # a 3.6 s answer
+        srv = await relay(start_server, stub)
+        for mode, expect_abort in (("auto", False), ("realtime", True)):
+            async with device(srv) as dev:
+                await dev.listen("start", mode)
+                await say(dev, "ko_tts_living")
+                assert (await dev.next_message("tts", 20)).data["state"] == "start"
+                await say(dev, "ja_tts_living")  # spoken over the answer
+                await asyncio.sleep(1.0)
+            up = stub.sessions[-1]
+            aborts = [m for m in up.text if m["type"] == "abort"]
+            assert bool(aborts) == expect_abort, (mode, up.text)
+            assert len([m for m in up.text if m.get("state") == "detect"]) == (2 if expect_abort else 1), mode
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (UpstreamOptions(refuse=True), "refused the device: HTTP 503"),
+        (UpstreamOptions(no_hello=True), "no hello within 1 s"),
+    ],
+)
+async def test_an_upstream_that_refuses_or_stays_silent_gives_the_device_a_reason(start_server, options, reason):
+    async with UpstreamStub(options) as stub:
+        srv = await relay(start_server, stub)
+        with pytest.raises(HelloRejected, match=reason):
+            async with device(srv):
+                pass
+    value = srv.metrics.registry.get_sample_value
+    assert value("asr_upstream_sessions") == 0
+
+
+async def test_an_upstream_that_is_down_or_closes_closes_the_device_with_1013(start_server):
+    stub = await UpstreamStub().start()
+    url = stub.url
+    await stub.stop()
+    srv = await start_server(upstream={"url": url})
+    with pytest.raises(HelloRejected, match="unreachable"):
+        async with device(srv):
+            pass
+    async with UpstreamStub(UpstreamOptions(close_after_hello=True)) as stub:
+        srv = await relay(start_server, stub)
+        dev = device(srv)
+        await dev.connect()
+        err = (await dev.next_message("error", 5)).data
+        assert "upstream closed (1011" in err["message"]
+        for _ in range(50):
+            if dev.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert dev._closed is not None and dev._closed.code == 1013
+        await dev.close()
+
+
+async def test_a_device_that_vanishes_closes_its_upstream_socket(start_server):
+    async with UpstreamStub() as stub:
+        srv = await relay(start_server, stub)
+        dev = device(srv)
+        await dev.connect()
+        assert srv.metrics.registry.get_sample_value("asr_upstream_sessions") == 1
+        assert dev._ws is not None
+        dev._ws.transport.abort()
+        for _ in range(100):
+            if srv.metrics.registry.get_sample_value("asr_upstream_sessions") == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert srv.metrics.registry.get_sample_value("asr_upstream_sessions") == 0
