@@ -95,7 +95,8 @@ class AsrServer:
             if cfg.funasr.enabled:
                 self._funasr = await serve_funasr(cfg, self.pipeline, self.metrics, self.bus)
                 funasr_port = self._funasr.sockets[0].getsockname()[1]
-                funasr_url = f"ws://{_client_host(cfg.funasr.host)}:{funasr_port}/"
+                scheme = "wss" if cfg.funasr.tls == "on" else "ws"
+                funasr_url = f"{scheme}://{_client_host(cfg.funasr.host)}:{funasr_port}/"
         except OSError as e:
             await self.stop()
             raise StartupError(f"cannot listen: {e}") from None
@@ -108,7 +109,8 @@ class AsrServer:
         if http_url:
             log.info("HTTP API: %s (/v1/audio/transcriptions, /voiceprint/*, /v1/events, /healthz, /metrics)", http_url)
         if funasr_url:
-            log.info("FunASR-compatible WebSocket: %s", funasr_url)
+            both = " (wss:// on the same port)" if cfg.funasr.tls == "both" else ""
+            log.info("FunASR-compatible WebSocket: %s%s", funasr_url, both)
         return self.endpoints
 
     async def stop(self, drain: bool = False) -> None:

@@ -84,6 +84,13 @@ class XiaozhiConfig(_Section):
     )
 
 
+#: Measured with `python -m benchmarks.trailing` (BENCHMARKS.md): SenseVoice's encoder looks ahead
+#: (its FSMN memory blocks and attention span frames on both sides), so a CTC token near the end is
+#: emitted only with enough frames after it. 600 ms is the smallest pad that recovers every lost
+#: token it can recover on the shared clips (400 still loses `light`; 800-1500 recover no more).
+TRAILING_PAD_MS = 600.0
+
+
 class VadConfig(_Section):
     model: Path | None = Field(None, description="Silero ONNX file; null takes the one the silero-vad package ships.")
     threshold: float = Field(0.5, gt=0, lt=1)
@@ -99,6 +106,12 @@ class VadConfig(_Section):
         "the speaker goes on, so the endpoint waits only for the last phrase (0: whole utterances only).",
     )
     phrase_min_s: float = Field(2.0, gt=0, description="Phrases are at least this long.")
+    trailing_pad_ms: float = Field(
+        TRAILING_PAD_MS,
+        ge=0,
+        description="Silence added after a VAD-cut utterance for the recogniser: its audio ends 96 ms after the "
+        "last voiced window, too soon for SenseVoice to emit the last token (BENCHMARKS.md has the measurement).",
+    )
     energy_gate_dbfs: float = Field(-60.0, le=0)
     max_batch: int = Field(64, ge=1)
     max_wait_ms: float = Field(2.0, ge=0)
@@ -128,7 +141,7 @@ class AsrConfig(_Section):
         "auto",
         description=(
             "Recognitions computed at the same time, each on engine.threads (0: the cores shared among them): "
-            "auto = 1 (one recognition on every core has the lowest latency; see BENCHMARKS.md for 2)."
+            "auto = 1 on a GPU, on a CPU one per core below 4 cores, else one per 2 cores (BENCHMARKS.md)."
         ),
     )
     max_queue: int = Field(1000, ge=1, description="Utterances waiting at most; beyond, one is refused with an error.")
@@ -211,6 +224,11 @@ class HttpConfig(_Section):
         gt=0,
         description="Longest decoded upload; longer audio gets 413 (from the file's header where it has one).",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Web origins whose pages may call the API (e.g. https://chat.example.com, or * for any); "
+        "none by default.",
+    )
     max_connections: int = Field(
         1000, ge=1, description="Open connections beyond this get 503 and are closed (a file descriptor each)."
     )
@@ -239,8 +257,19 @@ class FunAsrConfig(_Section):
         False,
         description="Require an http.api_keys or http.read_keys key (sent as `Authorization: Bearer; <key>`).",
     )
-    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_message_bytes: int = Field(
+        24 * 1024 * 1024,
+        ge=1024,
+        description="Largest WebSocket message; at least max_audio_s of 16 kHz PCM, so a whole request sent "
+        "as one message meets the audio-length limit, not this one.",
+    )
     max_audio_s: float = Field(600.0, gt=0, description="Most audio buffered for one offline request.")
+    text_tags: bool = Field(
+        True,
+        description="Finals carry SenseVoice's tags in `text` as FunASR's runtime sends them "
+        "(`<|zh|><|NEUTRAL|><|Speech|> 打开灯`, parsed by xiaozhi-esp32-server's FunASRServer), with "
+        "`clean_text` beside; false: clean text only.",
+    )
     max_buffered_mb: float = Field(
         256.0, gt=0, description="Offline audio all connections together may hold; beyond, 1013 try again later."
     )
@@ -254,15 +283,30 @@ class FunAsrConfig(_Section):
     max_sessions: int = Field(500, ge=1, description="Connections beyond this are refused with HTTP 503.")
     ping_interval_s: float | None = Field(None, description="WebSocket pings; FunASR clients never need them.")
     close_timeout_s: float = Field(2.0, gt=0)
-    ssl_certfile: Path | None = Field(
-        None, description=("Serve wss:// with this PEM certificate (xiaozhi's FunASRServer defaults to is_ssl: true).")
+    tls: Literal["both", "on", "off"] = Field(
+        "both",
+        description="both: wss:// and ws:// on the one port (xiaozhi's FunASRServer defaults to is_ssl: true, "
+        "FunASR's client to --ssl 1, others connect plain); on: wss:// only; off: ws:// only.",
     )
+    ssl_certfile: Path | None = Field(
+        None, description="The PEM certificate for wss://; none: a self-signed one made at self_signed_cert."
+    )
+    self_signed_cert: Path = Field(
+        Path("data/funasr-selfsigned.pem"), description="Where the generated certificate (and its key) is kept."
+    )
+    open_timeout_s: float = Field(10.0, gt=0, description="The TLS and WebSocket handshakes must end within this.")
     ssl_keyfile: Path | None = Field(None, description="The certificate's key, unless the certfile holds it.")
 
     @model_validator(mode="after")
     def _tls(self) -> FunAsrConfig:
         if self.ssl_keyfile is not None and self.ssl_certfile is None:
             raise ValueError("ssl_keyfile needs ssl_certfile")
+        pcm = int(self.max_audio_s * 32000) + 1024
+        if self.max_message_bytes < pcm:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) is smaller than max_audio_s of 16 kHz PCM "
+                f"({pcm} bytes): raise it or lower max_audio_s"
+            )
         return self
 
 

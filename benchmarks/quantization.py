@@ -1,5 +1,6 @@
 """SenseVoice's int8 graph against ONNX Runtime's other CPU options: speed and logit parity, in one run.
 
+    python -m pip install --no-deps --target build/quant-tools onnx_ir   # for MatMulNBits (not in the locks)
     python -m benchmarks.quantization --models build/bench-models --work build/quant --threads 1,2
 
 Variants, built once from `model.onnx` into `--work`:
@@ -153,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(BUILDERS), help="also: shipped")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument(
+        "--tools", type=Path, default=ROOT / "build" / "quant-tools", help="--target folder holding onnx_ir"
+    )
     args = ap.parse_args(argv)
+    if args.tools.is_dir():
+        sys.path.append(str(args.tools))
     model_dir = args.models / "SenseVoiceSmall"
     files = variant_files(model_dir, args.work, args.variants.split(","))
     frontend = SenseVoiceFrontend(model_dir / SENSEVOICE_CMVN)

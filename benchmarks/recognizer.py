@@ -1,6 +1,6 @@
 """Our recogniser against what users run instead, on the same weights, clips and cores, in one run.
 
-    python -m pip install --no-deps --target build/peers sherpa-onnx==2.0.1 funasr-onnx==0.4.3
+    python -m pip install --no-deps --target build/peers sherpa-onnx==2.0.1 sherpa-onnx-core==2.0.1 funasr-onnx==0.4.3
     python -m benchmarks.recognizer --models build/bench-models --peers build/peers --threads 2
 
 Recognisers (each skipped with its reason when it cannot load):
@@ -135,7 +135,8 @@ def load_funasr_onnx(model_dir: Path, threads: int) -> Recognise:
     from funasr_onnx import SenseVoiceSmall
 
     model = SenseVoiceSmall(str(model_dir), quantize=True, intra_op_num_threads=threads)
-    return lambda audio: str(model([audio], language="auto", textnorm="withitn")[0])
+    # one array, not a list: 0.4.3 reads a list as file paths
+    return lambda audio: str(model(audio, language="auto", textnorm="withitn")[0])
 
 
 def load_funasr_torch(model_dir: Path, threads: int) -> Recognise:

@@ -11,6 +11,7 @@ from asr_server.audio.segmenter import (
     SpeechStarted,
     Utterance,
 )
+from tests.support.audio import needs_audio
 
 W = 512
 
@@ -135,3 +136,38 @@ def test_short_pieces_are_not_phrases():
     events = feed(seg, [0.9] * 20 + [0.0] * 6 + [0.9] * 20 + [0.0] * 12)
     utt = next(e for e in events if isinstance(e, Utterance))
     assert utt.phrases == 0 and not any(getattr(e, "phrase", False) for e in events)
+
+
+@needs_audio
+async def test_the_trailing_pad_recovers_the_tokens_a_vad_cut_loses_on_the_shared_clips(pipeline):
+    """An utterance the VAD cuts ends 96 ms after its last voiced window, too soon for SenseVoice to
+    emit its last token (`…ligh` for `…light`); `vad.trailing_pad_ms` of silence added lets it. On
+    every shared clip the streaming path (VAD segments) is compared with the offline path (the whole
+    clip): with the pad, fewer clips are worse than offline than without, and those named here
+    (quiet endings the VAD takes for silence; BENCHMARKS.md) are the only ones."""
+    import asyncio
+
+    from asr_server.audio.io import decode_audio
+    from asr_server.audio.segmenter import Utterance
+    from asr_server.core.recording import join_texts
+    from tests.support.audio import AUDIO, cer, manifest
+
+    pad = pipeline.config.vad.trailing_pad_ms
+    assert pad > 0
+    worse: dict[float, list[str]] = {0.0: [], pad: []}
+    try:
+        for c in manifest():
+            audio = decode_audio((AUDIO / c.file).read_bytes()).samples
+            offline = cer(c.transcript, (await pipeline.recognize(audio, identify=False)).transcript.text)
+            events = await asyncio.to_thread(pipeline.segment_recording, audio)
+            pieces = [e.audio for e in events if isinstance(e, Utterance)]
+            for value in worse:
+                pipeline.config.vad.trailing_pad_ms = value
+                recs = [await pipeline.recognize(p, identify=False, endpointed=True) for p in pieces]
+                streaming = join_texts([r.transcript.text for r in recs if not r.is_empty])
+                if cer(c.transcript, streaming) > offline + 0.02:
+                    worse[value].append(c.file.split("_")[0] + "_" + c.file.split("_")[1])
+    finally:
+        pipeline.config.vad.trailing_pad_ms = pad
+    assert len(worse[pad]) < len(worse[0.0]), worse
+    assert set(worse[pad]) <= {"ja_sensevoice", "yue_sensevoice"}, worse

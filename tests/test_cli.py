@@ -46,3 +46,10 @@ def test_the_old_section_name_works_with_a_deprecation_line(tmp_path):
 
     cfg = load_config(tmp_path / "config.yaml", env={})
     assert (cfg.xiaozhi.port, cfg.xiaozhi.max_sessions) == (9123, 7)
+
+
+def test_config_is_accepted_after_the_command_too(tmp_path):
+    (tmp_path / "other.yaml").write_text("asr:\n  quantised: yes\n")  # a bad key shows which file was read
+    for args in (("--config", "other.yaml", "serve"), ("serve", "--config", "other.yaml")):
+        out = run(*args, cwd=tmp_path)
+        assert out.returncode == 2 and "asr.quantised: unknown key" in out.stderr, (args, out.stderr)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import json
+import re
 import ssl
 from pathlib import Path
 
@@ -55,7 +56,12 @@ async def running(tmp_path: Path, **funasr):
         None,
         env={},
         overrides={
-            "funasr": {"host": "127.0.0.1", "port": 0, **funasr},
+            "funasr": {
+                "host": "127.0.0.1",
+                "port": 0,
+                "self_signed_cert": str(tmp_path / "funasr-selfsigned.pem"),
+                **funasr,
+            },
             "http": {"api_keys": [KEY]},
             "speaker": {"db": str(tmp_path / "vp.sqlite")},
             "events": {"protocols": ["funasr"]},
@@ -66,7 +72,7 @@ async def running(tmp_path: Path, **funasr):
     await bus.start()
     try:
         server = await serve_funasr(cfg, pipeline, pipeline.metrics, bus)
-        scheme = "wss" if funasr.get("ssl_certfile") else "ws"
+        scheme = "wss" if funasr.get("tls") == "on" else "ws"
         try:
             yield Server(f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}", pipeline, bus)
         finally:
@@ -81,6 +87,11 @@ async def running(tmp_path: Path, **funasr):
 async def srv(tmp_path):
     async with running(tmp_path) as s:
         yield s
+
+
+def clean(msg: dict) -> str:
+    """A final's text without SenseVoice's tags (sent in `text` as FunASR does, and as `clean_text`)."""
+    return msg.get("clean_text", msg["text"])
 
 
 def connect(url: str, **kw):
@@ -157,7 +168,12 @@ async def test_xiaozhi_fun_server_provider_exchange(tmp_path):
         assert len(msgs) == 1
         m = msgs[0]
         assert m["mode"] == "offline" and m["wav_name"] == "session-123" and m["is_final"] is True
-        assert m["text"] == fake_text(len(x))
+        # FunASR's runtime puts SenseVoice's tags first; xiaozhi's `lang_tag_filter` reads them back
+        tags = re.findall(r"<\|([^|]+)\|>", m["text"])
+        assert tags == ["en", "NEUTRAL", "Speech"] and re.sub(r"<\|[^|]+\|>", "", m["text"]).strip() == fake_text(
+            len(x)
+        )
+        assert m["clean_text"] == fake_text(len(x))
         assert m["language"] == "en" and m["emotion"] == "NEUTRAL" and m["spk_name"] == "unknown"
         assert srv.metric("asr_sessions_opened_total", {"protocol": "funasr"}) == 1
         assert srv.metric("asr_utterances_total", {"protocol": "funasr"}) == 1
@@ -200,7 +216,7 @@ def self_signed_cert(tmp_path: Path) -> Path:
 
 async def test_wss_as_xiaozhi_is_ssl_default(tmp_path):
     """xiaozhi's FunASRServer defaults to `is_ssl: true` and does not verify the certificate."""
-    async with running(tmp_path, ssl_certfile=str(self_signed_cert(tmp_path))) as srv:
+    async with running(tmp_path, ssl_certfile=str(self_signed_cert(tmp_path)), tls="on") as srv:
         assert srv.url.startswith("wss://")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
@@ -212,7 +228,28 @@ async def test_wss_as_xiaozhi_is_ssl_default(tmp_path):
                 float_to_pcm16(0.1 * np.ones(24000, np.float32)),
                 stride=48000,
             )
-        assert msgs[0]["text"] == fake_text(24000) and msgs[0]["is_final"] is True
+        assert clean(msgs[0]) == fake_text(24000) and msgs[0]["is_final"] is True
+
+
+async def test_tls_and_plain_on_one_port_with_a_generated_certificate(tmp_path):
+    """The default (`tls: both`): FunASR's client (`--ssl 1`) and xiaozhi's provider (`is_ssl: true`)
+    connect with TLS, others plain, to the same port; the certificate is made once."""
+    async with running(tmp_path) as srv:
+        assert srv.url.startswith("ws://")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        for url, kw in ((srv.url.replace("ws://", "wss://"), {"ssl": ctx}), (srv.url, {})):
+            async with connect(url, additional_headers={"Authorization": "Bearer; none"}, **kw) as ws:
+                msgs = await stream(
+                    ws,
+                    {"mode": "offline", "wav_name": "tls", "is_speaking": True, "itn": False},
+                    float_to_pcm16(0.1 * np.ones(16000, np.float32)),
+                    stride=32000,
+                )
+            assert msgs[0]["clean_text"] == fake_text(16000), url
+    pem = (tmp_path / "funasr-selfsigned.pem").read_bytes()
+    assert b"BEGIN CERTIFICATE" in pem and b"PRIVATE KEY" in pem
 
 
 async def test_bad_tls_files_are_a_config_error(tmp_path):
@@ -239,10 +276,10 @@ async def test_protocol_document_offline_8k_pcm_in_chunks_then_a_second_request(
     async with connect(srv.url) as ws:
         msgs = await stream(ws, config, pcm8k, stride=STRIDE // 2)
         assert [(m["mode"], m["wav_name"], m["is_final"]) for m in msgs] == [("offline", "wav_name", True)]
-        assert msgs[0]["text"] == fake_text(len(x))
+        assert clean(msgs[0]) == fake_text(len(x))
         # The same connection takes another request (16 kHz, named differently).
         msgs = await stream(ws, {**config, "audio_fs": 16000, "wav_name": "second"}, float_to_pcm16(x[:16000]))
-        assert msgs[0]["wav_name"] == "second" and msgs[0]["text"] == fake_text(16000)
+        assert msgs[0]["wav_name"] == "second" and clean(msgs[0]) == fake_text(16000)
 
 
 @needs_audio
@@ -254,7 +291,7 @@ async def test_offline_file_bytes_long_audio_is_end_ack_and_empty_audio(srv):
         await ws.send(encode(x, 44100, "mp3", "libmp3lame"))
         await ws.send(json.dumps({"is_speaking": False, "is_end": True}))
         result = json.loads(await ws.recv())
-        assert result["text"] == fake_text(len(x)) and result["is_final"] is True
+        assert clean(result) == fake_text(len(x)) and result["is_final"] is True
         ack = json.loads(await ws.recv())
         assert ack == {"mode": "offline", "wav_name": "clip.mp3", "is_final": True, "is_end": True}
 
@@ -265,7 +302,7 @@ async def test_offline_file_bytes_long_audio_is_end_ack_and_empty_audio(srv):
             ws, {"mode": "offline", "wav_name": "long", "wav_format": "pcm"}, float_to_pcm16(long), stride=len(long) * 2
         )
         assert len(msgs) == 1 and msgs[0]["is_final"]
-        words = msgs[0]["text"].split()
+        words = clean(msgs[0]).split()
         assert len(words) >= 4 * 10 and words.count("w1") >= 4  # at least one segment per repetition
 
         msgs = await stream(ws, {"mode": "offline", "wav_name": "nothing"}, b"")
@@ -328,11 +365,11 @@ async def test_2pass_partials_then_a_final_per_vad_segment(srv):
     assert all(p["is_final"] is False and p["text"] for p in partials)
     assert any(p["index"] == 0 for p in partials)
     for f in finals:  # FunASR clients concatenate partial deltas; the segment's final then replaces them
-        assert f["text"] == fake_text(int((f["end_time"] - f["start_time"]) * 16))
+        assert clean(f) == fake_text(int((f["end_time"] - f["start_time"]) * 16))
         ps = [p for p in partials if p["index"] == f["index"]]
         if ps:  # partials race the final when audio comes faster than real time
             assert ps[0]["slice_type"] == 0 and all(p["slice_type"] == 1 for p in ps[1:])
-            assert f["text"].startswith("".join(p["text"] for p in ps))
+            assert clean(f).startswith("".join(p["text"] for p in ps))
             assert msgs.index(ps[-1]) < msgs.index(f)  # no partial after its final
 
 
@@ -343,7 +380,7 @@ async def test_2pass_speech_running_at_the_end_is_the_final(srv):
         msgs = await stream(ws, {"mode": "2pass", "wav_name": "m"}, float_to_pcm16(audio))
     finals = [m for m in msgs if m["mode"] == "2pass-offline"]
     assert len(finals) == 1 and finals[0]["is_final"] is True and finals[0] is msgs[-1]
-    assert finals[0]["text"] == fake_text(int((finals[0]["end_time"] - finals[0]["start_time"]) * 16))
+    assert clean(finals[0]) == fake_text(int((finals[0]["end_time"] - finals[0]["start_time"]) * 16))
 
 
 @needs_audio
@@ -357,9 +394,12 @@ async def test_online_deltas_add_up_to_each_segment(srv):
     assert {m["mode"] for m in msgs} == {"online"}
     ends = [m for m in msgs if m.get("slice_type") == 2]
     assert len(ends) == 2
-    for end in ends:
+    expected = [fake_text(int((end["end_time"] - end["start_time"]) * 16)) for end in ends]
+    for end, want in zip(ends, expected, strict=True):
         pieces = [m["text"] for m in msgs if m.get("index") == end["index"]]
-        assert "".join(pieces) == fake_text(int((end["end_time"] - end["start_time"]) * 16))
+        assert "".join(pieces).strip() == want
+    # what a client concatenates reads as the utterances with a space between English ones
+    assert "".join(m["text"] for m in msgs) == " ".join(expected)
     assert msgs[-1]["is_final"] is True and sum(m["is_final"] for m in msgs) == 1
 
 
@@ -367,7 +407,10 @@ def test_partial_text_helpers():
     assert _stable_prefix("w1 w2 w3") == "w1 w2 " and _stable_prefix("w1") == ""
     assert _stable_prefix("打开客厅") == "打开客" and _stable_prefix("") == ""
     assert _delta("w1 w2 ", "w1 w2 w3") == "w3" and _delta("打开客", "打开客厅的灯") == "厅的灯"
-    assert _delta("打开可", "打开客厅") == "客厅"
+    assert _delta("打开可", "打开客厅") == "厅"  # a revised character stays as sent; nothing is repeated
+    # a final that revises words already sent: the rest follows them, no word split or repeated
+    assert _delta("Turn on the", "Turn off the living room light.") == " living room light."
+    assert _delta("your", "your country") == " country"
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -434,7 +477,7 @@ async def test_clients_without_subprotocol_are_served(srv):
         await ws.send(json.dumps({"mode": "offline", "wav_name": "plain"}))
         await ws.send(float_to_pcm16(0.1 * np.ones(16000, np.float32)))
         await ws.send(json.dumps({"is_speaking": False}))
-        assert (await read_until_final(ws))[0]["text"] == fake_text(16000)
+        assert clean((await read_until_final(ws))[0]) == fake_text(16000)
 
 
 @needs_audio
@@ -459,12 +502,12 @@ async def test_real_models_offline_and_2pass(start_server):
     pcm = float_to_pcm16(read(c.file))
     async with connect(server.endpoints.funasr_url) as ws:
         msgs = await stream(ws, {"mode": "offline", "wav_name": "zh", "itn": True}, pcm, stride=len(pcm))
-        assert cer(c.transcript, msgs[0]["text"]) <= 0.2, msgs[0]
+        assert cer(c.transcript, clean(msgs[0])) <= 0.2, msgs[0]
         assert msgs[0]["language"] == "zh"
         silence = float_to_pcm16(np.zeros(16000, np.float32))
         msgs = await stream(ws, {"mode": "2pass", "wav_name": "zh2"}, pcm + silence)
         finals = [m for m in msgs if m["mode"] == "2pass-offline" and m["text"]]
-        assert len(finals) == 1 and cer(c.transcript, finals[0]["text"]) <= 0.2, msgs
+        assert len(finals) == 1 and cer(c.transcript, clean(finals[0])) <= 0.2, msgs
 
 
 async def test_connections_beyond_max_sessions_are_refused_naming_the_limit(tmp_path):

@@ -13,7 +13,6 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import httpx
@@ -23,14 +22,11 @@ import pytest
 import soundfile as sf
 import websockets
 
-from asr_server.adapters.http.app import build_app, start_http
 from asr_server.adapters.http.transcriptions import parse_language
-from asr_server.config import load_config
 from asr_server.core.events import EventBus
 from tests.support.audio import AUDIO, cer, encode, needs_audio
-from tests.support.fakes import WebhookReceiver, fake_pipeline, fake_text, make_event
-
-KEY = "sk-test-key"
+from tests.support.fakes import WebhookReceiver, fake_text, make_event
+from tests.support.servers import AUTH, KEY, start_api
 
 
 def read(name: str) -> np.ndarray:
@@ -59,22 +55,6 @@ class Api:
     @property
     def auth(self) -> dict:
         return {"Authorization": f"Bearer {KEY}"}
-
-
-async def start_api(tmp_path: Path, speaker: bool = True, **sections):
-    base = {
-        "http": {"host": "127.0.0.1", "port": 0, "api_keys": [KEY]},
-        "speaker": {"db": str(tmp_path / "vp.sqlite"), "threshold": 0.9},
-    }
-    for k, v in sections.items():
-        base[k] = {**base.get(k, {}), **v}
-    cfg = load_config(None, env={}, overrides=base)
-    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite", speaker=speaker)
-    bus = EventBus(cfg, pipeline.metrics)
-    await bus.start()
-    state = {"ready": True}
-    runner = await start_http(build_app(cfg, pipeline, bus, pipeline.metrics, lambda: state["ready"]), "127.0.0.1", 0)
-    return runner, pipeline, bus, state
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +128,9 @@ async def test_openai_client_verbose_json_srt_vtt_for_a_long_file_cut_by_vad(api
         extra = s.model_extra
         assert extra["language"] == "en" and extra["emotion"] == "NEUTRAL" and extra["event"] == "Speech"
         assert "speaker" in extra
-        assert s.text == fake_text(int(round((s.end - s.start) * 16000)))
+        # VAD-cut: the recogniser heard the segment and vad.trailing_pad_ms of silence after it
+        pad = int(api.pipeline.config.vad.trailing_pad_ms * 16)
+        assert s.text == fake_text(int(round((s.end - s.start) * 16000)) + pad)
     for a, b in spans:  # and every clip is covered
         assert any(a - 0.35 <= s.start < b for s in segs)
     assert [s.start for s in segs] == sorted(s.start for s in segs)
@@ -301,6 +283,37 @@ async def test_100_mb_upload_is_413(api, chunked):
 async def test_models_list(api):
     models = await api.client().models.list()
     assert [m.id for m in models.data] == ["sensevoice-small"]
+    model = await api.client().models.retrieve("whisper-1")  # OpenAI clients look the model up first
+    assert model.id == "whisper-1" and model.object == "model"
+
+
+async def test_cors_for_configured_origins_only(tmp_path):
+    runner, pipeline, bus, _ = await start_api(tmp_path, http={"cors_origins": ["https://chat.example.com"]})
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    preflight = {
+        "Origin": "https://chat.example.com",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    try:
+        async with httpx.AsyncClient() as c:
+            r = await c.options(f"{url}/v1/audio/transcriptions", headers=preflight)
+            assert r.status_code == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://chat.example.com"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert r.headers["Access-Control-Allow-Headers"] == "authorization,content-type"
+            r = await c.get(f"{url}/v1/models", headers={"Origin": "https://chat.example.com", **AUTH})
+            assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == "https://chat.example.com"
+            r = await c.get(f"{url}/v1/models", headers={"Origin": "https://evil.example", **AUTH})
+            assert "Access-Control-Allow-Origin" not in r.headers
+            r = await c.options(
+                f"{url}/v1/audio/transcriptions", headers={**preflight, "Origin": "https://evil.example"}
+            )
+            assert r.status_code == 405 and "Access-Control-Allow-Origin" not in r.headers
+    finally:
+        await runner.cleanup()
+        await bus.close()
+        await pipeline.close()
 
 
 def test_language_names():

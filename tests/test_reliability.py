@@ -32,8 +32,15 @@ from asr_server.errors import ConfigError, EngineBusy, FunAsrProtocolError, Mess
 from asr_server.logs import SafeFormatter, Throttle, escape
 from loadtest.clips import silence_packet
 from tests.support.audio import clip, needs_audio
-from tests.test_http import KEY, start_api
-from tests.test_xiaozhi_session import HELLO, expect_close, raw_connect, send_until_closed, wait_sessions_empty
+from tests.support.servers import (
+    HELLO,
+    KEY,
+    expect_close,
+    raw_connect,
+    send_until_closed,
+    start_api,
+    wait_sessions_empty,
+)
 
 # --- HTTP: bounded forms, non-finite audio, clients that leave -----------------------------------
 

@@ -14,6 +14,7 @@ import pytest
 from loadtest.clips import Clip, encode_pcm, load_clip
 from loadtest.device import ConnectError, Device, DeviceConfig, ReplyTimeout
 from tests.support.audio import cer, clip, needs_audio
+from tests.support.servers import HELLO, expect_close, raw_connect, send_until_closed, wait_sessions_empty
 
 pytestmark = pytest.mark.slow  # real-time device streams end to end
 
@@ -35,14 +36,6 @@ async def no_message(dev: Device, type: str = "stt", wait: float = 1.5) -> None:
         await dev.next_message(type, timeout=wait)
 
 
-async def wait_sessions_empty(server, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if not server.xiaozhi.sessions:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"sessions left in the server: {list(server.xiaozhi.sessions)}")
-
-
 @needs_audio
 @pytest.mark.parametrize("version", [1, 2, 3])
 async def test_auto_mode_one_reply_per_utterance(server, version):
@@ -57,7 +50,9 @@ async def test_auto_mode_one_reply_per_utterance(server, version):
         assert msg["language"] == "zh"
         assert msg["emotion"] == "NEUTRAL" and msg["event"] == "Speech"
         assert abs(msg["audio_ms"] - c.duration_s * 1000) < 1200
-        assert msg["latency_ms"] >= 0
+        # from the end of speech: the endpoint's silence (vad.min_silence_ms, 400) plus the processing after it
+        assert 350 <= msg["latency_ms"] - msg["processing_ms"] <= 600, msg
+        assert msg["processing_ms"] >= 0
         await no_message(dev)  # exactly one reply
     await wait_sessions_empty(server)
 
@@ -220,43 +215,6 @@ async def test_sessions_run_concurrently_and_a_vanished_client_disturbs_nobody(s
 
 
 # --- bad input ---------------------------------------------------------------------------------
-
-
-async def raw_connect(server, headers=None, path=None):
-    from websockets.asyncio.client import connect
-
-    url = server.endpoints.device_url if path is None else server.endpoints.device_url.rsplit("/xiaozhi", 1)[0] + path
-    return await connect(url, additional_headers=headers or {}, open_timeout=5, close_timeout=2, ping_interval=None)
-
-
-async def send_until_closed(ws, data: bytes, times: int) -> None:
-    """Send `data` `times` times, or until the server closes the connection."""
-    from websockets.exceptions import ConnectionClosed
-
-    try:
-        for _ in range(times):
-            await ws.send(data)
-    except ConnectionClosed:
-        pass
-
-
-async def expect_close(ws, code: int, reason_part: str):
-    import json
-
-    from websockets.exceptions import ConnectionClosed
-
-    messages = []
-    try:
-        while True:
-            messages.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
-    except ConnectionClosed:
-        pass
-    assert ws.close_code == code, (ws.close_code, ws.close_reason)
-    assert reason_part in ws.close_reason
-    return messages
-
-
-HELLO = '{"type":"hello","version":1,"transport":"websocket","audio_params":{"format":"opus","sample_rate":16000,"channels":1,"frame_duration":60}}'
 
 
 async def test_binary_before_hello(server):

@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_parser(sub)
     speakers.add_parser(sub)
     models.add_parser(sub)
+    for command in sub.choices.values():  # `asr-server serve --config FILE` works as well as before it
+        command.add_argument("--config", "-c", type=Path, default=argparse.SUPPRESS, help="as before the command")
+        command.add_argument(
+            "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=argparse.SUPPRESS, help="as before"
+        )
     return parser
 
 

@@ -45,7 +45,14 @@ class Metrics:
         self.utterances = Counter("asr_utterances", "Utterances recognised by protocol", ["protocol"], registry=r)
         self.reply_latency = Histogram(
             "asr_reply_latency_seconds",
-            "End of speech (endpoint) to reply",
+            "End of speech to reply (devices: from the last voiced audio; files and requests: from their end)",
+            ["protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.processing = Histogram(
+            "asr_reply_processing_seconds",
+            "Endpoint decision (vad.min_silence_ms after the end of speech) to reply: the part recognition adds",
             ["protocol"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

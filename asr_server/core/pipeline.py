@@ -244,11 +244,18 @@ class Pipeline:
     ) -> Transcript:
         return (await self._asr.run(self._asr_request(audio, language, use_itn), priority, len(audio)))[0]
 
-    def _asr_request(self, audio: np.ndarray, language: str | None, use_itn: bool | None) -> AsrRequest:
+    def _asr_request(
+        self, audio: np.ndarray, language: str | None, use_itn: bool | None, endpointed: bool = False
+    ) -> AsrRequest:
+        """The recogniser's request. An utterance the VAD cut (`endpointed`) ends `vad.tail_ms` after
+        its last voiced window; the model needs more trailing context than that to emit its last
+        token, so `vad.trailing_pad_ms` of silence is added (the speech itself is not touched)."""
         cfg = self.config.asr
-        return AsrRequest(
-            np.asarray(audio, dtype=np.float32), language or cfg.language, cfg.use_itn if use_itn is None else use_itn
-        )
+        audio = np.asarray(audio, dtype=np.float32)
+        pad = int(self.config.vad.trailing_pad_ms * SAMPLE_RATE / 1000) if endpointed else 0
+        if pad:
+            audio = np.concatenate([audio, np.zeros(pad, np.float32)])
+        return AsrRequest(audio, language or cfg.language, cfg.use_itn if use_itn is None else use_itn)
 
     async def embed(self, audio: np.ndarray) -> np.ndarray:
         if self._spk is None:
@@ -305,12 +312,15 @@ class Pipeline:
         use_itn: bool | None = None,
         identify: bool = True,
         speculative: bool = False,
+        endpointed: bool = False,
     ) -> Recognizing:
-        """Queue one utterance for text and speaker (both at once) and return the handle that awaits them."""
+        """Queue one utterance for text and speaker (both at once) and return the handle that awaits
+        them. `endpointed`: the VAD cut it (it gets `vad.trailing_pad_ms` of trailing context)."""
         audio = np.asarray(audio, dtype=np.float32)
         audio_ms = int(len(audio) * 1000 / SAMPLE_RATE)
         priority = Priority.SPECULATION if speculative else Priority.FINAL
-        asr_job = self._asr.submit(self._asr_request(audio, language, use_itn), priority, len(audio))
+        request = self._asr_request(audio, language, use_itn, endpointed)
+        asr_job = self._asr.submit(request, priority, len(request.audio))
         jobs: list[Job] = [asr_job]
         spk_job = None
         if self._wants_speaker(audio_ms, identify):
@@ -347,10 +357,15 @@ class Pipeline:
         return Recognizing(asyncio.get_running_loop().create_task(finish()), jobs)
 
     async def recognize(
-        self, audio: np.ndarray, language: str | None = None, use_itn: bool | None = None, identify: bool = True
+        self,
+        audio: np.ndarray,
+        language: str | None = None,
+        use_itn: bool | None = None,
+        identify: bool = True,
+        endpointed: bool = False,
     ) -> Recognition:
         """Text, tags and speaker of one utterance, as a final (a caller waits for it)."""
-        r = self.start_recognition(audio, language, use_itn, identify)
+        r = self.start_recognition(audio, language, use_itn, identify, endpointed=endpointed)
         try:
             return await r.task
         except asyncio.CancelledError:
@@ -366,9 +381,21 @@ class Pipeline:
             self.voiceprints.close()
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def asr_parallel(config: Config) -> int:
-    """Recognitions at once: `asr.parallel`, where `auto` is 1."""
-    return 1 if config.asr.parallel == "auto" else int(config.asr.parallel)
+    """Recognitions at once: `asr.parallel`, where `auto` is 1 on a GPU (it batches) and on a CPU one
+    per two cores, one per core below four: int8 SenseVoice on one thread takes 105 ms per 5 s
+    utterance against 93 ms on two (BENCHMARKS.md), so two at once nearly double what the cores
+    recognise, and the 800 ms capacity rose from 30 to 40 talkers on 2 cores."""
+    if config.asr.parallel != "auto":
+        return int(config.asr.parallel)
+    if config.engine.device.startswith("cuda"):
+        return 1
+    cores = _cores()
+    return cores if cores < 4 else cores // 2
 
 
 def asr_threads(config: Config) -> int:
@@ -377,8 +404,7 @@ def asr_threads(config: Config) -> int:
     n = asr_parallel(config)
     if config.engine.threads or n == 1:
         return config.engine.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // n)
+    return max(1, _cores() // n)
 
 
 def batch_size(config: Config, max_batch: int | str) -> int:

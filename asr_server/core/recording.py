@@ -56,16 +56,14 @@ async def recognize_recording(
 ) -> list[Segment]:
     """Recognise a recording of any length; segments in time order, empty ones left out."""
     audio = np.asarray(audio, dtype=np.float32)
-    if len(audio) <= pipeline.config.vad.max_utterance_s * SAMPLE_RATE:
-        pieces = [(0, audio)]
-    else:
-        pieces = await split_timed(pipeline, audio)
+    cut = len(audio) > pipeline.config.vad.max_utterance_s * SAMPLE_RATE
+    pieces = await split_timed(pipeline, audio) if cut else [(0, audio)]
     # A batch's worth in flight at a time: a long file shares the recogniser with live devices.
     gate = asyncio.Semaphore(max_parallel or pipeline.asr_max_batch)
 
     async def one(start: int, piece: np.ndarray) -> Segment:
         async with gate:
-            rec = await pipeline.recognize(piece, language, use_itn, identify)
+            rec = await pipeline.recognize(piece, language, use_itn, identify, endpointed=cut)
         return Segment(start / SAMPLE_RATE, (start + len(piece)) / SAMPLE_RATE, rec)
 
     segments = await asyncio.gather(*(one(s, p) for s, p in pieces))

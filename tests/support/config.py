@@ -12,7 +12,7 @@ def make_config(models_dir: Path, db: Path, **sections) -> Config:
     base = {
         "xiaozhi": {"host": "127.0.0.1", "port": 0},
         "http": {"host": "127.0.0.1", "port": 0},
-        "funasr": {"host": "127.0.0.1", "port": 0},
+        "funasr": {"host": "127.0.0.1", "port": 0, "self_signed_cert": str(db.parent / "funasr-selfsigned.pem")},
         "asr": {"model_dir": str(models_dir / "SenseVoiceSmall")},
         "speaker": {"model": str(models_dir / "campplus" / "campplus.onnx"), "db": str(db)},
     }

@@ -1,25 +1,26 @@
-"""The FunASR-runtime-compatible WebSocket server: handshake checks, TLS, one `FunAsrSession` per client."""
+"""The FunASR-runtime-compatible WebSocket server: handshake checks, TLS and plain on one port
+(`tls`), one `FunAsrSession` per client."""
 
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Sequence
 from http import HTTPStatus
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from ...config import Config, FunAsrConfig
+from ...config import Config
 from ...constants import FUNASR
 from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
-from ...errors import ConfigError
 from ..admission import ConnectionSlots, refuse_busy
 from ..auth import ApiKeys, bearer_token
 from .session import PROTOCOL, FunAsrSession
+from .tls import sniffing, tls_context, transport_of
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class FunAsrServer:
         return Subprotocol("binary") if "binary" in subprotocols else None
 
     async def handle(self, ws: ServerConnection) -> None:
+        log.debug("funasr: %s connection from %s", transport_of(ws), ws.remote_address)
         self.metrics.sessions_total.labels(PROTOCOL).inc()
         self.metrics.sessions.labels(PROTOCOL).inc()
         try:
@@ -69,22 +71,16 @@ class FunAsrServer:
             self.metrics.sessions.labels(PROTOCOL).dec()
 
 
-def tls_context(cfg: FunAsrConfig) -> ssl.SSLContext | None:
-    """The server TLS context for `funasr.ssl_certfile`, or None for plain ws://."""
-    if cfg.ssl_certfile is None:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_cert_chain(cfg.ssl_certfile, cfg.ssl_keyfile)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"invalid configuration: funasr.ssl_certfile/ssl_keyfile cannot be loaded: {e}") from None
-    return ctx
-
-
 async def serve_funasr(config: Config, pipeline: Pipeline, metrics: Metrics, bus: EventBus | None = None) -> Server:
     """Listen on `funasr.host:funasr.port` (0 picks a free port; `server.sockets` tells which)."""
     cfg = config.funasr
     handler = FunAsrServer(config, pipeline, metrics, bus)
+    ctx = tls_context(cfg)
+    tls: dict[str, Any] = {}
+    if ctx is not None and cfg.tls == "both":
+        tls["create_connection"] = sniffing(ctx, cfg.open_timeout_s)  # wss:// and ws:// on one port
+    elif ctx is not None:
+        tls["ssl"] = ctx
     return await serve(
         handler.handle,
         cfg.host,
@@ -94,6 +90,7 @@ async def serve_funasr(config: Config, pipeline: Pipeline, metrics: Metrics, bus
         max_size=cfg.max_message_bytes,
         ping_interval=cfg.ping_interval_s,
         close_timeout=cfg.close_timeout_s,
+        open_timeout=cfg.open_timeout_s,
         compression=None,
-        ssl=tls_context(cfg),
+        **tls,
     )

@@ -51,7 +51,7 @@ from ...core.streaming import SpeechStream
 from ...errors import AudioDecodeError, EngineBusy, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
 from ..sending import send_within
-from .wire import RequestConfig, boolean, delta, parse_message, result_fields, stable_prefix
+from .wire import RequestConfig, agreed, boolean, delta, parse_message, result_fields, stable_prefix, tagged
 
 if TYPE_CHECKING:
     from .server import FunAsrServer
@@ -75,6 +75,7 @@ class _Utterance:
     index: int
     start_chunk: int
     sent: str = ""
+    last_stable: str = ""  # the previous partial decode's stable prefix (what the next must agree with)
     partials: int = 0
     last_partial_chunk: int = 0
     partial_task: asyncio.Task | None = None
@@ -106,6 +107,7 @@ class FunAsrSession:
         self._offline_bytes: list[bytes] = []
         self._offline_nbytes = 0
         self._held = 0  # bytes of offline audio counted in server.buffered_bytes
+        self._online_tail = ""  # the last `online` text sent (a space goes between English utterances)
         self._resampler: PcmResampler | None = None
         self._stream: _Stream | None = None
 
@@ -177,6 +179,22 @@ class FunAsrSession:
     def _release(self) -> None:
         self.server.buffered_bytes -= self._held
         self._held = 0
+
+    def _text_fields(self, text: str, rec: Recognition | None) -> dict[str, Any]:
+        """A final's text as FunASR sends it (tags first, `funasr.text_tags`), and the clean text."""
+        if not self.server.config.funasr.text_tags:
+            return {"text": text}
+        return {"text": tagged(text, rec), "clean_text": text}
+
+    def _spaced(self, first: bool, text: str) -> str:
+        """`online` texts are concatenated by clients: an English utterance after another starts with
+        a space (`first`: nothing of this utterance was sent yet). Remembers what was sent last."""
+        tail = self._online_tail[-1:]
+        if text and first and tail.isascii() and tail.strip() and text[0].isascii() and text[0].isalnum():
+            text = " " + text
+        if text:
+            self._online_tail = text
+        return text
 
     def _has_audio(self) -> bool:
         return bool(
@@ -270,7 +288,7 @@ class FunAsrSession:
         segments = await self._recognize(recognize_recording(self.pipeline, audio, req.language, req.itn))
         text = join_texts([s.text for s in segments])
         first = segments[0].recognition if segments else None
-        message.update(text=text, **result_fields(first))
+        message.update(self._text_fields(text, first), **result_fields(first))
         if len(segments) > 1:
             message["language"] = dominant([(s.recognition.transcript.language, s.end_s - s.start_s) for s in segments])
         await self._send(message)
@@ -300,7 +318,9 @@ class FunAsrSession:
         elif isinstance(event, Speculate) and utt is not None and self.server.config.asr.speculative:
             if utt.speculation is not None:
                 utt.speculation.cancel()
-            utt.speculation = self.pipeline.start_recognition(event.audio, req.language, req.itn, speculative=True)
+            utt.speculation = self.pipeline.start_recognition(
+                event.audio, req.language, req.itn, speculative=True, endpointed=True
+            )
             utt.speculation.task.add_done_callback(lambda t: t.cancelled() or t.exception())
         elif isinstance(event, SpeechResumed) and utt is not None and utt.speculation is not None:
             utt.speculation.cancel()
@@ -333,13 +353,16 @@ class FunAsrSession:
             except Exception:
                 rec = None  # retried below, and an engine failure surfaces there
         if rec is None:
-            rec = await self._recognize(self.pipeline.recognize(event.audio, req.language, req.itn))
+            rec = await self._recognize(
+                self.pipeline.recognize(event.audio, req.language, req.itn, endpointed=event.reason == "silence")
+            )
         text = "" if rec.is_empty else rec.transcript.text.strip()
         start_ms = int(utt.start_chunk * VAD_WINDOW_MS)
+        online_text = "" if req.mode == "2pass" else self._spaced(not utt.sent, delta(utt.sent, text))
         message: dict[str, Any] = {
             "mode": "2pass-offline" if req.mode == "2pass" else "online",
             "wav_name": req.wav_name,
-            "text": text if req.mode == "2pass" else delta(utt.sent, text),
+            **(self._text_fields(text, rec) if req.mode == "2pass" else {"text": online_text}),
             "is_final": end_of_stream,
             "slice_type": 2,
             "index": utt.index,
@@ -376,13 +399,16 @@ class FunAsrSession:
         if utt.done or transcript.language == "nospeech":
             return
         stable = stable_prefix(transcript.text)
+        previous, utt.last_stable = utt.last_stable, stable
+        stable = agreed(previous, stable)  # committed only once two decodes agree on it
         if len(stable) <= len(utt.sent) or not stable.startswith(utt.sent):
             return  # nothing new, or the decode revised what was sent: wait for more audio
+        first = not utt.sent
         delta, utt.sent = stable[len(utt.sent) :], stable
         message = {
             "mode": "2pass-online" if req.mode == "2pass" else "online",
             "wav_name": req.wav_name,
-            "text": delta,
+            "text": self._spaced(first, delta) if req.mode == "online" else delta,
             "is_final": False,
             "slice_type": 0 if utt.partials == 0 else 1,
             "index": utt.index,

@@ -156,6 +156,17 @@ def parse_message(text: str) -> dict[str, Any]:
     return msg
 
 
+def agreed(previous: str, current: str) -> str:
+    """The units two consecutive partial decodes agree on, from the start: only these are sent in
+    `online` mode (a word one decode gives and the next revises is not committed yet)."""
+    out = []
+    for a, b in zip(units(previous), units(current), strict=False):
+        if a != b:
+            break
+        out.append(b)
+    return "".join(out)
+
+
 def stable_prefix(text: str) -> str:
     """A partial's text without its last unit (word or character), which the next decode may still change."""
     text = text.rstrip()
@@ -167,16 +178,52 @@ def stable_prefix(text: str) -> str:
     return text[:-1]
 
 
+_UNIT = re.compile(r"\s*[\x21-\x7e]+|\s*[^\x00-\x7f]|\s+$")
+
+
+def units(text: str) -> list[str]:
+    """Words (ASCII runs, with their leading space) and single CJK characters: what a revision replaces."""
+    return _UNIT.findall(text)
+
+
 def delta(sent: str, text: str) -> str:
-    """What extends `sent` to `text`; when the decode revised sent text, what follows the common part."""
+    """What to send so that `sent` + it reads as `text`. When the final revised words already sent,
+    those stay as sent (a client cannot take them back): the rest of `text` follows from the unit
+    that best aligns with the end of `sent`, so words are neither split nor repeated."""
     if text.startswith(sent):
         return text[len(sent) :]
-    common = 0
-    for a, b in zip(sent, text, strict=False):
-        if a != b:
-            break
-        common += 1
-    return text[common:]
+    a, b = [u for u in units(sent) if u.strip()], units(text)
+    keys_a, keys_b = [u.strip().lower() for u in a], [u.strip().lower() for u in b]
+    best_k, best_cost = 0, None
+    for k in range(max(0, len(a) - 3), min(len(b), len(a) + 3) + 1):
+        cost = _distance(keys_a, keys_b[:k])
+        if best_cost is None or cost <= best_cost:  # ties: the longer match (a revised word, not an insertion)
+            best_k, best_cost = k, cost
+    rest = "".join(b[best_k:])
+    if rest and sent and not sent[-1].isspace() and rest[0].isascii() and not rest[0].isspace() and rest[0].isalnum():
+        rest = " " + rest  # an English word after a sent word: keep them apart
+    return rest
+
+
+def _distance(a: list[str], b: list[str]) -> int:
+    """Edit distance between two unit lists (a few dozen units: the plain dynamic programme)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+
+
+def tagged(text: str, rec: Recognition | None) -> str:
+    """`text` as FunASR's runtime returns SenseVoice results: language, emotion and event tags first
+    (`<|zh|><|NEUTRAL|><|Speech|> 打开灯`, runtime/onnxruntime/src/sensevoice-small.cpp), which
+    xiaozhi-esp32-server's FunASRServer provider parses (`lang_tag_filter`) into language and emotion."""
+    t = rec.transcript if rec is not None else None
+    if t is None or not text or t.language is None:
+        return text
+    return f"<|{t.language}|><|{t.emotion or 'EMO_UNKNOWN'}|><|{t.event or 'Speech'}|> {text}"
 
 
 def result_fields(rec: Recognition | None) -> dict[str, Any]:

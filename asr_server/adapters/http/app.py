@@ -77,6 +77,32 @@ async def _discard_rest(request: web.Request) -> bool:
     return content.at_eof()
 
 
+_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+_CORS_HEADERS = "Authorization, Content-Type, X-Requested-With"
+
+
+@web.middleware
+async def _cors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    """Browsers on `http.cors_origins` may call the API: preflights are answered here, and every
+    answer to such an origin names it. Other origins get no CORS headers (the browser refuses)."""
+    allowed = request.app[CONFIG].http.cors_origins
+    origin = request.headers.get("Origin")
+    ok = origin is not None and ("*" in allowed or origin in allowed)
+    if request.method == "OPTIONS" and ok and "Access-Control-Request-Method" in request.headers:
+        response: web.StreamResponse = web.Response(status=204)
+        response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
+        response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+            "Access-Control-Request-Headers", _CORS_HEADERS
+        )
+        response.headers["Access-Control-Max-Age"] = "600"
+    else:
+        response = await handler(request)
+    if ok and origin is not None and not response.prepared:  # a WebSocket is prepared already: browsers skip CORS there
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+    return response
+
+
 @web.middleware
 async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
     """The request's headers are in: its connection's header deadline no longer applies."""
@@ -137,7 +163,9 @@ def build_app(
     config: Config, pipeline: Pipeline, bus: EventBus, metrics: Metrics, ready: Callable[[], bool]
 ) -> web.Application:
     """The aiohttp application; `ready` answers /readyz (models loaded, listeners up)."""
-    app = web.Application(client_max_size=int(config.http.max_upload_mb * 1024 * 1024), middlewares=[_guarded, _errors])
+    app = web.Application(
+        client_max_size=int(config.http.max_upload_mb * 1024 * 1024), middlewares=[_guarded, _cors, _errors]
+    )
     app[CONFIG] = config
     app[PIPELINE] = pipeline
     app[BUS] = bus
@@ -157,6 +185,7 @@ def build_app(
     r = app.router
     r.add_post("/v1/audio/transcriptions", transcriptions.transcriptions)
     r.add_get("/v1/models", transcriptions.models)
+    r.add_get("/v1/models/{model_id}", transcriptions.model)
     r.add_get("/v1/events", events.events)
     r.add_post("/voiceprint/register", voiceprints.voiceprint_register)
     r.add_post("/voiceprint/identify", voiceprints.voiceprint_identify)

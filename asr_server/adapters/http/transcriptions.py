@@ -76,7 +76,7 @@ def render_vtt(segments: list[Segment]) -> str:
     )
 
 
-def verbose_json(segments: list[Segment], duration_s: float, text: str) -> dict:
+def verbose_json(segments: list[Segment], duration_s: float, text: str, forced: str | None = None) -> dict:
     """OpenAI's verbose_json, with SenseVoice's language, emotion, event and the speaker per segment."""
     out = []
     for i, s in enumerate(segments):
@@ -93,7 +93,7 @@ def verbose_json(segments: list[Segment], duration_s: float, text: str) -> dict:
                 "avg_logprob": 0.0,
                 "compression_ratio": 0.0,
                 "no_speech_prob": 0.0,
-                "language": t.language,
+                "language": t.language or forced,
                 "emotion": t.emotion,
                 "event": t.event,
                 "speaker": s.recognition.speaker.as_dict() if s.recognition.speaker is not None else None,
@@ -102,7 +102,7 @@ def verbose_json(segments: list[Segment], duration_s: float, text: str) -> dict:
     language = dominant([(s.recognition.transcript.language, s.end_s - s.start_s) for s in segments])
     return {
         "task": "transcribe",
-        "language": language or "",
+        "language": language or forced or "",  # the caller's language where the model named none
         "duration": round(duration_s, 3),
         "text": text,
         "segments": out,
@@ -152,7 +152,7 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     if response_format == "vtt":
         return web.Response(text=render_vtt(segments), content_type="text/vtt")
     if response_format == "verbose_json":
-        return web.json_response(verbose_json(segments, decoded.duration_s, text))
+        return web.json_response(verbose_json(segments, decoded.duration_s, text, language))
     return web.json_response({"text": text, "usage": {"type": "duration", "seconds": round(decoded.duration_s, 3)}})
 
 
@@ -171,9 +171,17 @@ def _publish(bus: EventBus, segments: list[Segment], session_id: str, latency_ms
         )
 
 
+def _model(name: str) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "asr-server"}
+
+
 async def models(request: web.Request) -> web.Response:
     authorize(request)
-    name = request.app[CONFIG].http.model_name
-    return web.json_response(
-        {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "asr-server"}]}
-    )
+    return web.json_response({"object": "list", "data": [_model(request.app[CONFIG].http.model_name)]})
+
+
+async def model(request: web.Request) -> web.Response:
+    """`GET /v1/models/{id}` (OpenAI clients look a model up before using it): any id is served by
+    the one model, as `model` in a transcription request is."""
+    authorize(request)
+    return web.json_response(_model(request.match_info["model_id"]))

@@ -26,12 +26,20 @@ def _voiceprints(request: web.Request):
     return pipeline, pipeline.voiceprints
 
 
-async def _speech_embeddings(request: web.Request, upload: Upload) -> list[np.ndarray]:
-    """Embeddings of the speech in an upload: the whole clip, or each VAD piece of a long one."""
+class _NoSpeech(Exception):
+    """Nothing to identify in the upload (too short, or silence)."""
+
+
+async def _speech_embeddings(request: web.Request, upload: Upload, identify: bool = False) -> list[np.ndarray]:
+    """Embeddings of the speech in an upload: the whole clip, or each VAD piece of a long one.
+    For identification, audio too short or without speech raises `_NoSpeech` (voiceprint-api
+    answers that with an empty speaker, and its clients rely on it); for enrolment it is a 400."""
     pipeline = request.app[PIPELINE]
     config = request.app[CONFIG]
     decoded = await decode(request, upload)
     min_ms = config.speaker.min_audio_ms
+    if identify and (decoded.duration_s * 1000 < min_ms or not await split_timed(pipeline, decoded.samples)):
+        raise _NoSpeech()
     if decoded.duration_s * 1000 < min_ms:
         raise ApiError(
             400,
@@ -77,7 +85,10 @@ async def voiceprint_identify(request: web.Request) -> web.Response:
     candidates = [s.strip() for s in (form.get("speaker_ids") or "").split(",") if s.strip()]
     if not candidates:
         raise ApiError(400, "form field 'speaker_ids' must list at least one speaker id (comma separated)")
-    embeddings = await _speech_embeddings(request, upload(form))
+    try:
+        embeddings = await _speech_embeddings(request, upload(form), identify=True)
+    except _NoSpeech:
+        return web.json_response({"speaker_id": "", "score": 0.0, "message": "no speech to identify"})
     embedding = np.mean(np.stack(embeddings), axis=0)
     try:  # off the event loop: thousands of voiceprints and candidates are milliseconds of numpy
         scores = await asyncio.to_thread(store.scores, embedding, candidates)

@@ -19,7 +19,7 @@ import numpy as np
 from ...audio.opus import OpusStreamDecoder
 from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ...config import Config
-from ...constants import SAMPLE_RATE, XIAOZHI
+from ...constants import SAMPLE_RATE, VAD_WINDOW, XIAOZHI
 from ...core.pipeline import Pipeline, Recognizing
 from ...core.recording import join_pieces
 from ...core.scheduler import Priority
@@ -160,7 +160,10 @@ class Session:
             self._cancel_speculation()
             if self.config.asr.speculative:
                 # Queued behind every final and cancelled for free until it runs: it costs only idle time.
-                self._speculation = (event.utterance_id, self.pipeline.start_recognition(event.audio, speculative=True))
+                self._speculation = (
+                    event.utterance_id,
+                    self.pipeline.start_recognition(event.audio, speculative=True, endpointed=True),
+                )
         elif isinstance(event, SpeechResumed):
             spec = self._speculation
             if event.phrase and spec is not None and spec[0] == event.utterance_id:
@@ -182,11 +185,13 @@ class Session:
                 self._metrics.speculations.labels("used").inc()
             else:
                 self._cancel_speculation()
-                recognizing = self.pipeline.start_recognition(event.last_piece if self._phrases else event.audio)
+                recognizing = self.pipeline.start_recognition(
+                    event.last_piece if self._phrases else event.audio, endpointed=event.reason == "silence"
+                )
             pieces, self._phrases = [*self._phrases, recognizing], []
             for piece in pieces:
                 piece.promote()  # now someone waits for them
-            self._queue_reply([p.task for p in pieces], endpoint, speculated)
+            self._queue_reply([p.task for p in pieces], endpoint, speculated, endpoint - self._silence_s(event))
         elif isinstance(event, Dropped):
             self._cancel_speculation()
             self._cancel_phrases()
@@ -196,6 +201,14 @@ class Session:
                 event.utterance_id,
                 event.speech_ms,
             )
+
+    def _silence_s(self, event: Utterance) -> float:
+        """How long ago speech ended, at the endpoint: the stream audio after the utterance's last
+        voiced window (devices stream in real time, so audio seconds are wall seconds)."""
+        if event.reason != "silence":
+            return 0.0
+        after = self._stream.windows_fed * VAD_WINDOW - (event.start_sample + len(event.audio))
+        return max(0.0, after / SAMPLE_RATE + self._stream.options.tail_ms / 1000)
 
     def _cancel_speculation(self) -> None:
         """Speech went on: the speculation is useless. Free if it has not run yet ("dropped"),
@@ -232,8 +245,17 @@ class Session:
 
     # --- replies ------------------------------------------------------------------------------
 
-    def _queue_reply(self, pieces: list[asyncio.Task[Recognition]], endpoint: float, speculated: bool = False) -> None:
-        self._last_reply = self._queue_task(self._reply(pieces, endpoint, self._last_reply, speculated))
+    def _queue_reply(
+        self,
+        pieces: list[asyncio.Task[Recognition]],
+        endpoint: float,
+        speculated: bool = False,
+        speech_end: float | None = None,
+    ) -> None:
+        """`endpoint`: when the utterance was found over; `speech_end`: when its speech ended (the
+        endpoint less the silence it waited for; the same in manual mode, where `listen stop` ends it)."""
+        ended = endpoint if speech_end is None else speech_end
+        self._last_reply = self._queue_task(self._reply(pieces, endpoint, ended, self._last_reply, speculated))
 
     def _queue_task(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -245,6 +267,7 @@ class Session:
         self,
         pieces: list[asyncio.Task[Recognition]],
         endpoint: float,
+        speech_end: float,
         previous: asyncio.Task[None] | None,
         speculated: bool,
     ) -> None:
@@ -267,23 +290,26 @@ class Session:
             if rec.is_empty:
                 log.debug("session %s: empty or no-speech utterance (%d ms), no reply", self.session_id, rec.audio_ms)
                 return
-            latency_ms = (time.perf_counter() - endpoint) * 1000
+            now = time.perf_counter()
+            latency_ms, processing_ms = (now - speech_end) * 1000, (now - endpoint) * 1000
             if self.upstream is not None:
                 # The upstream answers the turn and sends the device its own `stt` (one bubble, not two).
                 speaker = rec.speaker.name if rec.speaker is not None and self.config.upstream.send_speaker else None
-                await self.upstream.send_turn(rec.transcript.text, speaker, endpoint)
+                await self.upstream.send_turn(rec.transcript.text, speaker, speech_end)
             else:
-                await self._send(self._stt(rec, latency_ms, speculated, len(pieces) - 1))
+                await self._send(self._stt(rec, latency_ms, processing_ms, speculated, len(pieces) - 1))
             self.utterances += 1
             self._metrics.utterances.labels(PROTOCOL).inc()
             self._metrics.reply_latency.labels(PROTOCOL).observe(latency_ms / 1000)
+            self._metrics.processing.labels(PROTOCOL).observe(processing_ms / 1000)
             log.info(
-                "session %s: stt %r (%s, %d ms audio, %.0f ms after endpoint)",
+                "session %s: stt %r (%s, %d ms audio, %.0f ms after the end of speech, %.0f after the endpoint)",
                 self.session_id,
                 rec.transcript.text,
                 rec.transcript.language,
                 rec.audio_ms,
                 latency_ms,
+                processing_ms,
             )
             if self._publish is not None:
                 self._publish(
@@ -300,7 +326,9 @@ class Session:
         except asyncio.CancelledError:
             pass
 
-    def _stt(self, rec: Recognition, latency_ms: float, speculated: bool, phrases: int) -> dict[str, Any]:
+    def _stt(
+        self, rec: Recognition, latency_ms: float, processing_ms: float, speculated: bool, phrases: int
+    ) -> dict[str, Any]:
         return {
             "type": "stt",
             "text": rec.transcript.text,
@@ -310,7 +338,8 @@ class Session:
             "event": rec.transcript.event,
             "speaker": rec.speaker.as_dict() if rec.speaker is not None else None,
             "audio_ms": rec.audio_ms,
-            "latency_ms": round(latency_ms, 1),
+            "latency_ms": round(latency_ms, 1),  # from the end of speech
+            "processing_ms": round(processing_ms, 1),  # from the endpoint decision (vad.min_silence_ms later)
             "timings": timings(rec, speculated, phrases),
         }
 
