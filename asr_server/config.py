@@ -64,11 +64,12 @@ class XiaozhiConfig(_Section):
         10.0, gt=0, description="A reply the device does not read within this drops the connection."
     )
     shed_after_s: float = Field(
-        3.0,
+        1.0,
         ge=0,
-        description="While the recogniser stays behind (asr.admission_wait_ms) this long, the newest device is "
-        "closed with 1013, one per period, so the others keep their latency; 0: never.",
+        description="While the recogniser stays behind (asr.admission_wait_ms) this long, the newest devices are "
+        "closed with 1013 (shed_fraction of them per period), so the others keep their latency; 0: never.",
     )
+    shed_fraction: float = Field(0.1, gt=0, le=1, description="Share of the sessions shed per period.")
     drain_timeout_s: float = Field(
         8.0,
         ge=0,
@@ -146,13 +147,13 @@ class AsrConfig(_Section):
     )
     max_queue: int = Field(1000, ge=1, description="Utterances waiting at most; beyond, one is refused with an error.")
     deadline_ms: float = Field(
-        3000.0,
+        1500.0,
         ge=0,
         description="An utterance that waited this long for the recogniser is shed (an error to its own client) "
         "instead of recognised late; 0: never.",
     )
     admission_wait_ms: float = Field(
-        500.0,
+        300.0,
         ge=0,
         description="While the next utterance has waited this long, new device, FunASR and transcription "
         "requests are refused with 503 and Retry-After; 0: never.",
@@ -296,6 +297,12 @@ class FunAsrConfig(_Section):
     )
     open_timeout_s: float = Field(10.0, gt=0, description="The TLS and WebSocket handshakes must end within this.")
     ssl_keyfile: Path | None = Field(None, description="The certificate's key, unless the certfile holds it.")
+
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _tls_word(cls, v: Any) -> Any:
+        """YAML reads a bare `on`/`off` as true/false: take those as the words they were."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @model_validator(mode="after")
     def _tls(self) -> FunAsrConfig:

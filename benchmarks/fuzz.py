@@ -271,7 +271,8 @@ async def fuzz_http(url: str, rng: random.Random, count: int) -> int:
                 for f in fields:
                     if rng.random() < 0.7:
                         v = mutate_value(rng, "whisper-1")
-                        form.add_field(f, v if isinstance(v, str) else json.dumps(v))
+                        text = v if isinstance(v, str) else json.dumps(v)
+                        form.add_field(f, text.encode("utf-8", "surrogatepass"))  # lone surrogates as raw bytes
                 for _ in range(rng.choice([0, 0, 0, 50, 500])):
                     form.add_field(f"x{rng.random()}", "y")
                 if rng.random() < 0.9:
@@ -285,8 +286,8 @@ async def fuzz_http(url: str, rng: random.Random, count: int) -> int:
             try:
                 async with s.request(method, url + path, data=data, headers=headers) as r:
                     await r.read()
-            except (aiohttp.ClientError, TimeoutError, UnicodeError, ValueError):
-                pass
+            except (aiohttp.ClientError, TimeoutError, UnicodeError, ValueError, TypeError):
+                pass  # refused, reset, or a request the client library itself cannot build
             sent += 1
     return sent
 

@@ -34,6 +34,7 @@ class UpstreamOptions:
     refuse: bool = False  # answer the upgrade with 503
     no_hello: bool = False  # accept, then never answer hello
     close_after_hello: bool = False
+    close_code: int = 1011  # how it closes after hello (1000: its goodbye, as a clean close)
 
 
 @dataclass
@@ -115,7 +116,7 @@ class UpstreamStub:
                         )
                     )
                     if self.options.close_after_hello:
-                        await ws.close(1011, "stub closes")
+                        await ws.close(self.options.close_code, "stub closes")
                         return
                 elif kind == "listen" and msg.get("state") == "detect" and "text" in msg:
                     if answering is not None:

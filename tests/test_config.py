@@ -65,3 +65,11 @@ def test_missing_and_malformed_files(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p, env={})
+
+
+def test_funasr_tls_words_survive_yaml(tmp_path):
+    """YAML 1.1 reads a bare `off`/`on` as a boolean: `tls: off` still means the word."""
+    for word in ("off", "on", "both"):
+        (tmp_path / "c.yaml").write_text(f"funasr:\n  tls: {word}\n")
+        assert load_config(tmp_path / "c.yaml", env={}).funasr.tls == word
+    assert load_config(None, env={"ASR_SERVER__FUNASR__TLS": "off"}).funasr.tls == "off"

@@ -143,6 +143,22 @@ async def test_an_upstream_that_is_down_or_closes_closes_the_device_with_1013(st
         await dev.close()
 
 
+async def test_a_clean_close_of_the_upstream_reaches_the_device_as_the_same_close(start_server):
+    """Its goodbye or its own idle timeout (1000): the device is closed alike, no error, no failure."""
+    async with UpstreamStub(UpstreamOptions(close_after_hello=True, close_code=1000)) as stub:
+        srv = await relay(start_server, stub)
+        dev = device(srv)
+        await dev.connect()
+        for _ in range(50):
+            if dev.closed:
+                break
+            await asyncio.sleep(0.05)
+        assert dev._closed is not None and dev._closed.code == 1000
+        assert not [m for m in dev.pending() if m.type == "error"]
+        assert not srv.metrics.registry.get_sample_value("asr_upstream_failures_total", {"reason": "closed"})
+        await dev.close()
+
+
 async def test_a_device_that_vanishes_closes_its_upstream_socket(start_server):
     async with UpstreamStub() as stub:
         srv = await relay(start_server, stub)

@@ -195,6 +195,10 @@ class InferenceQueue(Generic[T, R]):
             heapq.heappush(self._heap, (int(priority), job.seq, job))
 
     def _on_done(self, job: Job[T, R]) -> None:
+        if not job.future.cancelled():
+            # Marks an error as seen: a caller cancelled after its job was shed (or a gather that
+            # stopped at a sibling's error) must not leave "exception was never retrieved" behind.
+            job.future.exception()
         if job.running:
             lane = job._lane
             if (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import time
 import uuid
 from http import HTTPStatus
@@ -29,7 +30,7 @@ from ..admission import ConnectionSlots, RateBucket, refuse_busy
 from ..auth import bearer_token, fingerprint, header_or_query
 from ..sending import send_within
 from .session import PROTOCOL, Publish, Session
-from .upstream import PASSED, Upstream
+from .upstream import PASSED, Ended, Upstream
 from .wire import Hello, dumps, error_message, parse_message, parse_protocol_version, server_hello
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class XiaozhiServer:
             client.remote,
         )
         reason = "closed"
-        relay: asyncio.Task[str] | None = None
+        relay: asyncio.Task[Ended] | None = None
         try:
             if upstream is not None:
                 await ws.send(dumps(up_hello))  # its session id and TTS audio_params: the device plays what it sends
@@ -161,8 +162,8 @@ class XiaozhiServer:
             else:
                 await ws.send(dumps(server_hello(session_id, self._audio_params(hello))))
             reason = await self._serve_session(ws, session)
-            if relay is not None and relay.done() and not relay.cancelled():
-                reason = relay.result()
+            if relay is not None and relay.done() and not relay.cancelled() and relay.exception() is None:
+                reason = relay.result().reason
         except ConnectionClosed as e:
             reason = self._describe_close(e)
         except Exception:
@@ -235,17 +236,27 @@ class XiaozhiServer:
         in_query = not any(request.headers.get(name) for name in PASSED) and bool(fields)
         return fields, in_query
 
-    def _upstream_ended(self, ws: ServerConnection, session: Session, task: asyncio.Task[str]) -> None:
-        """The upstream closed or vanished: tell the device once and close it, so it reconnects."""
+    def _upstream_ended(self, ws: ServerConnection, session: Session, task: asyncio.Task[Ended]) -> None:
+        """The upstream's side ended: a clean close (its goodbye, its own idle timeout) closes the
+        device the same way, as if it were connected to the upstream; anything else is an error
+        the device is told once, with 1013."""
         if task.cancelled() or ws.close_code is not None:
             return
-        reason = task.result() if task.exception() is None else f"relay failed: {task.exception()}"
-        self._metrics.upstream_failures.labels("closed").inc()
-        log.warning("session %s: %s; closing the device", session.session_id, reason)
+        error = task.exception()
+        ended = task.result() if error is None else Ended(f"relay failed: {error}", None)
+        if ended.clean:
+            assert ended.code is not None
+            log.info("session %s: %s; closing the device alike", session.session_id, ended.reason)
+            code, message = ended.code, ended.reason
+        else:
+            self._metrics.upstream_failures.labels("closed" if ended.code else "vanished").inc()
+            log.warning("session %s: %s; closing the device", session.session_id, ended.reason)
+            code, message = CloseCode.TRY_AGAIN_LATER, ended.reason
 
         async def close() -> None:
-            await session.send_error(reason)
-            await ws.close(CloseCode.TRY_AGAIN_LATER, reason[:120])
+            if not ended.clean:
+                await session.send_error(message)
+            await ws.close(code, message[:120])
 
         asyncio.get_running_loop().create_task(close())
 
@@ -279,8 +290,8 @@ class XiaozhiServer:
             elif behind_since is None:
                 behind_since = now
             elif now - behind_since >= cfg.shed_after_s:
-                self._shed_newest(why)
-                behind_since = now  # one per period: the queue gets time to show the effect
+                self._shed_newest(why, max(1, math.ceil(len(self.sessions) * cfg.shed_fraction)))
+                behind_since = now  # one round per period: the queue gets time to show the effect
             cutoff = now - cfg.idle_timeout_s
             for sid, session in list(self.sessions.items()):
                 ws = self._sockets.get(sid)
@@ -311,12 +322,13 @@ class XiaozhiServer:
             return_exceptions=True,
         )
 
-    def _shed_newest(self, why: str) -> None:
+    def _shed_newest(self, why: str, count: int) -> None:
         """The recogniser has been behind for `shed_after_s` although new devices are refused: more
-        devices talk than it can answer in budget. Close the one that came last with 1013 (try
-        again later), so the others keep their latency; its reconnect meets the 503 until the
+        devices talk than it can answer in budget. Close the `count` that came last with 1013 (try
+        again later), so the others keep their latency; their reconnects meet the 503 until the
         backlog is gone. Admission at the upgrade cannot do this alone: a mass reconnect is admitted
         before its talking shows in the queue."""
+        shed = 0
         for sid in reversed(list(self.sessions)):  # dicts keep insertion order: the newest last
             ws = self._sockets.get(sid)
             session = self.sessions[sid]
@@ -324,9 +336,12 @@ class XiaozhiServer:
                 continue
             session.shed = True
             self._metrics.refused.labels("xiaozhi_shed").inc()
-            log.warning("session %s shed: %s", sid, why)
             asyncio.get_running_loop().create_task(_close_shed(ws, session, why))
-            return
+            shed += 1
+            if shed >= count:
+                break
+        if shed and self._refusals.allow():
+            log.warning("shed %d sessions (of %d): %s%s", shed, len(self.sessions), why, self._refusals.note())
 
     async def close(self) -> None:
         if self._sweeper is not None:

@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -32,6 +33,20 @@ from .wire import AudioFrame, dumps, pack_audio, unpack_audio
 log = logging.getLogger(__name__)
 
 ToDevice = Callable[[str | bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """Why the upstream's side of a session ended: `code` is its close code (None: it vanished);
+    a clean close (1000, 1001: its goodbye, its idle timeout) is passed on to the device as it is."""
+
+    reason: str
+    code: int | None
+
+    @property
+    def clean(self) -> bool:
+        return self.code in (1000, 1001)
+
 
 #: The device's upgrade fields passed on (header, or query parameter when the device used the query).
 PASSED = ("Device-Id", "Client-Id", "Authorization")
@@ -59,7 +74,7 @@ class Upstream:
         self.session_id: str | None = None
         self.speaking = False  # between the upstream's `tts start` and `tts stop`
         self._ws: ClientConnection | None = None
-        self._pump: asyncio.Task[str] | None = None
+        self._pump: asyncio.Task[Ended] | None = None
         self._turn_at: float | None = None  # our endpoint of the last turn, until its first `tts`
         self._opened = False
 
@@ -119,12 +134,12 @@ class Upstream:
         self._metrics.upstream_failures.labels(kind).inc()
         return UpstreamError(message)
 
-    def start(self) -> asyncio.Task[str]:
+    def start(self) -> asyncio.Task[Ended]:
         """Pump the upstream to the device; the task's result says why it ended."""
         self._pump = asyncio.get_running_loop().create_task(self._forward(), name=f"upstream-{self.who}")
         return self._pump
 
-    async def _forward(self) -> str:
+    async def _forward(self) -> Ended:
         assert self._ws is not None
         relayed, nbytes = self._metrics.relayed.labels("to_device"), self._metrics.relayed_bytes.labels("to_device")
         try:
@@ -143,9 +158,10 @@ class Upstream:
                 await self._to_device(out)
         except ConnectionClosed as e:
             if e.rcvd is None:
-                return "the upstream vanished"
+                return Ended("the upstream vanished", None)
         ws = self._ws
-        return f"the upstream closed ({ws.close_code}{': ' + ws.close_reason if ws.close_reason else ''})"
+        detail = f": {ws.close_reason}" if ws.close_reason else ""
+        return Ended(f"the upstream closed ({ws.close_code}{detail})", ws.close_code)
 
     def _reframe(self, data: bytes) -> bytes | None:
         """Upstream TTS audio in the device's framing (the two may speak different versions)."""
