@@ -56,13 +56,9 @@ class XiaozhiConfig(_Section):
     max_frames_per_s: int = Field(
         500, ge=10, description="Binary frames per second per device (real-time 2.5 ms Opus frames are 400)."
     )
-    max_audio_rate: float = Field(
-        3.0, ge=1.0, description="Seconds of audio per second per device, beyond a burst; faster is a flood."
-    )
+    max_audio_rate: float = Field(3.0, ge=1.0, description="Audio seconds per second per device after a burst.")
     max_audio_burst_s: float = Field(10.0, gt=0, description="Audio a device may send ahead of real time at once.")
-    send_timeout_s: float = Field(
-        10.0, gt=0, description="A reply the device does not read within this drops the connection."
-    )
+    send_timeout_s: float = Field(10.0, gt=0, description="A reply unread this long drops the connection.")
     shed_after_s: float = Field(
         1.0,
         ge=0,
@@ -85,10 +81,8 @@ class XiaozhiConfig(_Section):
     )
 
 
-#: Measured with `python -m benchmarks.trailing` (BENCHMARKS.md): SenseVoice's encoder looks ahead
-#: (its FSMN memory blocks and attention span frames on both sides), so a CTC token near the end is
-#: emitted only with enough frames after it. 600 ms is the smallest pad that recovers every lost
-#: token it can recover on the shared clips (400 still loses `light`; 800-1500 recover no more).
+#: `python -m benchmarks.trailing` (BENCHMARKS.md): SenseVoice's encoder looks ahead, so a last token
+#: needs frames after it; 600 ms recovers all a pad can on the shared clips (400 does not).
 TRAILING_PAD_MS = 600.0
 
 
@@ -230,14 +224,10 @@ class HttpConfig(_Section):
         description="Web origins whose pages may call the API (e.g. https://chat.example.com, or * for any); "
         "none by default.",
     )
-    max_connections: int = Field(
-        1000, ge=1, description="Open connections beyond this get 503 and are closed (a file descriptor each)."
-    )
+    max_connections: int = Field(1000, ge=1, description="Open connections beyond this get 503 and are closed.")
     header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
-    body_timeout_s: float = Field(
-        120.0, gt=0, description="An upload's body must arrive within this (408 after; 50 MB at 0.4 MB/s)."
-    )
-    keepalive_timeout_s: float = Field(75.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    body_timeout_s: float = Field(120.0, gt=0, description="An upload's body must arrive within this (408 after).")
+    keepalive_timeout_s: float = Field(75.0, gt=0, description="Idle keep-alive connections close after this.")
     max_decodes: int = Field(
         2,
         ge=1,
@@ -271,16 +261,10 @@ class FunAsrConfig(_Section):
         "(`<|zh|><|NEUTRAL|><|Speech|> 打开灯`, parsed by xiaozhi-esp32-server's FunASRServer), with "
         "`clean_text` beside; false: clean text only.",
     )
-    max_buffered_mb: float = Field(
-        256.0, gt=0, description="Offline audio all connections together may hold; beyond, 1013 try again later."
-    )
-    partial_interval_ms: int = Field(
-        600, ge=100, description="online/2pass: re-decode the utterance so far this often."
-    )
+    max_buffered_mb: float = Field(256.0, gt=0, description="Offline audio all connections may hold (then 1013).")
+    partial_interval_ms: int = Field(600, ge=100, description="online/2pass: re-decode the utterance this often.")
     idle_timeout_s: float = Field(120.0, gt=0)
-    send_timeout_s: float = Field(
-        10.0, gt=0, description="A result the client does not read within this drops the connection."
-    )
+    send_timeout_s: float = Field(10.0, gt=0, description="A result unread this long drops the connection.")
     max_sessions: int = Field(500, ge=1, description="Connections beyond this are refused with HTTP 503.")
     ping_interval_s: float | None = Field(None, description="WebSocket pings; FunASR clients never need them.")
     close_timeout_s: float = Field(2.0, gt=0)
@@ -289,12 +273,8 @@ class FunAsrConfig(_Section):
         description="both: wss:// and ws:// on the one port (xiaozhi's FunASRServer defaults to is_ssl: true, "
         "FunASR's client to --ssl 1, others connect plain); on: wss:// only; off: ws:// only.",
     )
-    ssl_certfile: Path | None = Field(
-        None, description="The PEM certificate for wss://; none: a self-signed one made at self_signed_cert."
-    )
-    self_signed_cert: Path = Field(
-        Path("data/funasr-selfsigned.pem"), description="Where the generated certificate (and its key) is kept."
-    )
+    ssl_certfile: Path | None = Field(None, description="The PEM for wss://; none: one made at self_signed_cert.")
+    self_signed_cert: Path = Field(Path("data/funasr-selfsigned.pem"), description="The generated cert and key.")
     open_timeout_s: float = Field(10.0, gt=0, description="The TLS and WebSocket handshakes must end within this.")
     ssl_keyfile: Path | None = Field(None, description="The certificate's key, unless the certfile holds it.")
 
@@ -331,9 +311,7 @@ class UpstreamConfig(_Section):
     )
     open_timeout_s: float = Field(5.0, gt=0, description="Connecting and the WebSocket handshake.")
     hello_timeout_s: float = Field(10.0, gt=0, description="The upstream's hello after the device's.")
-    send_timeout_s: float = Field(
-        10.0, gt=0, description="A message the upstream does not take within this ends the relay."
-    )
+    send_timeout_s: float = Field(10.0, gt=0, description="A message the upstream does not take ends the relay.")
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
     send_speaker: bool = Field(
         True, description='Send a known speaker as {"speaker": name, "content": text} (xiaozhi-esp32-server reads it).'

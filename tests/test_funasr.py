@@ -27,7 +27,7 @@ from asr_server.adapters.funasr.server import serve_funasr
 from asr_server.adapters.funasr.wire import delta as _delta
 from asr_server.adapters.funasr.wire import stable_prefix as _stable_prefix
 from asr_server.audio.resample import float_to_pcm16
-from asr_server.config import load_config
+from asr_server.config import Config, load_config
 from asr_server.core.events import EventBus
 from tests.support.audio import AUDIO, encode, needs_audio
 from tests.support.fakes import fake_pipeline, fake_text
@@ -87,6 +87,10 @@ async def running(tmp_path: Path, **funasr):
 async def srv(tmp_path):
     async with running(tmp_path) as s:
         yield s
+
+
+#: A VAD-endpointed utterance reaches the recogniser with vad.trailing_pad_ms of silence after it.
+PAD = int(Config().vad.trailing_pad_ms * 16)
 
 
 def clean(msg: dict) -> str:
@@ -365,7 +369,7 @@ async def test_2pass_partials_then_a_final_per_vad_segment(srv):
     assert all(p["is_final"] is False and p["text"] for p in partials)
     assert any(p["index"] == 0 for p in partials)
     for f in finals:  # FunASR clients concatenate partial deltas; the segment's final then replaces them
-        assert clean(f) == fake_text(int((f["end_time"] - f["start_time"]) * 16))
+        assert clean(f) == fake_text(int((f["end_time"] - f["start_time"]) * 16) + PAD)
         ps = [p for p in partials if p["index"] == f["index"]]
         if ps:  # partials race the final when audio comes faster than real time
             assert ps[0]["slice_type"] == 0 and all(p["slice_type"] == 1 for p in ps[1:])
@@ -394,7 +398,7 @@ async def test_online_deltas_add_up_to_each_segment(srv):
     assert {m["mode"] for m in msgs} == {"online"}
     ends = [m for m in msgs if m.get("slice_type") == 2]
     assert len(ends) == 2
-    expected = [fake_text(int((end["end_time"] - end["start_time"]) * 16)) for end in ends]
+    expected = [fake_text(int((end["end_time"] - end["start_time"]) * 16) + PAD) for end in ends]
     for end, want in zip(ends, expected, strict=True):
         pieces = [m["text"] for m in msgs if m.get("index") == end["index"]]
         assert "".join(pieces).strip() == want

@@ -25,3 +25,10 @@ async def send_within(ws: Any, data: str | bytes, timeout_s: float, who: str) ->
         log.warning("%s: the client read nothing for %.0f s; dropping the connection", who, timeout_s)
         ws.transport.abort()
         return False
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to fit a WebSocket close frame (123 bytes of UTF-8), on a character boundary: a
+    client's wav_name of emoji in a reason cut by characters would fail the close itself."""
+    data = text.encode("utf-8", "replace")
+    return data[:123].decode("utf-8", "ignore") if len(data) > 123 else text

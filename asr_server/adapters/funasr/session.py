@@ -50,7 +50,7 @@ from ...core.scheduler import Priority
 from ...core.streaming import SpeechStream
 from ...errors import AudioDecodeError, EngineBusy, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
-from ..sending import send_within
+from ..sending import close_reason, send_within
 from .wire import RequestConfig, agreed, boolean, delta, parse_message, result_fields, stable_prefix, tagged
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class FunAsrSession:
         except FunAsrProtocolError as e:
             self.metrics.errors.labels("funasr_protocol").inc()
             log.info("%s: closing %d: %s", self.session_id, e.code, e.reason)
-            await self.ws.close(e.code, e.reason[:120])
+            await self.ws.close(e.code, close_reason(e.reason))
         except ConnectionClosed:
             pass
         finally:

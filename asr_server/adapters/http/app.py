@@ -159,10 +159,28 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
     return response
 
 
+class _BadRequests(logging.Filter):
+    """aiohttp logs a malformed request (a header over 8 KB, a broken request line) at ERROR with a
+    traceback, after answering it 400: a client's doing, so one line at INFO instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "bad HTTP request answered %s: %s", (exc.code, exc.message.splitlines()[0])
+        return True
+
+
+_AIOHTTP_SERVER_LOG = logging.getLogger("aiohttp.server")
+
+
 def build_app(
     config: Config, pipeline: Pipeline, bus: EventBus, metrics: Metrics, ready: Callable[[], bool]
 ) -> web.Application:
     """The aiohttp application; `ready` answers /readyz (models loaded, listeners up)."""
+    if not any(isinstance(f, _BadRequests) for f in _AIOHTTP_SERVER_LOG.filters):
+        _AIOHTTP_SERVER_LOG.addFilter(_BadRequests())
     app = web.Application(
         client_max_size=int(config.http.max_upload_mb * 1024 * 1024), middlewares=[_guarded, _cors, _errors]
     )

@@ -28,7 +28,7 @@ from ...logs import Throttle
 from ...types import ClientInfo
 from ..admission import ConnectionSlots, RateBucket, refuse_busy
 from ..auth import bearer_token, fingerprint, header_or_query
-from ..sending import send_within
+from ..sending import close_reason, send_within
 from .session import PROTOCOL, Publish, Session
 from .upstream import PASSED, Ended, Upstream
 from .wire import Hello, dumps, error_message, parse_message, parse_protocol_version, server_hello
@@ -256,7 +256,7 @@ class XiaozhiServer:
         async def close() -> None:
             if not ended.clean:
                 await session.send_error(message)
-            await ws.close(code, message[:120])
+            await ws.close(code, close_reason(message))
 
         asyncio.get_running_loop().create_task(close())
 
@@ -402,7 +402,7 @@ class XiaozhiServer:
         log.warning("device %s refused: %s", device_id, message)
         try:
             await ws.send(dumps(error_message(message)))
-            await ws.close(code, message[:120])
+            await ws.close(code, close_reason(message))
         except ConnectionClosed:
             pass
 
