@@ -10,6 +10,16 @@ from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
+class Word:
+    """One word (an English word, one CJK character) and when it was said, in seconds from the
+    start of the audio recognised: from the CTC frames where its tokens peak."""
+
+    text: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class Transcript:
     """One decoded SenseVoice utterance: clean text plus the rich tags as fields."""
 
@@ -23,6 +33,8 @@ class Transcript:
     """Speech, BGM, Laughter, Applause, ... or None."""
     raw: str = ""
     """The whole decoded string with its tags, for debugging."""
+    words: tuple[Word, ...] = ()
+    """The words of `text` with their times (empty when the decoder gave none)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from asr_server.engines.contracts import SENSEVOICE_INT8 as INT8_FILE
 from asr_server.engines.sensevoice import LANGUAGE_IDS, SenseVoice, ctc_greedy, parse_transcript
 from asr_server.errors import ModelFileError, UnsupportedLanguage
 from asr_server.types import Transcript
+from tests.support.audio import needs_audio
 from tests.support.models import load_clips, sensevoice_dir
 
 
@@ -351,3 +352,56 @@ def test_pre_exported_layout_loads_and_transcribes_like_the_bpe_model(model_dir,
     (d / "tokens.json").unlink()
     with pytest.raises(ModelFileError, match=f"{BPE_FILE} \\(or tokens.json\\)"):
         SenseVoice.load(d, quantized="auto")
+
+
+def test_word_times_come_from_the_ctc_frames_of_each_word():
+    from asr_server.engines.sensevoice.decoding import ctc_greedy_timed, word_times
+
+    pieces = {1: "<|en|>", 2: "▁TURN", 3: "▁ON", 4: "▁LIG", 5: "HT", 6: ".", 7: "客厅", 8: "灯"}
+    # 4 query frames (a tag among them), then TURN at LFR frames 1-2, ON at 4, LIGHT at 6-8 with ".", 客厅 at 10-11
+    ids = [1, 0, 0, 0, 0, 2, 2, 0, 3, 0, 4, 5, 5, 6, 7, 7, 0, 8]
+    timed = ctc_greedy_timed(one_hot_logits(ids, 9))
+    assert [t for t, _, _ in timed] == [1, 2, 3, 4, 5, 6, 7, 8]
+    words = word_times(timed, pieces.__getitem__)
+    assert [w.text for w in words] == ["TURN", "ON", "LIGHT.", "客", "厅", "灯"]
+    turn, on, light = words[:3]
+    assert (turn.start_s, turn.end_s) == (0.06, 0.18) and (on.start_s, on.end_s) == (0.24, 0.3)
+    assert (light.start_s, light.end_s) == (0.36, 0.6)
+    assert words[3].start_s == 0.6 and words[4].end_s == 0.72 and words[5].start_s == 0.78
+
+
+@needs_audio
+def test_word_starts_match_a_forced_alignment_of_the_reference_within_100_ms(engine):
+    """LibriSpeech clip: each word's start from its CTC peak against a Viterbi (CTC forced) alignment
+    of the reference transcript on the same model's frames (torchaudio, computed here once)."""
+    import difflib
+
+    import torch
+    import torchaudio.functional as taf
+
+    from asr_server.audio.io import decode_audio
+    from asr_server.engines.sensevoice.decoding import QUERY_FRAMES, ctc_greedy_timed
+    from tests.support.audio import AUDIO, clip
+
+    c = clip("en_librispeech")
+    audio = decode_audio((AUDIO / c.file).read_bytes()).samples
+    (logits,) = engine.logits(engine.features([audio]), ["auto"], [False])
+    got = engine.decode(logits).words
+    tags = [t for t, _, _ in ctc_greedy_timed(logits)[:QUERY_FRAMES]]
+    ref_words = c.transcript.upper().replace(",", "").replace(".", "").split()
+    sp = engine.tokenizer.processor
+    targets = tags + [i for w in ref_words for i in sp.EncodeAsIds(w)]
+    starts_of = [len(tags) + sum(len(sp.EncodeAsIds(x)) for x in ref_words[:k]) for k in range(len(ref_words))]
+    log_probs = torch.log_softmax(torch.from_numpy(logits), dim=-1)[None]
+    path, _ = taf.forced_align(log_probs, torch.tensor([targets], dtype=torch.int32), blank=0)
+    spans = taf.merge_tokens(path[0], torch.zeros(path.shape[1]))
+    ref_starts = [(spans[i].start - QUERY_FRAMES) * 0.06 for i in starts_of]
+    hyp = [w.text.strip(".,").upper() for w in got]
+    pairs = [
+        (got[b.b + k].start_s, ref_starts[b.a + k])
+        for b in difflib.SequenceMatcher(a=ref_words, b=hyp, autojunk=False).get_matching_blocks()
+        for k in range(b.size)
+    ]
+    assert len(pairs) >= 0.8 * len(ref_words)
+    worst = max(abs(ours - ref) for ours, ref in pairs)
+    assert worst <= 0.1, worst

@@ -507,6 +507,11 @@ async def test_real_models_offline_and_2pass(start_server):
     async with connect(server.endpoints.funasr_url) as ws:
         msgs = await stream(ws, {"mode": "offline", "wav_name": "zh", "itn": True}, pcm, stride=len(pcm))
         assert cer(c.transcript, clean(msgs[0])) <= 0.2, msgs[0]
+        # FunASR's timestamp fields: [start_ms, end_ms] per word, in order, within the clip
+        ts = msgs[0]["timestamp"]
+        assert len(ts) >= 8 and all(0 <= a <= b <= c.duration_s * 1000 for a, b in ts)
+        assert [a for a, _ in ts] == sorted(a for a, _ in ts)
+        assert msgs[0]["stamp_sents"][0]["ts_list"] == ts
         assert msgs[0]["language"] == "zh"
         silence = float_to_pcm16(np.zeros(16000, np.float32))
         msgs = await stream(ws, {"mode": "2pass", "wav_name": "zh2"}, pcm + silence)

@@ -500,6 +500,20 @@ async def test_real_models_openai_and_voiceprint(start_server):
     )
     assert cer(c.transcript, verbose.text) <= 0.2, verbose.text
     assert verbose.segments[0].model_extra["language"] == "zh"
+    timed = await client.audio.transcriptions.create(
+        model="sensevoice-small",
+        file=("zh.mp3", mp3),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
+    words = timed.words or []
+    assert "".join(w.word for w in words).startswith("广州市") and len(words) >= 8
+    assert all(0 <= w.start <= w.end <= timed.duration for w in words)
+    assert [w.start for w in words] == sorted(w.start for w in words)
+    srt = await client.audio.transcriptions.create(
+        model="sensevoice-small", file=("zh.mp3", mp3), response_format="srt"
+    )
+    assert srt.count(" --> ") >= 2  # cues of word groups, not one per file
     async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as h:
         wav = wav_bytes(read(c.file))
         r = await h.post(

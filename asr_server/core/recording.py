@@ -21,7 +21,7 @@ import numpy as np
 
 from ..audio.segmenter import Utterance
 from ..constants import SAMPLE_RATE
-from ..types import Recognition, Transcript
+from ..types import Recognition, Transcript, Word
 from .pipeline import Pipeline
 
 
@@ -36,6 +36,13 @@ class Segment:
     @property
     def text(self) -> str:
         return self.recognition.transcript.text.strip()
+
+    def words(self) -> list[Word]:
+        """The segment's words, timed from the start of the recording."""
+        return [
+            Word(w.text, round(self.start_s + w.start_s, 3), round(self.start_s + w.end_s, 3))
+            for w in self.recognition.transcript.words
+        ]
 
 
 async def split_timed(pipeline: Pipeline, audio: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -51,7 +51,17 @@ from ...core.streaming import SpeechStream
 from ...errors import AudioDecodeError, EngineBusy, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
 from ..sending import close_reason, send_within
-from .wire import RequestConfig, agreed, boolean, delta, parse_message, result_fields, stable_prefix, tagged
+from .wire import (
+    RequestConfig,
+    agreed,
+    boolean,
+    delta,
+    parse_message,
+    result_fields,
+    stable_prefix,
+    tagged,
+    timestamps,
+)
 
 if TYPE_CHECKING:
     from .server import FunAsrServer
@@ -289,6 +299,7 @@ class FunAsrSession:
         text = join_texts([s.text for s in segments])
         first = segments[0].recognition if segments else None
         message.update(self._text_fields(text, first), **result_fields(first))
+        message.update(timestamps([w for s in segments for w in s.words()]))
         if len(segments) > 1:
             message["language"] = dominant([(s.recognition.transcript.language, s.end_s - s.start_s) for s in segments])
         await self._send(message)
@@ -369,6 +380,7 @@ class FunAsrSession:
             "start_time": start_ms,
             "end_time": start_ms + int(len(event.audio) * 1000 / SAMPLE_RATE),
             **result_fields(rec),
+            **(timestamps(list(rec.transcript.words), start_ms) if req.mode == "2pass" else {}),
         }
         await self._send(message)
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from websockets.frames import CloseCode
 
 from ...constants import LANGUAGES, SAMPLE_RATE
 from ...errors import FunAsrProtocolError
-from ...types import Recognition
+from ...types import Recognition, Word
 
 MODES = ("offline", "online", "2pass")
 
@@ -224,6 +224,20 @@ def tagged(text: str, rec: Recognition | None) -> str:
     if t is None or not text or t.language is None:
         return text
     return f"<|{t.language}|><|{t.emotion or 'EMO_UNKNOWN'}|><|{t.event or 'Speech'}|> {text}"
+
+
+def timestamps(words: list[Word], offset_ms: int = 0) -> dict[str, Any]:
+    """FunASR's timestamp fields for a final: `timestamp`, [[start_ms, end_ms], ...] per word (as its
+    Python server sends `rec["timestamp"]`), and `stamp_sents`, one entry per result as its C++
+    runtime sends them; empty when the words carry no times."""
+    if not words:
+        return {}
+    ts = [[offset_ms + round(w.start_s * 1000), offset_ms + round(w.end_s * 1000)] for w in words]
+    text = "".join(w.text if not w.text[:1].isascii() else " " + w.text for w in words).strip()
+    return {
+        "timestamp": ts,
+        "stamp_sents": [{"text_seg": text, "punc": "", "start": ts[0][0], "end": ts[-1][1], "ts_list": ts}],
+    }
 
 
 def result_fields(rec: Recognition | None) -> dict[str, Any]:

@@ -31,6 +31,10 @@ class Upload:
 class Form:
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, Upload] = field(default_factory=dict)
+    repeated: dict[str, list[str]] = field(default_factory=dict)  # every value of a field sent more than once
+
+    def values(self, name: str) -> list[str]:
+        return self.repeated.get(name) or ([self.fields[name]] if name in self.fields else [])
 
     def get(self, name: str, default: str | None = None) -> str | None:
         return self.fields.get(name, default)
@@ -84,7 +88,10 @@ async def _read_parts(request: web.Request, limit: int) -> Form:
             if is_file:
                 form.files[name] = Upload(part.filename, data)
             else:
-                form.fields[name] = data.decode("utf-8", errors="replace").strip()
+                value = data.decode("utf-8", errors="replace").strip()
+                if name in form.fields:
+                    form.repeated.setdefault(name, [form.fields[name]]).append(value)
+                form.fields[name] = value
     except ApiError:
         raise
     except (ValueError, HttpProcessingError) as e:  # malformed multipart framing or part headers

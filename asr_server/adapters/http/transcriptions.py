@@ -63,20 +63,52 @@ def _timestamp(seconds: float, sep: str) -> str:
     return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
 
 
+#: Subtitle cues from word times: at most this many words or seconds, ending early after a sentence mark.
+_CUE_WORDS = 8
+_CUE_S = 4.0
+_SENTENCE_END = tuple(".!?。！？")
+
+
+def cues(segments: list[Segment]) -> list[tuple[float, float, str]]:
+    """Subtitle cues: word groups of a segment where its words are timed, else the whole segment."""
+    out: list[tuple[float, float, str]] = []
+    for s in segments:
+        words = s.words()
+        if not words:
+            out.append((s.start_s, s.end_s, s.text))
+            continue
+        group: list = []
+        for i, w in enumerate(words):
+            group.append(w)
+            last = i == len(words) - 1
+            if (
+                last
+                or len(group) >= _CUE_WORDS
+                or w.end_s - group[0].start_s >= _CUE_S
+                or w.text.endswith(_SENTENCE_END)
+            ):
+                end = s.end_s if last else words[i + 1].start_s  # until the next cue: spikes end early
+                out.append((group[0].start_s, max(end, group[-1].end_s), join_texts([g.text for g in group])))
+                group = []
+    return out
+
+
 def render_srt(segments: list[Segment]) -> str:
     return "".join(
-        f"{i}\n{_timestamp(s.start_s, ',')} --> {_timestamp(s.end_s, ',')}\n{s.text}\n\n"
-        for i, s in enumerate(segments, 1)
+        f"{i}\n{_timestamp(a, ',')} --> {_timestamp(b, ',')}\n{text}\n\n"
+        for i, (a, b, text) in enumerate(cues(segments), 1)
     )
 
 
 def render_vtt(segments: list[Segment]) -> str:
     return "WEBVTT\n\n" + "".join(
-        f"{_timestamp(s.start_s, '.')} --> {_timestamp(s.end_s, '.')}\n{s.text}\n\n" for s in segments
+        f"{_timestamp(a, '.')} --> {_timestamp(b, '.')}\n{text}\n\n" for a, b, text in cues(segments)
     )
 
 
-def verbose_json(segments: list[Segment], duration_s: float, text: str, forced: str | None = None) -> dict:
+def verbose_json(
+    segments: list[Segment], duration_s: float, text: str, forced: str | None = None, words: bool = False
+) -> dict:
     """OpenAI's verbose_json, with SenseVoice's language, emotion, event and the speaker per segment."""
     out = []
     for i, s in enumerate(segments):
@@ -107,7 +139,11 @@ def verbose_json(segments: list[Segment], duration_s: float, text: str, forced: 
         "text": text,
         "segments": out,
         "usage": {"type": "duration", "seconds": round(duration_s, 3)},
-    }
+    } | (
+        {"words": [{"word": w.text, "start": w.start_s, "end": w.end_s} for s in segments for w in s.words()]}
+        if words
+        else {}
+    )
 
 
 async def transcriptions(request: web.Request) -> web.StreamResponse:
@@ -152,7 +188,10 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     if response_format == "vtt":
         return web.Response(text=render_vtt(segments), content_type="text/vtt")
     if response_format == "verbose_json":
-        return web.json_response(verbose_json(segments, decoded.duration_s, text, language))
+        granularities = {
+            v for name in ("timestamp_granularities[]", "timestamp_granularities") for v in form.values(name)
+        }
+        return web.json_response(verbose_json(segments, decoded.duration_s, text, language, "word" in granularities))
     return web.json_response({"text": text, "usage": {"type": "duration", "seconds": round(decoded.duration_s, 3)}})
 
 

@@ -8,11 +8,15 @@ clean text.
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Callable
 
 import numpy as np
 
 from ...errors import UnsupportedLanguage
-from ...types import Transcript
+from ...types import Transcript, Word
+
+_WORD_START = "\u2581"
 
 #: Ids of the learned language queries (an embedding table, not vocabulary ids).
 LANGUAGE_IDS: dict[str, int] = {"auto": 0, "zh": 3, "en": 4, "yue": 7, "ja": 11, "ko": 12, "nospeech": 13}
@@ -34,6 +38,62 @@ def ctc_greedy(logits: np.ndarray, length: int, blank: int = 0) -> list[int]:
     keep[1:] = best[1:] != best[:-1]
     best = best[keep]
     return [int(t) for t in best[best != blank]]
+
+
+#: SenseVoice puts four query frames (language, event/emotion, ITN) before the audio's LFR frames,
+#: each of which covers 60 ms (6 fbank frames of 10 ms).
+QUERY_FRAMES = 4
+FRAME_S = 0.06
+
+
+def ctc_greedy_timed(logits: np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
+    """Best path with times: (token id, first frame, last frame) of each emitted token's run."""
+    best = np.asarray(logits).argmax(axis=-1)
+    out: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, best.shape[0] + 1):
+        if i == best.shape[0] or best[i] != best[start]:
+            if best[start] != blank:
+                out.append((int(best[start]), start, i - 1))
+            start = i
+    return out
+
+
+def word_times(timed: list[tuple[int, int, int]], piece: Callable[[int], str]) -> tuple[Word, ...]:
+    """Tokens grouped into words with their times: a sentencepiece word starts at `▁`, every CJK
+    character is a word, punctuation and byte pieces stay with the word before; tags are left out.
+    A word runs from its first token's first frame to its last token's last frame."""
+    words: list[list] = []
+    for tid, f0, f1 in timed:
+        p = piece(tid)
+        if p.startswith("<|") and p.endswith("|>"):
+            continue
+        text = p.replace(_WORD_START, " ")
+        core = text.strip()
+        if not core:
+            continue
+        attach = words and (
+            not p.startswith(_WORD_START)
+            and (core.isascii() and words[-1][0][-1:].isascii() or _is_punct(core) or p.startswith("<0x"))
+        )
+        if attach:
+            words[-1][0] += core if not p.startswith("<0x") else ""
+            words[-1][2] = f1
+        elif not core.isascii() and len(core) > 1 and not _is_punct(core):
+            # a piece of several CJK characters: one word each, its frames shared out evenly
+            span = (f1 + 1 - f0) / len(core)
+            for k, ch in enumerate(core):
+                words.append([ch, f0 + k * span, f0 + (k + 1) * span - 1])
+        else:
+            words.append([core, f0, f1])
+    return tuple(
+        Word(w, round(max(0, f0 - QUERY_FRAMES) * FRAME_S, 3), round(max(0, f1 + 1 - QUERY_FRAMES) * FRAME_S, 3))
+        for w, f0, f1 in words
+    )
+
+
+def _is_punct(text: str) -> bool:
+    return all(unicodedata.category(c).startswith("P") for c in text)
 
 
 def parse_transcript(raw: str) -> Transcript:

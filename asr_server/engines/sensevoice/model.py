@@ -8,6 +8,7 @@ tokenizer, the tag split in `decoding`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from ...types import Transcript
 from .. import contracts
 from ..base import ModelInfo, read_yaml_mapping
 from ..features import SenseVoiceFrontend
-from .decoding import TEXTNORM_IDS, ctc_greedy, language_id, parse_transcript
+from .decoding import TEXTNORM_IDS, ctc_greedy_timed, language_id, parse_transcript, word_times
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,9 @@ class SenseVoice:
         return [logits[i, : int(out_lens[i])] for i in range(n)]
 
     def decode(self, logits: np.ndarray) -> Transcript:
-        ids = ctc_greedy(logits, logits.shape[0])
-        return parse_transcript(self.tokenizer.decode(ids))
+        timed = ctc_greedy_timed(logits)
+        transcript = parse_transcript(self.tokenizer.decode([t for t, _, _ in timed]))
+        return dataclasses.replace(transcript, words=word_times(timed, self.tokenizer.piece))
 
     def transcribe_batch(
         self,

@@ -33,6 +33,8 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def piece(self, token_id: int) -> str: ...
+
 
 class SentencePieceTokenizer:
     """The published sentencepiece model (`chn_jpn_yue_eng_ko_spectok.bpe.model`)."""
@@ -55,6 +57,9 @@ class SentencePieceTokenizer:
     def pieces(self) -> list[str]:
         return [self.processor.IdToPiece(i) for i in range(self.size)]
 
+    def piece(self, token_id: int) -> str:
+        return str(self.processor.IdToPiece(token_id))
+
 
 class TokenTable:
     """`tokens.json`: a JSON list of pieces indexed by id (or `{"token_list": [...]}`)."""
@@ -66,6 +71,9 @@ class TokenTable:
     @property
     def size(self) -> int:
         return len(self.tokens)
+
+    def piece(self, token_id: int) -> str:
+        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else ""
 
     def decode(self, ids: Sequence[int]) -> str:
         out: list[str] = []
