@@ -66,6 +66,11 @@ class XiaozhiConfig(_Section):
         "closed with 1013 (shed_fraction of them per period), so the others keep their latency; 0: never.",
     )
     shed_fraction: float = Field(0.1, gt=0, le=1, description="Share of the sessions shed per period.")
+    admit_increase_per_s: float = Field(
+        0.5,
+        gt=0,
+        description="After shedding, the device cap grows by this many a second while the recogniser keeps up.",
+    )
     drain_timeout_s: float = Field(
         8.0,
         ge=0,

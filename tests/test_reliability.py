@@ -461,3 +461,16 @@ async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_
     monkeypatch.setattr(srv.pipeline, "overloaded", lambda: None)
     assert older.close_code is None  # the others keep their session
     await older.close()
+
+
+def test_the_device_cap_drops_while_behind_and_grows_back_while_keeping_up():
+    from asr_server.adapters.admission import LoadCap
+
+    cap = LoadCap(limit=2000, decrease=0.1, increase_per_s=0.5)
+    assert not cap.full(1999)  # nothing learned: the configured limit applies
+    assert cap.behind(120) == 12 and cap.value == 108  # shed the newest 12
+    assert cap.behind(108) == 11 and cap.full(98) and not cap.full(97)
+    cap.keeping_up(4.0)
+    assert abs(cap.value - 99.2) < 1e-9 and cap.full(100) and not cap.full(99)
+    cap.keeping_up(10_000)
+    assert cap.value is None  # grown past the limit: no cap

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from http import HTTPStatus
@@ -87,3 +88,32 @@ class RateBucket:
             return False
         self.tokens -= n
         return True
+
+
+class LoadCap:
+    """How many devices the recogniser can answer in budget, learned from the load (AIMD, as TCP
+    finds a link's rate): while it stays behind, the cap drops to `1 - decrease` of the sessions
+    open (and those above it are shed); while it keeps up, the cap grows by `increase_per_s`
+    sessions a second until it no longer binds. Admission by queue wait alone lets a mass
+    reconnect in before its talking shows, and lets shed devices back in at every dip."""
+
+    def __init__(self, limit: int, decrease: float, increase_per_s: float) -> None:
+        self.limit = limit
+        self.decrease = decrease
+        self.increase_per_s = increase_per_s
+        self.value: float | None = None  # None: not learned, the configured limit applies
+
+    def behind(self, sessions: int) -> int:
+        """The recogniser fell behind with `sessions` open: lower the cap; how many to shed."""
+        current = sessions if self.value is None else min(self.value, sessions)
+        self.value = max(1.0, current * (1 - self.decrease))
+        return max(1, sessions - math.floor(self.value))
+
+    def keeping_up(self, seconds: float) -> None:
+        if self.value is not None:
+            self.value += self.increase_per_s * seconds
+            if self.value >= self.limit:
+                self.value = None
+
+    def full(self, connections: int) -> bool:
+        return self.value is not None and connections >= self.value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import math
 import time
 import uuid
 from http import HTTPStatus
@@ -26,7 +25,7 @@ from ...core.pipeline import Pipeline
 from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
 from ...logs import Throttle
 from ...types import ClientInfo
-from ..admission import ConnectionSlots, RateBucket, refuse_busy
+from ..admission import ConnectionSlots, LoadCap, RateBucket, refuse_busy
 from ..auth import bearer_token, fingerprint, header_or_query
 from ..sending import close_reason, send_within
 from .session import PROTOCOL, Publish, Session
@@ -49,6 +48,8 @@ class XiaozhiServer:
         self._metrics = pipeline.metrics
         self._path = config.xiaozhi.path.rstrip("/") or "/"
         self._refusals = Throttle()
+        cfg = config.xiaozhi
+        self.cap = LoadCap(cfg.max_sessions, cfg.shed_fraction, cfg.admit_increase_per_s)
         self.slots = ConnectionSlots(
             config.xiaozhi.max_sessions, "xiaozhi.max_sessions", self._metrics.errors.labels("capacity").inc
         )
@@ -90,6 +91,8 @@ class XiaozhiServer:
                 )
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token\n")
         why = self.pipeline.overloaded()
+        if why is None and self.cap.full(self.slots.taken):
+            why = f"{self.slots.taken} devices are what the recogniser answers in budget now"
         if why is not None:
             self._metrics.refused.labels(PROTOCOL).inc()
             if self._refusals.allow():
@@ -281,16 +284,18 @@ class XiaozhiServer:
         cfg = self.config.xiaozhi
         loop = asyncio.get_running_loop()
         behind_since: float | None = None
+        tick = min(1.0, cfg.idle_timeout_s / 4)
         while True:
-            await asyncio.sleep(min(1.0, cfg.idle_timeout_s / 4))
+            await asyncio.sleep(tick)
             why = self.pipeline.overloaded() if cfg.shed_after_s else None
             now = loop.time()
             if why is None:
                 behind_since = None
+                self.cap.keeping_up(tick)
             elif behind_since is None:
                 behind_since = now
             elif now - behind_since >= cfg.shed_after_s:
-                self._shed_newest(why, max(1, math.ceil(len(self.sessions) * cfg.shed_fraction)))
+                self._shed_newest(why, self.cap.behind(len(self.sessions)))
                 behind_since = now  # one round per period: the queue gets time to show the effect
             cutoff = now - cfg.idle_timeout_s
             for sid, session in list(self.sessions.items()):
