@@ -267,6 +267,11 @@ def generate(lock: Lock, uv: list[str], pyproject: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "requirements.in"
         req.write_text("\n".join(requirements(lock, pyproject)) + "\n", encoding="utf-8")
+        # uv prefers the pins already in its output file: seeded with the current lock, adding one
+        # dependency does not move every other package to its newest release.
+        out = Path(tmp) / "lock.txt"
+        if path.is_file():
+            out.write_text(split_lock(path.read_text(encoding="utf-8"))[1], encoding="utf-8")
         cmd = [
             *uv,
             "pip",
@@ -281,6 +286,8 @@ def generate(lock: Lock, uv: list[str], pyproject: dict) -> None:
             "--quiet",
             "--index-url",
             os.environ.get("UV_INDEX_URL", "https://pypi.org/simple"),
+            "--output-file",
+            str(out),
         ]
         if lock.never:
             overrides = Path(tmp) / "overrides.txt"
@@ -291,9 +298,9 @@ def generate(lock: Lock, uv: list[str], pyproject: dict) -> None:
             constraints.write_text(_constraints(REPO / lock.constrained_by), encoding="utf-8")
             cmd += ["--constraints", str(constraints)]
         result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise LockError(f"uv could not resolve {lock.path}:\n{result.stderr.strip()}")
-    body = _drop_never(result.stdout)
+        if result.returncode != 0:
+            raise LockError(f"uv could not resolve {lock.path}:\n{result.stderr.strip()}")
+        body = _drop_never(out.read_text(encoding="utf-8"))
     path.write_text(_header(lock, inputs_digest(lock, pyproject), body) + body, encoding="utf-8")
     print(f"lock: wrote {lock.path} ({len(pins(body))} packages)", file=sys.stderr)
 
