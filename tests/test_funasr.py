@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import re
 import ssl
@@ -192,30 +191,11 @@ async def test_xiaozhi_fun_server_provider_exchange(tmp_path):
 
 
 def self_signed_cert(tmp_path: Path) -> Path:
-    """A throwaway certificate+key PEM, like the one FunASR's runtime ships for its wss:// default."""
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    """A throwaway certificate+key PEM, like the one FunASR's runtime ships for its wss:// default
+    (made by the server's own generator, given here as a configured `ssl_certfile`)."""
+    from asr_server.adapters.funasr.tls import self_signed
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp_path / "funasr.pem"
-    path.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return path
+    return self_signed(tmp_path / "funasr.pem")
 
 
 async def test_wss_as_xiaozhi_is_ssl_default(tmp_path):

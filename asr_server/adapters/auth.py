@@ -83,12 +83,6 @@ class ApiKeys:
         devices = frozenset(config.xiaozhi.auth.tokens) if config.xiaozhi.auth.enabled else frozenset()
         return cls(frozenset(config.http.api_keys), frozenset(config.http.read_keys), devices)
 
-    @property
-    def required(self) -> bool:
-        """A key is needed to read: some API key is configured, or devices must authenticate (then an
-        open API would hand out what the device tokens protect)."""
-        return bool(self.admin or self.read or self.devices)
-
     def grant(self, token: str | None, loopback: bool = False) -> Grant | None:
         """The rights `token` gives (None: none); without configured API keys, reading is open and
         a loopback client is an admin."""

@@ -75,7 +75,7 @@ class RequestConfig:
                 text = hw if isinstance(hw, str) else json.dumps(hw, ensure_ascii=False)
             except (ValueError, RecursionError):
                 raise _bad_type("hotwords", "a string or a JSON object", hw) from None
-            changes["hotwords"] = text[:4096].encode("utf-8", "replace").decode("utf-8")
+            changes["hotwords"] = _sendable(text[:4096])
         return replace(self, **changes) if changes else self
 
 
@@ -92,11 +92,16 @@ def _bad_type(key: str, want: str, value: Any) -> FunAsrProtocolError:
     return FunAsrProtocolError(CloseCode.INVALID_DATA, f"config key {key!r} must be {want}, got {ascii(shown)[1:-1]}")
 
 
+def _sendable(text: str) -> str:
+    """`text` with lone surrogates (valid in JSON, not in UTF-8) replaced: echoed back in results,
+    one would fail every send."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _string(msg: dict, key: str) -> str:
     v = msg[key]
     if isinstance(v, (str, int, float)) and not isinstance(v, bool):
-        # Echoed back in results: a lone surrogate (valid JSON, not UTF-8) would fail every send.
-        return str(v).encode("utf-8", "replace").decode("utf-8")
+        return _sendable(str(v))
     raise _bad_type(key, "a string", v)
 
 

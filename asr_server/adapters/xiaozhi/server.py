@@ -250,18 +250,12 @@ class XiaozhiServer:
         if ended.clean:
             assert ended.code is not None
             log.info("session %s: %s; closing the device alike", session.session_id, ended.reason)
-            code, message = ended.code, ended.reason
+            closing = _close(ws, session, ended.code, ended.reason)
         else:
             self._metrics.upstream_failures.labels("closed" if ended.code else "vanished").inc()
             log.warning("session %s: %s; closing the device", session.session_id, ended.reason)
-            code, message = CloseCode.TRY_AGAIN_LATER, ended.reason
-
-        async def close() -> None:
-            if not ended.clean:
-                await session.send_error(message)
-            await ws.close(code, close_reason(message))
-
-        asyncio.get_running_loop().create_task(close())
+            closing = _close(ws, session, CloseCode.TRY_AGAIN_LATER, ended.reason, error=ended.reason)
+        asyncio.get_running_loop().create_task(closing)
 
     @staticmethod
     def _audio_params(hello: Hello) -> dict:
@@ -341,7 +335,9 @@ class XiaozhiServer:
                 continue
             session.shed = True
             self._metrics.refused.labels("xiaozhi_shed").inc()
-            asyncio.get_running_loop().create_task(_close_shed(ws, session, why))
+            reason = "server overloaded, try again later"
+            closing = _close(ws, session, CloseCode.TRY_AGAIN_LATER, reason, error=f"{reason}: {why}")
+            asyncio.get_running_loop().create_task(closing)
             shed += 1
             if shed >= count:
                 break
@@ -398,8 +394,7 @@ class XiaozhiServer:
     async def _flood(self, ws: ServerConnection, session: Session, why: str) -> str:
         self._metrics.errors.labels("flood").inc()
         log.warning("session %s: %s, closing", session.session_id, why)
-        await session.send_error(f"frame flood: {why}")
-        await ws.close(CloseCode.POLICY_VIOLATION, "frame flood")
+        await _close(ws, session, CloseCode.POLICY_VIOLATION, "frame flood", error=f"frame flood: {why}")
         return "frame flood"
 
     async def _refuse(self, ws: ServerConnection, device_id: str | None, kind: str, message: str, code: int) -> None:
@@ -421,7 +416,8 @@ class XiaozhiServer:
         return f"client closed ({e.rcvd.code})"
 
 
-async def _close_shed(ws: ServerConnection, session: Session, why: str) -> None:
-    reason = "server overloaded, try again later"
-    await session.send_error(f"{reason}: {why}")
-    await ws.close(CloseCode.TRY_AGAIN_LATER, reason)
+async def _close(ws: ServerConnection, session: Session, code: int, reason: str, error: str | None = None) -> None:
+    """Close a device's session with `code` and `reason`, telling it `error` first when there is one."""
+    if error is not None:
+        await session.send_error(error)
+    await ws.close(code, close_reason(reason))

@@ -201,17 +201,17 @@ class Upstream:
     async def send_turn(self, text: str, speaker: str | None, endpoint: float) -> None:
         """The user's turn: what the device said, as the text message the upstream answers."""
         self._turn_at = endpoint
-        msg: dict[str, Any] = {"type": "listen", "state": "detect", "text": turn_text(text, speaker)}
-        if self.session_id:
-            msg["session_id"] = self.session_id
-        await self.send(dumps(msg))
+        await self._send_own({"type": "listen", "state": "detect", "text": turn_text(text, speaker)})
 
     async def barge_in(self) -> None:
         """The user speaks over the answer (realtime mode): stop it, as the firmware's abort does."""
-        msg: dict[str, Any] = {"type": "abort", "reason": "wake_word_detected"}
+        self.speaking = False
+        await self._send_own({"type": "abort", "reason": "wake_word_detected"})
+
+    async def _send_own(self, msg: dict[str, Any]) -> None:
+        """A message of ours (not the device's), in the upstream's session as the firmware sends them."""
         if self.session_id:
             msg["session_id"] = self.session_id
-        self.speaking = False
         await self.send(dumps(msg))
 
     async def close(self) -> None:
