@@ -357,13 +357,14 @@ def test_pre_exported_layout_loads_and_transcribes_like_the_bpe_model(model_dir,
 def test_word_times_come_from_the_ctc_frames_of_each_word():
     from asr_server.engines.sensevoice.decoding import ctc_greedy_timed, word_times
 
-    pieces = {1: "<|en|>", 2: "▁TURN", 3: "▁ON", 4: "▁LIG", 5: "HT", 6: ".", 7: "客厅", 8: "灯"}
+    pieces = {1: "<|en|>", 2: "▁TURN", 3: "▁ON", 4: "▁LIG", 5: "HT", 6: ".", 7: "客厅", 8: "灯", 9: "▁", 10: "now"}
     # 4 query frames (a tag among them), then TURN at LFR frames 1-2, ON at 4, LIGHT at 6-8 with ".", 客厅 at 10-11
-    ids = [1, 0, 0, 0, 0, 2, 2, 0, 3, 0, 4, 5, 5, 6, 7, 7, 0, 8]
-    timed = ctc_greedy_timed(one_hot_logits(ids, 9))
-    assert [t for t, _, _ in timed] == [1, 2, 3, 4, 5, 6, 7, 8]
+    ids = [1, 0, 0, 0, 0, 2, 2, 0, 3, 0, 4, 5, 5, 6, 7, 7, 0, 8, 9, 10]
+    timed = ctc_greedy_timed(one_hot_logits(ids, 11))
+    assert [t for t, _, _ in timed] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
     words = word_times(timed, pieces.__getitem__)
-    assert [w.text for w in words] == ["TURN", "ON", "LIGHT.", "客", "厅", "灯"]
+    # a bare `▁` piece starts the next word ("now"), as sentencepiece writes a word it splits there
+    assert [w.text for w in words] == ["TURN", "ON", "LIGHT.", "客", "厅", "灯", "now"]
     turn, on, light = words[:3]
     assert (turn.start_s, turn.end_s) == (0.06, 0.18) and (on.start_s, on.end_s) == (0.24, 0.3)
     assert (light.start_s, light.end_s) == (0.36, 0.6)

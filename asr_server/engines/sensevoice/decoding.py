@@ -62,8 +62,9 @@ def ctc_greedy_timed(logits: np.ndarray, blank: int = 0) -> list[tuple[int, int,
 def word_times(timed: list[tuple[int, int, int]], piece: Callable[[int], str]) -> tuple[Word, ...]:
     """Tokens grouped into words with their times: a sentencepiece word starts at `▁`, every CJK
     character is a word, punctuation and byte pieces stay with the word before; tags are left out.
-    A word runs from its first token's first frame to its last token's last frame."""
+    A word runs from its first token's first frame (or the bare `▁` before it) to its last token's last frame."""
     words: list[list] = []
+    boundary: int | None = None  # the frame of a bare `▁` piece: the next piece starts a word there
     for tid, f0, f1 in timed:
         p = piece(tid)
         if p.startswith("<|") and p.endswith("|>"):
@@ -71,10 +72,14 @@ def word_times(timed: list[tuple[int, int, int]], piece: Callable[[int], str]) -
         text = p.replace(_WORD_START, " ")
         core = text.strip()
         if not core:
+            if _WORD_START in p and boundary is None:
+                boundary = f0
             continue
+        starts = p.startswith(_WORD_START) or boundary is not None
+        if boundary is not None:
+            f0, boundary = boundary, None
         attach = words and (
-            not p.startswith(_WORD_START)
-            and (core.isascii() and words[-1][0][-1:].isascii() or _is_punct(core) or p.startswith("<0x"))
+            not starts and (core.isascii() and words[-1][0][-1:].isascii() or _is_punct(core) or p.startswith("<0x"))
         )
         if attach:
             words[-1][0] += core if not p.startswith("<0x") else ""
