@@ -1,32 +1,20 @@
-"""Typed configuration: `config.yaml` validated at start, overridden by environment variables.
+"""The configuration's sections, every key with its default and, for every listener and queue,
+its limit: a refusal names the key. `config.yaml` at the repository root documents them; the
+package's `load_config` reads, overrides and validates them.
 
-Every key has a default here; `config.yaml` at the repository root documents them. An unknown or
-ill-typed key stops the start with a `ConfigError` that names the key and why. Environment
-variables named `ASR_SERVER__SECTION__KEY` (double underscores between levels) override keys;
-their values are parsed as YAML scalars, so `ASR_SERVER__VAD__THRESHOLD=0.6` gives a float.
-
-Renamed keys keep working under their old names, with a line in `Config.deprecations` that the
-CLI logs at start: the section `server` is now `xiaozhi` (it configures the device socket only).
-Every listener and every queue has its limit here, with a default; a refusal names the key.
+The section `server` is now `xiaozhi` (it configures the device socket only); the old name still
+works, with a warning (`RENAMED_SECTIONS`).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .constants import Language, Protocol
-from .errors import ConfigError
-
-__all__ = ["Config", "ConfigError", "load_config"]
-
-ENV_PREFIX = "ASR_SERVER__"
+from ..constants import Language, Protocol
 
 #: A batch size, or `auto` (chosen for the device: see `core.pipeline.batch_size`).
 BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
@@ -401,97 +389,3 @@ class Config(_Section):
         if self.xiaozhi.auth.enabled and not self.xiaozhi.auth.tokens:
             raise ValueError("xiaozhi.auth.enabled is true but xiaozhi.auth.tokens is empty")
         return self
-
-
-def _rename_sections(data: dict[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
-    """Move renamed sections to their new names; what moved, as deprecation lines."""
-    notes = []
-    for old, new in RENAMED_SECTIONS.items():
-        if old in data:
-            value = data.pop(old)
-            if isinstance(value, dict) and isinstance(data.get(new), dict):
-                value = _merge(value, data[new])
-            data[new] = value
-            notes.append(
-                f"the section {old!r} ({source}) is now called {new!r}; {old!r} still works, "
-                f"rename it before it is removed"
-            )
-    return data, notes
-
-
-def _format_errors(err: ValidationError, source: str, renamed: frozenset[str] | set[str] = frozenset()) -> str:
-    """One line per bad key; a key under a renamed section is named as the user wrote it."""
-    lines = [f"invalid configuration ({source}):"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        for old in renamed:
-            new = RENAMED_SECTIONS[old]
-            if key == new or key.startswith(new + "."):
-                key = f"{old}{key[len(new) :]} (now {key})"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for name, raw in env.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__") if p]
-        if not path:
-            continue
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"invalid configuration (environment): {name} conflicts with another variable")
-        try:
-            node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            node[path[-1]] = raw
-    return tree
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
-def load_config(
-    path: str | Path | None = None, env: Mapping[str, str] | None = None, overrides: dict[str, Any] | None = None
-) -> Config:
-    """Read `path` (if given and present), apply environment and explicit overrides, validate."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        data = loaded or {}
-        source = str(p)
-    data, notes = _rename_sections(data, source)
-    env_tree, env_notes = _rename_sections(_env_overrides(os.environ if env is None else env), "environment")
-    data = _merge(data, env_tree)
-    if overrides:
-        over, over_notes = _rename_sections(dict(overrides), "overrides")
-        data = _merge(data, over)
-        notes += over_notes
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as e:
-        renamed = {old for old in RENAMED_SECTIONS if any(f"{old!r}" in n for n in notes + env_notes)}
-        raise ConfigError(_format_errors(e, source + " + environment", renamed)) from None
-    config.deprecations = notes + env_notes
-    return config
