@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from .core.metrics import Metrics, watch_loop_lag
 from .core.pipeline import Pipeline
 from .errors import StartupError
 from .modelfiles.inspect import check_models
+from .sharing import WorkerShare
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +56,10 @@ class Endpoints:
 class AsrServer:
     """Starts and stops every listener around one shared pipeline."""
 
-    def __init__(self, config: Config, pipeline: Pipeline | None = None) -> None:
+    def __init__(self, config: Config, pipeline: Pipeline | None = None, share: WorkerShare | None = None) -> None:
         self.config = config
-        self.metrics = pipeline.metrics if pipeline is not None else Metrics()
+        self.share = share  # one of several worker processes (serve --workers): what they share
+        self.metrics = pipeline.metrics if pipeline is not None else Metrics(share.index if share else 0)
         self.pipeline = pipeline
         self._owns_pipeline = pipeline is None
         self.xiaozhi: XiaozhiServer | None = None
@@ -79,21 +82,21 @@ class AsrServer:
             t0 = time.perf_counter()
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg, self.metrics)
             log.info("models loaded in %.1f s", time.perf_counter() - t0)
-        self.bus = EventBus(cfg, self.metrics)
+        self.bus = EventBus(cfg, self.metrics, self.share)
         await self.bus.start()
         bus = self.bus
-        self.xiaozhi = XiaozhiServer(cfg, self.pipeline, bus.publish)
+        self.xiaozhi = XiaozhiServer(cfg, self.pipeline, bus.publish, self.share)
         try:
             self._ws = await self.xiaozhi.serve()
             device_port = self._ws.sockets[0].getsockname()[1]
             http_url = funasr_url = None
             if cfg.http.enabled:
-                app = build_app(cfg, self.pipeline, self.bus, self.metrics, lambda: self._ready)
-                self._http = await start_http(app, cfg.http.host, cfg.http.port)
+                app = build_app(cfg, self.pipeline, self.bus, self.metrics, lambda: self._ready, self.share)
+                self._http = await start_http(app, cfg.http.host, cfg.http.port, reuse_port=self.share is not None)
                 http_port = self._http.addresses[0][1]
                 http_url = f"http://{_client_host(cfg.http.host)}:{http_port}"
             if cfg.funasr.enabled:
-                self._funasr = await serve_funasr(cfg, self.pipeline, self.metrics, self.bus)
+                self._funasr = await serve_funasr(cfg, self.pipeline, self.metrics, self.bus, self.share)
                 funasr_port = self._funasr.sockets[0].getsockname()[1]
                 scheme = "wss" if cfg.funasr.tls == "on" else "ws"
                 funasr_url = f"{scheme}://{_client_host(cfg.funasr.host)}:{funasr_port}/"
@@ -149,10 +152,15 @@ def _client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
-async def serve_forever(config: Config) -> None:
-    """Run until SIGINT/SIGTERM, then close every connection and release the models."""
-    server = AsrServer(config)
-    await server.start()
+async def serve_forever(
+    config: Config, share: WorkerShare | None = None, on_ready: Callable[[Endpoints], None] | None = None
+) -> None:
+    """Run until SIGINT/SIGTERM, then close every connection and release the models. `on_ready`
+    hears the endpoints once every listener is up (a worker tells its supervisor)."""
+    server = AsrServer(config, share=share)
+    endpoints = await server.start()
+    if on_ready is not None:
+        on_ready(endpoints)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

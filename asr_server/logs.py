@@ -30,9 +30,11 @@ class SafeFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, process: str | None = None) -> None:
+    """One escaped, bounded format for the process; `process` names it in every line (`worker 1`)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    tag = f"[{process}] " if process else ""
+    handler.setFormatter(SafeFormatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level))

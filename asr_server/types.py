@@ -164,3 +164,14 @@ class TranscriptEvent:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    def to_peer_bytes(self) -> bytes:
+        """The event whole (its `scope` too), for another worker of this server."""
+        return json.dumps({**self.to_dict(), "scope": self.scope}).encode()
+
+    @classmethod
+    def from_peer_bytes(cls, data: bytes) -> TranscriptEvent:
+        d = json.loads(data)
+        d.pop("type", None)
+        speaker = d.pop("speaker")
+        return cls(speaker=SpeakerMatch(**speaker) if speaker is not None else None, **d)

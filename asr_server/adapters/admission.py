@@ -3,7 +3,8 @@
 A session that has not said `hello` yet is a connection all the same: a mass reconnect after a
 Wi-Fi outage opens hundreds at once, and counting only finished sessions would admit them all.
 A slot is taken when a request passes the handshake checks and given back when that connection
-closes, however it closes (a failed handshake included).
+closes, however it closes (a failed handshake included). With worker processes the count is the
+whole server's (`sharing.Tally`), so `max_sessions` holds for the server, not for each worker.
 """
 
 from __future__ import annotations
@@ -16,24 +17,37 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
+from ..sharing import Tally
+
 log = logging.getLogger(__name__)
 
 
 class ConnectionSlots:
     """At most `limit` connections at a time; `admit` from `process_request`, release is automatic."""
 
-    def __init__(self, limit: int, key: str, on_refuse: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self, limit: int, key: str, on_refuse: Callable[[], None] | None = None, tally: Tally | None = None
+    ) -> None:
         self.limit = limit
         self.key = key
         self._on_refuse = on_refuse
-        self.taken = 0
+        self.tally = tally if tally is not None else Tally()
         self._watchers: set[asyncio.Task[None]] = set()
+
+    @property
+    def taken(self) -> int:
+        """Connections open on the whole server (every worker's)."""
+        return self.tally.total
+
+    @property
+    def own(self) -> int:
+        """Connections open in this process."""
+        return self.tally.own
 
     def acquire(self, connection: Any) -> bool:
         """Take a slot for `connection` (a websockets `ServerConnection`); False when none is free."""
-        if self.taken >= self.limit:
+        if not self.tally.take(self.limit):
             return False
-        self.taken += 1
         task = asyncio.get_running_loop().create_task(self._release_when_closed(connection))
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
@@ -55,7 +69,7 @@ class ConnectionSlots:
         try:
             await connection.wait_closed()
         finally:
-            self.taken -= 1
+            self.tally.give()
 
 
 #: What a refused client is told to wait before it retries (seconds): about one utterance's worth.

@@ -359,6 +359,12 @@ RENAMED_SECTIONS = {"server": "xiaozhi"}
 
 class Config(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="Front-end processes sharing the ports (serve --workers): auto = one per core. Each holds its "
+        "own sessions and engines on its share of the cores; limits, events, voiceprints and /metrics are the "
+        "whole server's.",
+    )
     xiaozhi: XiaozhiConfig = Field(default_factory=XiaozhiConfig)
     vad: VadConfig = Field(default_factory=VadConfig)
     asr: AsrConfig = Field(default_factory=AsrConfig)

@@ -6,7 +6,9 @@ nothing. The webhook queue drops its oldest event when full (counted in
 `asr_webhook_deliveries{outcome="dropped"}`); deliveries run in their own tasks with a timeout
 and a bounded number of retries with exponential backoff. Each `/v1/events` subscriber has its
 own bounded queue with the same drop-oldest rule, so one stalled subscriber never holds up the
-webhook or the other subscribers.
+webhook or the other subscribers. With worker processes, each worker passes its events to the
+others (`sharing.EventPeers`) for their subscribers; the webhook gets each event once, from the
+worker that made it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import aiohttp
 
 from ..config import Config
 from ..errors import ConfigError, SubscriptionClosed
+from ..sharing import EventPeers, Tally, WorkerShare
 from ..types import TranscriptEvent
 from .metrics import Metrics
 
@@ -103,8 +106,11 @@ def _check_url(url: str) -> str:
 class EventBus:
     """Fans final transcripts out to the webhook and the WebSocket subscribers."""
 
-    def __init__(self, config: Config, metrics: Metrics) -> None:
+    def __init__(self, config: Config, metrics: Metrics, share: WorkerShare | None = None) -> None:
         self.config = config.events
+        self._share = share
+        self._peers: EventPeers | None = None
+        self._seats = Tally.of(share, "events.max_subscribers")
         self.metrics = metrics
         self.webhook_url = _check_url(self.config.webhook_url) if self.config.webhook_url else None
         self._protocols = frozenset(self.config.protocols)
@@ -125,7 +131,8 @@ class EventBus:
 
     @property
     def subscribers(self) -> int:
-        return len(self._subscribers)
+        """Subscribers of the whole server (every worker's)."""
+        return self._seats.total
 
     async def start(self) -> None:
         """Bind to the running loop and start the webhook workers (none without a webhook URL)."""
@@ -133,6 +140,9 @@ class EventBus:
         self._loop_thread = threading.get_ident()
         self._wakeup = asyncio.Event()
         self.metrics.queue_depths.add("webhook", lambda: len(self._pending))
+        if self._share is not None and self._share.count > 1:
+            self._peers = EventPeers(self._share)
+            self._peers.listen(self._from_peer)
         if self.webhook_url is None:
             return
         c = self.config
@@ -167,11 +177,26 @@ class EventBus:
                 self._pending.append(event)
                 if self._wakeup is not None:
                     self._wakeup.set()
-            for sub in list(self._subscribers):
-                if sub.matches(event) and not sub._offer(event):
-                    self.metrics.errors.labels("events_subscriber_overflow").inc()
+            self._to_subscribers(event)
+            if self._peers is not None:
+                self._peers.send(event.to_peer_bytes())
         except Exception:  # the reply path must not fail because of an event
             log.exception("publishing a transcript event failed")
+
+    def _to_subscribers(self, event: TranscriptEvent) -> None:
+        for sub in list(self._subscribers):
+            if sub.matches(event) and not sub._offer(event):
+                self.metrics.errors.labels("events_subscriber_overflow").inc()
+
+    def _from_peer(self, data: bytes) -> None:
+        """Another worker's event: for this worker's subscribers (its webhook went from there)."""
+        try:
+            event = TranscriptEvent.from_peer_bytes(data)
+        except (ValueError, TypeError, KeyError):
+            log.warning("dropped a malformed event from another worker (%d bytes)", len(data))
+            return
+        if not self._closed:
+            self._to_subscribers(event)
 
     def subscribe(self, device_ids: Iterable[str] | None = None, scope: str | None = None) -> Subscription:
         """A new subscription to every event, or only to those of `device_ids` (and of `scope`)."""
@@ -181,10 +206,13 @@ class EventBus:
             sub._closed = True
         else:
             self._subscribers.add(sub)
+            self._seats.add()  # the route checked events.max_subscribers against `subscribers`
         return sub
 
     def _unsubscribe(self, sub: Subscription) -> None:
-        self._subscribers.discard(sub)
+        if sub in self._subscribers:
+            self._subscribers.discard(sub)
+            self._seats.give()
 
     # --- webhook -------------------------------------------------------------------------
 
@@ -248,6 +276,9 @@ class EventBus:
         if self._closed:
             return
         self._closed = True
+        if self._peers is not None:
+            self._peers.close()
+            self._peers = None
         for sub in list(self._subscribers):
             sub.close()
         if self._workers:

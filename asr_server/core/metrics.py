@@ -3,13 +3,20 @@
 Where the time of an utterance goes, under load: `asr_queue_wait_seconds` and `asr_stage_seconds`
 per engine (wait, then compute), `asr_event_loop_lag_seconds` (how late the loop reads frames),
 `asr_discarded_compute_seconds` (engine time spent on results nobody took: discarded speculations).
+
+Under `serve --workers N` (prometheus_client's multiprocess mode: `PROMETHEUS_MULTIPROC_DIR` is
+set by the supervisor) every worker writes its samples to files there and `/metrics` on any
+worker renders the whole server: counters and histograms summed, open-session gauges summed
+over live workers, and `asr_worker_sessions_open{worker}` / `asr_queue_depth{engine,worker}` per
+worker. Process metrics (memory, CPU) are per process and left out in that mode.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.process_collector import ProcessCollector
 
@@ -18,13 +25,21 @@ _STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 
 class _QueueDepths:
-    """Reads batcher queue depths at scrape time instead of tracking them on every submit."""
+    """Reads batcher queue depths at scrape time instead of tracking them on every submit (one
+    process); with workers, `sample` copies them into a gauge the other workers' scrapes read."""
 
-    def __init__(self) -> None:
+    def __init__(self, gauge: Gauge | None = None, worker: str = "0") -> None:
         self._sources: dict[str, Callable[[], int]] = {}
+        self._gauge = gauge
+        self._worker = worker
 
     def add(self, engine: str, depth: Callable[[], int]) -> None:
         self._sources[engine] = depth
+
+    def sample(self) -> None:
+        if self._gauge is not None:
+            for engine, depth in self._sources.items():
+                self._gauge.labels(engine, self._worker).set(depth())
 
     def collect(self):
         g = GaugeMetricFamily("asr_queue_depth", "Requests waiting in each engine's micro-batcher", labels=["engine"])
@@ -36,11 +51,23 @@ class _QueueDepths:
 class Metrics:
     """Every metric the server exports; adapters and engines record into the same instance."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+        self.worker = str(worker)
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
-        self.sessions = Gauge("asr_sessions_open", "Open sessions by protocol", ["protocol"], registry=r)
+        if self.multiprocess_dir is None:
+            ProcessCollector(registry=r)
+        self.sessions = Gauge(
+            "asr_sessions_open", "Open sessions by protocol", ["protocol"], registry=r, multiprocess_mode="livesum"
+        )
+        self.worker_sessions = Gauge(
+            "asr_worker_sessions_open",
+            "Open sessions by worker process (serve --workers) and protocol",
+            ["worker", "protocol"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.sessions_total = Counter("asr_sessions_opened", "Sessions opened by protocol", ["protocol"], registry=r)
         self.utterances = Counter("asr_utterances", "Utterances recognised by protocol", ["protocol"], registry=r)
         self.reply_latency = Histogram(
@@ -95,7 +122,9 @@ class Metrics:
             registry=r,
         )
         self.errors = Counter("asr_errors", "Errors by kind", ["kind"], registry=r)
-        self.upstream_sessions = Gauge("asr_upstream_sessions", "Device sessions relayed to the upstream", registry=r)
+        self.upstream_sessions = Gauge(
+            "asr_upstream_sessions", "Device sessions relayed to the upstream", registry=r, multiprocess_mode="livesum"
+        )
         self.upstream_failures = Counter(
             "asr_upstream_failures", "Upstream connections that failed, by reason", ["reason"], registry=r
         )
@@ -117,8 +146,27 @@ class Metrics:
         self.webhook = Counter(
             "asr_webhook_deliveries", "Webhook deliveries by outcome (ok, failed, dropped)", ["outcome"], registry=r
         )
-        self.queue_depths = _QueueDepths()
-        r.register(self.queue_depths)
+        if self.multiprocess_dir is None:
+            self.queue_depths = _QueueDepths()
+            r.register(self.queue_depths)
+        else:
+            depth = Gauge(
+                "asr_queue_depth",
+                "Requests waiting in each engine's micro-batcher, by worker",
+                ["engine", "worker"],
+                registry=r,
+                multiprocess_mode="livesum",
+            )
+            self.queue_depths = _QueueDepths(depth, self.worker)
+
+    def session_opened(self, protocol: str) -> None:
+        self.sessions_total.labels(protocol).inc()
+        self.sessions.labels(protocol).inc()
+        self.worker_sessions.labels(self.worker, protocol).inc()
+
+    def session_closed(self, protocol: str) -> None:
+        self.sessions.labels(protocol).dec()
+        self.worker_sessions.labels(self.worker, protocol).dec()
 
     def on_batch(self, engine: str, size: int, seconds: float) -> None:
         """The schedulers' callback: batch size and the batched call's duration."""
@@ -138,7 +186,13 @@ class Metrics:
         self.shed.labels(engine).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this process's registry, or with workers the whole server's."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        self.queue_depths.sample()
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, self.multiprocess_dir)
+        return generate_latest(registry)
 
 
 async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.1) -> None:
@@ -151,3 +205,4 @@ async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.1) -> None:
         t0 = loop.time()
         await asyncio.sleep(interval_s)
         observe(max(0.0, loop.time() - t0 - interval_s))
+        metrics.queue_depths.sample()  # with workers: the depths the other workers' scrapes read

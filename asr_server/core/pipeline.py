@@ -400,10 +400,14 @@ def asr_parallel(config: Config) -> int:
 
 def asr_threads(config: Config) -> int:
     """The recogniser's intra-op threads: `engine.threads`, or with 0 the runtime's choice for one
-    recognition at a time and the cores shared out when several run at once."""
+    recognition at a time and the cores shared out when several run at once. A process held to
+    some of the cores (a worker of `serve --workers`, or `taskset`) counts only those: the
+    runtime's own choice would be every core of the machine, oversubscribing them N times."""
     n = asr_parallel(config)
-    if config.engine.threads or n == 1:
+    if config.engine.threads:
         return config.engine.threads
+    if n == 1 and _cores() >= (os.cpu_count() or 1):
+        return 0
     return max(1, _cores() // n)
 
 

@@ -17,6 +17,7 @@ from ...constants import FUNASR
 from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
+from ...sharing import Tally, WorkerShare
 from ..admission import ConnectionSlots, refuse_busy
 from ..auth import ApiKeys, bearer_token
 from .session import PROTOCOL, FunAsrSession
@@ -28,7 +29,14 @@ log = logging.getLogger(__name__)
 class FunAsrServer:
     """Handshake checks and one `FunAsrSession` per client."""
 
-    def __init__(self, config: Config, pipeline: Pipeline, metrics: Metrics, bus: EventBus | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        metrics: Metrics,
+        bus: EventBus | None = None,
+        share: WorkerShare | None = None,
+    ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.metrics = metrics
@@ -38,7 +46,10 @@ class FunAsrServer:
         )
         self.buffered_bytes = 0  # offline audio all sessions hold (FunAsrSession._hold)
         self.slots = ConnectionSlots(
-            config.funasr.max_sessions, "funasr.max_sessions", metrics.errors.labels("capacity").inc
+            config.funasr.max_sessions,
+            "funasr.max_sessions",
+            metrics.errors.labels("capacity").inc,
+            Tally.of(share, "funasr.max_sessions"),
         )
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -63,18 +74,24 @@ class FunAsrServer:
 
     async def handle(self, ws: ServerConnection) -> None:
         log.debug("funasr: %s connection from %s", transport_of(ws), ws.remote_address)
-        self.metrics.sessions_total.labels(PROTOCOL).inc()
-        self.metrics.sessions.labels(PROTOCOL).inc()
+        self.metrics.session_opened(PROTOCOL)
         try:
             await FunAsrSession(self, ws).run()
         finally:
-            self.metrics.sessions.labels(PROTOCOL).dec()
+            self.metrics.session_closed(PROTOCOL)
 
 
-async def serve_funasr(config: Config, pipeline: Pipeline, metrics: Metrics, bus: EventBus | None = None) -> Server:
-    """Listen on `funasr.host:funasr.port` (0 picks a free port; `server.sockets` tells which)."""
+async def serve_funasr(
+    config: Config,
+    pipeline: Pipeline,
+    metrics: Metrics,
+    bus: EventBus | None = None,
+    share: WorkerShare | None = None,
+) -> Server:
+    """Listen on `funasr.host:funasr.port` (0 picks a free port; `server.sockets` tells which);
+    as one of several workers, on a port they share (SO_REUSEPORT)."""
     cfg = config.funasr
-    handler = FunAsrServer(config, pipeline, metrics, bus)
+    handler = FunAsrServer(config, pipeline, metrics, bus, share)
     ctx = tls_context(cfg)
     tls: dict[str, Any] = {}
     if ctx is not None and cfg.tls == "both":
@@ -92,5 +109,6 @@ async def serve_funasr(config: Config, pipeline: Pipeline, metrics: Metrics, bus
         close_timeout=cfg.close_timeout_s,
         open_timeout=cfg.open_timeout_s,
         compression=None,
+        reuse_port=share is not None,
         **tls,
     )

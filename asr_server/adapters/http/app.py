@@ -27,6 +27,7 @@ from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
 from ...errors import ApiError, ClientGone, EngineBusy
+from ...sharing import Tally, WorkerShare
 from ..admission import RETRY_AFTER_S
 from ..auth import ApiKeys
 from . import events, health, transcriptions, voiceprints
@@ -176,9 +177,15 @@ _AIOHTTP_SERVER_LOG = logging.getLogger("aiohttp.server")
 
 
 def build_app(
-    config: Config, pipeline: Pipeline, bus: EventBus, metrics: Metrics, ready: Callable[[], bool]
+    config: Config,
+    pipeline: Pipeline,
+    bus: EventBus,
+    metrics: Metrics,
+    ready: Callable[[], bool],
+    share: WorkerShare | None = None,
 ) -> web.Application:
-    """The aiohttp application; `ready` answers /readyz (models loaded, listeners up)."""
+    """The aiohttp application; `ready` answers /readyz (models loaded, listeners up). As one of
+    several workers (`share`), its connection cap counts the whole server's connections."""
     if not any(isinstance(f, _BadRequests) for f in _AIOHTTP_SERVER_LOG.filters):
         _AIOHTTP_SERVER_LOG.addFilter(_BadRequests())
     app = web.Application(
@@ -197,6 +204,7 @@ def build_app(
         config.http.header_timeout_s,
         "http.max_connections",
         lambda kind: metrics.errors.labels(kind).inc(),
+        Tally.of(share, "http.max_connections"),
     )
     app[health.PROBE] = health.EngineProbe()
     app.on_shutdown.append(events.close_sockets)
@@ -216,9 +224,9 @@ def build_app(
     return app
 
 
-async def start_http(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Serve `app` on host:port (0 picks a free port; `runner.addresses` tells which), behind the
-    app's connection guard. No lingering close: a body left unread (after a 413, say) is not read
+async def start_http(app: web.Application, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:
+    """Serve `app` on host:port (0 picks a free port; `runner.addresses` tells which; `reuse_port`:
+    one of several workers' sockets on one port), behind the app's connection guard. No lingering close: a body left unread (after a 413, say) is not read
     to its end for keep-alive's sake, the connection is closed."""
     config = app[CONFIG]
     runner = web.AppRunner(
@@ -229,7 +237,7 @@ async def start_http(app: web.Application, host: str, port: int) -> web.AppRunne
         lingering_time=0,
     )
     await runner.setup()
-    site = GuardedSite(runner, host, port, app[GUARD])
+    site = GuardedSite(runner, host, port, app[GUARD], reuse_port)
     try:
         await site.start()
     except OSError:

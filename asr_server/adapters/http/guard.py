@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ...sharing import Tally
 from ..admission import RETRY_AFTER_S
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,17 @@ class ConnectionGuard:
     """Counts a port's connections and arms the header deadline; the middleware marks requests."""
 
     def __init__(
-        self, limit: int, header_timeout_s: float, key: str, on_event: Callable[[str], None] | None = None
+        self,
+        limit: int,
+        header_timeout_s: float,
+        key: str,
+        on_event: Callable[[str], None] | None = None,
+        tally: Tally | None = None,
     ) -> None:
         self.limit = limit
         self.header_timeout_s = header_timeout_s
         self.key = key
-        self.open = 0
+        self.tally = tally if tally is not None else Tally()  # the whole server's, with workers
         self._on_event = on_event or (lambda _: None)
         self._connections: dict[Any, _Guarded] = {}
 
@@ -73,14 +79,13 @@ class _Guarded(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         g = self.guard
-        if g.open >= g.limit:
+        if not g.tally.take(g.limit):
             self.refused = True
             g._event("http_connections_full")
-            body = f"server full: {g.open} connections open ({g.key} = {g.limit}), try again later\n"
+            body = f"server full: {g.tally.total} connections open ({g.key} = {g.limit}), try again later\n"
             transport.write(_FULL.format(retry=RETRY_AFTER_S, n=len(body), body=body).encode())
             transport.close()
             return
-        g.open += 1
         g._connections[transport] = self
         self.inner.connection_made(transport)
 
@@ -99,7 +104,7 @@ class _Guarded(asyncio.Protocol):
         if self.refused:
             return
         self.disarm()
-        self.guard.open -= 1
+        self.guard.tally.give()
         self.guard._connections.pop(self.transport, None)
         self.inner.connection_lost(exc)
 
@@ -132,8 +137,10 @@ class _Guarded(asyncio.Protocol):
 class GuardedSite(web.TCPSite):
     """`web.TCPSite` whose connections go through a `ConnectionGuard`."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard) -> None:
-        super().__init__(runner, host, port)
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, reuse_port: bool = False
+    ) -> None:
+        super().__init__(runner, host, port, reuse_port=reuse_port)
         self.guard = guard
 
     async def start(self) -> None:
@@ -141,5 +148,9 @@ class GuardedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard.factory(server), self._host, self._port, reuse_address=self._reuse_address
+            self.guard.factory(server),
+            self._host,
+            self._port,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
         )

@@ -24,6 +24,7 @@ from ...config import Config
 from ...core.pipeline import Pipeline
 from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
 from ...logs import Throttle
+from ...sharing import Tally, WorkerShare
 from ...types import ClientInfo
 from ..admission import ConnectionSlots, LoadCap, RateBucket, refuse_busy
 from ..auth import bearer_token, fingerprint, header_or_query
@@ -38,7 +39,9 @@ log = logging.getLogger(__name__)
 class XiaozhiServer:
     """Owns the device sessions (`sessions`, keyed by session id) and the WebSocket server."""
 
-    def __init__(self, config: Config, pipeline: Pipeline, publish: Publish | None = None) -> None:
+    def __init__(
+        self, config: Config, pipeline: Pipeline, publish: Publish | None = None, share: WorkerShare | None = None
+    ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.publish = publish
@@ -51,8 +54,12 @@ class XiaozhiServer:
         cfg = config.xiaozhi
         self.cap = LoadCap(cfg.max_sessions, cfg.shed_fraction, cfg.admit_increase_per_s)
         self.slots = ConnectionSlots(
-            config.xiaozhi.max_sessions, "xiaozhi.max_sessions", self._metrics.errors.labels("capacity").inc
+            config.xiaozhi.max_sessions,
+            "xiaozhi.max_sessions",
+            self._metrics.errors.labels("capacity").inc,
+            Tally.of(share, "xiaozhi.max_sessions"),
         )
+        self._reuse_port = share is not None  # workers listen on one port each (SO_REUSEPORT)
 
     async def serve(self, host: str | None = None, port: int | None = None) -> Server:
         cfg = self.config.xiaozhi
@@ -69,6 +76,7 @@ class XiaozhiServer:
             server_header="asr-server",
             # A client closed for flooding has frames queued ahead of its close reply: don't wait long for it.
             close_timeout=cfg.close_timeout_s,
+            reuse_port=self._reuse_port,
         )
 
     def _check_request(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -91,8 +99,8 @@ class XiaozhiServer:
                 )
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token\n")
         why = self.pipeline.overloaded()
-        if why is None and self.cap.full(self.slots.taken):
-            why = f"{self.slots.taken} devices are what the recogniser answers in budget now"
+        if why is None and self.cap.full(self.slots.own):  # the cap is this process's recogniser's
+            why = f"{self.slots.own} devices are what the recogniser answers in budget now"
         if why is not None:
             self._metrics.refused.labels(PROTOCOL).inc()
             if self._refusals.allow():
@@ -145,8 +153,7 @@ class XiaozhiServer:
         session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream)
         self.sessions[session_id] = session
         self._sockets[session_id] = ws
-        self._metrics.sessions.labels(PROTOCOL).inc()
-        self._metrics.sessions_total.labels(PROTOCOL).inc()
+        self._metrics.session_opened(PROTOCOL)
         log.info(
             "session %s open: device %s client %s v%d from %s",
             session_id,
@@ -177,7 +184,7 @@ class XiaozhiServer:
         finally:
             self.sessions.pop(session_id, None)
             self._sockets.pop(session_id, None)
-            self._metrics.sessions.labels(PROTOCOL).dec()
+            self._metrics.session_closed(PROTOCOL)
             await session.close()
             if upstream is not None:
                 await upstream.close()  # a device that leaves closes its upstream socket
