@@ -40,19 +40,35 @@ class ResourceUsage:
 
 
 def read_proc(pid: int, proc_root: Path = Path("/proc")) -> ProbeSample:
-    """CPU and RSS of `pid` from /proc/<pid>/stat and /proc/<pid>/statm."""
-    base = proc_root / str(pid)
-    try:
-        stat = (base / "stat").read_text()
-        statm = (base / "statm").read_text()
-    except OSError as e:
-        raise ProbeError(f"cannot read /proc for pid {pid}: {e.strerror or e}") from None
-    # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15)
-    rss = int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """CPU and RSS of `pid` and its live child processes (a server's workers: `serve --workers N`
+    runs them under a supervisor) from /proc/<pid>/stat and /proc/<pid>/statm."""
+    cpu = 0.0
+    rss = 0
+    for p in [pid, *_children(pid, proc_root)]:
+        base = proc_root / str(p)
+        try:
+            stat = (base / "stat").read_text()
+            statm = (base / "statm").read_text()
+        except OSError as e:
+            if p != pid:
+                continue  # a worker that ended between the listing and the read
+            raise ProbeError(f"cannot read /proc for pid {pid}: {e.strerror or e}") from None
+        # The command name (field 2) may hold spaces and parentheses: split after its last ')'.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+        rss += int(statm.split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return ProbeSample(time.monotonic(), cpu, rss)
+
+
+def _children(pid: int, proc_root: Path) -> list[int]:
+    """The live children of `pid` (Linux's /proc/<pid>/task/<tid>/children), none where unreadable."""
+    out: list[int] = []
+    try:
+        for task in (proc_root / str(pid) / "task").iterdir():
+            out += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        return []
+    return out
 
 
 def parse_metrics(text: str) -> tuple[float, int]:
