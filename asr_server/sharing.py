@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .logs import Throttle
+
 log = logging.getLogger(__name__)
 
 #: The limits counted for the whole server, by their config key.
@@ -118,6 +120,7 @@ class EventPeers:
         self._sock.bind(str(path))
         self._sock.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._warnings = Throttle()
 
     def send(self, payload: bytes) -> None:
         if len(payload) > MAX_EVENT_BYTES:
@@ -131,7 +134,8 @@ class EventPeers:
                 self._sock.sendto(payload, str(self.share.event_socket(i)))
             except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as e:
                 self.missed += 1
-                log.warning("worker %d missed an event: %s", i, type(e).__name__)
+                if self._warnings.allow():  # a restarting worker misses every event until it is back
+                    log.warning("worker %d missed an event: %s%s", i, type(e).__name__, self._warnings.note())
 
     def listen(self, on_message: Callable[[bytes], None]) -> None:
         """Call `on_message` (on the running loop) with each event another worker sends."""

@@ -18,6 +18,7 @@ passed to every worker, which drains as a single server does; a worker still run
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing
@@ -116,8 +117,6 @@ def _worker_main(config: Config, share: WorkerShare, cores: tuple[int, ...], con
         conn.send(("ready", endpoints))
 
     try:
-        import asyncio
-
         asyncio.run(serve_forever(config, share, ready))
     except AsrServerError as e:
         conn.send(("failed", str(e)))

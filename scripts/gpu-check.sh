@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU check in one run (under 8 minutes on a GPU box with the packages of requirements/):
+# The whole GPU check in one run, sized to fit 8 minutes on a GPU box with the packages of requirements/
+# (its step budgets; not yet timed on a GPU):
 #   1. the full-size random-weight stand-ins, built or reused (build/bench-models);
 #   2. python -m benchmarks.gpu: SenseVoice and CAM++ at batch 1/8/32/128, fp32 and fp16;
 #   3. a load-test ramp against `serve --workers auto` on the device: the torch backend, and ONNX

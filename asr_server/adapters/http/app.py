@@ -226,8 +226,9 @@ def build_app(
 
 async def start_http(app: web.Application, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:
     """Serve `app` on host:port (0 picks a free port; `runner.addresses` tells which; `reuse_port`:
-    one of several workers' sockets on one port), behind the app's connection guard. No lingering close: a body left unread (after a 413, say) is not read
-    to its end for keep-alive's sake, the connection is closed."""
+    one of several workers' sockets on one port), behind the app's connection guard. No lingering
+    close: a body left unread (after a 413, say) is not read to its end for keep-alive's sake, the
+    connection is closed."""
     config = app[CONFIG]
     runner = web.AppRunner(
         app,
