@@ -60,7 +60,7 @@ LOCKS = (
     Lock(
         "requirements/test.txt",
         "the test suite, the load test and the benchmarks",
-        extras=("silero", "torch", "test", "loadtest"),
+        extras=("silero", "torch", "test", "loadtest", "ray"),
     ),
     Lock(
         "requirements/build.txt",
@@ -81,6 +81,14 @@ LOCKS = (
         extras=("silero",),
         never=("torch",),
         constrained_by="requirements/torch.txt",
+    ),
+    # The nodes of a Ray cluster (docs/ray.md): the server and Ray Serve, no torch.
+    Lock(
+        "requirements/ray.txt",
+        "serving with `inference.mode: ray` (Ray Serve deployments and the front ends that call them): no torch",
+        extras=("silero", "ray"),
+        never=("torch",),
+        constrained_by="requirements/test.txt",
     ),
     Lock(
         "requirements/gpu.txt",
