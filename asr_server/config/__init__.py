@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError
+from .inference import InferenceConfig, RayDeploymentConfig
 from .sections import (
     RENAMED_SECTIONS,
     AsrConfig,
@@ -43,6 +44,8 @@ __all__ = [
     "EventsConfig",
     "FunAsrConfig",
     "HttpConfig",
+    "InferenceConfig",
+    "RayDeploymentConfig",
     "SpeakerConfig",
     "UpstreamConfig",
     "VadConfig",

@@ -12,16 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..constants import Language, Protocol
+from .base import Section as _Section
+from .inference import InferenceConfig
 
 #: A batch size, or `auto` (chosen for the device: see `core.pipeline.batch_size`).
 BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class AuthConfig(_Section):
@@ -374,6 +372,7 @@ class Config(_Section):
     funasr: FunAsrConfig = Field(default_factory=FunAsrConfig)
     events: EventsConfig = Field(default_factory=EventsConfig)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
     deprecations: list[str] = Field(
         default_factory=list,
         exclude=True,
@@ -394,4 +393,10 @@ class Config(_Section):
             raise ValueError("funasr.auth is true but no key is configured: set http.api_keys or http.read_keys")
         if self.xiaozhi.auth.enabled and not self.xiaozhi.auth.tokens:
             raise ValueError("xiaozhi.auth.enabled is true but xiaozhi.auth.tokens is empty")
+        if self.inference.mode == "ray" and self.inference.address is None and self.workers != 1:
+            # Each worker process would start a Ray instance of its own, each deploying its own replicas.
+            raise ValueError(
+                "inference.mode ray with workers above 1 needs inference.address (a cluster from "
+                "`ray start --head`, then address: auto): each worker would start its own Ray instance"
+            )
         return self
