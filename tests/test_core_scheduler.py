@@ -228,3 +228,53 @@ async def test_parallel_lanes_run_at_once_and_an_abort_reaches_only_its_lane():
     release.set()
     assert await a.future == "a"
     await q.close()
+
+
+async def test_a_coroutine_engine_runs_parallel_calls_on_the_loop_in_priority_order():
+    """A remote engine (Ray Serve): `parallel` calls in flight at once, awaited on the event loop,
+    the rest queued in priority order behind them."""
+    loop_thread = threading.get_ident()
+    gate = asyncio.Event()
+    calls, threads = [], []
+
+    async def fn(items):
+        calls.append(list(items))
+        threads.append(threading.get_ident())
+        await gate.wait()
+        return [f"r-{i}" for i in items]
+
+    q = InferenceQueue("remote", fn, parallel=2)
+    first = [asyncio.ensure_future(q.run(i)) for i in ("a", "b")]
+    await asyncio.sleep(0.05)
+    later = asyncio.ensure_future(q.run("spec", Priority.SPECULATION))
+    final = asyncio.ensure_future(q.run("final"))
+    await asyncio.sleep(0.05)
+    assert calls == [["a"], ["b"]] and q.queue_depth == 2  # two in flight, two waiting
+    gate.set()
+    results = await asyncio.gather(*first, final, later)
+    await q.close()
+    assert [r for r, _ in results] == ["r-a", "r-b", "r-final", "r-spec"]
+    assert calls[2:] == [["final"], ["spec"]]  # the final went before the older speculation
+    assert set(threads) == {loop_thread}
+
+
+async def test_cancelling_every_caller_cancels_a_coroutine_engines_call():
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def fn(items):
+        if items == ["x"]:
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.set()  # where a remote request is cancelled in Ray
+                raise
+        return [f"r-{i}" for i in items]
+
+    q = InferenceQueue("remote", fn)
+    job = q.submit("x")
+    await started.wait()
+    job.future.cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert (await asyncio.wait_for(q.run("y"), 5))[0] == "r-y"  # the lane is free for the next one
+    await q.close()

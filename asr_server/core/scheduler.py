@@ -14,23 +14,31 @@ endpoint confirms it), it can be cancelled (cancelling the task that awaits it i
 it reports how long it waited and how long its compute took. A queue at its limit refuses at once
 (`EngineBusy`), a job that waited past `deadline_s` is shed (`EngineBusy`) instead of run late;
 a batch that fails is retried item by item, so one bad input fails only its caller.
+
+`fn` may also be a coroutine function: a remote engine (a Ray Serve deployment, `core.ray_serve`)
+whose batching happens where the model is. Its calls then run on the event loop, `parallel` of them
+at once, with the same order, deadlines, refusals and timings as a local engine: the front end
+keeps one queue and one admission signal whatever runs the model, and a remote call costs no
+thread while it waits. Every caller of such a call leaving cancels it (the remote request too),
+as `abort` stops a local one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import inspect
 import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Generic, TypeVar
 
-from ..errors import EngineBusy, EngineClosed
+from ..errors import EngineAborted, EngineBusy, EngineClosed
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -88,10 +96,12 @@ class _Lane:
     executor: ThreadPoolExecutor
     running: list = field(default_factory=list)
     thread: int | None = None  # the worker thread's ident, once it has run something
+    call: asyncio.Future | None = None  # a coroutine engine's call in flight
 
 
 class InferenceQueue(Generic[T, R]):
-    """Jobs for `fn` (a list of items → a list of results), run in one worker thread in priority order.
+    """Jobs for `fn` (a list of items → a list of results), run in one worker thread in priority order
+    (or, for a coroutine function, awaited on the event loop).
 
     `max_batch` items of the same priority whose `size` is within `similar`× of the first share a
     call; up to `max_wait_ms` is waited for them when fewer are queued. `parallel` batches run at
@@ -103,7 +113,7 @@ class InferenceQueue(Generic[T, R]):
     def __init__(
         self,
         name: str,
-        fn: Callable[[Sequence[T]], Sequence[R]],
+        fn: Callable[[Sequence[T]], Sequence[R]] | Callable[[Sequence[T]], Awaitable[Sequence[R]]],
         *,
         max_batch: int = 1,
         max_wait_ms: float = 0.0,
@@ -124,6 +134,7 @@ class InferenceQueue(Generic[T, R]):
         self.deadline_s = deadline_s
         self._on_shed = on_shed
         self._fn = fn
+        self._async = inspect.iscoroutinefunction(fn)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
@@ -203,12 +214,15 @@ class InferenceQueue(Generic[T, R]):
             lane = job._lane
             if (
                 job.future.cancelled()
-                and self._abort is not None
                 and lane is not None
                 and job in lane.running
                 and all(j.future.cancelled() for j in lane.running)
             ):
-                self._abort(lane.thread)  # nobody wants the running batch any more
+                # Nobody wants the running batch any more.
+                if lane.call is not None:
+                    lane.call.cancel()
+                elif self._abort is not None:
+                    self._abort(lane.thread)
         elif job.future.cancelled():
             self._waiting -= 1
 
@@ -311,7 +325,24 @@ class InferenceQueue(Generic[T, R]):
 
     def _call(self, lane: _Lane, items: list[T]) -> Sequence[R]:
         lane.thread = threading.get_ident()
-        return self._fn(items)
+        return self._fn(items)  # type: ignore[return-value]  # the thread path: `fn` is not a coroutine function
+
+    async def _invoke(self, loop: asyncio.AbstractEventLoop, lane: _Lane, items: list[T]) -> Sequence[R]:
+        """One call of `fn`: in the lane's thread, or awaited here for a coroutine function."""
+        if not self._async:
+            return await loop.run_in_executor(lane.executor, self._call, lane, items)
+        call = asyncio.ensure_future(self._fn(items))  # type: ignore[arg-type]
+        lane.call = call
+        try:
+            await asyncio.wait([call])  # returns when the call ends, cancelled or not
+        except asyncio.CancelledError:  # the queue is closing
+            call.cancel()
+            raise
+        finally:
+            lane.call = None
+        if call.cancelled():
+            raise EngineAborted(f"{self.name}: every caller left")
+        return call.result()
 
     async def _compute(
         self, loop: asyncio.AbstractEventLoop, batch: list[Job[T, R]], lane: _Lane
@@ -323,7 +354,7 @@ class InferenceQueue(Generic[T, R]):
         if not live:
             return [out[id(j)] for j in batch]
         try:
-            results = await loop.run_in_executor(lane.executor, self._call, lane, items)
+            results = await self._invoke(loop, lane, items)
             if len(results) != len(items):
                 raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} items")
             for j, r in zip(live, results, strict=True):
@@ -339,7 +370,7 @@ class InferenceQueue(Generic[T, R]):
                     if j.future.done():
                         continue
                     try:
-                        (out[id(j)],) = await loop.run_in_executor(lane.executor, self._call, lane, [j.item])
+                        (out[id(j)],) = await self._invoke(loop, lane, [j.item])
                     except Exception as one:
                         out[id(j)] = one
         return [out[id(j)] for j in batch]
