@@ -23,10 +23,10 @@ import numpy as np
 from ..audio.segmenter import Event
 from ..config import Config
 from ..constants import SAMPLE_RATE
-from ..engines.base import Embedder, ModelInfo, Recognizer, VadModel
-from ..engines.contracts import ECAPA_DIR
+from ..engines.base import Embedder, ModelInfo, Recognizer, RemoteEmbedder, RemoteRecognizer, VadModel
 from ..errors import VoiceprintError
 from ..types import Recognition, SpeakerMatch, Transcript
+from .loading import load_recognizer, load_speaker
 from .metrics import Metrics
 from .scheduler import InferenceQueue, Job, Priority
 from .streaming import SpeechStream, segmenter_options
@@ -64,13 +64,6 @@ class Recognizing:
         return any(j.started for j in self.jobs)
 
 
-def speaker_model_path(config: Config) -> Path:
-    """The speaker model the configuration names: CAM++'s ONNX file, or the ECAPA folder."""
-    if config.speaker.model_type == "ecapa":
-        return Path(config.asr.model_dir).parent / ECAPA_DIR
-    return Path(config.speaker.model)
-
-
 def voiceprint_model_id(config: Config) -> str:
     """What voiceprints are keyed by: the same weights give the same voiceprints on either runtime,
     so CAM++ is named after its ONNX file and ECAPA is `ecapa`."""
@@ -84,8 +77,8 @@ class Pipeline:
         self,
         config: Config,
         vad: VadModel,
-        asr: Recognizer,
-        speaker: Embedder | None,
+        asr: Recognizer | RemoteRecognizer,
+        speaker: Embedder | RemoteEmbedder | None,
         voiceprints: VoiceprintStore | None,
         metrics: Metrics,
     ) -> None:
@@ -102,16 +95,24 @@ class Pipeline:
             max_queue=config.vad.max_queue,
             on_batch=metrics.on_batch,
         )
+        remote = isinstance(asr, RemoteRecognizer)
         self._asr: InferenceQueue[AsrRequest, Transcript] = self._queue(
             "asr",
-            self._asr_batch,
+            self._asr_remote if remote else self._asr_batch,
             "asr",
             abort=getattr(asr, "abort", None),
             parallel=asr_parallel(config),
             deadline_s=config.asr.deadline_ms / 1000 if config.asr.deadline_ms else None,
         )
         self._spk: InferenceQueue[np.ndarray, np.ndarray] | None = (
-            self._queue("embedding", self._embed_batch, "speaker") if speaker is not None else None
+            self._queue(
+                "embedding",
+                self._embed_remote if remote else self._embed_batch,
+                "speaker",
+                parallel=config.inference.max_in_flight if remote else 1,
+            )
+            if speaker is not None
+            else None
         )
         self._segmenter_options = segmenter_options(config.vad)
         self._phrase_options = segmenter_options(config.vad, phrases=True)
@@ -123,7 +124,7 @@ class Pipeline:
     def _queue(
         self,
         name: str,
-        fn: Callable[[Sequence[Any]], Sequence[Any]],
+        fn: Callable[[Sequence[Any]], Any],
         section: str,
         abort: Callable[[int | None], None] | None = None,
         parallel: int = 1,
@@ -149,31 +150,22 @@ class Pipeline:
 
     @classmethod
     def load(cls, config: Config, metrics: Metrics | None = None) -> Pipeline:
-        """Load every configured model and log the start-up report (file, provider, load time)."""
-        from ..engines.sensevoice import SenseVoice
-        from ..engines.speaker import load_embedder
+        """Load every configured model and log the start-up report (file, provider, load time).
+        With `inference.mode: ray` the recogniser and the embedder are handles to their Ray Serve
+        deployments (deployed here unless `inference.deploy` is false); VAD stays in this process."""
         from ..engines.vad import SileroVad
 
-        eng = config.engine
         vad = SileroVad.load(config.vad.model)
-        asr = SenseVoice.load(
-            config.asr.model_dir,
-            quantized=config.asr.quantized,
-            device=eng.device,
-            threads=asr_threads(config),
-            backend=eng.backend,
-            precision=eng.precision,
-        )
-        speaker = voiceprints = None
-        if config.speaker.enabled:
-            speaker = load_embedder(
-                config.speaker.model_type,
-                speaker_model_path(config),
-                device=eng.device,
-                threads=eng.speaker_threads,
-                backend=eng.backend,
-                precision=eng.precision,
-            )
+        asr: Recognizer | RemoteRecognizer
+        speaker: Embedder | RemoteEmbedder | None
+        if config.inference.mode == "ray":
+            from .ray_serve import connect  # imports ray: only a server in ray mode pays for it
+
+            asr, speaker = connect(config)
+        else:
+            asr, speaker = load_recognizer(config, asr_threads(config)), load_speaker(config)
+        voiceprints = None
+        if speaker is not None:
             voiceprints = VoiceprintStore(config.speaker.db, model=voiceprint_model_id(config), dim=speaker.dim)
         pipeline = cls(config, vad, asr, speaker, voiceprints, metrics or Metrics())
         for info in pipeline.models:
@@ -227,13 +219,24 @@ class Pipeline:
     # --- recognition -----------------------------------------------------------------------
 
     def _asr_batch(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
+        assert not isinstance(self.asr, RemoteRecognizer)
         return self.asr.transcribe_batch(
             [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
         )
 
     def _embed_batch(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
-        assert self.speaker is not None
+        assert self.speaker is not None and not isinstance(self.speaker, RemoteEmbedder)
         return list(self.speaker.embed_batch(audios))
+
+    async def _asr_remote(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
+        assert isinstance(self.asr, RemoteRecognizer)
+        return await self.asr.transcribe_batch_async(
+            [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
+        )
+
+    async def _embed_remote(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
+        assert isinstance(self.speaker, RemoteEmbedder)
+        return list(await self.speaker.embed_batch_async(audios))
 
     async def transcribe(
         self,
@@ -379,6 +382,9 @@ class Pipeline:
             await self._spk.close()
         if self.voiceprints is not None:
             self.voiceprints.close()
+        for remote in (self.asr, self.speaker):
+            if isinstance(remote, RemoteRecognizer | RemoteEmbedder):
+                await asyncio.to_thread(remote.close)
 
 
 def _cores() -> int:
@@ -390,6 +396,8 @@ def asr_parallel(config: Config) -> int:
     per two cores, one per core below four: int8 SenseVoice on one thread takes 105 ms per 5 s
     utterance against 93 ms on two (BENCHMARKS.md), so two at once nearly double what the cores
     recognise, and the 800 ms capacity rose from 30 to 40 talkers on 2 cores."""
+    if config.inference.mode == "ray":
+        return config.inference.max_in_flight  # requests in Ray at once; the replicas do the computing
     if config.asr.parallel != "auto":
         return int(config.asr.parallel)
     if config.engine.device.startswith("cuda"):
@@ -414,6 +422,8 @@ def asr_threads(config: Config) -> int:
 def batch_size(config: Config, max_batch: int | str) -> int:
     """`max_batch`, where `auto` is 1 on a CPU (a batch costs the sum of its items there, and every
     caller waits for all of it) and 16 on a GPU (a batch costs little more than one item)."""
+    if config.inference.mode == "ray":
+        return 1  # one request per utterance: the replicas batch across every front end (@serve.batch)
     if max_batch != "auto":
         return int(max_batch)
     return 16 if config.engine.device.startswith("cuda") else 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import yaml
@@ -63,6 +63,39 @@ class Embedder(Protocol):
     dim: int
 
     def embed_batch(self, audios: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class RemoteRecognizer(Protocol):
+    """A recogniser that runs elsewhere (a Ray Serve deployment): the same call, awaited; it batches
+    where the model is, so the caller sends one utterance per call and many calls at once."""
+
+    info: ModelInfo
+
+    async def transcribe_batch_async(
+        self,
+        audios: Sequence[np.ndarray],
+        languages: Sequence[str] | None = None,
+        use_itn: Sequence[bool] | None = None,
+    ) -> list[Transcript]: ...
+
+    def close(self) -> None:
+        """Release the connection (blocking)."""
+        ...
+
+
+@runtime_checkable
+class RemoteEmbedder(Protocol):
+    """An embedder that runs elsewhere, awaited (see `RemoteRecognizer`)."""
+
+    info: ModelInfo
+    dim: int
+
+    async def embed_batch_async(self, audios: Sequence[np.ndarray]) -> np.ndarray: ...
+
+    def close(self) -> None:
+        """Release the connection (blocking)."""
+        ...
 
 
 class VadModel(Protocol):
