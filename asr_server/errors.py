@@ -19,6 +19,7 @@ error message or close reason and leaves every other session alone. Classes that
     ├── UnsupportedLanguage         a language SenseVoice has no query for
     ├── EngineClosed                an engine's queue was closed while a request waited
     ├── EngineBusy                  an engine's queue is at its limit: the request is refused, not queued
+    ├── EngineFailed                a remote engine (a Ray Serve replica) died or did not answer in time
     ├── SubscriptionClosed          the event bus closed (shutdown) under a subscriber
     ├── VoiceprintError             bad speaker name, dimension mismatch, unknown speaker
     ├── AudioError                  audio the server cannot use
@@ -97,6 +98,12 @@ class EngineAborted(AsrServerError, RuntimeError):
 
 class EngineBusy(AsrServerError, RuntimeError):
     """The engine's queue holds its limit of waiting requests; the message names the config key."""
+
+
+class EngineFailed(AsrServerError, RuntimeError):
+    """A remote engine failed one request: its Ray Serve replica died under it, or no answer came within
+    `inference.request_timeout_s`. Only the requests that replica held fail; the next one goes to a
+    live (or restarted) replica."""
 
 
 class SubscriptionClosed(AsrServerError):

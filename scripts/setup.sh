@@ -2,10 +2,11 @@
 # Set up a fresh Debian/Ubuntu machine for asr-server: libopus, a virtual environment, the locked
 # packages for one purpose, then the package itself (no second resolution: the versions are the lock's).
 #
-#   scripts/setup.sh [serve|torch|gpu|test]     (default: serve)
+#   scripts/setup.sh [serve|torch|gpu|ray|test]     (default: serve)
 #     serve   requirements.txt          ONNX Runtime on CPU, no torch
 #     torch   requirements/torch.txt    + pulling/exporting PyTorch weights and the torch backend
 #     gpu     requirements/gpu.txt      ONNX Runtime with CUDA (onnxruntime-gpu), no torch
+#     ray     requirements/ray.txt      + Ray Serve (inference.mode: ray, docs/ray.md), no torch
 #     test    requirements/test.txt     + the test suite, load test and benchmarks
 #
 # Idempotent: a venv already holding the lock is left as it is. Honors PYTHON (default python3.11,
@@ -17,8 +18,8 @@ venv="${VENV:-.venv}"
 
 case "$purpose" in
     serve) lock=requirements.txt ;;
-    torch|gpu|test) lock="requirements/$purpose.txt" ;;
-    *) echo "setup: unknown purpose '$purpose' (use serve, torch, gpu or test)" >&2; exit 2 ;;
+    torch|gpu|ray|test) lock="requirements/$purpose.txt" ;;
+    *) echo "setup: unknown purpose '$purpose' (use serve, torch, gpu, ray or test)" >&2; exit 2 ;;
 esac
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }

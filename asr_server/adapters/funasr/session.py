@@ -48,7 +48,7 @@ from ...core.pipeline import Recognizing
 from ...core.recording import dominant, join_texts, recognize_recording
 from ...core.scheduler import Priority
 from ...core.streaming import SpeechStream
-from ...errors import AudioDecodeError, EngineBusy, FunAsrProtocolError, PcmFormatError
+from ...errors import AudioDecodeError, EngineBusy, EngineFailed, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
 from ..sending import close_reason, send_within
 from .wire import (
@@ -267,6 +267,10 @@ class FunAsrSession:
         except EngineBusy as e:
             self.metrics.errors.labels("busy").inc()
             log.warning("%s: request refused: %s", self.session_id, e)
+            raise FunAsrProtocolError(CloseCode.TRY_AGAIN_LATER, str(e)) from None
+        except EngineFailed as e:  # a remote replica died or timed out: the client may retry
+            self.metrics.errors.labels("engine_failed").inc()
+            log.warning("%s: recognition failed: %s", self.session_id, e)
             raise FunAsrProtocolError(CloseCode.TRY_AGAIN_LATER, str(e)) from None
         except Exception as e:
             log.exception("%s: recognition failed", self.session_id)

@@ -26,7 +26,7 @@ from ...config import Config
 from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
-from ...errors import ApiError, ClientGone, EngineBusy
+from ...errors import ApiError, ClientGone, EngineBusy, EngineFailed
 from ...sharing import Tally, WorkerShare
 from ..admission import RETRY_AFTER_S
 from ..auth import ApiKeys
@@ -132,9 +132,10 @@ async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitab
         response = web.Response(status=400, text="request body incomplete\n")
         response.force_close()
         return response
-    except EngineBusy as e:  # refused, not queued: the client may retry shortly
+    except (EngineBusy, EngineFailed) as e:  # refused, or its remote replica died: the client may retry
         metrics.errors.labels("http_503").inc()
-        response = error_response(request, ApiError(503, str(e), code="server_busy"))
+        code = "server_busy" if isinstance(e, EngineBusy) else "engine_failed"
+        response = error_response(request, ApiError(503, str(e), code=code))
         response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
     except web.HTTPException as e:

@@ -23,7 +23,7 @@ from ...constants import SAMPLE_RATE, VAD_WINDOW, XIAOZHI
 from ...core.pipeline import Pipeline, Recognizing
 from ...core.recording import join_pieces
 from ...core.scheduler import Priority
-from ...errors import EngineBusy, OpusDecodeError
+from ...errors import EngineBusy, EngineFailed, OpusDecodeError
 from ...types import ClientInfo, Recognition, TranscriptEvent
 from .upstream import Upstream
 from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_message, unpack_audio
@@ -278,6 +278,11 @@ class Session:
             except EngineBusy as e:
                 self._metrics.errors.labels("busy").inc()
                 log.warning("session %s: utterance refused: %s", self.session_id, e)
+                await self.send_error(f"utterance not recognised: {e}")
+                return
+            except EngineFailed as e:  # a remote replica died or timed out: this utterance only
+                self._metrics.errors.labels("engine_failed").inc()
+                log.warning("session %s: utterance lost: %s", self.session_id, e)
                 await self.send_error(f"utterance not recognised: {e}")
                 return
             except Exception as e:
