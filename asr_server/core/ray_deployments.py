@@ -13,6 +13,8 @@ Imported only in `inference.mode: ray` (it imports ray).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,6 +38,25 @@ class AsrItem:
     use_itn: bool
 
 
+def deployment_digest(config: Config, model: str) -> str:
+    """What one deployment's replicas are made of: the model files, the engine and its Serve options.
+    Equal digests mean a running application already is what this configuration asks for, so a
+    front end that starts does not redeploy (and restart) it; keys only front ends use (ports,
+    voiceprint file, thresholds, queues) differ freely between them."""
+    parts = {
+        "model": model,
+        "files": [
+            str(config.asr.model_dir.resolve()),
+            config.asr.quantized,
+            config.speaker.model_type,
+            str(config.speaker.model.resolve()),
+        ],
+        "engine": config.engine.model_dump(mode="json"),
+        "deployment": getattr(config.inference, model).model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def replica_threads(config: Config, deployment: RayDeploymentConfig) -> int:
     """An engine's intra-op threads in a replica: `engine.threads`, else the CPUs Ray reserved for it."""
     return config.engine.threads or max(1, math.ceil(deployment.num_cpus))
@@ -49,6 +70,11 @@ class _Replica:
         self.deployment: RayDeploymentConfig = getattr(self.config.inference, deployment)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"replica-{deployment}")
         self._held = 0
+        self._digest = deployment_digest(self.config, deployment)
+
+    def digest(self) -> str:
+        """The `deployment_digest` of the configuration this replica was made from."""
+        return self._digest
 
     def ongoing(self) -> int:
         """Requests this replica holds now (waiting for their batch or computing)."""
@@ -133,8 +159,8 @@ def _options(deployment: RayDeploymentConfig) -> dict[str, Any]:
     }
 
 
-def applications(config: Config) -> dict[str, Any]:
-    """App name → the bound Serve application to deploy for this configuration."""
+def applications(config: Config) -> dict[str, tuple[str, Any]]:
+    """App name → (its model's section name, the bound Serve application) for this configuration."""
     inf = config.inference
     wire = config.model_dump(mode="json")
     # Model paths as this front end resolves them: on a cluster the GPU nodes hold the models at the
@@ -143,9 +169,9 @@ def applications(config: Config) -> dict[str, Any]:
     wire["speaker"]["model"] = str(config.speaker.model.resolve())
     asr: Any = AsrDeployment  # a serve.Deployment (the decorator's type is not visible to mypy)
     speaker: Any = SpeakerDeployment
-    apps: dict[str, Any] = {f"{inf.app_prefix}-asr": asr.options(**_options(inf.asr)).bind(wire)}
+    apps = {f"{inf.app_prefix}-asr": ("asr", asr.options(**_options(inf.asr)).bind(wire))}
     if config.speaker.enabled:
-        apps[f"{inf.app_prefix}-speaker"] = speaker.options(**_options(inf.speaker)).bind(wire)
+        apps[f"{inf.app_prefix}-speaker"] = ("speaker", speaker.options(**_options(inf.speaker)).bind(wire))
     return apps
 
 
@@ -160,10 +186,10 @@ def asr_app(args: dict[str, Any]) -> Any:
     asr_server.core.ray_deployments:asr_app`, `args: {config: /path/config.yaml}`): the recogniser's
     application from that file plus the `ASR_SERVER__…` environment, as `connect` would deploy it."""
     config = _config_from(args)
-    return applications(config)[f"{config.inference.app_prefix}-asr"]
+    return applications(config)[f"{config.inference.app_prefix}-asr"][1]
 
 
 def speaker_app(args: dict[str, Any]) -> Any:
     """The speaker embedder's application builder (see `asr_app`)."""
     config = _config_from(args)
-    return applications(config)[f"{config.inference.app_prefix}-speaker"]
+    return applications(config)[f"{config.inference.app_prefix}-speaker"][1]

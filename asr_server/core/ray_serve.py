@@ -152,6 +152,20 @@ def _wait_running(names: list[str], timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+def _running_digest(name: str, timeout_s: float) -> str | None:
+    """The configuration digest of the running application `name` (None when none runs)."""
+    from ray import serve
+
+    app = serve.status().applications.get(name)
+    if app is None or not str(app.status).endswith("RUNNING"):
+        return None
+    try:
+        return serve.get_app_handle(name).digest.remote().result(timeout_s=timeout_s)
+    except Exception as e:  # an application of another version, or one going away: deploy ours
+        log.info("Ray Serve application %s gave no digest (%s): redeploying it", name, e)
+        return None
+
+
 def _remote_info(info: ModelInfo, app: str) -> ModelInfo:
     return replace(info, name=f"{info.name} (Ray Serve app {app})", backend=f"ray serve/{info.backend}")
 
@@ -177,10 +191,13 @@ def connect(config: Config) -> tuple[RayRecognizer, RayEmbedder | None]:
     try:
         names = [f"{inf.app_prefix}-asr"] + ([f"{inf.app_prefix}-speaker"] if config.speaker.enabled else [])
         if inf.deploy:
-            from .ray_deployments import applications
+            from .ray_deployments import applications, deployment_digest
 
             serve.start(proxy_location=ProxyLocation.Disabled)  # devices reach the front ends, not Serve's HTTP
-            for name, app in applications(config).items():
+            for name, (model, app) in applications(config).items():
+                if _running_digest(name, inf.start_timeout_s) == deployment_digest(config, model):
+                    log.info("Ray Serve application %s already runs this configuration: not redeployed", name)
+                    continue
                 serve.run(app, name=name, route_prefix=None, blocking=False)
         _wait_running(names, inf.start_timeout_s)
         asr_handle = serve.get_app_handle(names[0])
