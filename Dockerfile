@@ -11,6 +11,8 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04
 FROM ${CUDA_IMAGE}
 
 ARG WITH_TORCH=1
+# WITH_RAY=1 adds Ray Serve (requirements/ray.txt): the image of a Ray cluster's nodes (docs/ray.md).
+ARG WITH_RAY=0
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -36,6 +38,9 @@ COPY asr_server ./asr_server
 RUN pip install --require-hashes --no-deps -r requirements/build.txt \
     && if [ "$WITH_TORCH" = "1" ]; then \
            pip install --require-hashes --no-deps -r requirements/torch.txt && pip uninstall -y onnxruntime; \
+       fi \
+    && if [ "$WITH_RAY" = "1" ]; then \
+           pip install --require-hashes --no-deps -r requirements/ray.txt && pip uninstall -y onnxruntime; \
        fi \
     && pip install --require-hashes --no-deps -r requirements/gpu.txt \
     && pip install --no-deps --no-build-isolation /app \
