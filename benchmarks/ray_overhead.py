@@ -88,6 +88,7 @@ async def run(args: argparse.Namespace) -> None:
     local = await asyncio.to_thread(Pipeline.load, local_cfg)
     remote = await asyncio.to_thread(Pipeline.load, ray_cfg)
     pipes = {"local": local, "ray": remote}
+    described = [f"{name}: {p.models[1].describe()}" for name, p in pipes.items()]  # [0] is the VAD
     try:
         for p in pipes.values():  # warm-up: first runs allocate
             for c in clips[:2]:
@@ -113,6 +114,8 @@ async def run(args: argparse.Namespace) -> None:
         f"models: {args.models}; {len(clips)} clips of {seconds:.1f} s on average; engine threads {args.threads}; "
         f"replica max_batch_size {args.ray_batch}"
     )
+    for line in described:
+        print(line)
     print()
     print("| load | mode | p50 ms | p95 ms | Ray adds p50 | Ray adds p95 | p50 ratio | utterances/s | n |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
