@@ -154,6 +154,28 @@ async def _say(dev, path: Path) -> None:
 
 
 @pytest.mark.slow
+async def test_the_deployments_answer_what_the_engines_in_this_process_answer(ray_server):
+    """The same engine code in the replicas: a transcript and an embedding through Ray equal the
+    local engines' for the same audio (runs without the shared clips too: a synthetic voice)."""
+    import numpy as np
+
+    from asr_server.core.loading import load_recognizer, load_speaker
+    from asr_server.core.ray_deployments import replica_threads
+    from tests.support.audio import voice
+
+    cfg = ray_server.config
+    audio = voice(2.5, 140.0, seed=3)
+    local_asr = load_recognizer(cfg, replica_threads(cfg, cfg.inference.asr))
+    local_spk = load_speaker(cfg, replica_threads(cfg, cfg.inference.speaker))
+    assert local_spk is not None
+    want = local_asr.transcribe_batch([audio], [cfg.asr.language], [cfg.asr.use_itn])[0]
+    got = await ray_server.pipeline.transcribe(audio)
+    assert got == want
+    emb = await ray_server.pipeline.embed(audio)
+    assert np.allclose(emb, local_spk.embed_batch([audio])[0], atol=1e-5)
+
+
+@pytest.mark.slow
 @needs_audio
 async def test_a_device_gets_its_text_and_speaker_from_the_deployments(ray_server):
     from asr_server.audio.io import decode_audio
