@@ -71,6 +71,15 @@ def server_env(models: Path, ports: dict[str, int], overrides: list[str], db: Pa
     return env
 
 
+def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it has not exited within `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -190,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if spy is not None:
             spy.send_signal(2)
             spy.wait(timeout=60)
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         if stub is not None:
             stub.terminate()
             stub.wait(timeout=10)

@@ -43,7 +43,7 @@ from websockets.exceptions import WebSocketException
 
 from loadtest.clips import DEFAULT_AUDIO_DIR, load_clip
 
-from .capacity import free_port, server_env, wait_ready
+from .capacity import free_port, server_env, stop_server, wait_ready
 from .stages import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -365,11 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             left = _open_sessions(http) if alive else float("nan")
             rows.append((name, sent, alive, tracebacks, left, _rss_peak_mb(proc.pid) if alive else float("nan"), wall))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
         log.close()
     load = os.getloadavg()
     print(f"machine: {machine()}; load average before: {load[0]:.2f}; seed {args.seed}; {datetime.now(UTC):%Y-%m-%d}")

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import time
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -474,3 +475,30 @@ def test_the_device_cap_drops_while_behind_and_grows_back_while_keeping_up():
     assert abs(cap.value - 99.2) < 1e-9 and cap.full(100) and not cap.full(99)
     cap.keeping_up(10_000)
     assert cap.value is None  # grown past the limit: no cap
+
+
+@pytest.mark.slow
+def test_slowloris_on_every_port_leaves_each_port_answering_and_no_socket_open(tmp_path):
+    """The slowloris script against a real server (small: 150 sockets, past the 10 s handshake and
+    header timeouts): every probe answered on every port, every slow socket closed by the server,
+    the server alive with no traceback."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.support.models import tiny_models_dir
+
+    models = tiny_models_dir()
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.slowloris", "--models", str(models), "--sockets", "150",
+         "--duration", "13", "--out", str(tmp_path)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    attacked = re.findall(r"^\| (http|xiaozhi|funasr) \| (\d+) \| (\d+) \| (\d+) \| .* \| (\d+) \|$", out.stdout, re.M)
+    assert [(port, int(opened), int(left)) for port, opened, _, _, left in attacked] == [
+        ("http", 50, 0), ("xiaozhi", 50, 0), ("funasr", 50, 0)
+    ], out.stdout  # fmt: skip
+    probes = re.findall(r"^\| (http|xiaozhi|funasr) \| (\d+) / (\d+) \|$", out.stdout, re.M)
+    assert len(probes) == 3 and all(a == t and int(t) > 0 for _, a, t in probes), out.stdout
+    assert "tracebacks in its log: 0" in out.stdout, out.stdout
