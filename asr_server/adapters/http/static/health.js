@@ -30,9 +30,9 @@ function chart(latency) {
   nodes.push(svg("text", { x: PAD, y: H - 6 }, `-${Math.round(latency.window_s / 60)} min`));
   nodes.push(svg("text", { x: W - PAD - 20, y: H - 6 }, "now"));
   for (const p of ["p50", "p90", "p99"]) {
-    const pts = series.map((b) => `${x(b.start + latency.bin_s / 2)},${y(b[p])}`);
-    if (pts.length === 1) pts.push(pts[0].replace(/^[^,]+/, (v) => String(Number(v) + 4)));
-    if (pts.length) nodes.push(svg("polyline", { class: p, points: pts.join(" ") }));
+    const pts = series.map((b) => [x(b.start + latency.bin_s / 2), y(b[p])]);
+    if (pts.length) nodes.push(svg("polyline", { class: p, points: pts.map((q) => q.join(",")).join(" ") }));
+    for (const [cx, cy] of pts) nodes.push(svg("circle", { class: p, cx, cy, r: 3 }));
   }
   box.replaceChildren(...nodes);
   $("latency-legend").textContent = series.length
