@@ -177,3 +177,79 @@ async def test_a_dropped_file_is_transcribed_with_its_segments(console):
         assert cer(transcript, await page.text_content("#file-text")) <= 0.2
         assert await page.locator("#file-words span.word").count() >= 3
     await page.screenshot(path=ARTIFACTS / "file.png", full_page=True)
+
+
+async def test_push_to_talk_sends_what_was_said_while_held(console):
+    page, _, _, transcript = console
+    await use_key(page, KEY)
+    await expect(page.locator("#talk-url")).to_have_value(re.compile("^ws://"))
+    await page.select_option("#talk-mode", "manual")
+    await page.click("#talk-connect")
+    ptt = page.locator("#talk-ptt")
+    await expect(ptt).to_be_enabled(timeout=10_000)
+    await ptt.hover()
+    await page.mouse.down()  # held for one turn of the microphone's loop (silence, the clip, silence)
+    await expect(ptt).to_have_class(re.compile("held"))
+    await page.wait_for_timeout(6_500)
+    await expect(page.locator("#stt-list tr")).to_have_count(0)  # manual mode answers at the release
+    await page.mouse.up()
+    row = page.locator("#stt-list tr").first
+    await row.wait_for(timeout=30_000)
+    if transcript is not None:
+        assert "living room" in (await row.locator("td.text").text_content()).lower()
+    await page.click("#talk-connect")
+
+
+async def test_cors_lets_a_configured_origin_call_the_api_and_blocks_another(start_server, tmp_path):
+    """Issue 13's CORS in a real browser: a page on another origin (a second tiny server on
+    loopback) may POST /v1/audio/transcriptions when its origin is in `http.cors_origins`."""
+    from aiohttp import web
+
+    mic, transcript = microphone_wav(tmp_path)
+
+    async def index(request: web.Request) -> web.StreamResponse:
+        return web.Response(text="<!doctype html><title>other origin</title>", content_type="text/html")
+
+    async def clip_wav(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(mic)
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/clip.wav", clip_wav)
+    runners = []
+    origins = []
+    for _ in range(2):
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        origins.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    allowed, other = origins
+    server = await start_server(http={"api_keys": [KEY], "cors_origins": [allowed]})
+    call = """async ([api, key]) => {
+        const form = new FormData();
+        form.append("file", await (await fetch("/clip.wav")).blob(), "clip.wav");
+        form.append("model", "sensevoice-small");
+        try {
+            const r = await fetch(api + "/v1/audio/transcriptions",
+                                  {method: "POST", body: form, headers: {Authorization: "Bearer " + key}});
+            return {status: r.status, body: await r.json()};
+        } catch (e) { return {error: String(e)}; }
+    }"""
+    try:
+        async with playwright_api.async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(mic))
+            page = await browser.new_page()
+            await page.goto(allowed + "/")
+            got = await page.evaluate(call, [server.endpoints.http_url, KEY])
+            assert got.get("status") == 200, got
+            if transcript is not None:
+                assert cer(transcript, got["body"]["text"]) <= 0.2, got
+            await page.goto(other + "/")
+            got = await page.evaluate(call, [server.endpoints.http_url, KEY])
+            assert "error" in got and "Failed to fetch" in got["error"], got  # the browser refused the answer
+            await browser.close()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
