@@ -246,3 +246,22 @@ def test_metrics_snapshot_is_what_metrics_renders():
     assert snap["errors"] == {"opus": 1.0}
     assert snap["sessions"] == {"xiaozhi": 1.0} and snap["queues"] == {"asr": 3}
     assert json.dumps(snap)
+
+
+@pytest.mark.parametrize("mode", ["auto", "manual"])
+async def test_vad_messages_only_for_a_session_whose_hello_asks(server, mode):
+    """The console's VAD meter: `features.vad_meter` in the hello gives a `vad` message per frame;
+    a device that does not ask (every real one) gets none."""
+    from loadtest.device import Device, DeviceConfig, ReplyTimeout
+
+    url = server.endpoints.device_url
+    async with Device(DeviceConfig(url=url, features={"vad_meter": True})) as dev:
+        await dev.listen("start", mode)
+        await dev.send_silence(300, None)
+        msg = (await dev.next_message("vad", 5)).data
+        assert 0.0 <= msg["prob"] < 0.5 and msg["speech"] is False
+    async with Device(DeviceConfig(url=url)) as dev:
+        await dev.listen("start", mode)
+        await dev.send_silence(300, None)
+        with pytest.raises(ReplyTimeout):
+            await dev.next_message("vad", 1.0)
