@@ -19,9 +19,11 @@ from websockets.asyncio.server import Server
 
 from .adapters.funasr.server import serve_funasr
 from .adapters.http.app import build_app, start_http
+from .adapters.http.console import ConsoleInfo
 from .adapters.xiaozhi.server import XiaozhiServer
 from .config import Config
 from .core.events import EventBus
+from .core.live import SessionBoard
 from .core.metrics import Metrics, watch_loop_lag
 from .core.pipeline import Pipeline
 from .errors import StartupError
@@ -64,6 +66,7 @@ class AsrServer:
         self._owns_pipeline = pipeline is None
         self.xiaozhi: XiaozhiServer | None = None
         self.bus: EventBus | None = None
+        self.board: SessionBoard | None = None
         self._ws: Server | None = None
         self._http: web.AppRunner | None = None
         self._funasr: Server | None = None
@@ -85,13 +88,23 @@ class AsrServer:
         self.bus = EventBus(cfg, self.metrics, self.share)
         await self.bus.start()
         bus = self.bus
-        self.xiaozhi = XiaozhiServer(cfg, self.pipeline, bus.publish, self.share)
+        self.board = SessionBoard(self.share)
+        await self.board.start()
+        self.xiaozhi = XiaozhiServer(cfg, self.pipeline, bus.publish, self.share, self.board)
         try:
             self._ws = await self.xiaozhi.serve()
             device_port = self._ws.sockets[0].getsockname()[1]
             http_url = funasr_url = None
             if cfg.http.enabled:
-                app = build_app(cfg, self.pipeline, self.bus, self.metrics, lambda: self._ready, self.share)
+                info = ConsoleInfo(
+                    device_port,
+                    self.share.count if self.share else 1,
+                    self.share.index if self.share else 0,
+                    time.time(),
+                )
+                app = build_app(
+                    cfg, self.pipeline, self.bus, self.metrics, lambda: self._ready, self.share, self.board, info
+                )
                 self._http = await start_http(app, cfg.http.host, cfg.http.port, reuse_port=self.share is not None)
                 http_port = self._http.addresses[0][1]
                 http_url = f"http://{_client_host(cfg.http.host)}:{http_port}"
@@ -111,6 +124,8 @@ class AsrServer:
         log.info("devices: %s", self.endpoints.device_url)
         if http_url:
             log.info("HTTP API: %s (/v1/audio/transcriptions, /voiceprint/*, /v1/events, /healthz, /metrics)", http_url)
+            if cfg.http.console:
+                log.info("browser console: %s/ (the microphone needs https or localhost)", http_url)
         if funasr_url:
             both = " (wss:// on the same port)" if cfg.funasr.tls == "both" else ""
             log.info("FunASR-compatible WebSocket: %s%s", funasr_url, both)
@@ -143,6 +158,9 @@ class AsrServer:
         if self.bus is not None:
             await self.bus.close()
             self.bus = None
+        if self.board is not None:
+            await self.board.close()
+            self.board = None
         if self.pipeline is not None and self._owns_pipeline:
             await self.pipeline.close()
             self.pipeline = None

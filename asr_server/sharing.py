@@ -8,7 +8,9 @@ them). Two things must be counted or seen across them, and this module is both:
   whole server, and a worker that dies is cleared by zeroing its own slot;
 - the transcript events: `EventPeers` sends each event a worker makes to the other workers over
   Unix datagram sockets in the server's run directory, so a `/v1/events` subscriber on any
-  worker sees every transcript, while the webhook is fed only by the worker that made it (once).
+  worker sees every transcript, while the webhook is fed only by the worker that made it (once);
+- the open sessions, for the browser console: a second `EventPeers` channel ("sessions") carries
+  each worker's session list to the others (`core.live`).
 
 Metrics use prometheus_client's multiprocess mode (set up by the supervisor); voiceprints need
 nothing here: the SQLite file in WAL mode is shared, and each worker's store reloads its matrix
@@ -49,8 +51,8 @@ class WorkerShare:
     run_dir: Path
     limits: Mapping[str, Any] = field(default_factory=dict)
 
-    def event_socket(self, index: int) -> Path:
-        return self.run_dir / f"events-{index}.sock"
+    def event_socket(self, index: int, channel: str = "events") -> Path:
+        return self.run_dir / f"{channel}-{index}.sock"
 
 
 class Tally:
@@ -103,16 +105,17 @@ class Tally:
 
 
 class EventPeers:
-    """This worker's datagram socket for events: `send` to every other worker, `listen` for theirs.
+    """This worker's datagram socket on one `channel`: `send` to every other worker, `listen` for theirs.
 
     Sending never blocks: a worker that is gone (restarting) or whose socket buffer is full misses
     that event, counted in `missed` and logged, and the sender goes on.
     """
 
-    def __init__(self, share: WorkerShare) -> None:
+    def __init__(self, share: WorkerShare, channel: str = "events") -> None:
         self.share = share
+        self.channel = channel
         self.missed = 0
-        path = share.event_socket(share.index)
+        path = share.event_socket(share.index, channel)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # left by this worker's previous life
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -125,17 +128,19 @@ class EventPeers:
     def send(self, payload: bytes) -> None:
         if len(payload) > MAX_EVENT_BYTES:
             self.missed += 1
-            log.warning("an event of %d bytes is too large to pass to the other workers", len(payload))
+            log.warning("a %s message of %d bytes is too large for the other workers", self.channel, len(payload))
             return
         for i in range(self.share.count):
             if i == self.share.index:
                 continue
             try:
-                self._sock.sendto(payload, str(self.share.event_socket(i)))
+                self._sock.sendto(payload, str(self.share.event_socket(i, self.channel)))
             except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as e:
                 self.missed += 1
                 if self._warnings.allow():  # a restarting worker misses every event until it is back
-                    log.warning("worker %d missed an event: %s%s", i, type(e).__name__, self._warnings.note())
+                    log.warning(
+                        "worker %d missed a %s message: %s%s", i, self.channel, type(e).__name__, self._warnings.note()
+                    )
 
     def listen(self, on_message: Callable[[bytes], None]) -> None:
         """Call `on_message` (on the running loop) with each event another worker sends."""
@@ -156,4 +161,4 @@ class EventPeers:
             self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
         with contextlib.suppress(FileNotFoundError):
-            self.share.event_socket(self.share.index).unlink()
+            self.share.event_socket(self.share.index, self.channel).unlink()

@@ -7,7 +7,7 @@
 #     torch   requirements/torch.txt    + pulling/exporting PyTorch weights and the torch backend
 #     gpu     requirements/gpu.txt      ONNX Runtime with CUDA (onnxruntime-gpu), no torch
 #     ray     requirements/ray.txt      + Ray Serve (inference.mode: ray, docs/ray.md), no torch
-#     test    requirements/test.txt     + the test suite, load test and benchmarks
+#     test    requirements/test.txt     + the test suite, load test and benchmarks (and Chromium, apt)
 #
 # Idempotent: a venv already holding the lock is left as it is. Honors PYTHON (default python3.11,
 # else python3) and VENV (default .venv). The locks are regenerated with `python3 scripts/lock.py`.
@@ -32,6 +32,12 @@ apt_install() {
 if ! ldconfig -p 2>/dev/null | grep -q 'libopus\.so\.0'; then
     echo "setup: installing libopus0 (apt)" >&2
     apt_install libopus0
+fi
+
+# The browser console's tests drive Debian's Chromium headless (Playwright's own browser download is not used).
+if [ "$purpose" = test ] && [ ! -x /usr/bin/chromium ]; then
+    echo "setup: installing chromium (apt), for the browser console's tests" >&2
+    apt_install chromium
 fi
 
 python="${PYTHON:-}"

@@ -117,3 +117,7 @@ def test_the_wheel_holds_the_package_and_nothing_else(tmp_path):
     assert tops <= {"asr_server", next(n.split("/")[0] for n in names if ".dist-info/" in n)}, tops
     assert "asr_server/core/pipeline.py" in names
     assert not [n for n in names if any(part in n for part in ("tests/", "benchmarks/", "loadtest/", "standins"))]
+    # The browser console's files, served from the installed package.
+    static = PACKAGE / "adapters" / "http" / "static"
+    shipped = {f"asr_server/adapters/http/static/{p.name}" for p in static.iterdir() if p.is_file()}
+    assert shipped and shipped <= set(names), shipped - set(names)

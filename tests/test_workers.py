@@ -81,6 +81,35 @@ async def test_devices_spread_and_limits_and_metrics_are_the_whole_servers(clust
     assert sum((await asyncio.to_thread(cluster.worker_sessions)).values()) == 0
 
 
+async def test_the_consoles_sessions_and_live_view_are_the_whole_servers(cluster):
+    """Whichever worker answers `/v1/sessions` (a new connection each time) lists the devices of
+    both; a `/v1/live` subscriber sees a device on the other worker leave."""
+    async with contextlib.AsyncExitStack() as stack:
+        devices = await _on_workers(cluster, stack)
+        ids = {d.config.device_id for d in devices.values()}
+        async with websockets.connect(cluster.http_url.replace("http", "ws", 1) + "/v1/live") as live:
+            first = json.loads(await asyncio.wait_for(live.recv(), 10))
+            assert first["type"] == "sessions"
+            for _ in range(6):  # the kernel spreads these connections over both workers
+                deadline = time.monotonic() + 5
+                while True:
+                    r = await asyncio.to_thread(httpx.get, f"{cluster.http_url}/v1/sessions", timeout=10)
+                    views = [v for v in r.json()["sessions"] if v["device_id"] in ids]
+                    if len(views) == len(ids) or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.2)
+                assert {v["device_id"] for v in views} == ids and {v["worker"] for v in views} == {0, 1}, views
+            status = (await asyncio.to_thread(httpx.get, f"{cluster.http_url}/v1/status", timeout=10)).json()
+            assert status["server"]["workers"] == 2 and status["sessions_open"] >= 2
+            leaving = devices["0"]
+            await leaving.close()
+            deadline = time.monotonic() + 10
+            while True:
+                msg = json.loads(await asyncio.wait_for(live.recv(), max(0.1, deadline - time.monotonic())))
+                if msg.get("op") == "close" and msg["session"]["device_id"] == leaving.config.device_id:
+                    break
+
+
 @needs_audio
 async def test_a_voiceprint_and_the_event_stream_span_both_workers(cluster):
     jfk = clip("en_jfk")

@@ -226,6 +226,11 @@ class HttpConfig(_Section):
         "the others wait their turn.",
     )
     model_name: str = Field("sensevoice-small", description="The model id /v1/models lists; any `model` is accepted.")
+    console: bool = Field(
+        True,
+        description="Serve the browser console at / (talk, live sessions, health, voices); it calls the "
+        "public API with the same keys. false: / answers 404 (the API stays).",
+    )
 
 
 class FunAsrConfig(_Section):

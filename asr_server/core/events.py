@@ -8,7 +8,9 @@ and a bounded number of retries with exponential backoff. Each `/v1/events` subs
 own bounded queue with the same drop-oldest rule, so one stalled subscriber never holds up the
 webhook or the other subscribers. With worker processes, each worker passes its events to the
 others (`sharing.EventPeers`) for their subscribers; the webhook gets each event once, from the
-worker that made it.
+worker that made it. The bus also remembers the last `RECENT` events (`recent`, replayed to a new
+subscriber that asks) and their latencies (`latency`), for the browser console: each worker sees
+every worker's events, so both are the whole server's.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ from ..config import Config
 from ..errors import ConfigError, SubscriptionClosed
 from ..sharing import EventPeers, Tally, WorkerShare
 from ..types import TranscriptEvent
+from .latency import LatencyWindow
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 _DRAIN_ON_CLOSE_S = 2.0
+#: Events a new subscriber may ask to be replayed (`/v1/events?recent=N`).
+RECENT = 50
 
 
 class Subscription:
@@ -117,6 +122,8 @@ class EventBus:
         self._pending: deque[TranscriptEvent] = deque(maxlen=self.config.queue_size)
         self._wakeup: asyncio.Event | None = None
         self._subscribers: set[Subscription] = set()
+        self.recent: deque[TranscriptEvent] = deque(maxlen=RECENT)
+        self.latency = LatencyWindow()
         self._workers: list[asyncio.Task] = []
         self._inflight = 0
         self._session: aiohttp.ClientSession | None = None
@@ -184,6 +191,10 @@ class EventBus:
             log.exception("publishing a transcript event failed")
 
     def _to_subscribers(self, event: TranscriptEvent) -> None:
+        """This worker's subscribers, and what the bus remembers (this worker's events and the others')."""
+        self.recent.append(event)
+        if event.latency_ms is not None:
+            self.latency.add(event.latency_ms, event.timestamp)
         for sub in list(self._subscribers):
             if sub.matches(event) and not sub._offer(event):
                 self.metrics.errors.labels("events_subscriber_overflow").inc()

@@ -14,7 +14,8 @@ worker. Process metrics (memory, CPU) are per process and left out in that mode.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
@@ -185,14 +186,64 @@ class Metrics:
         """The schedulers' callback: a request waited past its deadline and was failed, not run."""
         self.shed.labels(engine).inc()
 
-    def render(self) -> bytes:
-        """The exposition text: this process's registry, or with workers the whole server's."""
+    def _server_registry(self) -> CollectorRegistry:
+        """This process's registry, or with workers one that reads the whole server's files."""
         if self.multiprocess_dir is None:
-            return generate_latest(self.registry)
+            return self.registry
         self.queue_depths.sample()
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, self.multiprocess_dir)
-        return generate_latest(registry)
+        return registry
+
+    def render(self) -> bytes:
+        """The exposition text: this process's registry, or with workers the whole server's."""
+        return generate_latest(self._server_registry())
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the browser console shows, as data: the same samples `/metrics` renders (so the
+        whole server's with workers), not its text."""
+        return summarise(self._server_registry().collect())
+
+
+def summarise(families: Iterable[Any]) -> dict[str, Any]:
+    """Errors by kind, queue depths (summed, and by worker where there are workers), batch sizes
+    by engine (count, mean, how many batches of each size bucket), open sessions and utterances."""
+    out: dict[str, Any] = {"errors": {}, "queues": {}, "queues_by_worker": {}, "batches": {}, "sessions": {}}
+    out["utterances"] = {}
+    batches: dict[str, dict[str, Any]] = {}
+    for family in families:
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "asr_errors_total":
+                if not value:  # a kind that was only named so far
+                    continue
+                out["errors"][labels["kind"]] = out["errors"].get(labels["kind"], 0) + value
+            elif name == "asr_queue_depth":
+                engine = labels["engine"]
+                out["queues"][engine] = out["queues"].get(engine, 0) + value
+                if "worker" in labels:
+                    out["queues_by_worker"].setdefault(labels["worker"], {})[engine] = value
+            elif name == "asr_sessions_open":
+                out["sessions"][labels["protocol"]] = out["sessions"].get(labels["protocol"], 0) + value
+            elif name == "asr_utterances_total":
+                out["utterances"][labels["protocol"]] = value
+            elif name.startswith("asr_batch_size_"):
+                b = batches.setdefault(labels["engine"], {"count": 0.0, "sum": 0.0, "cumulative": {}})
+                if name == "asr_batch_size_count":
+                    b["count"] = value
+                elif name == "asr_batch_size_sum":
+                    b["sum"] = value
+                elif name == "asr_batch_size_bucket":
+                    b["cumulative"][labels["le"]] = value
+    for engine, b in batches.items():
+        buckets, below = {}, 0.0
+        for le, total in sorted(b["cumulative"].items(), key=lambda kv: float(kv[0])):
+            if total > below:
+                buckets[le] = total - below
+            below = total
+        mean = round(b["sum"] / b["count"], 2) if b["count"] else None
+        out["batches"][engine] = {"count": b["count"], "mean": mean, "buckets": buckets}
+    return out
 
 
 async def watch_loop_lag(metrics: Metrics, interval_s: float = 0.1) -> None:

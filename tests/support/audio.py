@@ -1,12 +1,14 @@
 """The shared speech clips (`../shared/audio`), read where they lie, and audio helpers for tests.
 
 Tests that need the clips use `needs_audio` and skip, with that reason, where the folder is absent.
+`ASR_SERVER_TEST_AUDIO` names the folder for a checkout that is not beside it (a worktree elsewhere).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 import soxr
 
 REPO = Path(__file__).resolve().parents[2]
-AUDIO = REPO.parent / "shared" / "audio"
+AUDIO = Path(os.environ.get("ASR_SERVER_TEST_AUDIO") or REPO.parent / "shared" / "audio")
 HAVE_AUDIO = (AUDIO / "MANIFEST.tsv").is_file()
 needs_audio = pytest.mark.skipif(not HAVE_AUDIO, reason="../shared/audio absent")
 

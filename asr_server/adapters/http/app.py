@@ -6,6 +6,7 @@
   backed by the server's own voiceprint store and speaker engine, plus list.
 - `GET /v1/events`: WebSocket stream of final transcripts, optionally for some devices only.
 - `GET /healthz`, `/readyz`, `/metrics`.
+- `GET /` (the browser console), `/v1/status`, `/v1/sessions`, `GET /v1/live` (`console`).
 
 Errors under `/v1/` use OpenAI's shape (`{"error": {"message", "type", "code", "param"}}`), the
 others voiceprint-api's (`{"detail": "..."}`), each with the HTTP status that says what went
@@ -24,13 +25,14 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ...config import Config
 from ...core.events import EventBus
+from ...core.live import SessionBoard
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
 from ...errors import ApiError, ClientGone, EngineBusy, EngineFailed
 from ...sharing import Tally, WorkerShare
 from ..admission import RETRY_AFTER_S
 from ..auth import ApiKeys
-from . import events, health, transcriptions, voiceprints
+from . import console, events, health, transcriptions, voiceprints
 from .context import (
     BUS,
     CONFIG,
@@ -184,9 +186,12 @@ def build_app(
     metrics: Metrics,
     ready: Callable[[], bool],
     share: WorkerShare | None = None,
+    board: SessionBoard | None = None,
+    info: console.ConsoleInfo | None = None,
 ) -> web.Application:
     """The aiohttp application; `ready` answers /readyz (models loaded, listeners up). As one of
-    several workers (`share`), its connection cap counts the whole server's connections."""
+    several workers (`share`), its connection cap counts the whole server's connections. `board`
+    and `info` feed the console (the open sessions; where devices connect)."""
     if not any(isinstance(f, _BadRequests) for f in _AIOHTTP_SERVER_LOG.filters):
         _AIOHTTP_SERVER_LOG.addFilter(_BadRequests())
     app = web.Application(
@@ -208,6 +213,9 @@ def build_app(
         Tally.of(share, "http.max_connections"),
     )
     app[health.PROBE] = health.EngineProbe()
+    app[console.BOARD] = board if board is not None else SessionBoard(share)
+    app[console.INFO] = info if info is not None else console.ConsoleInfo(None, share.count if share else 1)
+    app[console.WATCHERS] = set()
     app.on_shutdown.append(events.close_sockets)
     r = app.router
     r.add_post("/v1/audio/transcriptions", transcriptions.transcriptions)
@@ -222,6 +230,7 @@ def build_app(
     r.add_get("/healthz", health.healthz)
     r.add_get("/readyz", health.readyz)
     r.add_get("/metrics", health.metrics_endpoint)
+    console.add_routes(app)
     return app
 
 

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from ...core.events import RECENT
 from ...errors import ApiError, SubscriptionClosed
 from ..auth import Role
 from .context import BUS, CONFIG, SOCKETS, authorize
@@ -19,6 +20,7 @@ async def events(request: web.Request) -> web.StreamResponse:
 
     Browsers cannot set headers, so the key may also come as `?token=` or `?key=`. A device token
     (`xiaozhi.auth.tokens`) subscribes to the sessions that authenticated with that token only.
+    `?recent=N` first replays up to N (at most `RECENT`) of the latest events it may see.
     """
     grant = authorize(request, "token", "key", role=Role.DEVICE)
     cfg = request.app[CONFIG].events
@@ -30,11 +32,18 @@ async def events(request: web.Request) -> web.StreamResponse:
             code="server_busy",
         )
     ids = [d.strip() for v in request.query.getall("device_id", []) for d in v.split(",") if d.strip()]
+    try:
+        recent = min(RECENT, max(0, int(request.query.get("recent", "0"))))
+    except ValueError:
+        raise ApiError(400, "recent must be a whole number", param="recent") from None
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=_MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     with bus.subscribe(ids or None, grant.scope) as sub:  # a device token: its own sessions only
         await ws.send_json({"type": "subscribed", "device_ids": ids or None})
+        replay = [e for e in bus.recent if sub.matches(e)][-recent:] if recent else []
+        for event in replay:
+            await ws.send_str(event.to_json())
 
         async def read_until_closed() -> None:
             async for msg in ws:  # subscribers have nothing to say; this notices their close

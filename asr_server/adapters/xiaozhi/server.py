@@ -21,6 +21,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ...config import Config
+from ...core.live import SessionBoard
 from ...core.pipeline import Pipeline
 from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
 from ...logs import Throttle
@@ -40,11 +41,17 @@ class XiaozhiServer:
     """Owns the device sessions (`sessions`, keyed by session id) and the WebSocket server."""
 
     def __init__(
-        self, config: Config, pipeline: Pipeline, publish: Publish | None = None, share: WorkerShare | None = None
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        publish: Publish | None = None,
+        share: WorkerShare | None = None,
+        board: SessionBoard | None = None,
     ) -> None:
         self.config = config
         self.pipeline = pipeline
         self.publish = publish
+        self.board = board  # the console's live view of the open sessions
         self.sessions: dict[str, Session] = {}
         self._sockets: dict[str, ServerConnection] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -151,9 +158,13 @@ class XiaozhiServer:
                 return
             session_id = upstream.session_id or session_id  # the device talks to the upstream's session
         session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream)
+        session.vad_meter = hello.features.get("vad_meter") is True and upstream is None
         self.sessions[session_id] = session
         self._sockets[session_id] = ws
         self._metrics.session_opened(PROTOCOL)
+        if self.board is not None:
+            worker = self.board.worker
+            self.board.add(session_id, lambda: session.view(worker))
         log.info(
             "session %s open: device %s client %s v%d from %s",
             session_id,
@@ -185,6 +196,8 @@ class XiaozhiServer:
             self.sessions.pop(session_id, None)
             self._sockets.pop(session_id, None)
             self._metrics.session_closed(PROTOCOL)
+            if self.board is not None:
+                self.board.remove(session_id)
             await session.close()
             if upstream is not None:
                 await upstream.close()  # a device that leaves closes its upstream socket

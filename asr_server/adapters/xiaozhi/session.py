@@ -20,6 +20,7 @@ from ...audio.opus import OpusStreamDecoder
 from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ...config import Config
 from ...constants import SAMPLE_RATE, VAD_WINDOW, XIAOZHI
+from ...core.live import SessionView
 from ...core.pipeline import Pipeline, Recognizing
 from ...core.recording import join_pieces
 from ...core.scheduler import Priority
@@ -74,10 +75,41 @@ class Session:
         self.last_active = 0.0  # loop time of the last message (the server's idle sweep reads it)
         self.idle_closed = False
         self.shed = False  # closed by the server because the recogniser stayed behind
+        self.vad_meter = False  # the client's hello asked for `vad` messages (the browser console does)
+        self.opened_at = time.time()
+        self.last_text: str | None = None
+        self.last_speaker: str | None = None
         self._observe_decode = self._metrics.stage.labels("decode").observe
 
     async def send_error(self, message: str) -> None:
         await self._send(error_message(message, self.session_id))
+
+    def view(self, worker: int = 0) -> SessionView:
+        """What the console's live view shows of this session."""
+        speech = self._manual_speech if self.mode == "manual" else self._stream.in_speech
+        return SessionView(
+            session_id=self.session_id,
+            protocol=PROTOCOL,
+            device_id=self.client.device_id,
+            client_id=self.client.client_id,
+            version=self.client.protocol_version,
+            mode=self.mode,
+            state="idle" if not self.listening else "speech" if speech else "listening",
+            frames=self.frames,
+            utterances=self.utterances,
+            last_text=self.last_text,
+            speaker=self.last_speaker,
+            opened_at=self.opened_at,
+            remote=self.client.remote,
+            worker=worker,
+        )
+
+    async def _meter(self, probs: list[tuple[np.ndarray, float]]) -> None:
+        """A `vad` message per frame, for a client that asked for one in its hello (the console's
+        VAD meter): the frame's highest speech probability and whether the stream is in speech."""
+        if probs:
+            speech = self._manual_speech if self.mode == "manual" else self._stream.in_speech
+            await self._send({"type": "vad", "prob": round(max(p for _, p in probs), 3), "speech": speech})
 
     # --- input ------------------------------------------------------------------------------
 
@@ -124,6 +156,13 @@ class Session:
             return seconds
         if self.upstream is not None and self.upstream.speaking and self.mode == "auto":
             return seconds  # auto mode takes no turn while the answer plays (the firmware's own rule)
+        if self.vad_meter:
+            probs = await self.pipeline.probabilities(self._stream, pcm)
+            for chunk, prob in probs:
+                for event in self._stream.push(chunk, prob):
+                    self._on_segment_event(event)
+            await self._meter(probs)
+            return seconds
         for event in await self.pipeline.feed(self._stream, pcm):
             self._on_segment_event(event)
         return seconds
@@ -229,9 +268,11 @@ class Session:
     async def _manual_audio(self, pcm: np.ndarray) -> None:
         self._manual.append(pcm)
         self._manual_samples += len(pcm)
-        if not self._manual_speech:  # VAD only until the first speech: nothing to recognise without it
+        if not self._manual_speech or self.vad_meter:  # VAD until the first speech (or for the meter)
             probs = await self.pipeline.probabilities(self._stream, pcm)
-            self._manual_speech = any(self._stream.is_voiced(prob) for _, prob in probs)
+            self._manual_speech = self._manual_speech or any(self._stream.is_voiced(prob) for _, prob in probs)
+            if self.vad_meter:
+                await self._meter(probs)
         if self._manual_samples >= self.config.vad.max_utterance_s * SAMPLE_RATE:
             self._finish_manual()
 
@@ -304,6 +345,8 @@ class Session:
             else:
                 await self._send(self._stt(rec, latency_ms, processing_ms, speculated, len(pieces) - 1))
             self.utterances += 1
+            self.last_text = rec.transcript.text
+            self.last_speaker = rec.speaker.name if rec.speaker is not None else None
             self._metrics.utterances.labels(PROTOCOL).inc()
             self._metrics.reply_latency.labels(PROTOCOL).observe(latency_ms / 1000)
             self._metrics.processing.labels(PROTOCOL).observe(processing_ms / 1000)
