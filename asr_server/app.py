@@ -109,7 +109,7 @@ class AsrServer:
                 http_port = self._http.addresses[0][1]
                 http_url = f"http://{_client_host(cfg.http.host)}:{http_port}"
             if cfg.funasr.enabled:
-                self._funasr = await serve_funasr(cfg, self.pipeline, self.metrics, self.bus, self.share)
+                self._funasr = await serve_funasr(cfg, self.pipeline, self.metrics, self.bus, self.share, self.board)
                 funasr_port = self._funasr.sockets[0].getsockname()[1]
                 scheme = "wss" if cfg.funasr.tls == "on" else "ws"
                 funasr_url = f"{scheme}://{_client_host(cfg.funasr.host)}:{funasr_port}/"

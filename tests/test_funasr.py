@@ -28,6 +28,7 @@ from asr_server.adapters.funasr.wire import stable_prefix as _stable_prefix
 from asr_server.audio.resample import float_to_pcm16
 from asr_server.config import Config, load_config
 from asr_server.core.events import EventBus
+from asr_server.core.live import SessionBoard
 from tests.support.audio import AUDIO, encode, needs_audio
 from tests.support.fakes import fake_pipeline, fake_text
 
@@ -50,7 +51,7 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def running(tmp_path: Path, **funasr):
+async def running(tmp_path: Path, board: SessionBoard | None = None, **funasr):
     cfg = load_config(
         None,
         env={},
@@ -70,7 +71,7 @@ async def running(tmp_path: Path, **funasr):
     bus = EventBus(cfg, pipeline.metrics)
     await bus.start()
     try:
-        server = await serve_funasr(cfg, pipeline, pipeline.metrics, bus)
+        server = await serve_funasr(cfg, pipeline, pipeline.metrics, bus, board=board)
         scheme = "wss" if funasr.get("tls") == "on" else "ws"
         try:
             yield Server(f"{scheme}://127.0.0.1:{server.sockets[0].getsockname()[1]}", pipeline, bus)
@@ -472,6 +473,27 @@ async def test_events_published_for_funasr_when_configured(srv):
             await stream(ws, {"mode": "offline", "wav_name": "evt"}, float_to_pcm16(x), stride=len(x) * 2)
         event = await asyncio.wait_for(sub.get(), 5)
     assert event.protocol == "funasr" and event.text == fake_text(len(x)) and event.client_id == "evt"
+
+
+async def test_funasr_sessions_are_on_the_live_board_until_they_close(tmp_path):
+    """The console's live view lists FunASR clients too: mode, wav_name, frames, utterances, text."""
+    board = SessionBoard()
+    x = read("en_tts_living_room_light_wyoming.wav")
+    async with running(tmp_path, board=board) as srv:
+        async with connect(srv.url) as ws:
+            assert [(v.protocol, v.state) for v in board.sessions()] == [("funasr", "idle")]
+            pcm = float_to_pcm16(x)
+            stride = (len(pcm) // 4 + 2) // 2 * 2  # about four messages of whole samples
+            await stream(ws, {"mode": "offline", "wav_name": "kitchen"}, pcm, stride=stride)
+            (v,) = board.sessions()
+            frames = len(range(0, len(pcm), stride))
+            assert (v.client_id, v.mode, v.version, v.frames, v.utterances) == ("kitchen", "offline", 0, frames, 1)
+            assert v.last_text == fake_text(len(x)) and v.remote.startswith("127.0.0.1:")
+        for _ in range(100):
+            if not board.sessions():
+                break
+            await asyncio.sleep(0.02)
+        assert board.sessions() == []
 
 
 # --- through the real (tiny) models ------------------------------------------------------------

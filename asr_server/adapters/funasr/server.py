@@ -15,6 +15,7 @@ from websockets.typing import Subprotocol
 from ...config import Config
 from ...constants import FUNASR
 from ...core.events import EventBus
+from ...core.live import SessionBoard, SessionView
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
 from ...sharing import Tally, WorkerShare
@@ -24,6 +25,28 @@ from .session import PROTOCOL, FunAsrSession
 from .tls import sniffing, tls_context, transport_of
 
 log = logging.getLogger(__name__)
+
+
+def session_view(session: FunAsrSession, worker: int = 0) -> SessionView:
+    """What the console's live view shows of a FunASR session: the protocol has no version (0), the
+    mode is the request's (offline, online, 2pass) and the client is its `wav_name`."""
+    req, remote = session.request, session.ws.remote_address
+    return SessionView(
+        session_id=session.session_id,
+        protocol=PROTOCOL,
+        device_id=None,
+        client_id=req.wav_name if req is not None else None,
+        version=0,
+        mode=req.mode if req is not None else "-",
+        state="idle" if req is None else "speech" if session.in_speech else "listening",
+        frames=session.frames,
+        utterances=session.utterances,
+        last_text=session.last_text,
+        speaker=session.last_speaker,
+        opened_at=session.opened_at,
+        remote=f"{remote[0]}:{remote[1]}" if remote else "",
+        worker=worker,
+    )
 
 
 class FunAsrServer:
@@ -36,8 +59,10 @@ class FunAsrServer:
         metrics: Metrics,
         bus: EventBus | None = None,
         share: WorkerShare | None = None,
+        board: SessionBoard | None = None,
     ) -> None:
         self.config = config
+        self.board = board  # the console's live view of the open sessions
         self.pipeline = pipeline
         self.metrics = metrics
         self.bus = bus
@@ -75,10 +100,17 @@ class FunAsrServer:
     async def handle(self, ws: ServerConnection) -> None:
         log.debug("funasr: %s connection from %s", transport_of(ws), ws.remote_address)
         self.metrics.session_opened(PROTOCOL)
+        session = FunAsrSession(self, ws)
+        board = self.board
+        if board is not None:
+            worker = board.worker
+            board.add(session.session_id, lambda: session_view(session, worker))
         try:
-            await FunAsrSession(self, ws).run()
+            await session.run()
         finally:
             self.metrics.session_closed(PROTOCOL)
+            if board is not None:
+                board.remove(session.session_id)
 
 
 async def serve_funasr(
@@ -87,11 +119,12 @@ async def serve_funasr(
     metrics: Metrics,
     bus: EventBus | None = None,
     share: WorkerShare | None = None,
+    board: SessionBoard | None = None,
 ) -> Server:
     """Listen on `funasr.host:funasr.port` (0 picks a free port; `server.sockets` tells which);
     as one of several workers, on a port they share (SO_REUSEPORT)."""
     cfg = config.funasr
-    handler = FunAsrServer(config, pipeline, metrics, bus, share)
+    handler = FunAsrServer(config, pipeline, metrics, bus, share, board)
     ctx = tls_context(cfg)
     tls: dict[str, Any] = {}
     if ctx is not None and cfg.tls == "both":

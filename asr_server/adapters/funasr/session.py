@@ -120,6 +120,16 @@ class FunAsrSession:
         self._online_tail = ""  # the last `online` text sent (a space goes between English utterances)
         self._resampler: PcmResampler | None = None
         self._stream: _Stream | None = None
+        # What the console's live view shows (`view`).
+        self.opened_at = time.time()
+        self.frames = 0
+        self.utterances = 0
+        self.last_text: str | None = None
+        self.last_speaker: str | None = None
+
+    @property
+    def in_speech(self) -> bool:
+        return self._stream is not None and self._stream.speech.in_speech
 
     # --- the message loop --------------------------------------------------------------
 
@@ -219,6 +229,7 @@ class FunAsrSession:
             raise FunAsrProtocolError(CloseCode.POLICY_VIOLATION, "send the JSON configuration message before audio")
         if not data:
             return
+        self.frames += 1
         if req.mode == "offline" and not req.is_pcm:
             self._offline_nbytes += len(data)
             if self._offline_nbytes > self.server.config.funasr.max_message_bytes:
@@ -465,6 +476,9 @@ class FunAsrSession:
         recs = [r for r in (recs or []) if r is not None and not r.is_empty]
         if not recs:
             return
+        self.utterances += len(recs)
+        self.last_text = recs[-1].transcript.text
+        self.last_speaker = recs[-1].speaker.name if recs[-1].speaker is not None else None
         self.metrics.utterances.labels(PROTOCOL).inc(len(recs))
         bus = self.server.bus
         if bus is None:

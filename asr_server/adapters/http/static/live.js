@@ -14,7 +14,7 @@ let retry = null;
 function render() {
   const rows = [...sessions.values()].sort((a, b) => a.view.opened_at - b.view.opened_at).map(({ view: v, closedAt }) =>
     el("tr", { class: closedAt ? "closed" : "open", dataset: { session: v.session_id, device: v.device_id || "" } },
-      el("td", {}, v.device_id || "–"), el("td", {}, `${v.protocol} v${v.version}`), el("td", {}, v.mode),
+      el("td", {}, v.device_id || v.client_id || "–"), el("td", {}, v.version ? `${v.protocol} v${v.version}` : v.protocol), el("td", {}, v.mode),
       el("td", { class: "state" }, closedAt ? "closed" : v.state), el("td", {}, String(v.frames)),
       el("td", {}, String(v.utterances)), el("td", { class: "text" }, v.last_text || "–"),
       el("td", { class: "speaker" }, v.speaker || "–"), el("td", {}, String(v.worker))));
