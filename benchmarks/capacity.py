@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="server config override")
     ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO_DIR)
     ap.add_argument("--no-stop", action="store_true", help="run every step even after one fails")
+    ap.add_argument(
+        "--honor-retry-after", action="store_true", help="refused devices wait the 503's Retry-After, not 1 s"
+    )
     ap.add_argument("--procs", type=int, default=1, help="load generator processes")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", type=Path, default=None, help="py-spy record the server into this SVG")
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_on_fail=not args.no_stop,
             procs=args.procs,
             relay=args.relay,
+            honor_retry_after=args.honor_retry_after,
         )
         report = asyncio.run(run_load(opts))
     finally:

@@ -110,6 +110,11 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--connect-timeout", type=float, default=10.0)
     ap.add_argument("--retry", type=float, default=1.0, help="seconds before reconnecting after a refusal or drop")
+    ap.add_argument(
+        "--honor-retry-after",
+        action="store_true",
+        help="after a 503 with Retry-After, wait what it says instead of --retry (off by default)",
+    )
     ap.add_argument("--hello-timeout", type=float, default=10.0)
     ap.add_argument(
         "--server-silence-ms",
@@ -236,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             connect_timeout_s=args.connect_timeout,
             hello_timeout_s=args.hello_timeout,
             retry_s=args.retry,
+            honor_retry_after=args.honor_retry_after,
             server_silence_ms=args.server_silence_ms,
             budget_ms=args.budget_ms,
             lateness_budget_ms=args.lateness_budget_ms,

@@ -37,11 +37,20 @@ class DeviceError(Exception):
 
 class ConnectError(DeviceError):
     """The server refused the connection: nothing listening, HTTP status instead of an upgrade,
-    or a broken handshake. `status` is the HTTP status when there was one."""
+    or a broken handshake. `status` is the HTTP status when there was one, `retry_after_s` the
+    seconds its `Retry-After` asked for (503 while the server is behind)."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after_s = retry_after_s
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """`Retry-After` in seconds (the delta-seconds form servers send with 503); None otherwise."""
+    if value is None or not value.strip().isdigit():
+        return None
+    return float(value.strip())
 
 
 class ConnectTimeout(DeviceError, TimeoutError):
@@ -175,6 +184,7 @@ class Device:
         self.session_id: str | None = None
         self.server_hello: dict[str, Any] | None = None
         self.hello_ms: float | None = None
+        self.retry_after_s: float | None = None  # what the server's last refusal said to wait
         self.frames_sent = 0
         self.binary_received = 0
         self.binary: deque[tuple[float, bytes]] = deque(maxlen=256)  # (monotonic arrival, frame): TTS audio
@@ -220,7 +230,8 @@ class Device:
             )
         except InvalidStatus as e:
             status = e.response.status_code
-            raise ConnectError(f"server refused the upgrade with HTTP {status}", status) from None
+            retry = self.retry_after_s = retry_after_seconds(e.response.headers.get("Retry-After"))
+            raise ConnectError(f"server refused the upgrade with HTTP {status}", status, retry) from None
         except InvalidURI as e:
             raise ConnectError(f"invalid URL: {e}") from None
         except InvalidHandshake as e:

@@ -83,6 +83,7 @@ class LoadOptions:
     connect_timeout_s: float = 10.0
     hello_timeout_s: float = 10.0
     retry_s: float = 1.0  # after a refusal or disconnect, before the client tries again
+    honor_retry_after: bool = False  # after a 503 with Retry-After, wait what it says instead of retry_s
     server_silence_ms: float = 400.0  # the server's end-of-speech silence (our vad.min_silence_ms)
     budget_ms: float = 800.0
     lateness_budget_ms: float = 20.0
@@ -420,7 +421,8 @@ async def _client(plan: _Plan, state: _ShardState, index: int) -> None:
         finally:
             await dev.close()
             c.frames_sent += dev.frames_sent
-        await _sleep_until(min(time.monotonic() + opts.retry_s, plan.speech_end))
+        wait = dev.retry_after_s if opts.honor_retry_after and dev.retry_after_s is not None else opts.retry_s
+        await _sleep_until(min(time.monotonic() + wait, plan.speech_end))
 
 
 async def _session(plan: _Plan, state: _ShardState, dev: Device, rng: random.Random, index: int) -> bool:

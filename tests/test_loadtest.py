@@ -50,7 +50,8 @@ class FakeServer:
     `silence_ms` of silence follows speech (auto), or after `listen stop` (manual).
 
     `behaviour`: normal, no_hello (never answers hello), close_after (closes after `close_after`
-    frames), silent (never replies to utterances), error (answers each utterance with an error).
+    frames), silent (never replies to utterances), error (answers each utterance with an error),
+    busy (refuses every upgrade with 503 and `Retry-After: 5`, counting them in `refusals`).
     """
 
     def __init__(
@@ -68,11 +69,22 @@ class FakeServer:
         self.messages: list[object] = []
         self.listen_start_times: list[float] = []
         self.replies = 0
+        self.refusals = 0
         self._server = None
         self.url = ""
 
+    def _busy(self, connection: ServerConnection, request: object):
+        if self.behaviour != "busy":
+            return None
+        self.refusals += 1
+        response = connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server busy\n")
+        response.headers["Retry-After"] = "5"
+        return response
+
     async def __aenter__(self) -> FakeServer:
-        self._server = await serve(self._handle, "127.0.0.1", 0, compression=None, ping_interval=None)
+        self._server = await serve(
+            self._handle, "127.0.0.1", 0, compression=None, ping_interval=None, process_request=self._busy
+        )
         self.url = f"ws://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/xiaozhi/v1/"
         return self
 
@@ -487,6 +499,27 @@ async def test_refusing_stalling_and_closing_servers_are_counted(clips):
     assert c.counters.disconnects >= 2 and c.disconnected >= 2 and c.answered == 0
     for r in (refused, stalled):
         assert r.steps[0].stats.counters.client_errors == 0 and r.steps[0].stats.consistent()
+
+
+async def test_retry_after_is_honoured_only_when_asked(clips):
+    """A 503's `Retry-After` (5 s) holds each client back for the rest of a 1.5 s step when the run
+    honours it; without, clients come back every `retry_s` (0.3 s) as before."""
+    for honour in (False, True):
+        async with FakeServer("busy") as srv:
+            report = await run_bounded(opts(srv.url, clients=(2,), duration_s=1.5, honor_retry_after=honour), clips)
+        assert report.steps[0].stats.counters.refused == srv.refusals
+        if honour:
+            assert srv.refusals == 2, srv.refusals
+        else:
+            assert srv.refusals >= 4, srv.refusals
+
+
+def test_retry_after_seconds_reads_delta_seconds_only():
+    from loadtest.device import retry_after_seconds
+
+    assert [retry_after_seconds(v) for v in ("5", " 12 ", None, "", "soon", "Wed, 21 Oct 2026 07:28:00 GMT")] == [
+        5.0, 12.0, None, None, None, None
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
