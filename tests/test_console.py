@@ -19,7 +19,7 @@ from asr_server.core.live import SessionBoard, SessionView
 from asr_server.core.metrics import Metrics
 from asr_server.sharing import WorkerShare
 from tests.support.fakes import make_event
-from tests.support.servers import KEY, start_api
+from tests.support.servers import KEY, start_api, stop_api
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -35,9 +35,7 @@ async def api(tmp_path):
     runner, pipeline, bus, _ = await start_api(tmp_path, xiaozhi={"auth": {"enabled": True, "tokens": ["dev-tok"]}})
     base = f"http://127.0.0.1:{runner.addresses[0][1]}"
     yield base, runner.app, bus
-    await runner.cleanup()
-    await bus.close()
-    await pipeline.close()
+    await stop_api(runner, pipeline, bus)
 
 
 async def test_the_page_and_its_files_are_served_without_a_key(api):
@@ -66,9 +64,7 @@ async def test_console_false_gives_404_at_the_root(tmp_path):
             async with s.get(f"{base}/v1/status", headers=AUTH) as r:  # the API stays
                 assert r.status == 200
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 async def test_status_needs_a_read_key_and_says_what_is_wrong(api):

@@ -26,7 +26,7 @@ from asr_server.adapters.http.transcriptions import parse_language
 from asr_server.core.events import EventBus
 from tests.support.audio import AUDIO, cer, encode, needs_audio
 from tests.support.fakes import WebhookReceiver, fake_text, make_event
-from tests.support.servers import AUTH, KEY, start_api
+from tests.support.servers import AUTH, KEY, start_api, stop_api
 
 
 def read(name: str) -> np.ndarray:
@@ -66,9 +66,7 @@ async def api(tmp_path_factory):
             asr={"max_batch": 8},  # batching as on a GPU (a CPU's default is 1), so long files show it
         )
         yield Api(f"http://127.0.0.1:{runner.addresses[0][1]}", pipeline, bus, state, hook)
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 def metric(api: Api, name: str, labels: dict) -> float:
@@ -311,9 +309,7 @@ async def test_cors_for_configured_origins_only(tmp_path):
             )
             assert r.status_code == 405 and "Access-Control-Allow-Origin" not in r.headers
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 def test_language_names():
@@ -406,9 +402,7 @@ async def test_voiceprints_disabled_is_503(tmp_path):
             r = await c.get(f"http://127.0.0.1:{runner.addresses[0][1]}/voiceprint/health", params={"key": KEY})
         assert r.status_code == 503 and "disabled" in r.json()["detail"]
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -546,9 +540,7 @@ async def test_readyz_asks_the_engines(tmp_path):
             r = await c.get(url)
             assert r.status_code == 503 and "starting or shutting down" in r.json()["detail"]
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 async def test_event_subscribers_beyond_the_limit_are_refused_naming_it(tmp_path):
@@ -570,6 +562,4 @@ async def test_event_subscribers_beyond_the_limit_are_refused_naming_it(tmp_path
                 assert refused.status == 503
                 assert "events.max_subscribers = 1" in (await refused.json())["error"]["message"]
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)

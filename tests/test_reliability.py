@@ -40,6 +40,7 @@ from tests.support.servers import (
     raw_connect,
     send_until_closed,
     start_api,
+    stop_api,
     wait_sessions_empty,
 )
 
@@ -50,9 +51,7 @@ from tests.support.servers import (
 async def api(tmp_path):
     runner, pipeline, bus, _ = await start_api(tmp_path)
     yield f"http://127.0.0.1:{runner.addresses[0][1]}", pipeline
-    await runner.cleanup()
-    await bus.close()
-    await pipeline.close()
+    await stop_api(runner, pipeline, bus)
 
 
 def _wav(x: np.ndarray, subtype: str = "PCM_16") -> bytes:
@@ -125,9 +124,7 @@ async def test_413_closes_the_connection_instead_of_reading_the_rest(tmp_path):
     except ConnectionError:
         answer = b""
     writer.close()
-    await runner.cleanup()
-    await bus.close()
-    await pipeline.close()
+    await stop_api(runner, pipeline, bus)
     # 1 MB read, at most 4 MB dropped while the 413 is sent, then closed: not read to the end
     assert sent < 20 * 2**20, sent
     assert not answer or b" 413 " in answer.split(b"\r\n", 1)[0]
@@ -210,9 +207,7 @@ async def test_read_and_device_keys_cannot_manage_voiceprints(tmp_path):
             async with s.get(f"{url}/v1/models", headers={"Authorization": "Bearer reader"}) as r:
                 assert r.status == 200
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 async def test_a_device_token_reads_only_its_own_sessions_events(tmp_path):
@@ -236,9 +231,7 @@ async def test_a_device_token_reads_only_its_own_sessions_events(tmp_path):
             texts = [json.loads(await asyncio.wait_for(admin.recv(), 5))["text"] for _ in range(2)]
             assert texts == ["theirs", "mine"]
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 # --- parsers: named errors for what used to raise ------------------------------------------------
@@ -432,9 +425,7 @@ async def test_http_connections_are_capped_and_slow_headers_are_cut(tmp_path):
         for _, w in [*slow, (r3, w3)]:
             w.close()
     finally:
-        await runner.cleanup()
-        await bus.close()
-        await pipeline.close()
+        await stop_api(runner, pipeline, bus)
 
 
 async def test_max_sessions_counts_connections_that_have_not_said_hello(start_server):

@@ -220,9 +220,7 @@ class Pipeline:
 
     def _asr_batch(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
         assert not isinstance(self.asr, RemoteRecognizer)
-        return self.asr.transcribe_batch(
-            [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
-        )
+        return self.asr.transcribe_batch(*_columns(requests))
 
     def _embed_batch(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
         assert self.speaker is not None and not isinstance(self.speaker, RemoteEmbedder)
@@ -230,9 +228,7 @@ class Pipeline:
 
     async def _asr_remote(self, requests: Sequence[AsrRequest]) -> list[Transcript]:
         assert isinstance(self.asr, RemoteRecognizer)
-        return await self.asr.transcribe_batch_async(
-            [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
-        )
+        return await self.asr.transcribe_batch_async(*_columns(requests))
 
     async def _embed_remote(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
         assert isinstance(self.speaker, RemoteEmbedder)
@@ -385,6 +381,11 @@ class Pipeline:
         for remote in (self.asr, self.speaker):
             if isinstance(remote, RemoteRecognizer | RemoteEmbedder):
                 await asyncio.to_thread(remote.close)
+
+
+def _columns(requests: Sequence[AsrRequest]) -> tuple[list[np.ndarray], list[str], list[bool]]:
+    """A batch of requests as the recogniser's three argument lists: audio, language, ITN."""
+    return [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
 
 
 def _cores() -> int:

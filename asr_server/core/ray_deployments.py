@@ -16,9 +16,10 @@ import asyncio
 import hashlib
 import json
 import math
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from ray import serve
@@ -27,6 +28,8 @@ from ..config import Config, RayDeploymentConfig
 from ..engines.base import ModelInfo
 from ..types import Transcript
 from .loading import load_recognizer, load_speaker
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,14 @@ class _Replica:
         batched.set_max_batch_size(self.deployment.max_batch_size)
         batched.set_batch_wait_timeout_s(self.deployment.batch_wait_timeout_s)
 
+    async def _holding(self, request: Awaitable[R]) -> R:
+        """Await one caller's request, counted in `ongoing` while it waits for its batch or computes."""
+        self._held += 1
+        try:
+            return await request
+        finally:
+            self._held -= 1
+
     async def _compute(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
@@ -102,11 +113,7 @@ class AsrDeployment(_Replica):
         return self.engine.info
 
     async def transcribe(self, item: AsrItem) -> Transcript:
-        self._held += 1
-        try:
-            return await self._batch(item)
-        finally:
-            self._held -= 1
+        return await self._holding(self._batch(item))
 
     @serve.batch
     async def _batch(self, items: list[AsrItem]) -> list[Transcript]:
@@ -134,11 +141,7 @@ class SpeakerDeployment(_Replica):
         return self.engine.info, self.engine.dim
 
     async def embed(self, audio: np.ndarray) -> np.ndarray:
-        self._held += 1
-        try:
-            return await self._batch(audio)
-        finally:
-            self._held -= 1
+        return await self._holding(self._batch(audio))
 
     @serve.batch
     async def _batch(self, audios: list[np.ndarray]) -> list[np.ndarray]:

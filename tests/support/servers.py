@@ -33,6 +33,13 @@ async def start_api(tmp_path: Path, speaker: bool = True, **sections):
     return runner, pipeline, bus, state
 
 
+async def stop_api(runner, pipeline, bus) -> None:
+    """Undo `start_api`: the HTTP app, then the event bus, then the pipeline."""
+    await runner.cleanup()
+    await bus.close()
+    await pipeline.close()
+
+
 async def wait_sessions_empty(server, timeout: float = 5.0) -> None:
     for _ in range(int(timeout / 0.05)):
         if not server.xiaozhi.sessions:
