@@ -5,10 +5,10 @@ that every port still answers.
 
 Starts `asr-server serve` (tiny models are enough: the target is the sockets, not the models) on
 free loopback ports, with the shipped limits (`http.max_connections`, `http.header_timeout_s`,
-`xiaozhi.max_sessions` counted from the upgrade, websockets' opening-handshake timeout). Then it
-opens `--sockets` connections spread over `--ports`, each sending a request line and then one
+`http.max_connections_per_ip`, `xiaozhi.max_sessions` counted from the upgrade, websockets' opening-handshake timeout). Then it
+opens `--sockets` connections from `--source` (127.0.0.2) spread over `--ports`, each sending a request line and then one
 header line every `--trickle-s` seconds, never finishing; one probe per port and second checks
-that a real client still gets through (HTTP `GET /healthz`, a device `hello` answered, a FunASR
+that a real client from 127.0.0.1 still gets through (HTTP `GET /healthz`, a device `hello` answered, a FunASR
 connection opened), each within 5 s.
 
 It prints, per attacked port: sockets opened, refused at connect, closed by the server and how long
@@ -76,10 +76,10 @@ def usage(pid: int) -> Usage:
     )
 
 
-async def slow_socket(port: int, path: str, trickle_s: float, until: float, result: Attack) -> None:
+async def slow_socket(port: int, path: str, source: str, trickle_s: float, until: float, result: Attack) -> None:
     """One slowloris client: a request line, then a header line now and then, never the blank line."""
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     except OSError:
         result.refused += 1
         return
@@ -154,7 +154,9 @@ async def attack(args: argparse.Namespace, ports: dict[str, int], pid: int) -> t
     tasks = []
     for i in range(args.sockets):  # opened in steps so the accept queue is not the test
         t = targets[i % len(targets)]
-        tasks.append(asyncio.create_task(slow_socket(ports[t], paths[t], args.trickle_s, until, results[t])))
+        tasks.append(
+            asyncio.create_task(slow_socket(ports[t], paths[t], args.source, args.trickle_s, until, results[t]))
+        )
         if i % 200 == 199:
             await asyncio.sleep(0.05)
     while time.monotonic() < until:
@@ -177,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=40.0, help="seconds the attack lasts")
     ap.add_argument("--trickle-s", type=float, default=5.0, help="seconds between header lines")
     ap.add_argument("--ports", default="http,xiaozhi,funasr", help="ports attacked, comma-separated")
+    ap.add_argument(
+        "--source",
+        default="127.0.0.2",
+        help="the attacker's loopback address (the probes come from 127.0.0.1, as other clients would)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="server config override")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     text = log_path.read_text(errors="replace")
     print(f"machine: {machine()}; load average before: {load[0]:.2f}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(
-        f"{args.sockets} sockets over {args.ports}, a header line every {args.trickle_s:g} s, {args.duration:g} s;"
+        f"{args.sockets} sockets from {args.source} over {args.ports}, a header line every {args.trickle_s:g} s, {args.duration:g} s;"
         f" overrides {args.set or 'none'}\n"
     )
     print("| attacked port | opened | refused at connect | closed by the server | lifetime p50 / max s | left open |")

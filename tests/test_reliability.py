@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -28,11 +29,13 @@ from asr_server.adapters.funasr import wire as funasr_wire
 from asr_server.adapters.sending import send_within
 from asr_server.adapters.xiaozhi import wire as xiaozhi_wire
 from asr_server.config import load_config
+from asr_server.core.lateness import LateReplies
 from asr_server.core.scheduler import InferenceQueue
 from asr_server.errors import ConfigError, EngineBusy, FunAsrProtocolError, MessageError
 from asr_server.logs import SafeFormatter, Throttle, escape
 from loadtest.clips import silence_packet
 from tests.support.audio import clip, needs_audio
+from tests.support.fakes import FakeSpeaker, fake_pipeline
 from tests.support.servers import (
     HELLO,
     KEY,
@@ -319,6 +322,42 @@ async def test_jobs_past_their_deadline_are_shed_not_run():
     await q.close()
 
 
+class _StallingSpeaker(FakeSpeaker):
+    """An embedder that stalls (a CPU taken by something else) until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall = threading.Event()
+
+    def embed_batch(self, audios):
+        self.stall.wait(5)
+        return super().embed_batch(audios)
+
+
+async def test_a_late_speaker_is_dropped_and_the_text_answered_within_the_speaker_deadline(tmp_path):
+    cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite"), "deadline_ms": 300}})
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    speaker = _StallingSpeaker()
+    pipeline.speaker = speaker
+    pipeline._spk._fn = speaker.embed_batch  # the queue's engine: now the stalling one
+    audio = np.random.default_rng(0).normal(0, 0.1, 2 * 16000).astype(np.float32)
+    pipeline.voiceprints.enroll("alice", np.stack(FakeSpeaker().embed_batch([audio])))
+    try:
+        first, second = (pipeline.start_recognition(audio) for _ in range(2))  # the second waits behind the first
+        results = await asyncio.wait_for(asyncio.gather(first.task, second.task), 2.0)  # answered, not stuck
+        assert [r.transcript.text for r in results] == ["w1 w2 w3 w4"] * 2
+        assert [r.speaker for r in results] == [None, None]
+        assert pipeline.metrics.shed.labels("embedding")._value.get() == 2
+        speaker.stall.set()
+        await asyncio.sleep(0.05)
+        assert pipeline._spk.queue_depth == 0  # the waiting one was dropped unrun, not left behind
+        ok = await asyncio.wait_for(pipeline.recognize(audio), 2.0)  # the embedder caught up: the speaker is back
+        assert ok.speaker is not None and ok.speaker.name == "alice"
+    finally:
+        speaker.stall.set()
+        await pipeline.close()
+
+
 # --- sends with a deadline -----------------------------------------------------------------------
 
 
@@ -428,6 +467,38 @@ async def test_http_connections_are_capped_and_slow_headers_are_cut(tmp_path):
         await stop_api(runner, pipeline, bus)
 
 
+async def test_one_address_cannot_hold_every_http_slot(tmp_path):
+    """Slow sockets from one address fill its own share (http.max_connections_per_ip), not the port:
+    another address still gets answered, and the first gets its slots back as its sockets close."""
+    runner, pipeline, bus, _ = await start_api(
+        tmp_path, http={"max_connections": 10, "max_connections_per_ip": 2, "header_timeout_s": 30}
+    )
+    port = runner.addresses[0][1]
+    try:
+        slow = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0)) for _ in range(2)]
+        for _, w in slow:
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        await asyncio.sleep(0.05)
+        r3, w3 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        full = await asyncio.wait_for(r3.read(), 5)
+        assert full.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in full
+        assert b"127.0.0.2" in full and b"http.max_connections_per_ip = 2" in full
+        async with aiohttp.ClientSession() as s:  # another address: answered
+            async with s.get(f"http://127.0.0.1:{port}/healthz") as r:
+                assert r.status == 200
+        for _, w in slow:
+            w.close()
+        await asyncio.sleep(0.1)
+        r4, w4 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        w4.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(r4.read(), 5)).startswith(b"HTTP/1.1 200")
+        assert pipeline.metrics.registry.get_sample_value("asr_errors_total", {"kind": "http_address_full"}) == 1
+        for w in (w3, w4):
+            w.close()
+    finally:
+        await stop_api(runner, pipeline, bus)
+
+
 async def test_max_sessions_counts_connections_that_have_not_said_hello(start_server):
     srv = await start_server(xiaozhi={"max_sessions": 2})
     first, second = await raw_connect(srv), await raw_connect(srv)  # a reconnect burst: no hello yet
@@ -493,3 +564,28 @@ def test_slowloris_on_every_port_leaves_each_port_answering_and_no_socket_open(t
     probes = re.findall(r"^\| (http|xiaozhi|funasr) \| (\d+) / (\d+) \|$", out.stdout, re.M)
     assert len(probes) == 3 and all(a == t and int(t) > 0 for _, a, t in probes), out.stdout
     assert "tracebacks in its log: 0" in out.stdout, out.stdout
+
+
+# --- admission follows the replies' lateness ------------------------------------------------------
+
+
+def test_late_replies_make_the_server_behind_and_the_cap_grows_only_when_clearly_within_budget(tmp_path):
+    late = LateReplies(budget_ms=800, window_s=5, min_replies=10)
+    for i in range(9):
+        late.add(1500, now=i * 0.1)
+    assert late.share(now=1.0) is None  # too few to tell
+    late.add(None, now=1.0)  # shed: late
+    assert late.share(now=1.0) == (1.0, 10)
+    assert late.share(now=6.05) is None  # the window forgets
+    cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    for _ in range(20):
+        pipeline.note_reply(500)
+    assert pipeline.overloaded() is None and pipeline.keeping_up()
+    for _ in range(2):
+        pipeline.note_reply(900)  # 2 of 22 late: over half of late_share, under late_share
+    assert pipeline.overloaded() is None and not pipeline.keeping_up()  # hold the cap
+    for _ in range(3):
+        pipeline.note_reply(None)
+    why = pipeline.overloaded()
+    assert why is not None and "later than asr.budget_ms = 800" in why and "20%" in why

@@ -48,7 +48,7 @@ class XiaozhiConfig(_Section):
     shed_after_s: float = Field(
         1.0,
         ge=0,
-        description="While the recogniser stays behind (asr.admission_wait_ms) this long, the newest devices are "
+        description="While the server stays behind (asr.admission_wait_ms, asr.budget_ms) this long, the newest devices are "
         "closed with 1013 (shed_fraction of them per period), so the others keep their latency; 0: never.",
     )
     shed_fraction: float = Field(0.1, gt=0, le=1, description="Share of the sessions shed per period.")
@@ -143,6 +143,13 @@ class AsrConfig(_Section):
         description="While the next utterance has waited this long, new device, FunASR and transcription "
         "requests are refused with 503 and Retry-After; 0: never.",
     )
+    budget_ms: float = Field(
+        800.0,
+        ge=0,
+        description="The end of speech → reply latency device replies should keep; while more than late_share of "
+        "the last 5 s of replies missed it, new connections get 503 and the device cap drops; 0: not watched.",
+    )
+    late_share: float = Field(0.1, gt=0, le=1, description="Share of late replies (budget_ms) that means behind.")
     speculative: bool = True
 
 
@@ -155,7 +162,15 @@ class SpeakerConfig(_Section):
     min_audio_ms: int = Field(500, ge=0)
     max_batch: BatchSize = Field("auto", description="Utterances per call: auto = 1 on a CPU, 16 on CUDA.")
     max_wait_ms: float = Field(10.0, ge=0)
-    max_queue: int = Field(1000, ge=1, description="Embeddings waiting at most; beyond, one is refused.")
+    max_queue: int = Field(
+        1000, ge=1, description="Embeddings waiting at most; beyond, the utterance is answered with speaker null."
+    )
+    deadline_ms: float = Field(
+        1000.0,
+        ge=0,
+        description="An utterance whose speaker is not known this long after it was queued is answered with "
+        "speaker null (its embedding is dropped, or shed unrun): identification never makes a reply late; 0: never.",
+    )
 
 
 class EngineConfig(_Section):
@@ -216,6 +231,13 @@ class HttpConfig(_Section):
         "none by default.",
     )
     max_connections: int = Field(1000, ge=1, description="Open connections beyond this get 503 and are closed.")
+    max_connections_per_ip: int = Field(
+        100,
+        ge=0,
+        description="Open connections from one client address beyond this get 503 and are closed, so one "
+        "client's slow sockets cannot fill max_connections (per worker process; 0: no cap; behind a reverse "
+        "proxy every client has the proxy's address).",
+    )
     header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
     body_timeout_s: float = Field(120.0, gt=0, description="An upload's body must arrive within this (408 after).")
     keepalive_timeout_s: float = Field(75.0, gt=0, description="Idle keep-alive connections close after this.")

@@ -137,7 +137,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.shed = Counter("asr_shed", "Requests failed unrun after their deadline, by engine", ["engine"], registry=r)
+        self.shed = Counter(
+            "asr_shed",
+            "Requests given up for their deadline (unrun; an embedding also when late or its queue full), by engine",
+            ["engine"],
+            registry=r,
+        )
         self.refused = Counter(
             "asr_refused",
             "Connections and requests refused because the server is behind, by port",

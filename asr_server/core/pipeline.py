@@ -24,8 +24,9 @@ from ..audio.segmenter import Event
 from ..config import Config
 from ..constants import SAMPLE_RATE
 from ..engines.base import Embedder, ModelInfo, Recognizer, RemoteEmbedder, RemoteRecognizer, VadModel
-from ..errors import VoiceprintError
+from ..errors import EngineBusy, VoiceprintError
 from ..types import Recognition, SpeakerMatch, Transcript
+from .lateness import LateReplies
 from .loading import load_recognizer, load_speaker
 from .metrics import Metrics
 from .scheduler import InferenceQueue, Job, Priority
@@ -110,10 +111,12 @@ class Pipeline:
                 self._embed_remote if remote else self._embed_batch,
                 "speaker",
                 parallel=config.inference.max_in_flight if remote else 1,
+                deadline_s=config.speaker.deadline_ms / 1000 if config.speaker.deadline_ms else None,
             )
             if speaker is not None
             else None
         )
+        self.late = LateReplies(config.asr.budget_ms)
         self._segmenter_options = segmenter_options(config.vad)
         self._phrase_options = segmenter_options(config.vad, phrases=True)
         metrics.queue_depths.add("vad", self._vad.depth)
@@ -267,16 +270,35 @@ class Pipeline:
         return self._asr.max_batch
 
     def overloaded(self) -> str | None:
-        """Why a new session should be refused now (the recogniser is `asr.admission_wait_ms` or more
-        behind), else None. Admission follows the queue, not a session count: a box's capacity
-        depends on how much its devices talk."""
-        limit = self.config.asr.admission_wait_ms
-        if not limit:
-            return None
+        """Why a new session should be refused now, else None: the recogniser is `asr.admission_wait_ms`
+        or more behind, or more than `asr.late_share` of the last seconds' device replies missed
+        `asr.budget_ms` (`core.lateness`). Admission follows the load, not a session count: a box's
+        capacity depends on how much its devices talk and how fast its cores are."""
+        cfg = self.config.asr
         behind = self._asr.head_wait() * 1000
-        if behind < limit:
-            return None
-        return f"the recogniser is {behind:.0f} ms behind (asr.admission_wait_ms = {limit:g})"
+        if cfg.admission_wait_ms and behind >= cfg.admission_wait_ms:
+            return f"the recogniser is {behind:.0f} ms behind (asr.admission_wait_ms = {cfg.admission_wait_ms:g})"
+        late = self.late.share() if cfg.budget_ms else None
+        if late is not None and late[0] > cfg.late_share:
+            return (
+                f"{late[0]:.0%} of the last {late[1]} replies came later than asr.budget_ms = {cfg.budget_ms:g} "
+                f"(asr.late_share = {cfg.late_share:g})"
+            )
+        return None
+
+    def keeping_up(self) -> bool:
+        """Clearly within budget (not merely not behind): the queue under half `asr.admission_wait_ms`
+        and at most half `asr.late_share` of the replies late. The device cap grows only then."""
+        cfg = self.config.asr
+        if cfg.admission_wait_ms and self._asr.head_wait() * 1000 >= cfg.admission_wait_ms / 2:
+            return False
+        late = self.late.share() if cfg.budget_ms else None
+        return late is None or late[0] <= cfg.late_share / 2
+
+    def note_reply(self, latency_ms: float | None) -> None:
+        """A device utterance was answered `latency_ms` after its end of speech (None: shed unanswered)."""
+        if self.config.asr.budget_ms:
+            self.late.add(latency_ms)
 
     @property
     def asr_busy(self) -> bool:
@@ -324,17 +346,17 @@ class Pipeline:
         spk_job = None
         if self._wants_speaker(audio_ms, identify):
             assert self._spk is not None
-            spk_job = self._spk.submit(audio, priority, len(audio))
-            jobs.append(spk_job)
+            try:
+                spk_job = self._spk.submit(audio, priority, len(audio))
+                jobs.append(spk_job)
+            except EngineBusy as e:  # its queue is full: answer without a speaker
+                self._speaker_skipped(e)
         started = time.perf_counter()
 
         async def finish() -> Recognition:
             try:
-                if spk_job is None:
-                    transcript = await asr_job.future
-                    embedding = None
-                else:
-                    transcript, embedding = await asyncio.gather(asr_job.future, spk_job.future)
+                transcript = await asr_job.future
+                embedding = None if spk_job is None else await self._embedding(spk_job)
             except asyncio.CancelledError:
                 for job in jobs:
                     job.future.cancel()
@@ -354,6 +376,30 @@ class Pipeline:
             )
 
         return Recognizing(asyncio.get_running_loop().create_task(finish()), jobs)
+
+    async def _embedding(self, job: Job[np.ndarray, np.ndarray]) -> np.ndarray | None:
+        """The utterance's embedding, or None once `speaker.deadline_ms` has passed since it was queued
+        (the text is ready: a speaker that would make the reply late is dropped, not waited for), or
+        when the embedder failed or shed it. The text never fails because of the speaker."""
+        limit = self.config.speaker.deadline_ms / 1000
+        try:
+            if not limit or job.future.done():
+                return await job.future
+            left = max(0.0, job.submitted + limit - time.perf_counter())
+            return await asyncio.wait_for(asyncio.shield(job.future), left)
+        except TimeoutError:
+            job.future.cancel()  # free while it waits; a running one's result is discarded
+            self._speaker_skipped(f"no embedding within speaker.deadline_ms = {self.config.speaker.deadline_ms:g}")
+        except EngineBusy as e:  # shed unrun by the queue's deadline (counted there)
+            log.debug("speaker not identified: %s", e)
+        except Exception as e:
+            log.warning("speaker embedding failed, answering without a speaker: %s", e)
+        return None
+
+    def _speaker_skipped(self, why: object) -> None:
+        """An utterance answered without its speaker because the embedder is behind (`asr_shed{engine="embedding"}`)."""
+        self.metrics.on_shed("embedding")
+        log.debug("speaker not identified: %s", why)
 
     async def recognize(
         self,

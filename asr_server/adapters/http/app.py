@@ -211,6 +211,7 @@ def build_app(
         "http.max_connections",
         lambda kind: metrics.errors.labels(kind).inc(),
         Tally.of(share, "http.max_connections"),
+        config.http.max_connections_per_ip,
     )
     app[health.PROBE] = health.EngineProbe()
     app[console.BOARD] = board if board is not None else SessionBoard(share)

@@ -1,9 +1,10 @@
-"""What aiohttp's server lacks to face the internet: a cap on open connections per port and a
-deadline for each request's headers.
+"""What aiohttp's server lacks to face the internet: a cap on open connections per port and per
+client address, and a deadline for each request's headers.
 
 Without them, 19,990 slowloris sockets (headers sent a byte at a time) held every file
 descriptor of the process and every port stopped answering. The guard wraps aiohttp's protocol
-factory: past `limit` open connections a new one gets a 503 and is closed at once; a connection
+factory: past `limit` open connections (or `per_ip` from one address, so that one attacker's slow
+sockets cannot hold every slot) a new one gets a 503 and is closed at once; a connection
 that starts a request must finish its headers within `header_timeout_s` (the request then
 belongs to its handler, whose body reads have their own timeout); idle keep-alive connections
 are aiohttp's `keepalive_timeout`.
@@ -39,8 +40,11 @@ class ConnectionGuard:
         key: str,
         on_event: Callable[[str], None] | None = None,
         tally: Tally | None = None,
+        per_ip: int = 0,
     ) -> None:
         self.limit = limit
+        self.per_ip = per_ip  # 0: no per-address cap; counted in this process (each worker its own)
+        self._by_ip: dict[str, int] = {}
         self.header_timeout_s = header_timeout_s
         self.key = key
         self.tally = tally if tally is not None else Tally()  # the whole server's, with workers
@@ -63,6 +67,24 @@ class ConnectionGuard:
     def _event(self, kind: str) -> None:
         self._on_event(kind)
 
+    def _admit(self, ip: str) -> str | None:
+        """Take a slot for a connection from `ip`, or say why it is refused."""
+        held = self._by_ip.get(ip, 0)
+        if self.per_ip and held >= self.per_ip:
+            self._event("http_address_full")
+            return f"too many connections from {ip} ({held} open, http.max_connections_per_ip = {self.per_ip})"
+        if not self.tally.take(self.limit):
+            self._event("http_connections_full")
+            return f"server full: {self.tally.total} connections open ({self.key} = {self.limit})"
+        self._by_ip[ip] = held + 1
+        return None
+
+    def _release(self, ip: str) -> None:
+        self.tally.give()
+        left = self._by_ip.pop(ip, 1) - 1
+        if left:
+            self._by_ip[ip] = left
+
 
 class _Guarded(asyncio.Protocol):
     """aiohttp's protocol for one connection, behind the guard's checks (every call is forwarded)."""
@@ -72,6 +94,7 @@ class _Guarded(asyncio.Protocol):
         self.guard = guard
         self.transport: asyncio.Transport | None = None
         self.refused = False
+        self.ip = ""
         self.idle = True  # no request in progress: the next byte starts one
         self._timer: asyncio.TimerHandle | None = None
 
@@ -79,10 +102,12 @@ class _Guarded(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         g = self.guard
-        if not g.tally.take(g.limit):
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        why = g._admit(self.ip)
+        if why is not None:
             self.refused = True
-            g._event("http_connections_full")
-            body = f"server full: {g.tally.total} connections open ({g.key} = {g.limit}), try again later\n"
+            body = f"{why}, try again later\n"
             transport.write(_FULL.format(retry=RETRY_AFTER_S, n=len(body), body=body).encode())
             transport.close()
             return
@@ -104,7 +129,7 @@ class _Guarded(asyncio.Protocol):
         if self.refused:
             return
         self.disarm()
-        self.guard.tally.give()
+        self.guard._release(self.ip)
         self.guard._connections.pop(self.transport, None)
         self.inner.connection_lost(exc)
 

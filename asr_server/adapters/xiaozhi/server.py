@@ -305,7 +305,8 @@ class XiaozhiServer:
             now = loop.time()
             if why is None:
                 behind_since = None
-                self.cap.keeping_up(tick)
+                if self.pipeline.keeping_up():  # between the two: hold the cap where it is
+                    self.cap.keeping_up(tick)
             elif behind_since is None:
                 behind_since = now
             elif now - behind_since >= cfg.shed_after_s:

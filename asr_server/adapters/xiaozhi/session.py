@@ -318,6 +318,7 @@ class Session:
                 rec = await _joined(pieces)
             except EngineBusy as e:
                 self._metrics.errors.labels("busy").inc()
+                self.pipeline.note_reply(None)
                 log.warning("session %s: utterance refused: %s", self.session_id, e)
                 await self.send_error(f"utterance not recognised: {e}")
                 return
@@ -349,6 +350,7 @@ class Session:
             self.last_speaker = rec.speaker.name if rec.speaker is not None else None
             self._metrics.utterances.labels(PROTOCOL).inc()
             self._metrics.reply_latency.labels(PROTOCOL).observe(latency_ms / 1000)
+            self.pipeline.note_reply(latency_ms)
             self._metrics.processing.labels(PROTOCOL).observe(processing_ms / 1000)
             log.info(
                 "session %s: stt %r (%s, %d ms audio, %.0f ms after the end of speech, %.0f after the endpoint)",
