@@ -131,7 +131,7 @@ async def ray_server(ray_instance, models_dir, tmp_path_factory):
         models_dir,
         tmp_path_factory.mktemp("ray") / "voiceprints.sqlite",
         inference={"mode": "ray", "namespace": "asr-server-test", "asr": deployment, "speaker": deployment},
-        asr={"deadline_ms": 0, "admission_wait_ms": 0},
+        asr={"deadline_ms": 0, "admission_wait_ms": 0, "budget_ms": 0},
     )
     server = AsrServer(cfg)
     await server.start()
