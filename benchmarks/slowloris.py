@@ -4,12 +4,13 @@ that every port still answers.
     python -m benchmarks.slowloris --models build/test-models/<hash> --sockets 5000 --duration 40
 
 Starts `asr-server serve` (tiny models are enough: the target is the sockets, not the models) on
-free loopback ports, with the shipped limits (`http.max_connections`, `http.header_timeout_s`,
-`http.max_connections_per_ip`, `xiaozhi.max_sessions` counted from the upgrade, websockets' opening-handshake timeout). Then it
-opens `--sockets` connections from `--source` (127.0.0.2) spread over `--ports`, each sending a request line and then one
-header line every `--trickle-s` seconds, never finishing; one probe per port and second checks
-that a real client from 127.0.0.1 still gets through (HTTP `GET /healthz`, a device `hello` answered, a FunASR
-connection opened), each within 5 s.
+free loopback ports, with the shipped limits (`http.max_connections`, `http.max_connections_per_ip`,
+`http.header_timeout_s`, `xiaozhi.max_sessions` counted from the upgrade, websockets'
+opening-handshake timeout). Then it opens `--sockets` connections from `--source` (127.0.0.2)
+spread over `--ports`, each sending a request line and then one header line every `--trickle-s`
+seconds, never finishing; one probe per port and second checks that a real client from 127.0.0.1
+still gets through (HTTP `GET /healthz`, a device `hello` answered, a FunASR connection opened),
+each within 5 s.
 
 It prints, per attacked port: sockets opened, refused at connect, closed by the server and how long
 they lived; per probed port: the share of probes answered; and the server's file descriptors,
@@ -220,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     text = log_path.read_text(errors="replace")
     print(f"machine: {machine()}; load average before: {load[0]:.2f}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
     print(
-        f"{args.sockets} sockets from {args.source} over {args.ports}, a header line every {args.trickle_s:g} s, {args.duration:g} s;"
-        f" overrides {args.set or 'none'}\n"
+        f"{args.sockets} sockets from {args.source} over {args.ports}, a header line every {args.trickle_s:g} s,"
+        f" {args.duration:g} s; overrides {args.set or 'none'}\n"
     )
     print("| attacked port | opened | refused at connect | closed by the server | lifetime p50 / max s | left open |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")

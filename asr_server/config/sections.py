@@ -48,8 +48,8 @@ class XiaozhiConfig(_Section):
     shed_after_s: float = Field(
         1.0,
         ge=0,
-        description="While the server stays behind (asr.admission_wait_ms, asr.budget_ms) this long, the newest devices are "
-        "closed with 1013 (shed_fraction of them per period), so the others keep their latency; 0: never.",
+        description="While the server stays behind (asr.admission_wait_ms, asr.budget_ms) this long, the newest "
+        "devices are closed with 1013 (shed_fraction of them per period), so the others keep their latency; 0: never.",
     )
     shed_fraction: float = Field(0.1, gt=0, le=1, description="Share of the sessions shed per period.")
     admit_increase_per_s: float = Field(
@@ -169,7 +169,8 @@ class SpeakerConfig(_Section):
         1000.0,
         ge=0,
         description="An utterance whose speaker is not known this long after it was queued is answered with "
-        "speaker null (its embedding is dropped, or shed unrun): identification never makes a reply late; 0: never.",
+        "speaker null (its embedding is dropped, unrun if it still waits): identification never makes a reply "
+        "late; 0: never.",
     )
 
 

@@ -111,7 +111,6 @@ class Pipeline:
                 self._embed_remote if remote else self._embed_batch,
                 "speaker",
                 parallel=config.inference.max_in_flight if remote else 1,
-                deadline_s=config.speaker.deadline_ms / 1000 if config.speaker.deadline_ms else None,
             )
             if speaker is not None
             else None
@@ -278,7 +277,7 @@ class Pipeline:
         behind = self._asr.head_wait() * 1000
         if cfg.admission_wait_ms and behind >= cfg.admission_wait_ms:
             return f"the recogniser is {behind:.0f} ms behind (asr.admission_wait_ms = {cfg.admission_wait_ms:g})"
-        late = self.late.share() if cfg.budget_ms else None
+        late = self.late.share()  # None with asr.budget_ms 0: nothing is noted
         if late is not None and late[0] > cfg.late_share:
             return (
                 f"{late[0]:.0%} of the last {late[1]} replies came later than asr.budget_ms = {cfg.budget_ms:g} "
@@ -292,7 +291,7 @@ class Pipeline:
         cfg = self.config.asr
         if cfg.admission_wait_ms and self._asr.head_wait() * 1000 >= cfg.admission_wait_ms / 2:
             return False
-        late = self.late.share() if cfg.budget_ms else None
+        late = self.late.share()
         return late is None or late[0] <= cfg.late_share / 2
 
     def note_reply(self, latency_ms: float | None) -> None:
@@ -380,7 +379,8 @@ class Pipeline:
     async def _embedding(self, job: Job[np.ndarray, np.ndarray]) -> np.ndarray | None:
         """The utterance's embedding, or None once `speaker.deadline_ms` has passed since it was queued
         (the text is ready: a speaker that would make the reply late is dropped, not waited for), or
-        when the embedder failed or shed it. The text never fails because of the speaker."""
+        when the embedder failed or refused it. The text never fails because of the speaker. The
+        deadline is the waiter's, not the queue's: enrolment and identification (`embed`) wait."""
         limit = self.config.speaker.deadline_ms / 1000
         try:
             if not limit or job.future.done():
@@ -388,10 +388,10 @@ class Pipeline:
             left = max(0.0, job.submitted + limit - time.perf_counter())
             return await asyncio.wait_for(asyncio.shield(job.future), left)
         except TimeoutError:
-            job.future.cancel()  # free while it waits; a running one's result is discarded
+            job.future.cancel()  # a waiting job leaves the queue unrun; a running one's result is discarded
             self._speaker_skipped(f"no embedding within speaker.deadline_ms = {self.config.speaker.deadline_ms:g}")
-        except EngineBusy as e:  # shed unrun by the queue's deadline (counted there)
-            log.debug("speaker not identified: %s", e)
+        except EngineBusy as e:  # the remote embedder's back-pressure
+            self._speaker_skipped(e)
         except Exception as e:
             log.warning("speaker embedding failed, answering without a speaker: %s", e)
         return None
