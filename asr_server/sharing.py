@@ -124,6 +124,7 @@ class EventPeers:
         self._sock.setblocking(False)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._warnings = Throttle()
+        self._reached: set[int] = set()  # peers a message has reached: before that, a peer is still starting
 
     def send(self, payload: bytes) -> None:
         if len(payload) > MAX_EVENT_BYTES:
@@ -135,9 +136,13 @@ class EventPeers:
                 continue
             try:
                 self._sock.sendto(payload, str(self.share.event_socket(i, self.channel)))
+                self._reached.add(i)
             except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as e:
                 self.missed += 1
-                if self._warnings.allow():  # a restarting worker misses every event until it is back
+                if i not in self._reached and isinstance(e, FileNotFoundError):
+                    # not bound yet: it is still loading its models at start-up, not a lost worker
+                    log.debug("worker %d is not listening yet for %s messages", i, self.channel)
+                elif self._warnings.allow():  # a restarting worker misses every event until it is back
                     log.warning(
                         "worker %d missed a %s message: %s%s", i, self.channel, type(e).__name__, self._warnings.note()
                     )

@@ -180,3 +180,25 @@ async def test_sigterm_during_an_utterance_still_delivers_its_stt(tmp_path, mode
         cluster.wait_log("stopping 2 workers")
     finally:
         cluster.stop()
+
+
+def test_a_worker_still_starting_is_not_reported_as_missing_events_but_a_lost_one_is(tmp_path, caplog):
+    """At start-up the workers bind their sockets as their models finish loading, so the first
+    messages find some peers not listening yet: that is debug, not a warning per worker (8 CUDA
+    workers logged dozens); a peer that was reached and then vanished is still warned about."""
+    from asr_server.sharing import EventPeers, WorkerShare
+
+    first = EventPeers(WorkerShare(index=0, count=2, run_dir=tmp_path), "sessions")
+    with caplog.at_level("DEBUG", logger="asr_server.sharing"):
+        first.send(b"x")
+        assert first.missed == 1
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        second = EventPeers(WorkerShare(index=1, count=2, run_dir=tmp_path), "sessions")
+        first.send(b"y")
+        assert first.missed == 1
+        second.close()
+        first.send(b"z")
+    first.close()
+    assert first.missed == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings and "worker 1 missed a sessions message: FileNotFoundError" in warnings[0]
