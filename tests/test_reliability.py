@@ -499,6 +499,34 @@ async def test_one_address_cannot_hold_every_http_slot(tmp_path):
         await stop_api(runner, pipeline, bus)
 
 
+async def test_a_trusted_address_is_exempt_from_the_per_address_cap_but_not_from_the_port_cap(tmp_path):
+    """The chatbot server calls for every device it serves from one address: `http.trusted_addresses`
+    lets it past max_connections_per_ip, while max_connections still holds for it."""
+    runner, pipeline, bus, _ = await start_api(
+        tmp_path,
+        http={
+            "max_connections": 4,
+            "max_connections_per_ip": 1,
+            "header_timeout_s": 30,
+            "trusted_addresses": ["127.0.0.2/31"],
+        },
+    )
+    port = runner.addresses[0][1]
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0)) for _ in range(4)]
+        for _, w in held:
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # held open, never finished
+        await asyncio.sleep(0.05)
+        r5, w5 = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+        full = await asyncio.wait_for(r5.read(), 5)
+        assert full.startswith(b"HTTP/1.1 503") and b"http.max_connections = 4" in full
+        assert pipeline.metrics.registry.get_sample_value("asr_errors_total", {"kind": "http_address_full"}) is None
+        for _, w in [*held, (r5, w5)]:
+            w.close()
+    finally:
+        await stop_api(runner, pipeline, bus)
+
+
 async def test_max_sessions_counts_connections_that_have_not_said_hello(start_server):
     srv = await start_server(xiaozhi={"max_sessions": 2})
     first, second = await raw_connect(srv), await raw_connect(srv)  # a reconnect burst: no hello yet
@@ -510,6 +538,17 @@ async def test_max_sessions_counts_connections_that_have_not_said_hello(start_se
     await asyncio.sleep(0.1)
     third = await raw_connect(srv)  # the slots came back
     await third.close()
+
+
+async def test_a_burst_of_connects_beyond_doubling_is_refused_until_the_next_wave(start_server):
+    srv = await start_server(xiaozhi={"admit_doubling_s": 60})
+    first = [await raw_connect(srv) for _ in range(16)]  # the first wave: 16 (the floor) from none open
+    with pytest.raises(InvalidStatus) as e:
+        await raw_connect(srv)
+    assert e.value.response.status_code == 503 and b"xiaozhi.admit_doubling_s = 60" in e.value.response.body
+    assert e.value.response.headers["Retry-After"] == "5"
+    for ws in first:
+        await ws.close()
 
 
 async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_1013(start_server, monkeypatch):
@@ -533,10 +572,28 @@ def test_the_device_cap_drops_while_behind_and_grows_back_while_keeping_up():
     assert not cap.full(1999)  # nothing learned: the configured limit applies
     assert cap.behind(120) == 12 and cap.value == 108  # shed the newest 12
     assert cap.behind(108) == 11 and cap.full(98) and not cap.full(97)
-    cap.keeping_up(4.0)
+    cap.keeping_up(4.0, sessions=60)
+    assert abs(cap.value - 97.2) < 1e-9  # 60 devices under a cap of 97 show nothing about 98: no growth
+    cap.keeping_up(4.0, sessions=97)
     assert abs(cap.value - 99.2) < 1e-9 and cap.full(100) and not cap.full(99)
-    cap.keeping_up(10_000)
+    cap.keeping_up(10_000, sessions=99)
     assert cap.value is None  # grown past the limit: no cap
+
+
+def test_a_mass_reconnect_is_let_in_in_waves_that_at_most_double_the_open_sessions():
+    from asr_server.adapters.admission import SlowStart
+
+    waves = SlowStart(period_s=2.0, floor=16)
+    open_, t, admitted = 0, 0.0, []
+    while open_ < 300 and t < 60:
+        wave = 0
+        while open_ < 300 and waves.admit(open_, t):  # 300 devices retrying at once
+            open_ += 1
+            wave += 1
+        admitted.append(wave)
+        t += 2.0
+    assert admitted == [16, 16, 32, 64, 128, 44]  # all 300 in within 12 s, never more than doubling
+    assert all(SlowStart(period_s=0).admit(n, 0.0) for n in range(1000))  # 0: off
 
 
 @pytest.mark.slow
@@ -570,13 +627,33 @@ def test_slowloris_on_every_port_leaves_each_port_answering_and_no_socket_open(t
 
 
 def test_late_replies_make_the_server_behind_and_the_cap_grows_only_when_clearly_within_budget(tmp_path):
-    late = LateReplies(budget_ms=800, window_s=5, min_replies=10)
+    late = LateReplies(budget_ms=800, window_s=5, min_replies=10, max_age_s=30)
     for i in range(9):
         late.add(1500, now=i * 0.1)
     assert late.share(now=1.0) is None  # too few to tell
     late.add(None, now=1.0)  # shed: late
     assert late.share(now=1.0) == (1.0, 10)
-    assert late.share(now=6.05) is None  # the window forgets
+    assert late.share(now=6.05) == (1.0, 10)  # no newer ones: the last ten still tell
+    for i in range(20):
+        late.add(500, now=7 + i * 0.1)
+    assert late.share(now=9.0) == (0.0, 20)  # enough within 5 s: the older ones are forgotten
+    assert late.share(now=40) is None  # and nothing is older than max_age_s
+
+
+def test_few_slow_replies_still_count_as_late(tmp_path):
+    """Three devices on a slow CPU answer about one utterance in two seconds: 5 s held two or
+    three replies, under min_replies, so admission never saw them late (6 devices at 3x a 1-core
+    box's capacity got p95 1.1 s and not one 503). The window reaches back over the last ten."""
+    late = LateReplies(budget_ms=800, window_s=5, min_replies=10, max_age_s=30)
+    t0 = time.monotonic() - 19.0
+    for i in range(10):
+        late.add(1100 if i % 2 else 700, now=t0 + i * 2.0)
+    assert late.share(now=t0 + 18.5) == (0.5, 10)
+    cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    pipeline.late = late
+    why = pipeline.overloaded()
+    assert why is not None and "50% of the last 10 replies" in why
     cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
     pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
     for _ in range(20):

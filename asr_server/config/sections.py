@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, IPvAnyNetwork, field_validator, model_validator
 
 from ..constants import Language, Protocol
 from .base import Section as _Section
@@ -56,6 +56,13 @@ class XiaozhiConfig(_Section):
         0.5,
         gt=0,
         description="After shedding, the device cap grows by this many a second while the recogniser keeps up.",
+    )
+    admit_doubling_s: float = Field(
+        2.0,
+        ge=0,
+        description="Open sessions may at most double in this time (at least 16 new ones per period): a mass "
+        "reconnect is let in in waves whose load admission sees before the next (the rest get 503 with "
+        "Retry-After); 0: off.",
     )
     drain_timeout_s: float = Field(
         8.0,
@@ -238,6 +245,11 @@ class HttpConfig(_Section):
         description="Open connections from one client address beyond this get 503 and are closed, so one "
         "client's slow sockets cannot fill max_connections (per worker process; 0: no cap; behind a reverse "
         "proxy every client has the proxy's address).",
+    )
+    trusted_addresses: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Client addresses or networks exempt from max_connections_per_ip (e.g. the chatbot server "
+        "that sends every device's openai-ASR and voiceprint calls, 10.0.0.5 or 10.0.0.0/24).",
     )
     header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
     body_timeout_s: float = Field(120.0, gt=0, description="An upload's body must arrive within this (408 after).")

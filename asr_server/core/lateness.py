@@ -8,6 +8,10 @@ too: while more than `asr.late_share` of the replies of the last `window_s` came
 `asr.budget_ms` (a shed utterance counts as late), the server is behind; new devices meet the 503
 and the learned device cap drops. The cap grows back only while nearly none is late, so it does
 not climb straight back over the edge it just found.
+
+Where replies come slowly (a few devices on a slow CPU answer less than one a second, so 5 s held
+too few to count and admission never saw them late), the window reaches back over the last
+`min_replies`, up to `max_age_s`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from collections import deque
 
 
 class LateReplies:
-    """The replies of the last `window_s` seconds and whether each missed `budget_ms`."""
+    """The replies of the last `window_s` seconds (or the last `min_replies` of the last `max_age_s`,
+    if more) and whether each missed `budget_ms`."""
 
-    def __init__(self, budget_ms: float, window_s: float = 5.0, min_replies: int = 10) -> None:
+    def __init__(self, budget_ms: float, window_s: float = 5.0, min_replies: int = 10, max_age_s: float = 30.0) -> None:
         self.budget_ms = budget_ms
         self.window_s = window_s
         self.min_replies = min_replies
+        self.max_age_s = max_age_s
         self._replies: deque[tuple[float, bool]] = deque()
         self._late = 0
 
@@ -41,6 +47,9 @@ class LateReplies:
         return None if n < self.min_replies else (self._late / n, n)
 
     def _trim(self, now: float | None) -> None:
-        horizon = (time.monotonic() if now is None else now) - self.window_s
-        while self._replies and self._replies[0][0] < horizon:
+        now = time.monotonic() if now is None else now
+        while self._replies and (
+            self._replies[0][0] < now - self.max_age_s
+            or (self._replies[0][0] < now - self.window_s and len(self._replies) > self.min_replies)
+        ):
             self._late -= self._replies.popleft()[1]

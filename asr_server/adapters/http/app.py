@@ -212,6 +212,7 @@ def build_app(
         lambda kind: metrics.errors.labels(kind).inc(),
         Tally.of(share, "http.max_connections"),
         config.http.max_connections_per_ip,
+        config.http.trusted_addresses,
     )
     app[health.PROBE] = health.EngineProbe()
     app[console.BOARD] = board if board is not None else SessionBoard(share)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
 from aiohttp import web
@@ -41,9 +42,11 @@ class ConnectionGuard:
         on_event: Callable[[str], None] | None = None,
         tally: Tally | None = None,
         per_ip: int = 0,
+        trusted: Sequence[IPv4Network | IPv6Network] = (),
     ) -> None:
         self.limit = limit
         self.per_ip = per_ip  # 0: no per-address cap; counted in this process (each worker its own)
+        self.trusted = tuple(trusted)  # exempt from per_ip (a chatbot server speaking for all its devices)
         self._by_ip: dict[str, int] = {}
         self.header_timeout_s = header_timeout_s
         self.key = key
@@ -70,7 +73,7 @@ class ConnectionGuard:
     def _admit(self, ip: str) -> str | None:
         """Take a slot for a connection from `ip`, or say why it is refused."""
         held = self._by_ip.get(ip, 0)
-        if self.per_ip and held >= self.per_ip:
+        if self.per_ip and held >= self.per_ip and not self._trusted(ip):
             self._event("http_address_full")
             return f"too many connections from {ip} ({held} open, http.max_connections_per_ip = {self.per_ip})"
         if not self.tally.take(self.limit):
@@ -78,6 +81,13 @@ class ConnectionGuard:
             return f"server full: {self.tally.total} connections open ({self.key} = {self.limit})"
         self._by_ip[ip] = held + 1
         return None
+
+    def _trusted(self, ip: str) -> bool:
+        try:
+            address = ip_address(ip)
+        except ValueError:  # no peer address (a Unix socket): nothing to match
+            return False
+        return any(address in net for net in self.trusted)
 
     def _release(self, ip: str) -> None:
         self.tally.give()

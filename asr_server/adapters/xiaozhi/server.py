@@ -27,7 +27,7 @@ from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, Ups
 from ...logs import Throttle
 from ...sharing import Tally, WorkerShare
 from ...types import ClientInfo
-from ..admission import ConnectionSlots, LoadCap, RateBucket, refuse_busy
+from ..admission import ConnectionSlots, LoadCap, RateBucket, SlowStart, refuse_busy
 from ..auth import bearer_token, fingerprint, header_or_query
 from ..sending import close_reason, send_within
 from .session import PROTOCOL, Publish, Session
@@ -60,6 +60,7 @@ class XiaozhiServer:
         self._refusals = Throttle()
         cfg = config.xiaozhi
         self.cap = LoadCap(cfg.max_sessions, cfg.shed_fraction, cfg.admit_increase_per_s)
+        self.slow_start = SlowStart(cfg.admit_doubling_s)
         self.slots = ConnectionSlots(
             config.xiaozhi.max_sessions,
             "xiaozhi.max_sessions",
@@ -108,6 +109,11 @@ class XiaozhiServer:
         why = self.pipeline.overloaded()
         if why is None and self.cap.full(self.slots.own):  # the cap is this process's recogniser's
             why = f"{self.slots.own} devices are what the recogniser answers in budget now"
+        if why is None and not self.slow_start.admit(self.slots.own, time.monotonic()):
+            why = (
+                f"{self.slots.own} devices open: more are let in as the load they bring shows "
+                f"(xiaozhi.admit_doubling_s = {self.config.xiaozhi.admit_doubling_s:g})"
+            )
         if why is not None:
             self._metrics.refused.labels(PROTOCOL).inc()
             if self._refusals.allow():
@@ -306,7 +312,7 @@ class XiaozhiServer:
             if why is None:
                 behind_since = None
                 if self.pipeline.keeping_up():  # between the two: hold the cap where it is
-                    self.cap.keeping_up(tick)
+                    self.cap.keeping_up(tick, self.slots.own)
             elif behind_since is None:
                 behind_since = now
             elif now - behind_since >= cfg.shed_after_s:
