@@ -45,9 +45,10 @@ class Row:
     batch: int
     status: str = "ok"  # ok | oom | skipped | error
     calls: int = 0
-    call_ms: float | None = None  # median wall time of one batched `run` (host in, host out)
+    call_ms: float | None = None  # median wall time of one batched call as the server makes it (host in, host out)
     call_p90_ms: float | None = None
     device_ms: float | None = None  # median forward alone (device-side, no copy of the outputs to the host)
+    logits_ms: float | None = None  # SenseVoice: median `run`, the whole logits copied to the host instead of ids
     utt_ms: float | None = None  # call_ms / batch
     throughput: float | None = None  # utterance-seconds of audio per wall second
     peak_mib: float | None = None  # GPU memory peak during these calls (model included)
@@ -249,7 +250,7 @@ def bench_model(
                 report.rows.append(row)
                 continue
             try:
-                host_call, device_call = calls(backend, b)
+                host_call, device_call, logits_call = calls(backend, b)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(args.device)
                 t = timer(host_call)
@@ -260,6 +261,8 @@ def bench_model(
                 row.throughput = b * utt_s / (row.call_ms / 1000)
                 if device_call is not None:
                     row.device_ms = statistics.median(timer(device_call))
+                if logits_call is not None:
+                    row.logits_ms = statistics.median(timer(logits_call))
                 if cuda:
                     row.peak_mib = torch.cuda.max_memory_allocated(args.device) / 2**20
             except Exception as e:  # one bad shape must not lose the rest of a GPU slot
@@ -277,23 +280,27 @@ def bench_model(
     _release(torch, cuda)
 
 
-def sensevoice_calls(utt_frames: int, seed: int) -> Callable[[Any, int], tuple[Callable, Callable]]:
-    def calls(backend: Any, b: int) -> tuple[Callable, Callable]:
+def sensevoice_calls(utt_frames: int, seed: int) -> Callable[[Any, int], tuple[Callable, Callable, Callable | None]]:
+    def calls(backend: Any, b: int) -> tuple[Callable, Callable, Callable | None]:
         rng = np.random.default_rng(seed)
         feats = rng.standard_normal((b, utt_frames, backend.input_size)).astype(np.float32)
         lens = np.full(b, utt_frames, np.int32)
         lang = np.zeros(b, np.int32)
         tn = np.full(b, 14, np.int32)
-        return (lambda: backend.run(feats, lens, lang, tn)), (lambda: backend.forward(feats, lens, lang, tn))
+        return (
+            (lambda: backend.best_path(feats, lens, lang, tn)),
+            (lambda: backend.forward(feats, lens, lang, tn)),
+            (lambda: backend.run(feats, lens, lang, tn)),
+        )
 
     return calls
 
 
-def campplus_calls(frames: int, seed: int) -> Callable[[Any, int], tuple[Callable, Callable]]:
-    def calls(backend: Any, b: int) -> tuple[Callable, Callable]:
+def campplus_calls(frames: int, seed: int) -> Callable[[Any, int], tuple[Callable, Callable, Callable | None]]:
+    def calls(backend: Any, b: int) -> tuple[Callable, Callable, Callable | None]:
         rng = np.random.default_rng(seed)
         feats = rng.standard_normal((b, frames, backend.feat_dim)).astype(np.float32)
-        return (lambda: backend.run(feats)), (lambda: backend.forward(feats))
+        return (lambda: backend.run(feats)), (lambda: backend.forward(feats)), None
 
     return calls
 
@@ -343,20 +350,22 @@ def markdown(report: Report) -> str:
         f"Input: synthetic features of a {s['utterance_s']} s utterance ({s['sensevoice_frames']} LFR frames "
         f"for SenseVoice, {s['campplus_frames']} fbank frames for CAM++), all items of a batch equally long; "
         f"device {s['device']}; median of up to {s['max_repeats']} calls after {s['warmup']} warm-up calls. "
-        "A call is the backend's `run`: host features in, float32 logits (embeddings) back on the host; "
+        "A call is what the server makes: host features in, each frame's best token id (SenseVoice's "
+        "`best_path`: the argmax taken on the device) or the embeddings (CAM++) back on the host; "
+        '"with logits" is SenseVoice\'s `run`, the whole float32 logits copied back instead; '
         '"forward only" leaves the outputs on the device. fp16 is autocast (weights stay fp32).'
     )
     lines.append("")
     lines.append(
-        "| model | precision | batch | ms per call | p90 ms | ms forward only | ms per utterance | "
-        "utt-s per s | peak GPU MiB | calls | note |"
+        "| model | precision | batch | ms per call | p90 ms | ms with logits | ms forward only | "
+        "ms per utterance | utt-s per s | peak GPU MiB | calls | note |"
     )
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for r in report.rows:
         note = r.note if r.status == "ok" else f"{r.status}: {r.note}".rstrip(": ")
         lines.append(
             f"| {r.model} | {r.precision} | {r.batch} | {_fmt(r.call_ms)} | {_fmt(r.call_p90_ms)} | "
-            f"{_fmt(r.device_ms)} | {_fmt(r.utt_ms, 2)} | {_fmt(r.throughput, 0)} | {_fmt(r.peak_mib, 0)} | "
+            f"{_fmt(r.logits_ms)} | {_fmt(r.device_ms)} | {_fmt(r.utt_ms, 2)} | {_fmt(r.throughput, 0)} | {_fmt(r.peak_mib, 0)} | "
             f"{r.calls or ''} | {note} |"
         )
     lines.append("")

@@ -214,6 +214,10 @@ def test_batched_equals_single(engine, clips):
         (alone,) = engine.logits([f], [languages[i]], [itn[i]])
         assert batched[i].shape == alone.shape == (f.shape[0] + 4, engine.tokenizer.size)
         np.testing.assert_allclose(batched[i], alone, atol=1e-4, rtol=1e-4)
+    paths = engine.best_paths(feats, languages, itn)  # what transcribe_batch decodes
+    for best, lg in zip(paths, batched):
+        np.testing.assert_array_equal(best, lg.argmax(-1))
+    assert [engine.decode_best(b) for b in paths] == [engine.decode(lg) for lg in batched] == batch
 
 
 def test_long_and_empty_utterances(engine):

@@ -105,6 +105,19 @@ def test_decoded_text_matches_onnx_on_the_clips(torch_sv, onnx_sv, clips):
     assert sum(bool(t.text) for t in ours) == len(clips)  # the trained stand-in says something on every clip
 
 
+def test_the_best_path_is_the_argmax_of_the_logits_taken_on_the_device(torch_sv, audios):
+    """`best_path` (what transcription reads) copies ids, not logits, and loses nothing: the same
+    ids as the logits' argmax on the host, so the same transcripts as decoding the logits."""
+    feats = torch_sv.features(audios)
+    languages, itn = ["auto", "zh", "en", "auto"], [True, False, True, False]
+    paths = torch_sv.best_paths(feats, languages, itn)
+    logits = torch_sv.logits(feats, languages, itn)
+    for best, lg in zip(paths, logits):
+        assert best.dtype == np.int32 and best.shape == lg.shape[:1]
+        np.testing.assert_array_equal(best, lg.argmax(-1))
+    assert [torch_sv.decode_best(b) for b in paths] == [torch_sv.decode(lg) for lg in logits]
+
+
 def test_batched_and_single_calls_agree(torch_sv, audios):
     feats = torch_sv.features(audios)
     batch = torch_sv.logits(feats, ["auto"] * len(feats), [True] * len(feats))

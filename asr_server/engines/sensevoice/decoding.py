@@ -48,7 +48,13 @@ FRAME_S = 0.06
 
 def ctc_greedy_timed(logits: np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
     """Best path with times: (token id, first frame, last frame) of each emitted token's run."""
-    best = np.asarray(logits).argmax(axis=-1)
+    return ctc_runs(np.asarray(logits).argmax(axis=-1), blank)
+
+
+def ctc_runs(best: np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
+    """A best path's (each frame's argmax token id) emitted tokens: (id, first frame, last frame)
+    of each run, repeats merged, blanks dropped."""
+    best = np.asarray(best)
     out: list[tuple[int, int, int]] = []
     start = 0
     for i in range(1, best.shape[0] + 1):

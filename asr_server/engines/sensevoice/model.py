@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -22,7 +22,7 @@ from ...types import Transcript
 from .. import contracts
 from ..base import ModelInfo, read_yaml_mapping
 from ..features import SenseVoiceFrontend
-from .decoding import TEXTNORM_IDS, ctc_greedy_timed, language_id, parse_transcript, word_times
+from .decoding import TEXTNORM_IDS, ctc_runs, language_id, parse_transcript, word_times
 from .tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,18 @@ FRONTEND_CONF = {
 
 class SenseVoiceRuntime(Protocol):
     """Features in, CTC logits out. `run` takes padded features [B,T,560] f32, lengths, language
-    and textnorm ids (int32 [B]) and returns logits [B,T+4,V] and their valid lengths [B]."""
+    and textnorm ids (int32 [B]) and returns logits [B,T+4,V] and their valid lengths [B];
+    `best_path` returns each frame's argmax token id [B,T+4] int32 instead (all that greedy
+    decoding reads), so a GPU copies back ids, not 25,055 floats a frame."""
 
     info: ModelInfo
     vocab_size: int | None
 
     def run(
+        self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def best_path(
         self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -167,6 +173,21 @@ class SenseVoice:
         self, feats: Sequence[np.ndarray], languages: Sequence[str], use_itn: Sequence[bool]
     ) -> list[np.ndarray]:
         """Runtime call on unpadded features; returns each item's valid logits [T+4, V]."""
+        return self._call(self.runtime.run, feats, languages, use_itn)
+
+    def best_paths(
+        self, feats: Sequence[np.ndarray], languages: Sequence[str], use_itn: Sequence[bool]
+    ) -> list[np.ndarray]:
+        """Like `logits`, but each item's best path [T+4] (argmax token ids): what decoding reads."""
+        return self._call(self.runtime.best_path, feats, languages, use_itn)
+
+    def _call(
+        self,
+        call: Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+        feats: Sequence[np.ndarray],
+        languages: Sequence[str],
+        use_itn: Sequence[bool],
+    ) -> list[np.ndarray]:
         n = len(feats)
         if not (len(languages) == len(use_itn) == n):
             raise ValueError(f"got {n} utterances, {len(languages)} languages and {len(use_itn)} use_itn flags")
@@ -178,11 +199,16 @@ class SenseVoice:
         batch = np.zeros((n, int(lengths.max()), self.frontend.dim), dtype=np.float32)
         for i, f in enumerate(feats):
             batch[i, : f.shape[0]] = f
-        logits, out_lens = self.runtime.run(batch, lengths, lang_ids, tn_ids)
-        return [logits[i, : int(out_lens[i])] for i in range(n)]
+        out, out_lens = call(batch, lengths, lang_ids, tn_ids)
+        return [out[i, : int(out_lens[i])] for i in range(n)]
 
     def decode(self, logits: np.ndarray) -> Transcript:
-        timed = ctc_greedy_timed(logits)
+        """One item's valid logits [T+4, V] decoded."""
+        return self.decode_best(np.asarray(logits).argmax(axis=-1))
+
+    def decode_best(self, best: np.ndarray) -> Transcript:
+        """One item's best path [T+4] decoded: text, tags and word times."""
+        timed = ctc_runs(best)
         transcript = parse_transcript(self.tokenizer.decode([t for t, _, _ in timed]))
         return dataclasses.replace(transcript, words=word_times(timed, self.tokenizer.piece))
 
@@ -198,7 +224,7 @@ class SenseVoice:
         """
         languages = ["auto"] * len(audios) if languages is None else languages
         use_itn = [True] * len(audios) if use_itn is None else use_itn
-        return [self.decode(lg) for lg in self.logits(self.features(audios), languages, use_itn)]
+        return [self.decode_best(b) for b in self.best_paths(self.features(audios), languages, use_itn)]
 
     def transcribe(self, audio: np.ndarray, language: str = "auto", use_itn: bool = True) -> Transcript:
         return self.transcribe_batch([audio], [language], [use_itn])[0]

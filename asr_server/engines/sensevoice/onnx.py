@@ -40,3 +40,9 @@ class OnnxSenseVoice:
             },
         )
         return logits, lens
+
+    def best_path(
+        self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        logits, lens = self.run(feats, lengths, lang_ids, textnorm_ids)
+        return logits.argmax(axis=-1).astype(np.int32), lens
