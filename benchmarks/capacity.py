@@ -71,6 +71,20 @@ def server_env(models: Path, ports: dict[str, int], overrides: list[str], db: Pa
     return env
 
 
+def cpu_list(text: str) -> set[int]:
+    """`0-3,8` -> {0, 1, 2, 3, 8}: the `taskset -c` notation."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    available = os.sched_getaffinity(0)
+    if not cpus or not cpus < available:
+        raise SystemExit(
+            f"--server-cpus {text!r} must name some but not all of this machine's CPUs {sorted(available)}"
+        )
+    return cpus
+
+
 def stop_server(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
     """SIGTERM (the server drains), then SIGKILL if it has not exited within `timeout_s`."""
     proc.terminate()
@@ -140,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         "--honor-retry-after", action="store_true", help="refused devices wait the 503's Retry-After, not 1 s"
     )
     ap.add_argument("--procs", type=int, default=1, help="load generator processes")
+    ap.add_argument(
+        "--server-cpus",
+        default=None,
+        metavar="LIST",
+        help="pin the server to these CPUs (taskset notation, e.g. 0-3) and the load generator to the others, "
+        "so the generator's work does not count against the server's cores",
+    )
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--profile", type=Path, default=None, help="py-spy record the server into this SVG")
     ap.add_argument(
@@ -164,12 +185,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         args.set = [*args.set, f"upstream.url=ws://127.0.0.1:{ports['upstream']}/xiaozhi/v1/"]
     env = server_env(args.models.resolve(), ports, args.set, db)
-    env["PYTHONPATH"] = str(args.checkout.resolve())
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.checkout.resolve()), env.get("PYTHONPATH")) if p)
+    server_cpus = cpu_list(args.server_cpus) if args.server_cpus else None
     load1 = os.getloadavg()
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "asr_server", "serve"], cwd=args.checkout, env=env, stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "asr_server", "serve"],
+        cwd=args.checkout,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None,
     )
+    if server_cpus:
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - server_cpus)
     spy = None
     try:
         http = f"http://127.0.0.1:{ports['http']}"
@@ -217,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"server: {args.checkout} with {args.models}, overrides {args.set or 'none'}, {enrolled} voiceprints enrolled"
     )
+    if server_cpus:
+        print(f"server pinned to CPUs {args.server_cpus}; load generator on CPUs {sorted(os.sched_getaffinity(0))}")
     print(format_table(report))
     print(f"\noutputs in {work}")
     return 0

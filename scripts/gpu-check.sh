@@ -11,10 +11,13 @@
 #   scripts/gpu-check.sh --device cpu --small    # here, on a CPU, in about 3 minutes: the same steps, small sizes
 #
 # Options: --device cuda|cuda:N|cpu  --out DIR  --small  --ramp N,N,..  --duration S  --python PY
+#          --budget S (seconds per model in bench_gpu)  --server-cpus LIST (pin the server there and the
+#          load generator elsewhere, e.g. 0-7)  --procs N (load generator processes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 DEVICE=cuda OUT="build/gpu-check/$(date -u +%Y%m%d-%H%M%S)" SMALL=0 RAMP="" DURATION="" PY=.venv/bin/python
+BUDGET="" LOAD=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --device) DEVICE="$2"; shift 2 ;;
@@ -23,15 +26,17 @@ while [ $# -gt 0 ]; do
     --ramp) RAMP="$2"; shift 2 ;;
     --duration) DURATION="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
+    --budget) BUDGET="$2"; shift 2 ;;
+    --server-cpus|--procs) LOAD+=("$1" "$2"); shift 2 ;;
     *) echo "gpu-check: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
 [ -x "$PY" ] || PY=python3
 if [ "$SMALL" = 1 ]; then
-  SIZE=tiny MODELS=build/gpu-check-models BATCHES=1,8 PRECISIONS=fp32 BUDGET=60
+  SIZE=tiny MODELS=build/gpu-check-models BATCHES=1,8 PRECISIONS=fp32 BUDGET=${BUDGET:-60}
   RAMP=${RAMP:-4,8} DURATION=${DURATION:-15}
 else
-  SIZE=full MODELS=build/bench-models BATCHES=1,8,32,128 PRECISIONS=fp32,fp16 BUDGET=200
+  SIZE=full MODELS=build/bench-models BATCHES=1,8,32,128 PRECISIONS=fp32,fp16 BUDGET=${BUDGET:-200}
   RAMP=${RAMP:-200,400,800} DURATION=${DURATION:-40}
 fi
 mkdir -p "$OUT"
@@ -69,12 +74,12 @@ step bench_gpu "$PY" -m benchmarks.gpu --device "$DEVICE" --models "$MODELS" --b
 
 ENGINE_DEVICE="$DEVICE"
 step capacity-torch "$PY" -m benchmarks.capacity --models "$MODELS" --ramp "$RAMP" --duration "$DURATION" \
-  --set workers=auto --set engine.backend=torch --set "engine.device=$ENGINE_DEVICE" --no-stop \
+  --set workers=auto --set engine.backend=torch --set "engine.device=$ENGINE_DEVICE" --no-stop "${LOAD[@]}" \
   --out "$OUT/capacity-torch"
 if "$PY" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not in o.get_available_providers())' 2>/dev/null \
   && [ "$DEVICE" != cpu ]; then
   step capacity-onnx-cuda "$PY" -m benchmarks.capacity --models "$MODELS" --ramp "$RAMP" --duration "$DURATION" \
-    --set workers=auto --set engine.backend=onnx --set "engine.device=$ENGINE_DEVICE" --no-stop \
+    --set workers=auto --set engine.backend=onnx --set "engine.device=$ENGINE_DEVICE" --no-stop "${LOAD[@]}" \
     --out "$OUT/capacity-onnx-cuda"
 elif [ "$DEVICE" = cpu ]; then
   step capacity-onnx "$PY" -m benchmarks.capacity --models "$MODELS" --ramp "$RAMP" --duration "$DURATION" \

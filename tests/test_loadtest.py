@@ -655,3 +655,13 @@ def test_cli_sink_mode_writes_every_output(tmp_path: Path):
     assert data["sink_mode"] and step["stats"]["counters"]["connects"] == 2 and step["stats"]["sent"] >= 2
     assert step["stats"]["server_rss_peak_mb"] > 1  # the sink's own pid is probed
     assert "generator ceiling" in (out / "summary.md").read_text()
+
+
+def test_server_cpus_in_taskset_notation_must_leave_the_generator_some(monkeypatch):
+    from benchmarks.capacity import cpu_list
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert cpu_list("0-3") == {0, 1, 2, 3} and cpu_list("0-1,5") == {0, 1, 5} and cpu_list("6") == {6}
+    for bad in ("0-7", "8", "2-9"):
+        with pytest.raises(SystemExit, match="some but not all"):
+            cpu_list(bad)
