@@ -594,6 +594,10 @@ def test_a_mass_reconnect_is_let_in_in_waves_that_at_most_double_the_open_sessio
         t += 2.0
     assert admitted == [16, 16, 32, 64, 128, 44]  # all 300 in within 12 s, never more than doubling
     assert all(SlowStart(period_s=0).admit(n, 0.0) for n in range(1000))  # 0: off
+    held = SlowStart(period_s=2.0, floor=16)
+    assert held.admit(16, 0.0, keeping_up=False) is False  # replies late: no new wave this period
+    assert held.admit(16, 1.0, keeping_up=True) is False  # not before the next period
+    assert sum(held.admit(16, 2.0 + i * 0.01) for i in range(40)) == 16
 
 
 @pytest.mark.slow

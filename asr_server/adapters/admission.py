@@ -136,13 +136,16 @@ class LoadCap:
 
 
 class SlowStart:
-    """Open sessions at most double every `period_s` (at least `floor` new ones per period).
+    """Open sessions at most double every `period_s` (at least `floor` new ones per period), and
+    a new wave starts only while the recogniser keeps clearly within budget (TCP's slow start
+    ends at the first sign of congestion too).
 
     Before the recogniser has ever fallen behind the cap is unlearned, so a mass reconnect after an
     outage came in at once and the box answered its first seconds late (p95 1.0 s for the 10 s
-    after 30 devices joined 60 on 4 cores, 5.4 s for 150 cold ones) until shedding caught up. In
-    waves, the lateness signal sees each wave's load before the next is let in; a refused device
-    retries after `Retry-After`, and 1,000 devices are all back within about 7 periods.
+    after 30 devices joined 60 on 4 cores, 5.9 s for 150 cold ones) until shedding caught up. In
+    waves, the lateness signal sees each wave's load (an utterance or two: seconds) before the next
+    is let in; a refused device retries after `Retry-After`, and 1,000 devices are all back within
+    7 periods where the box holds them.
     """
 
     def __init__(self, period_s: float, floor: int = 16) -> None:
@@ -151,12 +154,13 @@ class SlowStart:
         self._since = -math.inf
         self._left = 0
 
-    def admit(self, sessions: int, now: float) -> bool:
-        """Take one of this period's admissions for a new connection (`sessions` open now)."""
+    def admit(self, sessions: int, now: float, keeping_up: bool = True) -> bool:
+        """Take one of this period's admissions for a new connection (`sessions` open now); a
+        period that begins while not `keeping_up` admits no one."""
         if not self.period_s:
             return True
         if now - self._since >= self.period_s:
-            self._since, self._left = now, max(self.floor, sessions)
+            self._since, self._left = now, max(self.floor, sessions) if keeping_up else 0
         if self._left <= 0:
             return False
         self._left -= 1

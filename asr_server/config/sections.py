@@ -58,11 +58,11 @@ class XiaozhiConfig(_Section):
         description="After shedding, the device cap grows by this many a second while the recogniser keeps up.",
     )
     admit_doubling_s: float = Field(
-        2.0,
+        5.0,
         ge=0,
-        description="Open sessions may at most double in this time (at least 16 new ones per period): a mass "
-        "reconnect is let in in waves whose load admission sees before the next (the rest get 503 with "
-        "Retry-After); 0: off.",
+        description="Open sessions may at most double in this time (at least 16 new ones per period, and a new "
+        "wave only while the replies keep clearly within budget): a mass reconnect is let in in waves whose "
+        "load admission sees before the next (the rest get 503 with Retry-After); 0: off.",
     )
     drain_timeout_s: float = Field(
         8.0,

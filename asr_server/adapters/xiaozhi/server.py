@@ -109,7 +109,7 @@ class XiaozhiServer:
         why = self.pipeline.overloaded()
         if why is None and self.cap.full(self.slots.own):  # the cap is this process's recogniser's
             why = f"{self.slots.own} devices are what the recogniser answers in budget now"
-        if why is None and not self.slow_start.admit(self.slots.own, time.monotonic()):
+        if why is None and not self.slow_start.admit(self.slots.own, time.monotonic(), self.pipeline.keeping_up()):
             why = (
                 f"{self.slots.own} devices open: more are let in as the load they bring shows "
                 f"(xiaozhi.admit_doubling_s = {self.config.xiaozhi.admit_doubling_s:g})"
