@@ -76,7 +76,10 @@ def cpu_list(text: str) -> set[int]:
     cpus: set[int] = set()
     for part in text.split(","):
         lo, _, hi = part.strip().partition("-")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
+        try:
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise SystemExit(f"--server-cpus {text!r}: not a CPU list like 0-3 or 0,2") from None
     available = os.sched_getaffinity(0)
     if not cpus or not cpus < available:
         raise SystemExit(
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     db = work / "voiceprints.sqlite"
     db.unlink(missing_ok=True)
+    server_cpus = cpu_list(args.server_cpus) if args.server_cpus else None
+    generator_cpus = os.sched_getaffinity(0) - server_cpus if server_cpus else None
     stub = None
     if args.relay:
         ports["upstream"] = free_port()
@@ -182,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             [sys.executable, "-m", "loadtest.upstream", "--port", str(ports["upstream"])],
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
+            preexec_fn=(lambda: os.sched_setaffinity(0, generator_cpus)) if generator_cpus else None,
         )
         args.set = [*args.set, f"upstream.url=ws://127.0.0.1:{ports['upstream']}/xiaozhi/v1/"]
     env = server_env(args.models.resolve(), ports, args.set, db)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.checkout.resolve()), env.get("PYTHONPATH")) if p)
-    server_cpus = cpu_list(args.server_cpus) if args.server_cpus else None
     load1 = os.getloadavg()
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(
@@ -197,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         stderr=subprocess.STDOUT,
         preexec_fn=(lambda: os.sched_setaffinity(0, server_cpus)) if server_cpus else None,
     )
-    if server_cpus:
-        os.sched_setaffinity(0, os.sched_getaffinity(0) - server_cpus)
+    if generator_cpus:
+        os.sched_setaffinity(0, generator_cpus)
     spy = None
     try:
         http = f"http://127.0.0.1:{ports['http']}"

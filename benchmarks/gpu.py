@@ -259,12 +259,16 @@ def bench_model(
                 row.call_p90_ms = float(np.percentile(t, 90))
                 row.utt_ms = row.call_ms / b
                 row.throughput = b * utt_s / (row.call_ms / 1000)
+                if cuda:  # the server's call's peak (the forward's is lower; the logits copy's higher)
+                    row.peak_mib = torch.cuda.max_memory_allocated(args.device) / 2**20
                 if device_call is not None:
                     row.device_ms = statistics.median(timer(device_call))
                 if logits_call is not None:
-                    row.logits_ms = statistics.median(timer(logits_call))
-                if cuda:
-                    row.peak_mib = torch.cuda.max_memory_allocated(args.device) / 2**20
+                    try:
+                        row.logits_ms = statistics.median(timer(logits_call))
+                    except Exception as e:  # the full logits need more memory than the ids: say so, keep the row
+                        row.note = f"with logits: {'oom' if _is_oom(torch, e) else type(e).__name__}"
+                        _release(torch, cuda)
             except Exception as e:  # one bad shape must not lose the rest of a GPU slot
                 row.status = "oom" if _is_oom(torch, e) else "error"
                 row.note = str(e).splitlines()[0][:160] if str(e) else type(e).__name__

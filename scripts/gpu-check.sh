@@ -83,7 +83,7 @@ if "$PY" -c 'import onnxruntime as o, sys; sys.exit("CUDAExecutionProvider" not 
     --out "$OUT/capacity-onnx-cuda"
 elif [ "$DEVICE" = cpu ]; then
   step capacity-onnx "$PY" -m benchmarks.capacity --models "$MODELS" --ramp "$RAMP" --duration "$DURATION" \
-    --set workers=auto --set engine.backend=onnx --no-stop --out "$OUT/capacity-onnx"
+    --set workers=auto --set engine.backend=onnx --no-stop "${LOAD[@]}" --out "$OUT/capacity-onnx"
 else
   echo "| capacity-onnx-cuda | skipped: onnxruntime has no CUDAExecutionProvider here (install requirements/gpu.txt) | - | - |" >>"$SUMMARY"
 fi

@@ -61,10 +61,13 @@ async def pipeline(base_config):
 async def start_server(pipeline, models_dir, voiceprint_db):
     """Start an `AsrServer` on free loopback ports around the shared pipeline; stopped after the test."""
     from asr_server.app import AsrServer
+    from asr_server.core.lateness import LateReplies
 
     started = []
 
     async def start(**sections):
+        # the pipeline is the session's: replies another test left late must not refuse this one's devices
+        pipeline.late = LateReplies(pipeline.config.asr.budget_ms)
         server = AsrServer(make_config(models_dir, voiceprint_db, **sections), pipeline)
         await server.start()
         started.append(server)

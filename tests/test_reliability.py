@@ -393,13 +393,13 @@ async def test_audio_faster_than_real_time_is_a_flood_though_under_the_frame_lim
 
 async def test_while_the_recogniser_is_behind_new_devices_get_503_with_retry_after(start_server, monkeypatch):
     srv = await start_server()
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: "the recogniser is 900 ms behind")
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: "the recogniser is 900 ms behind")
     with pytest.raises(InvalidStatus) as e:
         await raw_connect(srv)
     assert e.value.response.status_code == 503
     assert e.value.response.headers["Retry-After"] == "5"
     assert b"900 ms behind" in e.value.response.body
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: None)
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: None)
     ws = await raw_connect(srv)
     await ws.close()
 
@@ -508,7 +508,7 @@ async def test_a_trusted_address_is_exempt_from_the_per_address_cap_but_not_from
             "max_connections": 4,
             "max_connections_per_ip": 1,
             "header_timeout_s": 30,
-            "trusted_addresses": ["127.0.0.2/31"],
+            "trusted_addresses": "127.0.0.3/31",  # one string, as from an environment variable; host bits set
         },
     )
     port = runner.addresses[0][1]
@@ -525,6 +525,16 @@ async def test_a_trusted_address_is_exempt_from_the_per_address_cap_but_not_from
             w.close()
     finally:
         await stop_api(runner, pipeline, bus)
+
+
+def test_a_trusted_network_matches_ipv4_clients_of_a_dual_stack_listener():
+    from ipaddress import ip_network
+
+    from asr_server.adapters.http.guard import ConnectionGuard
+
+    guard = ConnectionGuard(10, 10.0, "http.max_connections", per_ip=1, trusted=[ip_network("10.0.0.0/24")])
+    assert guard._trusted("10.0.0.9") and guard._trusted("::ffff:10.0.0.5")  # as a `::` listener sees it
+    assert not guard._trusted("10.0.1.1") and not guard._trusted("::ffff:10.0.1.1") and not guard._trusted("")
 
 
 async def test_max_sessions_counts_connections_that_have_not_said_hello(start_server):
@@ -557,10 +567,10 @@ async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_
     for ws in (older, newer):
         await ws.send(HELLO)
         await ws.recv()
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: "the recogniser is 900 ms behind")
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: "the recogniser is 900 ms behind")
     msgs = await expect_close(newer, 1013, "server overloaded")
     assert "900 ms behind" in msgs[-1]["message"]
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda: None)
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: None)
     assert older.close_code is None  # the others keep their session
     await older.close()
 
@@ -595,9 +605,11 @@ def test_a_mass_reconnect_is_let_in_in_waves_that_at_most_double_the_open_sessio
     assert admitted == [16, 16, 32, 64, 128, 44]  # all 300 in within 12 s, never more than doubling
     assert all(SlowStart(period_s=0).admit(n, 0.0) for n in range(1000))  # 0: off
     held = SlowStart(period_s=2.0, floor=16)
-    assert held.admit(16, 0.0, keeping_up=False) is False  # replies late: no new wave this period
-    assert held.admit(16, 1.0, keeping_up=True) is False  # not before the next period
-    assert sum(held.admit(16, 2.0 + i * 0.01) for i in range(40)) == 16
+    opened = 100
+    while held.admit(opened, 0.0, keeping_up=False):  # replies late: this period adds the floor only
+        opened += 1
+    assert opened == 116 and not held.admit(116, 1.9)  # and nothing more before the next period
+    assert held.admit(115, 1.9)  # a connection that closed gave its place back
 
 
 @pytest.mark.slow
@@ -638,6 +650,7 @@ def test_late_replies_make_the_server_behind_and_the_cap_grows_only_when_clearly
     late.add(None, now=1.0)  # shed: late
     assert late.share(now=1.0) == (1.0, 10)
     assert late.share(now=6.05) == (1.0, 10)  # no newer ones: the last ten still tell
+    assert late.share(now=6.05, fresh=True) is None  # but not shedding, which must see its own effect
     for i in range(20):
         late.add(500, now=7 + i * 0.1)
     assert late.share(now=9.0) == (0.0, 20)  # enough within 5 s: the older ones are forgotten
@@ -658,6 +671,7 @@ def test_few_slow_replies_still_count_as_late(tmp_path):
     pipeline.late = late
     why = pipeline.overloaded()
     assert why is not None and "50% of the last 10 replies" in why
+    assert pipeline.overloaded(fresh=True) is None  # 3 replies in the last 5 s: too few to shed anyone on
     cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
     pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
     for _ in range(20):

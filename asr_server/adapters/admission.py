@@ -136,9 +136,10 @@ class LoadCap:
 
 
 class SlowStart:
-    """Open sessions at most double every `period_s` (at least `floor` new ones per period), and
-    a new wave starts only while the recogniser keeps clearly within budget (TCP's slow start
-    ends at the first sign of congestion too).
+    """Open sessions at most double every `period_s` (at least `floor` new ones per period); while
+    the recogniser is not clearly within budget a period adds only the floor (TCP's slow start ends
+    at the first sign of congestion too). A ceiling on the open sessions, not a count of admissions,
+    so connections that fail their handshake or close at once give their place back.
 
     Before the recogniser has ever fallen behind the cap is unlearned, so a mass reconnect after an
     outage came in at once and the box answered its first seconds late (p95 1.0 s for the 10 s
@@ -152,16 +153,14 @@ class SlowStart:
         self.period_s = period_s
         self.floor = floor
         self._since = -math.inf
-        self._left = 0
+        self._ceiling = 0
 
     def admit(self, sessions: int, now: float, keeping_up: bool = True) -> bool:
-        """Take one of this period's admissions for a new connection (`sessions` open now); a
-        period that begins while not `keeping_up` admits no one."""
+        """Whether one more connection may open now, with `sessions` open; a period that begins
+        while not `keeping_up` raises the ceiling by the floor only."""
         if not self.period_s:
             return True
         if now - self._since >= self.period_s:
-            self._since, self._left = now, max(self.floor, sessions) if keeping_up else 0
-        if self._left <= 0:
-            return False
-        self._left -= 1
-        return True
+            self._since = now
+            self._ceiling = sessions + (max(self.floor, sessions) if keeping_up else self.floor)
+        return sessions < self._ceiling

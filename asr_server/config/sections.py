@@ -8,6 +8,7 @@ works, with a warning (`RENAMED_SECTIONS`).
 
 from __future__ import annotations
 
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -60,8 +61,8 @@ class XiaozhiConfig(_Section):
     admit_doubling_s: float = Field(
         5.0,
         ge=0,
-        description="Open sessions may at most double in this time (at least 16 new ones per period, and a new "
-        "wave only while the replies keep clearly within budget): a mass reconnect is let in in waves whose "
+        description="Open sessions may at most double in this time (at least 16 new ones per period, and only "
+        "those while the replies are not clearly within budget): a mass reconnect is let in in waves whose "
         "load admission sees before the next (the rest get 503 with Retry-After); 0: off.",
     )
     drain_timeout_s: float = Field(
@@ -154,7 +155,8 @@ class AsrConfig(_Section):
         800.0,
         ge=0,
         description="The end of speech → reply latency device replies should keep; while more than late_share of "
-        "the last 5 s of replies missed it, new connections get 503 and the device cap drops; 0: not watched.",
+        "the last 5 s of replies (the last 10, up to 30 s back, where fewer came) missed it, new connections get "
+        "503, and while the last 5 s alone say so the device cap drops; 0: not watched.",
     )
     late_share: float = Field(0.1, gt=0, le=1, description="Share of late replies (budget_ms) that means behind.")
     speculative: bool = True
@@ -266,6 +268,22 @@ class HttpConfig(_Section):
         description="Serve the browser console at / (talk, live sessions, health, voices); it calls the "
         "public API with the same keys. false: / answers 404 (the API stays).",
     )
+
+    @field_validator("trusted_addresses", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        """A single address or a comma-separated string too (an environment variable), and a
+        network written with host bits (10.0.0.5/24) as the network it lies in."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        out = []
+        for item in items:
+            try:
+                out.append(str(ip_network(str(item).strip(), strict=False)))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+        return out
 
 
 class FunAsrConfig(_Section):

@@ -39,12 +39,19 @@ class LateReplies:
         self._late += late
         self._trim(now)
 
-    def share(self, now: float | None = None) -> tuple[float, int] | None:
+    def share(self, now: float | None = None, fresh: bool = False) -> tuple[float, int] | None:
         """The late share and the count of the window's replies; None while fewer than `min_replies`
-        came (too few to tell a trend from one long utterance)."""
+        came (too few to tell a trend from one long utterance). `fresh`: of the last `window_s`
+        only, for decisions that must see their own effect (closing devices): replies kept from
+        longer ago cannot change within a shedding period."""
+        now = time.monotonic() if now is None else now
         self._trim(now)
-        n = len(self._replies)
-        return None if n < self.min_replies else (self._late / n, n)
+        if fresh:
+            recent = [late for t, late in self._replies if t >= now - self.window_s]
+            n, late_n = len(recent), sum(recent)
+        else:
+            n, late_n = len(self._replies), self._late
+        return None if n < self.min_replies else (late_n / n, n)
 
     def _trim(self, now: float | None) -> None:
         now = time.monotonic() if now is None else now

@@ -87,6 +87,8 @@ class ConnectionGuard:
             address = ip_address(ip)
         except ValueError:  # no peer address (a Unix socket): nothing to match
             return False
+        if address.version == 6 and address.ipv4_mapped is not None:  # an IPv4 client on a dual-stack `::`
+            address = address.ipv4_mapped
         return any(address in net for net in self.trusted)
 
     def _release(self, ip: str) -> None:

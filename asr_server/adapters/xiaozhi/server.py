@@ -307,7 +307,7 @@ class XiaozhiServer:
         tick = min(1.0, cfg.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(tick)
-            why = self.pipeline.overloaded() if cfg.shed_after_s else None
+            why = self.pipeline.overloaded(fresh=True) if cfg.shed_after_s else None
             now = loop.time()
             if why is None:
                 behind_since = None
