@@ -393,13 +393,13 @@ async def test_audio_faster_than_real_time_is_a_flood_though_under_the_frame_lim
 
 async def test_while_the_recogniser_is_behind_new_devices_get_503_with_retry_after(start_server, monkeypatch):
     srv = await start_server()
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: "the recogniser is 900 ms behind")
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: "the recogniser is 900 ms behind")
     with pytest.raises(InvalidStatus) as e:
         await raw_connect(srv)
     assert e.value.response.status_code == 503
     assert e.value.response.headers["Retry-After"] == "5"
     assert b"900 ms behind" in e.value.response.body
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: None)
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: None)
     ws = await raw_connect(srv)
     await ws.close()
 
@@ -567,10 +567,10 @@ async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_
     for ws in (older, newer):
         await ws.send(HELLO)
         await ws.recv()
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: "the recogniser is 900 ms behind")
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: "the recogniser is 900 ms behind")
     msgs = await expect_close(newer, 1013, "server overloaded")
     assert "900 ms behind" in msgs[-1]["message"]
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda fresh=False: None)
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: None)
     assert older.close_code is None  # the others keep their session
     await older.close()
 
@@ -650,7 +650,6 @@ def test_late_replies_make_the_server_behind_and_the_cap_grows_only_when_clearly
     late.add(None, now=1.0)  # shed: late
     assert late.share(now=1.0) == (1.0, 10)
     assert late.share(now=6.05) == (1.0, 10)  # no newer ones: the last ten still tell
-    assert late.share(now=6.05, fresh=True) is None  # but not shedding, which must see its own effect
     for i in range(20):
         late.add(500, now=7 + i * 0.1)
     assert late.share(now=9.0) == (0.0, 20)  # enough within 5 s: the older ones are forgotten
@@ -671,7 +670,11 @@ def test_few_slow_replies_still_count_as_late(tmp_path):
     pipeline.late = late
     why = pipeline.overloaded()
     assert why is not None and "50% of the last 10 replies" in why
-    assert pipeline.overloaded(fresh=True) is None  # 3 replies in the last 5 s: too few to shed anyone on
+    shed_at = pipeline.late.added  # a round is shed on this window: the next needs new replies
+    assert pipeline.overloaded(evidence_since=shed_at) is None
+    for _ in range(5):
+        late.add(1200)
+    assert "of the last 10 replies" in (pipeline.overloaded(evidence_since=shed_at) or "")
     cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
     pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
     for _ in range(20):

@@ -156,7 +156,7 @@ class AsrConfig(_Section):
         ge=0,
         description="The end of speech → reply latency device replies should keep; while more than late_share of "
         "the last 5 s of replies (the last 10, up to 30 s back, where fewer came) missed it, new connections get "
-        "503, and while the last 5 s alone say so the device cap drops; 0: not watched.",
+        "503 and the device cap drops (again once new replies came); 0: not watched.",
     )
     late_share: float = Field(0.1, gt=0, le=1, description="Share of late replies (budget_ms) that means behind.")
     speculative: bool = True

@@ -31,27 +31,22 @@ class LateReplies:
         self.max_age_s = max_age_s
         self._replies: deque[tuple[float, bool]] = deque()
         self._late = 0
+        self.added = 0  # replies ever noted: whoever acts on the share can tell whether new ones came since
 
     def add(self, latency_ms: float | None, now: float | None = None) -> None:
         """One reply's latency from the end of speech; None: the utterance got no answer (shed)."""
         late = latency_ms is None or latency_ms > self.budget_ms
         self._replies.append((time.monotonic() if now is None else now, late))
         self._late += late
+        self.added += 1
         self._trim(now)
 
-    def share(self, now: float | None = None, fresh: bool = False) -> tuple[float, int] | None:
+    def share(self, now: float | None = None) -> tuple[float, int] | None:
         """The late share and the count of the window's replies; None while fewer than `min_replies`
-        came (too few to tell a trend from one long utterance). `fresh`: of the last `window_s`
-        only, for decisions that must see their own effect (closing devices): replies kept from
-        longer ago cannot change within a shedding period."""
-        now = time.monotonic() if now is None else now
+        came (too few to tell a trend from one long utterance)."""
         self._trim(now)
-        if fresh:
-            recent = [late for t, late in self._replies if t >= now - self.window_s]
-            n, late_n = len(recent), sum(recent)
-        else:
-            n, late_n = len(self._replies), self._late
-        return None if n < self.min_replies else (late_n / n, n)
+        n = len(self._replies)
+        return None if n < self.min_replies else (self._late / n, n)
 
     def _trim(self, now: float | None) -> None:
         now = time.monotonic() if now is None else now

@@ -268,17 +268,21 @@ class Pipeline:
         """Utterances the recogniser takes per call (the configured or automatic batch size)."""
         return self._asr.max_batch
 
-    def overloaded(self, fresh: bool = False) -> str | None:
+    def overloaded(self, evidence_since: int | None = None) -> str | None:
         """Why a new session should be refused now, else None: the recogniser is `asr.admission_wait_ms`
         or more behind, or more than `asr.late_share` of the last seconds' device replies missed
         `asr.budget_ms` (`core.lateness`). Admission follows the load, not a session count: a box's
-        capacity depends on how much its devices talk and how fast its cores are. `fresh`: judge
-        the replies of the last 5 s only (shedding, which must see the effect of its last round)."""
+        capacity depends on how much its devices talk and how fast its cores are. `evidence_since`
+        (a `late.added` count): the replies count only once half `min_replies` new ones came since,
+        so shedding, which must see the effect of its last round, does not act twice on one window
+        (where replies are few, the kept ones cannot change within a round, and shed devices send none)."""
         cfg = self.config.asr
         behind = self._asr.head_wait() * 1000
         if cfg.admission_wait_ms and behind >= cfg.admission_wait_ms:
             return f"the recogniser is {behind:.0f} ms behind (asr.admission_wait_ms = {cfg.admission_wait_ms:g})"
-        late = self.late.share(fresh=fresh)  # None with asr.budget_ms 0: nothing is noted
+        late = self.late.share()  # None with asr.budget_ms 0: nothing is noted
+        if evidence_since is not None and self.late.added - evidence_since < self.late.min_replies // 2:
+            late = None
         if late is not None and late[0] > cfg.late_share:
             return (
                 f"{late[0]:.0%} of the last {late[1]} replies came later than asr.budget_ms = {cfg.budget_ms:g} "

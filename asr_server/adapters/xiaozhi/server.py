@@ -304,10 +304,11 @@ class XiaozhiServer:
         cfg = self.config.xiaozhi
         loop = asyncio.get_running_loop()
         behind_since: float | None = None
+        evidence: int | None = None  # the replies noted when the last round was shed
         tick = min(1.0, cfg.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(tick)
-            why = self.pipeline.overloaded(fresh=True) if cfg.shed_after_s else None
+            why = self.pipeline.overloaded(evidence) if cfg.shed_after_s else None
             now = loop.time()
             if why is None:
                 behind_since = None
@@ -318,6 +319,7 @@ class XiaozhiServer:
             elif now - behind_since >= cfg.shed_after_s:
                 self._shed_newest(why, self.cap.behind(len(self.sessions)))
                 behind_since = now  # one round per period: the queue gets time to show the effect
+                evidence = self.pipeline.late.added  # and the replies, new ones to show it
             cutoff = now - cfg.idle_timeout_s
             for sid, session in list(self.sessions.items()):
                 ws = self._sockets.get(sid)
