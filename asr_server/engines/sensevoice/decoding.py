@@ -31,13 +31,7 @@ _TAG = re.compile(r"<\|([^|<>]*)\|>")
 
 def ctc_greedy(logits: np.ndarray, length: int, blank: int = 0) -> list[int]:
     """Best path of one item: argmax per frame over the first `length` frames, repeats merged, blanks dropped."""
-    best = np.asarray(logits[:length]).argmax(axis=-1)
-    if best.size == 0:
-        return []
-    keep = np.ones(best.shape[0], dtype=bool)
-    keep[1:] = best[1:] != best[:-1]
-    best = best[keep]
-    return [int(t) for t in best[best != blank]]
+    return [t for t, _, _ in ctc_greedy_timed(np.asarray(logits[:length]), blank)]
 
 
 #: SenseVoice puts four query frames (language, event/emotion, ITN) before the audio's LFR frames,
