@@ -380,6 +380,48 @@ async def test_speculation_is_used_at_the_endpoint_and_voided_by_resumed_speech(
 
 
 @needs_audio
+async def test_latency_counts_the_audio_a_slow_reader_left_waiting_in_the_socket(server):
+    """Frames read at half the speed they carry (a server reading slower than its devices send):
+    the reply's latency runs from when the speech was spoken, not from when its frames were read."""
+    c = load_clip(clip("en_tts_living").path)
+    async with device(server) as dev:
+        await dev.listen("start", "auto")
+        await dev.send_opus(c.packets, 0.5)
+        await dev.send_silence(900, 0.5)
+        msg = (await dev.next_message("stt", REPLY_S)).data
+    # Speech ends about 1.5 s into the clip, so at its endpoint the reader was ~1.9 s behind the
+    # device: that, plus the endpoint's silence, came before the processing. Read as it arrived,
+    # it was the silence alone (350-600 ms: see test_auto_mode_one_reply_per_utterance).
+    assert msg["latency_ms"] - msg["processing_ms"] >= 1500, msg
+    assert cer(clip("en_tts_living").transcript, msg["text"]) <= 0.2
+
+
+@needs_audio
+async def test_frames_that_came_during_a_slow_vad_call_go_into_the_next_call_together(server, pipeline, monkeypatch):
+    """A session awaiting each frame's VAD call in turn reads one frame per call; with the VAD
+    slower than the frames come, it catches up by taking all that waited in one call instead."""
+    feed = pipeline.feed
+    calls: list[int] = []
+
+    async def slow_feed(stream, pcm):
+        calls.append(len(pcm))
+        await asyncio.sleep(0.1)  # five 60 ms frames come meanwhile at pace 3
+        return await feed(stream, pcm)
+
+    monkeypatch.setattr(pipeline, "feed", slow_feed)
+    c = clip("en_tts_living")
+    packets = load_clip(c.path).packets
+    async with device(server) as dev:
+        await dev.listen("start", "auto")
+        await say(dev, load_clip(c.path))
+        msg = (await dev.next_message("stt", REPLY_S)).data
+    assert cer(c.transcript, msg["text"]) <= 0.2
+    frames = sum(calls) / 960  # as far as the session got before it closed (past the endpoint)
+    assert frames >= len(packets) and all(n % 960 == 0 for n in calls)  # whole frames, none lost
+    assert len(calls) <= frames / 2, calls
+
+
+@needs_audio
 @pytest.mark.parametrize("name", ["en_librispeech", "ja_sensevoice"])
 async def test_a_long_utterance_is_recognised_in_phrases_with_the_same_text(pipeline, models_dir, tmp_path, name):
     from asr_server.app import AsrServer

@@ -4,6 +4,13 @@ The server feeds each message in order; the session decodes, runs its `SpeechStr
 shared VAD batcher and, at each endpoint, starts recognition as a task of its own so the next
 frames keep flowing. Replies leave in utterance order. Nothing here blocks the event loop: model
 calls are awaited on the pipeline's batchers, which run them in worker threads.
+
+Live audio catches up: one VAD call per session is in flight at a time, and the frames that came
+meanwhile go into the next call together. Awaiting each 60 ms frame's VAD call in turn made a
+session read at most one frame per batcher tick, so on a busy loop (ticks past 60 ms) it read
+slower than its device sent and the backlog waited in the socket, unseen. Text messages wait for
+the audio before them, so `listen stop` still ends the utterance after its last frame. The
+latency clock starts when the speech was spoken (`InputClock`), not when its frames were read.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ...audio.clock import InputClock
 from ...audio.opus import OpusStreamDecoder
 from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ...config import Config
@@ -24,7 +32,7 @@ from ...core.live import SessionView
 from ...core.pipeline import Pipeline, Recognizing
 from ...core.recording import join_pieces
 from ...core.scheduler import Priority
-from ...errors import EngineBusy, EngineFailed, OpusDecodeError
+from ...errors import EngineBusy, EngineClosed, EngineFailed, OpusDecodeError
 from ...types import ClientInfo, Recognition, TranscriptEvent
 from .upstream import Upstream
 from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_message, unpack_audio
@@ -32,6 +40,9 @@ from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_
 log = logging.getLogger(__name__)
 
 PROTOCOL = XIAOZHI
+
+MAX_QUEUED_S = 2.0
+"""Live audio a session holds for its next VAD call before it stops reading its socket."""
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Publish = Callable[[TranscriptEvent], None]
@@ -60,6 +71,13 @@ class Session:
         self._metrics = pipeline.metrics
         self._decoder = OpusStreamDecoder()
         self._stream = pipeline.open_stream(phrases=True)
+        self._clock = InputClock()
+        self._queued: list[np.ndarray] = []  # live audio for the next VAD call
+        self._queued_samples = 0
+        self._queued_spoken = 0.0  # when the end of the queued audio was spoken
+        self._fed_spoken = 0.0  # ... and of the audio the stream has been fed
+        self._feeding: asyncio.Task[None] | None = None
+        self._feed_error: Exception | None = None  # raised at the next frame, for the server to report
         self.listening = False
         self.mode = "auto"
         self._manual: list[np.ndarray] = []
@@ -115,6 +133,7 @@ class Session:
 
     async def on_text(self, text: str | bytes) -> None:
         msg = parse_message(text)
+        await self._fed()  # the audio before this message first (listen stop ends after it)
         if self.upstream is not None and not isinstance(msg, Hello):
             # Relayed as it came (listen, abort, mcp, goodbye...): the upstream keeps the device's state too.
             await self.upstream.send(text if isinstance(text, str) else text.decode("utf-8", "replace"))
@@ -149,6 +168,7 @@ class Session:
         self._observe_decode(time.perf_counter() - t0)
         self.frames += 1
         seconds = len(pcm) / SAMPLE_RATE
+        spoken = self._clock.note(t0, seconds)
         if not self.listening:
             return seconds  # wake-word audio before `listen start`: decoded to keep the decoder in step, then dropped
         if self.mode == "manual":
@@ -158,14 +178,49 @@ class Session:
             return seconds  # auto mode takes no turn while the answer plays (the firmware's own rule)
         if self.vad_meter:
             probs = await self.pipeline.probabilities(self._stream, pcm)
+            self._fed_spoken = spoken
             for chunk, prob in probs:
                 for event in self._stream.push(chunk, prob):
                     self._on_segment_event(event)
             await self._meter(probs)
             return seconds
-        for event in await self.pipeline.feed(self._stream, pcm):
-            self._on_segment_event(event)
+        self._queued.append(pcm)
+        self._queued_samples += len(pcm)
+        self._queued_spoken = spoken
+        if self._feeding is None:
+            self._feeding = asyncio.ensure_future(self._feed_queued())
+        elif self._queued_samples > MAX_QUEUED_S * SAMPLE_RATE:
+            await self._fed()  # the VAD is that far behind: let the socket hold the rest
+            self._clock.held(time.perf_counter())
+        if self._feed_error is not None:
+            error, self._feed_error = self._feed_error, None
+            raise error
         return seconds
+
+    async def _feed_queued(self) -> None:
+        """Feed the live audio queued while the last VAD call ran, all of it in one call, until none is left."""
+        try:
+            while self._queued:
+                pcm = self._queued[0] if len(self._queued) == 1 else np.concatenate(self._queued)
+                spoken = self._queued_spoken
+                self._queued, self._queued_samples = [], 0
+                try:
+                    events = await self.pipeline.feed(self._stream, pcm)
+                except (EngineBusy, EngineClosed) as e:  # this audio is lost; the server tells the device
+                    self._feed_error = e
+                    continue
+                self._fed_spoken = spoken
+                for event in events:
+                    self._on_segment_event(event)
+        except Exception:
+            log.exception("session %s: feeding audio failed", self.session_id)
+        finally:
+            self._feeding = None
+
+    async def _fed(self) -> None:
+        """Wait until the queued live audio has been through the VAD."""
+        if self._feeding is not None:
+            await asyncio.shield(self._feeding)
 
     async def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
@@ -230,7 +285,7 @@ class Session:
             pieces, self._phrases = [*self._phrases, recognizing], []
             for piece in pieces:
                 piece.promote()  # now someone waits for them
-            self._queue_reply([p.task for p in pieces], endpoint, speculated, endpoint - self._silence_s(event))
+            self._queue_reply([p.task for p in pieces], endpoint, speculated, self._fed_spoken - self._silence_s(event))
         elif isinstance(event, Dropped):
             self._cancel_speculation()
             self._cancel_phrases()
@@ -242,8 +297,9 @@ class Session:
             )
 
     def _silence_s(self, event: Utterance) -> float:
-        """How long ago speech ended, at the endpoint: the stream audio after the utterance's last
-        voiced window (devices stream in real time, so audio seconds are wall seconds)."""
+        """How long before the end of the audio fed so far its speech ended: the stream audio after
+        the utterance's last voiced window (devices stream in real time, so audio seconds are wall
+        seconds)."""
         if event.reason != "silence":
             return 0.0
         after = self._stream.windows_fed * VAD_WINDOW - (event.start_sample + len(event.audio))
@@ -282,7 +338,9 @@ class Session:
         self._manual, self._manual_samples, self._manual_speech = [], 0, False
         self._stream.reset()
         if had_speech and len(audio) * 1000 >= self.config.vad.min_speech_ms * SAMPLE_RATE:
-            self._queue_reply([self.pipeline.start_recognition(audio).task], time.perf_counter())
+            now = time.perf_counter()
+            # The talk ended with its last frame, lag included (`listen stop` waited in the same socket).
+            self._queue_reply([self.pipeline.start_recognition(audio).task], now, speech_end=now - self._clock.lag)
 
     # --- replies ------------------------------------------------------------------------------
 
@@ -398,6 +456,8 @@ class Session:
     def _reset_audio(self) -> None:
         self._cancel_speculation()
         self._cancel_phrases()
+        self._clock.reset()
+        self._queued, self._queued_samples = [], 0
         self._stream.reset()
         self._manual, self._manual_samples, self._manual_speech = [], 0, False
 
@@ -412,6 +472,8 @@ class Session:
         """Shutdown: take no more audio, send the replies of utterances already ended (within
         `timeout_s`); returns how many were still pending when it began."""
         self.listening = False
+        if self._feeding is not None:  # the audio already read can still end an utterance
+            await asyncio.wait([self._feeding], timeout=timeout_s)
         pending = [t for t in self._replies if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout_s)
@@ -419,6 +481,9 @@ class Session:
 
     async def close(self) -> None:
         """The connection is gone: cancel pending work so nothing outlives the session."""
+        if self._feeding is not None:
+            self._feeding.cancel()
+            await asyncio.gather(self._feeding, return_exceptions=True)
         self._abort()
         if self._replies:
             await asyncio.gather(*self._replies, return_exceptions=True)
