@@ -358,6 +358,28 @@ async def test_a_late_speaker_is_dropped_and_the_text_answered_within_the_speake
         await pipeline.close()
 
 
+async def test_a_live_utterance_waits_for_its_speaker_only_until_its_reply_would_be_late(tmp_path):
+    """The speaker deadline counted from the queue (1 s) answered a device 1.4 s after its speech
+    ended, at best: the reply budget (800 ms from the end of speech) ends the wait first."""
+    cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite"), "deadline_ms": 5000}})
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    speaker = _StallingSpeaker()
+    pipeline.speaker = speaker
+    pipeline._spk._fn = speaker.embed_batch
+    audio = np.random.default_rng(0).normal(0, 0.1, 2 * 16000).astype(np.float32)
+    pipeline.voiceprints.enroll("alice", np.stack(FakeSpeaker().embed_batch([audio])))
+    try:
+        ended = time.perf_counter() - 0.4  # the endpoint's 400 ms of silence
+        live = pipeline.start_recognition(audio, speech_end=ended)
+        rec = await asyncio.wait_for(live.task, 3.0)  # not 5 s: the budget ended the wait
+        assert rec.transcript.text == "w1 w2 w3 w4" and rec.speaker is None
+        assert pipeline.metrics.shed.labels("embedding")._value.get() == 1
+        speaker.stall.set()
+    finally:
+        speaker.stall.set()
+        await pipeline.close()
+
+
 # --- sends with a deadline -----------------------------------------------------------------------
 
 
@@ -573,6 +595,53 @@ async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_
     monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: None)
     assert older.close_code is None  # the others keep their session
     await older.close()
+
+
+def test_audio_reaching_the_vad_late_on_many_devices_means_behind():
+    from asr_server.adapters.admission import reading_behind
+
+    assert reading_behind([0.02] * 40, 300, 0.1) is None
+    assert reading_behind([0.02] * 36 + [0.5] * 4, 300, 0.1) is None  # 10%: not more than late_share
+    why = reading_behind([0.02] * 35 + [0.5] * 5, 300, 0.1)
+    assert why is not None and "5 of 40 streaming devices" in why and "xiaozhi.max_input_delay_ms" in why
+    assert reading_behind([2.0] * 9, 300, 0.1) is None  # too few devices streaming to saturate a loop
+    assert reading_behind([2.0] * 40, 0, 0.1) is None  # 0: not watched
+
+
+async def test_audio_read_late_refuses_new_devices_and_sheds_only_while_the_backlog_is_not_draining(
+    start_server, monkeypatch
+):
+    """The server reads its devices' audio 1-2 s after it was spoken (a saturated loop): new devices
+    get 503 at once. While the backlog drains, no one is shed; when it stops draining, the newest are."""
+    from asr_server.adapters.xiaozhi.session import Session
+
+    srv = await start_server(xiaozhi={"shed_after_s": 0.5})
+    sockets = []
+    for _ in range(12):
+        ws = await raw_connect(srv)
+        await ws.send(HELLO)
+        await ws.recv()
+        sockets.append(ws)
+    delays: dict[int, float] = {}
+    draining = {"step": 0.2}
+
+    def input_delay(self, now, within_s=2.0):
+        delays[id(self)] = delays.get(id(self), 2.2) - draining["step"]  # read once a sweep
+        return delays[id(self)]
+
+    monkeypatch.setattr(Session, "input_delay", input_delay)
+    await asyncio.sleep(1.2)  # a sweep has seen them
+    with pytest.raises(InvalidStatus, match="503"):
+        await raw_connect(srv)
+    await asyncio.sleep(3.0)  # three more sweeps: each 0.2 s less behind, none shed
+    assert all(ws.close_code is None for ws in sockets)
+    draining["step"] = 0.0  # stuck 1.2 s behind
+    msgs = await expect_close(sockets[-1], 1013, "server overloaded")
+    assert "xiaozhi.max_input_delay_ms" in msgs[-1]["message"]
+    assert sockets[0].close_code is None  # the oldest keep their session
+    monkeypatch.undo()
+    for ws in sockets:
+        await ws.close()
 
 
 def test_the_device_cap_drops_while_behind_and_grows_back_while_keeping_up():

@@ -164,3 +164,20 @@ class SlowStart:
             self._since = now
             self._ceiling = sessions + (max(self.floor, sessions) if keeping_up else self.floor)
         return sessions < self._ceiling
+
+
+def reading_behind(delays: list[float], max_ms: float, share: float, min_sessions: int = 10) -> str | None:
+    """Why the server counts as behind on reading, else None: more than `share` of the streaming
+    devices' live audio (`delays`, seconds from spoken to seen by the VAD) reached the VAD more
+    than `max_ms` late. The replies' lateness shows a saturated front end only after utterances
+    end and a window of them fills (seconds); the input delay shows it on the next frame. Fewer
+    than `min_sessions` streaming devices never saturate a loop: their delay is noise (a GC pause)."""
+    if not max_ms or len(delays) < min_sessions:
+        return None
+    late = sum(1 for d in delays if d * 1000 > max_ms)
+    if late <= share * len(delays):
+        return None
+    return (
+        f"the audio of {late} of {len(delays)} streaming devices reached the VAD more than "
+        f"{max_ms:g} ms after it was spoken (xiaozhi.max_input_delay_ms)"
+    )

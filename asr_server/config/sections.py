@@ -53,6 +53,13 @@ class XiaozhiConfig(_Section):
         "devices are closed with 1013 (shed_fraction of them per period), so the others keep their latency; 0: never.",
     )
     shed_fraction: float = Field(0.1, gt=0, le=1, description="Share of the sessions shed per period.")
+    max_input_delay_ms: float = Field(
+        300.0,
+        ge=0,
+        description="While more than asr.late_share of the streaming devices' audio reaches the VAD this long "
+        "after it was spoken (the server reads slower than they send), the server is behind: new devices get "
+        "503 and, after shed_after_s, the newest are shed; 0: not watched.",
+    )
     admit_increase_per_s: float = Field(
         0.5,
         gt=0,

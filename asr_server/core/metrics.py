@@ -69,6 +69,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.input_delay = Histogram(
+            "asr_input_delay_seconds",
+            "Live device audio: from when it was spoken to when the VAD had seen it (the socket, the read "
+            "and the VAD queue; past a few tens of ms the server reads slower than its devices send)",
+            ["protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.sessions_total = Counter("asr_sessions_opened", "Sessions opened by protocol", ["protocol"], registry=r)
         self.utterances = Counter("asr_utterances", "Utterances recognised by protocol", ["protocol"], registry=r)
         self.reply_latency = Histogram(

@@ -338,9 +338,12 @@ class Pipeline:
         identify: bool = True,
         speculative: bool = False,
         endpointed: bool = False,
+        speech_end: float | None = None,
     ) -> Recognizing:
         """Queue one utterance for text and speaker (both at once) and return the handle that awaits
-        them. `endpointed`: the VAD cut it (it gets `vad.trailing_pad_ms` of trailing context)."""
+        them. `endpointed`: the VAD cut it (it gets `vad.trailing_pad_ms` of trailing context);
+        `speech_end`: when its speech ended (`time.perf_counter`), for a live stream whose reply
+        keeps `asr.budget_ms`: the speaker is not waited for past it."""
         audio = np.asarray(audio, dtype=np.float32)
         audio_ms = int(len(audio) * 1000 / SAMPLE_RATE)
         priority = Priority.SPECULATION if speculative else Priority.FINAL
@@ -360,7 +363,7 @@ class Pipeline:
         async def finish() -> Recognition:
             try:
                 transcript = await asr_job.future
-                embedding = None if spk_job is None else await self._embedding(spk_job)
+                embedding = None if spk_job is None else await self._embedding(spk_job, speech_end)
             except asyncio.CancelledError:
                 for job in jobs:
                     job.future.cancel()
@@ -381,20 +384,25 @@ class Pipeline:
 
         return Recognizing(asyncio.get_running_loop().create_task(finish()), jobs)
 
-    async def _embedding(self, job: Job[np.ndarray, np.ndarray]) -> np.ndarray | None:
+    async def _embedding(self, job: Job[np.ndarray, np.ndarray], speech_end: float | None) -> np.ndarray | None:
         """The utterance's embedding, or None once `speaker.deadline_ms` has passed since it was queued
-        (the text is ready: a speaker that would make the reply late is dropped, not waited for), or
-        when the embedder failed or refused it. The text never fails because of the speaker. The
-        deadline is the waiter's, not the queue's: enrolment and identification (`embed`) wait."""
+        or, for a live stream, once waiting longer would answer it later than `asr.budget_ms` after
+        its `speech_end` (the text is ready: a speaker that would make the reply late is dropped,
+        not waited for), or when the embedder failed or refused it. The text never fails because of
+        the speaker. The deadline is the waiter's, not the queue's: enrolment and identification
+        (`embed`) wait."""
         limit = self.config.speaker.deadline_ms / 1000
         try:
             if not limit or job.future.done():
                 return await job.future
-            left = max(0.0, job.submitted + limit - time.perf_counter())
-            return await asyncio.wait_for(asyncio.shield(job.future), left)
+            deadline, why = job.submitted + limit, f"speaker.deadline_ms = {self.config.speaker.deadline_ms:g}"
+            budget = self.config.asr.budget_ms / 1000
+            if speech_end is not None and budget and speech_end + budget - _REPLY_MARGIN_S < deadline:
+                deadline, why = speech_end + budget - _REPLY_MARGIN_S, f"asr.budget_ms = {self.config.asr.budget_ms:g}"
+            return await asyncio.wait_for(asyncio.shield(job.future), max(0.0, deadline - time.perf_counter()))
         except TimeoutError:
             job.future.cancel()  # a waiting job leaves the queue unrun; a running one's result is discarded
-            self._speaker_skipped(f"no embedding within speaker.deadline_ms = {self.config.speaker.deadline_ms:g}")
+            self._speaker_skipped(f"no embedding within {why}")
         except EngineBusy as e:  # the remote embedder's back-pressure
             self._speaker_skipped(e)
         except Exception as e:
@@ -432,6 +440,10 @@ class Pipeline:
         for remote in (self.asr, self.speaker):
             if isinstance(remote, RemoteRecognizer | RemoteEmbedder):
                 await asyncio.to_thread(remote.close)
+
+
+_REPLY_MARGIN_S = 0.05
+"""What a reply takes after the speaker is known: joining, identifying, sending."""
 
 
 def _columns(requests: Sequence[AsrRequest]) -> tuple[list[np.ndarray], list[str], list[bool]]:

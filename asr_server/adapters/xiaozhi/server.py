@@ -27,7 +27,7 @@ from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, Ups
 from ...logs import Throttle
 from ...sharing import Tally, WorkerShare
 from ...types import ClientInfo
-from ..admission import ConnectionSlots, LoadCap, RateBucket, SlowStart, refuse_busy
+from ..admission import ConnectionSlots, LoadCap, RateBucket, SlowStart, reading_behind, refuse_busy
 from ..auth import bearer_token, fingerprint, header_or_query
 from ..sending import close_reason, send_within
 from .session import PROTOCOL, Publish, Session
@@ -35,6 +35,8 @@ from .upstream import PASSED, Ended, Upstream
 from .wire import Hello, dumps, error_message, parse_message, parse_protocol_version, server_hello
 
 log = logging.getLogger(__name__)
+
+_DRAINING_S = 0.05
 
 
 class XiaozhiServer:
@@ -67,6 +69,8 @@ class XiaozhiServer:
             self._metrics.errors.labels("capacity").inc,
             Tally.of(share, "xiaozhi.max_sessions"),
         )
+        self.reading: str | None = None  # why reading is behind (`reading_behind`), as of the last sweep
+        self._delays: dict[str, float] = {}  # each streaming session's input delay at the last sweep
         self._reuse_port = share is not None  # workers listen on one port each (SO_REUSEPORT)
 
     async def serve(self, host: str | None = None, port: int | None = None) -> Server:
@@ -106,10 +110,10 @@ class XiaozhiServer:
                     "missing" if token is None else "unknown",
                 )
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token\n")
-        why = self.pipeline.overloaded()
+        why = self.pipeline.overloaded() or self.reading
         if why is None and self.cap.full(self.slots.own):  # the cap is this process's recogniser's
             why = f"{self.slots.own} devices are what the recogniser answers in budget now"
-        if why is None and not self.slow_start.admit(self.slots.own, time.monotonic(), self.pipeline.keeping_up()):
+        if why is None and not self.slow_start.admit(self.slots.own, time.monotonic(), self._keeping_up()):
             why = (
                 f"{self.slots.own} devices open: more are let in as the load they bring shows "
                 f"(xiaozhi.admit_doubling_s = {self.config.xiaozhi.admit_doubling_s:g})"
@@ -308,11 +312,12 @@ class XiaozhiServer:
         tick = min(1.0, cfg.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(tick)
-            why = self.pipeline.overloaded(evidence) if cfg.shed_after_s else None
+            self.reading, not_draining = self._reading_behind()
+            why = (self.pipeline.overloaded(evidence) or not_draining) if cfg.shed_after_s else None
             now = loop.time()
             if why is None:
                 behind_since = None
-                if self.pipeline.keeping_up():  # between the two: hold the cap where it is
+                if self._keeping_up():  # between the two: hold the cap where it is
                     self.cap.keeping_up(tick, self.slots.own)
             elif behind_since is None:
                 behind_since = now
@@ -349,6 +354,21 @@ class XiaozhiServer:
             ),
             return_exceptions=True,
         )
+
+    def _reading_behind(self) -> tuple[str | None, str | None]:
+        """Whether the streaming devices' audio reaches the VAD late (new devices wait), and whether
+        it does while not draining (shed): a backlog shrinking by `_DRAINING_S` a sweep or more is
+        being caught up with, and shedding more for it would close devices the box can serve."""
+        now = time.perf_counter()
+        delays = {sid: d for sid, s in self.sessions.items() if (d := s.input_delay(now)) is not None}
+        previous, self._delays = self._delays, delays
+        growing = [d if d > previous.get(sid, 0.0) - _DRAINING_S else 0.0 for sid, d in delays.items()]
+        max_ms, share = self.config.xiaozhi.max_input_delay_ms, self.config.asr.late_share
+        return reading_behind(list(delays.values()), max_ms, share), reading_behind(growing, max_ms, share)
+
+    def _keeping_up(self) -> bool:
+        """Clearly within budget: the recogniser (`Pipeline.keeping_up`) and the reading of the audio."""
+        return self.reading is None and self.pipeline.keeping_up()
 
     def _shed_newest(self, why: str, count: int) -> None:
         """The recogniser has been behind for `shed_after_s` although new devices are refused: more

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -78,6 +79,8 @@ class Session:
         self._fed_spoken = 0.0  # ... and of the audio the stream has been fed
         self._feeding: asyncio.Task[None] | None = None
         self._feed_error: Exception | None = None  # raised at the next frame, for the server to report
+        self._fed_at = -math.inf  # when the VAD last returned for this session's live audio
+        self._delay = 0.0  # ... and how long after the audio's end was spoken
         self.listening = False
         self.mode = "auto"
         self._manual: list[np.ndarray] = []
@@ -98,6 +101,7 @@ class Session:
         self.last_text: str | None = None
         self.last_speaker: str | None = None
         self._observe_decode = self._metrics.stage.labels("decode").observe
+        self._observe_input_delay = self._metrics.input_delay.labels(PROTOCOL).observe
 
     async def send_error(self, message: str) -> None:
         await self._send(error_message(message, self.session_id))
@@ -133,7 +137,7 @@ class Session:
 
     async def on_text(self, text: str | bytes) -> None:
         msg = parse_message(text)
-        await self._fed()  # the audio before this message first (listen stop ends after it)
+        await self._caught_up()  # the audio before this message first (listen stop ends after it)
         if self.upstream is not None and not isinstance(msg, Hello):
             # Relayed as it came (listen, abort, mcp, goodbye...): the upstream keeps the device's state too.
             await self.upstream.send(text if isinstance(text, str) else text.decode("utf-8", "replace"))
@@ -178,7 +182,7 @@ class Session:
             return seconds  # auto mode takes no turn while the answer plays (the firmware's own rule)
         if self.vad_meter:
             probs = await self.pipeline.probabilities(self._stream, pcm)
-            self._fed_spoken = spoken
+            self._fed(spoken)
             for chunk, prob in probs:
                 for event in self._stream.push(chunk, prob):
                     self._on_segment_event(event)
@@ -190,7 +194,7 @@ class Session:
         if self._feeding is None:
             self._feeding = asyncio.ensure_future(self._feed_queued())
         elif self._queued_samples > MAX_QUEUED_S * SAMPLE_RATE:
-            await self._fed()  # the VAD is that far behind: let the socket hold the rest
+            await self._caught_up()  # the VAD is that far behind: let the socket hold the rest
             self._clock.held(time.perf_counter())
         if self._feed_error is not None:
             error, self._feed_error = self._feed_error, None
@@ -209,7 +213,7 @@ class Session:
                 except (EngineBusy, EngineClosed) as e:  # this audio is lost; the server tells the device
                     self._feed_error = e
                     continue
-                self._fed_spoken = spoken
+                self._fed(spoken)
                 for event in events:
                     self._on_segment_event(event)
         except Exception:
@@ -217,10 +221,23 @@ class Session:
         finally:
             self._feeding = None
 
-    async def _fed(self) -> None:
+    async def _caught_up(self) -> None:
         """Wait until the queued live audio has been through the VAD."""
         if self._feeding is not None:
             await asyncio.shield(self._feeding)
+
+    def _fed(self, spoken: float) -> None:
+        """The VAD has seen the audio up to what was spoken at `spoken`."""
+        self._fed_spoken = spoken
+        self._fed_at = time.perf_counter()
+        self._delay = self._fed_at - spoken
+        self._observe_input_delay(self._delay)
+
+    def input_delay(self, now: float, within_s: float = 2.0) -> float | None:
+        """Seconds between when the live audio the VAD last saw was spoken and when it saw it
+        (socket, read and VAD queue together); None when none was fed in the last `within_s`
+        (the device is not streaming: idle, manual mode, or the answer is playing)."""
+        return self._delay if now - self._fed_at <= within_s else None
 
     async def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
@@ -254,9 +271,13 @@ class Session:
             self._cancel_speculation()
             if self.config.asr.speculative:
                 # Queued behind every final and cancelled for free until it runs: it costs only idle time.
+                # Its speech ended `tail_ms` of silence ago, the speculation's reason to be.
+                speech_end = self._fed_spoken - self._stream.options.tail_ms / 1000
                 self._speculation = (
                     event.utterance_id,
-                    self.pipeline.start_recognition(event.audio, speculative=True, endpointed=True),
+                    self.pipeline.start_recognition(
+                        event.audio, speculative=True, endpointed=True, speech_end=speech_end
+                    ),
                 )
         elif isinstance(event, SpeechResumed):
             spec = self._speculation
@@ -270,6 +291,7 @@ class Session:
                 self._cancel_speculation()
         elif isinstance(event, Utterance):
             endpoint = time.perf_counter()
+            speech_end = self._fed_spoken - self._silence_s(event)
             spec = self._speculation
             speculated = event.speculated and spec is not None and spec[0] == event.utterance_id
             if speculated:
@@ -280,12 +302,14 @@ class Session:
             else:
                 self._cancel_speculation()
                 recognizing = self.pipeline.start_recognition(
-                    event.last_piece if self._phrases else event.audio, endpointed=event.reason == "silence"
+                    event.last_piece if self._phrases else event.audio,
+                    endpointed=event.reason == "silence",
+                    speech_end=speech_end,
                 )
             pieces, self._phrases = [*self._phrases, recognizing], []
             for piece in pieces:
                 piece.promote()  # now someone waits for them
-            self._queue_reply([p.task for p in pieces], endpoint, speculated, self._fed_spoken - self._silence_s(event))
+            self._queue_reply([p.task for p in pieces], endpoint, speculated, speech_end)
         elif isinstance(event, Dropped):
             self._cancel_speculation()
             self._cancel_phrases()
@@ -340,7 +364,8 @@ class Session:
         if had_speech and len(audio) * 1000 >= self.config.vad.min_speech_ms * SAMPLE_RATE:
             now = time.perf_counter()
             # The talk ended with its last frame, lag included (`listen stop` waited in the same socket).
-            self._queue_reply([self.pipeline.start_recognition(audio).task], now, speech_end=now - self._clock.lag)
+            ended = now - self._clock.lag
+            self._queue_reply([self.pipeline.start_recognition(audio, speech_end=ended).task], now, speech_end=ended)
 
     # --- replies ------------------------------------------------------------------------------
 
