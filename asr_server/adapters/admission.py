@@ -155,14 +155,16 @@ class SlowStart:
         self._since = -math.inf
         self._ceiling = 0
 
-    def admit(self, sessions: int, now: float, keeping_up: bool = True) -> bool:
+    def admit(self, sessions: int, now: float, keeping_up: bool = True, shown: bool = True) -> bool:
         """Whether one more connection may open now, with `sessions` open; a period that begins
-        while not `keeping_up` raises the ceiling by the floor only."""
+        while not `keeping_up`, or before the last wave's load has `shown` (its talking devices not
+        yet answered: a continuous talker's first reply comes seconds after it joins, so within
+        budget at the period's end may say nothing of its load), raises the ceiling by the floor only."""
         if not self.period_s:
             return True
         if now - self._since >= self.period_s:
             self._since = now
-            self._ceiling = sessions + (max(self.floor, sessions) if keeping_up else self.floor)
+            self._ceiling = sessions + (max(self.floor, sessions) if keeping_up and shown else self.floor)
         return sessions < self._ceiling
 
 

@@ -184,9 +184,9 @@ class SpeakerConfig(_Section):
     deadline_ms: float = Field(
         1000.0,
         ge=0,
-        description="An utterance whose speaker is not known this long after it was queued is answered with "
-        "speaker null (its embedding is dropped, unrun if it still waits): identification never makes a reply "
-        "late; 0: never.",
+        description="An utterance whose speaker is not known this long after it was queued (a device's: nor when "
+        "waiting longer would answer it past asr.budget_ms after its end of speech) is answered with speaker null "
+        "(its embedding is dropped, unrun if it still waits): identification never makes a reply late; 0: never.",
     )
 
 

@@ -71,6 +71,7 @@ class XiaozhiServer:
         )
         self.reading: str | None = None  # why reading is behind (`reading_behind`), as of the last sweep
         self._delays: dict[str, float] = {}  # each streaming session's input delay at the last sweep
+        self.unanswered = 0  # streaming sessions not answered yet, as of the last sweep: load not shown yet
         self._reuse_port = share is not None  # workers listen on one port each (SO_REUSEPORT)
 
     async def serve(self, host: str | None = None, port: int | None = None) -> Server:
@@ -113,7 +114,9 @@ class XiaozhiServer:
         why = self.pipeline.overloaded() or self.reading
         if why is None and self.cap.full(self.slots.own):  # the cap is this process's recogniser's
             why = f"{self.slots.own} devices are what the recogniser answers in budget now"
-        if why is None and not self.slow_start.admit(self.slots.own, time.monotonic(), self._keeping_up()):
+        if why is None and not self.slow_start.admit(
+            self.slots.own, time.monotonic(), self._keeping_up(), self.unanswered <= max(1, self.slots.own // 10)
+        ):
             why = (
                 f"{self.slots.own} devices open: more are let in as the load they bring shows "
                 f"(xiaozhi.admit_doubling_s = {self.config.xiaozhi.admit_doubling_s:g})"
@@ -358,9 +361,11 @@ class XiaozhiServer:
     def _reading_behind(self) -> tuple[str | None, str | None]:
         """Whether the streaming devices' audio reaches the VAD late (new devices wait), and whether
         it does while not draining (shed): a backlog shrinking by `_DRAINING_S` a sweep or more is
-        being caught up with, and shedding more for it would close devices the box can serve."""
+        being caught up with, and shedding more for it would close devices the box can serve. Counts
+        the streaming sessions not answered yet too (`unanswered`: slow start waits for their load)."""
         now = time.perf_counter()
         delays = {sid: d for sid, s in self.sessions.items() if (d := s.input_delay(now)) is not None}
+        self.unanswered = sum(1 for sid in delays if not self.sessions[sid].utterances)
         previous, self._delays = self._delays, delays
         growing = [d if d > previous.get(sid, 0.0) - _DRAINING_S else 0.0 for sid, d in delays.items()]
         max_ms, share = self.config.xiaozhi.max_input_delay_ms, self.config.asr.late_share
