@@ -631,6 +631,7 @@ async def test_audio_read_late_refuses_new_devices_and_sheds_only_while_the_back
 
     monkeypatch.setattr(Session, "input_delay", input_delay)
     await asyncio.sleep(1.2)  # a sweep has seen them
+    assert srv.xiaozhi.unanswered == 12  # streaming, none answered yet: slow start waits for their load
     with pytest.raises(InvalidStatus, match="503"):
         await raw_connect(srv)
     await asyncio.sleep(3.0)  # three more sweeps: each 0.2 s less behind, none shed
@@ -679,6 +680,11 @@ def test_a_mass_reconnect_is_let_in_in_waves_that_at_most_double_the_open_sessio
         opened += 1
     assert opened == 116 and not held.admit(116, 1.9)  # and nothing more before the next period
     assert held.admit(115, 1.9)  # a connection that closed gave its place back
+    unshown = SlowStart(period_s=2.0, floor=16)
+    opened = 100
+    while unshown.admit(opened, 0.0, keeping_up=True, shown=False):  # the last wave not answered yet
+        opened += 1
+    assert opened == 116
 
 
 @pytest.mark.slow

@@ -5,11 +5,8 @@ shared VAD batcher and, at each endpoint, starts recognition as a task of its ow
 frames keep flowing. Replies leave in utterance order. Nothing here blocks the event loop: model
 calls are awaited on the pipeline's batchers, which run them in worker threads.
 
-Live audio catches up: one VAD call per session is in flight at a time, and the frames that came
-meanwhile go into the next call together. Awaiting each 60 ms frame's VAD call in turn made a
-session read at most one frame per batcher tick, so on a busy loop (ticks past 60 ms) it read
-slower than its device sent and the backlog waited in the socket, unseen. Text messages wait for
-the audio before them, so `listen stop` still ends the utterance after its last frame. The
+Live audio goes through a `LiveFeed`, which catches up when the loop is busy; text messages wait
+for the audio before them, so `listen stop` still ends the utterance after its last frame. The
 latency clock starts when the speech was spoken (`InputClock`), not when its frames were read.
 """
 
@@ -17,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,17 +29,15 @@ from ...core.live import SessionView
 from ...core.pipeline import Pipeline, Recognizing
 from ...core.recording import join_pieces
 from ...core.scheduler import Priority
-from ...errors import EngineBusy, EngineClosed, EngineFailed, OpusDecodeError
+from ...errors import EngineBusy, EngineFailed, OpusDecodeError
 from ...types import ClientInfo, Recognition, TranscriptEvent
+from .live_feed import LiveFeed
 from .upstream import Upstream
 from .wire import Abort, AudioFrame, Hello, Listen, Other, error_message, parse_message, unpack_audio
 
 log = logging.getLogger(__name__)
 
 PROTOCOL = XIAOZHI
-
-MAX_QUEUED_S = 2.0
-"""Live audio a session holds for its next VAD call before it stops reading its socket."""
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Publish = Callable[[TranscriptEvent], None]
@@ -73,14 +67,14 @@ class Session:
         self._decoder = OpusStreamDecoder()
         self._stream = pipeline.open_stream(phrases=True)
         self._clock = InputClock()
-        self._queued: list[np.ndarray] = []  # live audio for the next VAD call
-        self._queued_samples = 0
-        self._queued_spoken = 0.0  # when the end of the queued audio was spoken
-        self._fed_spoken = 0.0  # ... and of the audio the stream has been fed
-        self._feeding: asyncio.Task[None] | None = None
-        self._feed_error: Exception | None = None  # raised at the next frame, for the server to report
-        self._fed_at = -math.inf  # when the VAD last returned for this session's live audio
-        self._delay = 0.0  # ... and how long after the audio's end was spoken
+        self._live = LiveFeed(
+            pipeline,
+            self._stream,
+            self._clock,
+            self._on_segment_event,
+            self._metrics.input_delay.labels(PROTOCOL).observe,
+            session_id,
+        )
         self.listening = False
         self.mode = "auto"
         self._manual: list[np.ndarray] = []
@@ -101,7 +95,6 @@ class Session:
         self.last_text: str | None = None
         self.last_speaker: str | None = None
         self._observe_decode = self._metrics.stage.labels("decode").observe
-        self._observe_input_delay = self._metrics.input_delay.labels(PROTOCOL).observe
 
     async def send_error(self, message: str) -> None:
         await self._send(error_message(message, self.session_id))
@@ -137,7 +130,7 @@ class Session:
 
     async def on_text(self, text: str | bytes) -> None:
         msg = parse_message(text)
-        await self._caught_up()  # the audio before this message first (listen stop ends after it)
+        await self._live.caught_up()  # the audio before this message first (listen stop ends after it)
         if self.upstream is not None and not isinstance(msg, Hello):
             # Relayed as it came (listen, abort, mcp, goodbye...): the upstream keeps the device's state too.
             await self.upstream.send(text if isinstance(text, str) else text.decode("utf-8", "replace"))
@@ -182,62 +175,18 @@ class Session:
             return seconds  # auto mode takes no turn while the answer plays (the firmware's own rule)
         if self.vad_meter:
             probs = await self.pipeline.probabilities(self._stream, pcm)
-            self._fed(spoken)
+            self._live.fed(spoken)
             for chunk, prob in probs:
                 for event in self._stream.push(chunk, prob):
                     self._on_segment_event(event)
             await self._meter(probs)
             return seconds
-        self._queued.append(pcm)
-        self._queued_samples += len(pcm)
-        self._queued_spoken = spoken
-        if self._feeding is None:
-            self._feeding = asyncio.ensure_future(self._feed_queued())
-        elif self._queued_samples > MAX_QUEUED_S * SAMPLE_RATE:
-            await self._caught_up()  # the VAD is that far behind: let the socket hold the rest
-            self._clock.held(time.perf_counter())
-        if self._feed_error is not None:
-            error, self._feed_error = self._feed_error, None
-            raise error
+        await self._live.push(pcm, spoken)
         return seconds
 
-    async def _feed_queued(self) -> None:
-        """Feed the live audio queued while the last VAD call ran, all of it in one call, until none is left."""
-        try:
-            while self._queued:
-                pcm = self._queued[0] if len(self._queued) == 1 else np.concatenate(self._queued)
-                spoken = self._queued_spoken
-                self._queued, self._queued_samples = [], 0
-                try:
-                    events = await self.pipeline.feed(self._stream, pcm)
-                except (EngineBusy, EngineClosed) as e:  # this audio is lost; the server tells the device
-                    self._feed_error = e
-                    continue
-                self._fed(spoken)
-                for event in events:
-                    self._on_segment_event(event)
-        except Exception:
-            log.exception("session %s: feeding audio failed", self.session_id)
-        finally:
-            self._feeding = None
-
-    async def _caught_up(self) -> None:
-        """Wait until the queued live audio has been through the VAD."""
-        if self._feeding is not None:
-            await asyncio.shield(self._feeding)
-
-    def _fed(self, spoken: float) -> None:
-        """The VAD has seen the audio up to what was spoken at `spoken`."""
-        self._fed_spoken = spoken
-        self._fed_at = time.perf_counter()
-        self._delay = self._fed_at - spoken
-        self._observe_input_delay(self._delay)
-
     def input_delay(self, now: float, within_s: float = 2.0) -> float | None:
-        """Seconds between when the live audio the VAD last saw was spoken and when it saw it
-        (socket, read and VAD queue together); None when none was fed in the last `within_s`
-        (the device is not streaming: idle, manual mode, or the answer is playing)."""
-        return self._delay if now - self._fed_at <= within_s else None
+        """How late this device's live audio reaches the VAD (`LiveFeed.input_delay`)."""
+        return self._live.input_delay(now, within_s)
 
     async def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
@@ -272,7 +221,7 @@ class Session:
             if self.config.asr.speculative:
                 # Queued behind every final and cancelled for free until it runs: it costs only idle time.
                 # Its speech ended `tail_ms` of silence ago, the speculation's reason to be.
-                speech_end = self._fed_spoken - self._stream.options.tail_ms / 1000
+                speech_end = self._live.spoken - self._stream.options.tail_ms / 1000
                 self._speculation = (
                     event.utterance_id,
                     self.pipeline.start_recognition(
@@ -291,7 +240,7 @@ class Session:
                 self._cancel_speculation()
         elif isinstance(event, Utterance):
             endpoint = time.perf_counter()
-            speech_end = self._fed_spoken - self._silence_s(event)
+            speech_end = self._live.spoken - self._silence_s(event)
             spec = self._speculation
             speculated = event.speculated and spec is not None and spec[0] == event.utterance_id
             if speculated:
@@ -482,7 +431,7 @@ class Session:
         self._cancel_speculation()
         self._cancel_phrases()
         self._clock.reset()
-        self._queued, self._queued_samples = [], 0
+        self._live.clear()
         self._stream.reset()
         self._manual, self._manual_samples, self._manual_speech = [], 0, False
 
@@ -497,8 +446,7 @@ class Session:
         """Shutdown: take no more audio, send the replies of utterances already ended (within
         `timeout_s`); returns how many were still pending when it began."""
         self.listening = False
-        if self._feeding is not None:  # the audio already read can still end an utterance
-            await asyncio.wait([self._feeding], timeout=timeout_s)
+        await self._live.drain(timeout_s)
         pending = [t for t in self._replies if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=timeout_s)
@@ -506,9 +454,7 @@ class Session:
 
     async def close(self) -> None:
         """The connection is gone: cancel pending work so nothing outlives the session."""
-        if self._feeding is not None:
-            self._feeding.cancel()
-            await asyncio.gather(self._feeding, return_exceptions=True)
+        await self._live.close()
         self._abort()
         if self._replies:
             await asyncio.gather(*self._replies, return_exceptions=True)
