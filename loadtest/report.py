@@ -239,6 +239,81 @@ def build_step_stats(
     )
 
 
+WINDOW_S = 15.0
+"""The over-time table's window: short enough to show a reconnect wave's first seconds apart
+from the steady state that follows, long enough to hold a p95 at tens of devices."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """The utterances of one step whose speech ended in [start_s, end_s) of it."""
+
+    clients: int
+    start_s: float
+    end_s: float
+    utterances: int
+    answered: int
+    shed: int
+    latency: Percentiles
+    p95_all_ms: float | None  # unanswered counted as infinitely late; None = infinite (or no utterance)
+
+
+def windows(clients: int, samples: Sequence[UtteranceSample], window_s: float = WINDOW_S) -> list[WindowStats]:
+    """One step's utterances by when their speech ended, `window_s` at a time: a step's p95 hides
+    a first half-minute over budget behind a steady state within it."""
+    timed = [s for s in samples if s.eos_s is not None]
+    if not timed:
+        return []
+    out = []
+    last = max(s.eos_s for s in timed if s.eos_s is not None)
+    for i in range(int(last // window_s) + 1):
+        lo, hi = i * window_s, (i + 1) * window_s
+        ws = [s for s in timed if s.eos_s is not None and lo <= s.eos_s < hi]
+        ok = [s.latency_ms for s in ws if s.outcome == "ok" and s.latency_ms is not None]
+        unanswered = sum(1 for s in ws if s.outcome in UNANSWERED)
+        out.append(
+            WindowStats(
+                clients=clients,
+                start_s=lo,
+                end_s=hi,
+                utterances=len(ws),
+                answered=len(ok),
+                shed=sum(1 for s in ws if s.outcome == "error" and is_shed(s.error)),
+                latency=summarize(ok),
+                p95_all_ms=p95_counting_unanswered(ok, unanswered),
+            )
+        )
+    return out
+
+
+_WINDOW_COLUMNS = ("clients", "window s", "utts", "ok", "shed", "p50", "p95", "p95 all", "max")
+
+
+def _window_rows(report: LoadReport) -> list[list[str]]:
+    rows = []
+    for step in report.steps:
+        for w in windows(step.stats.clients, step.samples):
+            rows.append(
+                [
+                    str(w.clients),
+                    f"{w.start_s:g}-{w.end_s:g}",
+                    str(w.utterances),
+                    str(w.answered),
+                    str(w.shed),
+                    _ms(w.latency.p50),
+                    _ms(w.latency.p95),
+                    "-" if not w.utterances else "inf" if w.p95_all_ms is None else _ms(w.p95_all_ms),
+                    _ms(w.latency.max),
+                ]
+            )
+    return rows
+
+
+def has_windows(report: LoadReport) -> bool:
+    """Worth a table: replies were expected and some step lasted more than two windows."""
+    return not report.sink_mode and any(len(windows(s.stats.clients, s.samples)) > 2 for s in report.steps)
+
+
 def is_shed(error: str | None) -> bool:
     """An error reply that says the server shed the utterance or was at a limit (vs. a failure)."""
     return error is not None and ("shed" in error or "busy" in error or "overloaded" in error)
@@ -316,24 +391,29 @@ def _row(s: StepStats) -> list[str]:
     ]
 
 
-def format_tts_table(report: LoadReport) -> str:
-    rows = [["clients", "answered", "p50", "p95", "p99", "max"]]
-    for st in report.steps:
-        t = st.stats.tts
-        if t is not None:
-            rows.append([str(st.stats.clients), str(t.count), _ms(t.p50), _ms(t.p95), _ms(t.p99), _ms(t.max)])
+_WINDOWS_TITLE = f"over time (ms; each step's utterances by when their speech ended, {WINDOW_S:g} s at a time)"
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    """Right-aligned columns with a rule under the header."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
+def format_tts_table(report: LoadReport) -> str:
+    rows = [["clients", "answered", "p50", "p95", "p99", "max"]]
+    for st in report.steps:
+        t = st.stats.tts
+        if t is not None:
+            rows.append([str(st.stats.clients), str(t.count), _ms(t.p50), _ms(t.p95), _ms(t.p99), _ms(t.max)])
+    return _aligned(rows)
+
+
 def format_table(report: LoadReport) -> str:
     """The terminal table: one row per step, latencies in ms."""
-    rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = [_aligned([list(_COLUMNS)] + [_row(s.stats) for s in report.steps])]
     if has_stages(report):
         lines += [
             "",
@@ -342,6 +422,8 @@ def format_table(report: LoadReport) -> str:
         ]
     if any(s.stats.tts is not None for s in report.steps):
         lines += ["", "end of speech -> first TTS audio at the device (ms, relay):", format_tts_table(report)]
+    if has_windows(report):
+        lines += ["", _WINDOWS_TITLE + ":", _aligned([list(_WINDOW_COLUMNS), *_window_rows(report)])]
     lines.append("")
     lines.append(f"traffic: {traffic_line(report.options)}")
     lines.append(capacity_line(report))
@@ -396,11 +478,7 @@ def has_stages(report: LoadReport) -> bool:
 
 def format_stage_table(report: LoadReport) -> str:
     """Where the time went, per step: engine waits and compute (ms), speculation, event-loop lag."""
-    rows = [list(_STAGE_COLUMNS)] + [_stage_row(s.stats) for s in report.steps]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_STAGE_COLUMNS))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _aligned([list(_STAGE_COLUMNS)] + [_stage_row(s.stats) for s in report.steps])
 
 
 def traffic_line(options: dict[str, Any]) -> str:
@@ -467,6 +545,10 @@ def render_markdown(report: LoadReport) -> str:
         ]
         table += ["| " + " | ".join(srows[0]) + " |", "|" + "---:|" * len(_STAGE_COLUMNS)]
         table += ["| " + " | ".join(r) + " |" for r in srows[1:]]
+    if has_windows(report):
+        table += ["", _WINDOWS_TITLE + " (`p95 all` counts the unanswered as late):", ""]
+        table += ["| " + " | ".join(_WINDOW_COLUMNS) + " |", "|" + "---:|" * len(_WINDOW_COLUMNS)]
+        table += ["| " + " | ".join(r) + " |" for r in _window_rows(report)]
     notes: list[str] = []
     for s in report.steps:
         st = s.stats

@@ -24,7 +24,14 @@ from loadtest.__main__ import main as cli_main
 from loadtest.clips import DEFAULT_AUDIO_DIR, ClipError, load_clip, load_clips, make_clip, speech_end_sample
 from loadtest.device import ConnectError, Device, DeviceClosed, DeviceConfig, HelloRejected, HelloTimeout, ReplyTimeout
 from loadtest.probe import ProbeError, parse_metrics, read_proc
-from loadtest.report import LoadReport, p95_counting_unanswered, render_markdown, write_outputs
+from loadtest.report import (
+    LoadReport,
+    UtteranceSample,
+    p95_counting_unanswered,
+    render_markdown,
+    windows,
+    write_outputs,
+)
 from loadtest.run import LoadOptions, OptionsError, run_load
 from loadtest.sink import Sink
 from loadtest.stats import Histogram, percentile, summarize
@@ -277,6 +284,23 @@ def test_percentiles_nearest_rank_and_histogram():
     assert p95_counting_unanswered([100.0] * 19, 1) == 100.0
     assert p95_counting_unanswered([100.0] * 18, 2) is None
     assert p95_counting_unanswered([], 0) is None
+
+
+def test_a_wave_over_budget_shows_in_its_window_while_the_step_p95_hides_it():
+    def sample(eos_s: float, latency_ms: float | None, error: str | None = None) -> UtteranceSample:
+        outcome = "ok" if latency_ms is not None else "error" if error else "missing"
+        return UtteranceSample(0, "c", outcome, eos_s, latency_ms, latency_ms, 1000.0, error=error)
+
+    wave = [sample(1.0 + i / 10, 2500.0) for i in range(10)] + [sample(3.0, None, "utterance shed: server behind")]
+    steady = [sample(15.0 + i / 2, 400.0) for i in range(100)]
+    assert p95_counting_unanswered([400.0] * 100 + [2500.0] * 10, 1) == 2500.0  # the step's: over, but not why
+    first, second, *rest = windows(150, [*wave, *steady, sample(70.0, None)])
+    assert (first.start_s, first.end_s, first.utterances, first.answered, first.shed) == (0.0, 15.0, 11, 10, 1)
+    assert first.p95_all_ms is None and first.latency.p50 == 2500.0  # the shed one counts as late
+    assert (second.utterances, second.latency.p95, second.p95_all_ms) == (30, 400.0, 400.0)
+    assert [w.utterances for w in rest] == [30, 30, 11] and rest[-1].p95_all_ms is None  # 70 s: missing
+    assert windows(1, [sample(5.0, 100.0)], window_s=1.0)[-1].start_s == 5.0
+    assert windows(1, []) == []
 
 
 def test_probe_reads_proc_and_metrics_text():
