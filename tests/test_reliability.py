@@ -583,15 +583,19 @@ async def test_a_burst_of_connects_beyond_doubling_is_refused_until_the_next_wav
         await ws.close()
 
 
-async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_1013(start_server, monkeypatch):
+async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_1013(start_server, monkeypatch, caplog):
     srv = await start_server(xiaozhi={"shed_after_s": 0.5})
     older, newer = await raw_connect(srv), await raw_connect(srv)
     for ws in (older, newer):
         await ws.send(HELLO)
         await ws.recv()
     monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: "the recogniser is 900 ms behind")
+    for _ in range(8):  # more refusals than their log lines' burst: the round of shedding is logged all the same
+        with pytest.raises(InvalidStatus, match="503"):
+            await raw_connect(srv)
     msgs = await expect_close(newer, 1013, "server overloaded")
     assert "900 ms behind" in msgs[-1]["message"]
+    assert any(r.getMessage().startswith("shed 1 sessions (of 2)") for r in caplog.records)
     monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: None)
     assert older.close_code is None  # the others keep their session
     await older.close()

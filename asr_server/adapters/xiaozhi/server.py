@@ -60,6 +60,7 @@ class XiaozhiServer:
         self._metrics = pipeline.metrics
         self._path = config.xiaozhi.path.rstrip("/") or "/"
         self._refusals = Throttle()
+        self._sheds = Throttle()  # its own: thousands of refusals must not hide a round of shedding
         cfg = config.xiaozhi
         self.cap = LoadCap(cfg.max_sessions, cfg.shed_fraction, cfg.admit_increase_per_s)
         self.slow_start = SlowStart(cfg.admit_doubling_s)
@@ -395,8 +396,8 @@ class XiaozhiServer:
             shed += 1
             if shed >= count:
                 break
-        if shed and self._refusals.allow():
-            log.warning("shed %d sessions (of %d): %s%s", shed, len(self.sessions), why, self._refusals.note())
+        if shed and self._sheds.allow():
+            log.warning("shed %d sessions (of %d): %s%s", shed, len(self.sessions), why, self._sheds.note())
 
     async def close(self) -> None:
         if self._sweeper is not None:
