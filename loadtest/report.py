@@ -25,7 +25,8 @@ class UtteranceSample:
     `latency_ms`: from the moment the frame holding the last speech sample left to the `stt`.
     `server_ms`: the part the server's processing adds: in auto/realtime mode the latency less
     the server's configured end-of-speech silence, in manual mode the time from `listen stop`.
-    `outcome`: ok (an `stt`), error (an `error` message instead), missing (nothing within the
+    `outcome`: ok (an `stt`), error (an `error` message instead, or the server shed the device
+    with a 1013 close: then no latency), missing (nothing within the
     reply timeout), disconnected (the connection dropped first), sent (sink mode: no reply
     expected).
     """

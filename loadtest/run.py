@@ -51,6 +51,7 @@ Mode = Literal["auto", "manual", "realtime"]
 Shape = Literal["continuous", "conversation"]
 CLOSE_SLACK_S = 3.0  # after the hard deadline: time for clients to close before they are cancelled
 SPAWN_MARGIN_S = 3.0  # procs > 1: the step starts this long after the processes are launched
+OVERLOADED = 1013  # the close code ("try again later") a server sheds a device with
 _CLIENT_NS = uuid.UUID("7f1c5e2a-8a55-4d3e-9a8e-2b6f0c1d9e41")
 
 
@@ -285,7 +286,7 @@ async def _utterance(
     tts_at: float | None = None
     reply: ServerMessage | None = None
     early = 0
-    closed = False
+    closed: DeviceClosed | None = None
     streamer: asyncio.Task[list[float]] | None = None
     state.counters.utterances += 1
     try:
@@ -318,8 +319,8 @@ async def _utterance(
                 await _start_listening(dev, opts)
                 streamer = asyncio.get_running_loop().create_task(dev.send_silence(think_s * 1000.0, opts.pace))
         await _sleep_until(min(time.monotonic() + think_s, plan.speech_end))
-    except DeviceClosed:
-        closed = True
+    except DeviceClosed as e:
+        closed = e
         raise
     finally:
         if streamer is not None:
@@ -341,13 +342,19 @@ def _sample(
     t_stop: float | None,
     reply: ServerMessage | None,
     early: int,
-    closed: bool,
+    closed: DeviceClosed | None,
 ) -> UtteranceSample:
     opts = plan.options
     eos_s = None if t_eos is None else t_eos - plan.t0
+    if reply is None and closed is not None and closed.code == OVERLOADED:
+        # The server shed this device (1013) mid-utterance: the surplus being shed, said as such.
+        error = f"shed: connection closed with {OVERLOADED} ({closed.reason or 'no reason'})"
+        return UtteranceSample(index, clip.name, "error", eos_s, None, None, clip.speech_end_ms, error=error)
     if reply is None or t_eos is None:
         outcome: Outcome = (
-            "sent" if (not opts.expect_replies and t_eos is not None) else ("disconnected" if closed else "missing")
+            "sent"
+            if (not opts.expect_replies and t_eos is not None)
+            else ("disconnected" if closed is not None else "missing")
         )
         return UtteranceSample(index, clip.name, outcome, eos_s, None, None, clip.speech_end_ms, early_replies=early)
     latency = (reply.at - t_eos) * 1000.0

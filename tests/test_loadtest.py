@@ -56,18 +56,24 @@ class FakeServer:
     """A xiaozhi server with an energy endpointer: decodes Opus, replies `stt` `delay_ms` after
     `silence_ms` of silence follows speech (auto), or after `listen stop` (manual).
 
-    `behaviour`: normal, no_hello (never answers hello), close_after (closes after `close_after`
-    frames), silent (never replies to utterances), error (answers each utterance with an error),
+    `behaviour`: normal, no_hello (never answers hello), close_after (closes with `close_code` after
+    `close_after` frames), silent (never replies to utterances), error (answers each utterance with an error),
     busy (refuses every upgrade with 503 and `Retry-After: 5`, counting them in `refusals`).
     """
 
     def __init__(
-        self, behaviour: str = "normal", delay_ms: float = 30.0, silence_ms: float = 200.0, close_after: int = 10
+        self,
+        behaviour: str = "normal",
+        delay_ms: float = 30.0,
+        silence_ms: float = 200.0,
+        close_after: int = 10,
+        close_code: int = 1011,
     ) -> None:
         self.behaviour = behaviour
         self.delay = delay_ms / 1000.0
         self.silence_ms = silence_ms
         self.close_after = close_after
+        self.close_code = close_code
         self.headers: list = []  # websockets Headers: case-insensitive
         self.paths: list[str] = []
         self.frames: list[bytes] = []
@@ -163,7 +169,7 @@ class FakeServer:
                 frames += 1
                 if self.behaviour == "close_after" and frames >= self.close_after:
                     if frames == self.close_after:  # close while still reading, so the handshake ends
-                        t = asyncio.get_running_loop().create_task(ws.close(1011, "test closes"))
+                        t = asyncio.get_running_loop().create_task(ws.close(self.close_code, "test closes"))
                         pending.add(t)
                         t.add_done_callback(pending.discard)
                     continue
@@ -520,7 +526,13 @@ async def test_refusing_stalling_and_closing_servers_are_counted(clips):
         closed = await run_bounded(opts(srv.url, clients=(2,), duration_s=2.0), clips)
     assert_consistent(closed)
     c = closed.steps[0].stats
-    assert c.counters.disconnects >= 2 and c.disconnected >= 2 and c.answered == 0
+    assert c.counters.disconnects >= 2 and c.disconnected >= 2 and c.answered == 0 and c.shed == 0
+    async with FakeServer("close_after", close_after=4, close_code=1013) as srv:  # the server sheds the device
+        shed = await run_bounded(opts(srv.url, clients=(2,), duration_s=2.0), clips)
+    assert_consistent(shed)
+    c = shed.steps[0].stats
+    assert c.counters.disconnects >= 2 and c.disconnected == 0 and c.errors >= 2 and c.shed == c.errors
+    assert all(x.error == "shed: connection closed with 1013 (test closes)" for x in shed.steps[0].samples)
     for r in (refused, stalled):
         assert r.steps[0].stats.counters.client_errors == 0 and r.steps[0].stats.consistent()
 

@@ -173,11 +173,12 @@ def reading_behind(delays: list[float], max_ms: float, share: float, min_session
     devices' live audio (`delays`, seconds from spoken to seen by the VAD) reached the VAD more
     than `max_ms` late. The replies' lateness shows a saturated front end only after utterances
     end and a window of them fills (seconds); the input delay shows it on the next frame. Fewer
-    than `min_sessions` streaming devices never saturate a loop: their delay is noise (a GC pause)."""
+    than `min_sessions` streaming devices never saturate a loop: their delay is noise (a GC pause);
+    nor does one device alone (its own network), however small `share` is."""
     if not max_ms or len(delays) < min_sessions:
         return None
     late = sum(1 for d in delays if d * 1000 > max_ms)
-    if late <= share * len(delays):
+    if late < 2 or late <= share * len(delays):
         return None
     return (
         f"the audio of {late} of {len(delays)} streaming devices reached the VAD more than "

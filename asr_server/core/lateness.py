@@ -11,11 +11,13 @@ not climb straight back over the edge it just found.
 
 Where replies come slowly (a few devices on a slow CPU answer less than one a second, so 5 s held
 too few to count and admission never saw them late), the window reaches back over the last
-`min_replies`, up to `max_age_s`.
+`min_replies`, up to `max_age_s`: at least 10, and enough that one late reply alone is not more
+than `late_share` of them (20 at 0.05), so a single slow utterance never means behind.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -24,10 +26,17 @@ class LateReplies:
     """The replies of the last `window_s` seconds (or the last `min_replies` of the last `max_age_s`,
     if more) and whether each missed `budget_ms`."""
 
-    def __init__(self, budget_ms: float, window_s: float = 5.0, min_replies: int = 10, max_age_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        budget_ms: float,
+        window_s: float = 5.0,
+        min_replies: int | None = None,
+        max_age_s: float = 30.0,
+        late_share: float = 0.05,
+    ) -> None:
         self.budget_ms = budget_ms
         self.window_s = window_s
-        self.min_replies = min_replies
+        self.min_replies = max(10, math.ceil(1 / late_share - 1e-9)) if min_replies is None else min_replies
         self.max_age_s = max_age_s
         self._replies: deque[tuple[float, bool]] = deque()
         self._late = 0
