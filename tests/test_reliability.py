@@ -761,10 +761,12 @@ def test_few_slow_replies_still_count_as_late(tmp_path):
     for _ in range(20):
         pipeline.note_reply(500)
     assert pipeline.overloaded() is None and pipeline.keeping_up()
-    pipeline.note_reply(900)  # 1 of 21 late: over half of late_share (0.05), under late_share
+    for _ in range(2):
+        pipeline.note_reply(900)  # 2 of 22 late: over half of late_share, under late_share
     assert pipeline.overloaded() is None and not pipeline.keeping_up()  # hold the cap
     for _ in range(3):
         pipeline.note_reply(None)
     why = pipeline.overloaded()
-    assert why is not None and "later than asr.budget_ms = 800" in why and "17%" in why
-    assert LateReplies(800).min_replies == 20 and LateReplies(800, late_share=0.1).min_replies == 10
+    assert why is not None and "later than asr.budget_ms = 800" in why and "20%" in why
+    # one late reply among the fewest counted is never more than late_share on its own
+    assert LateReplies(800).min_replies == 10 and LateReplies(800, late_share=0.05).min_replies == 20

@@ -32,7 +32,7 @@ class LateReplies:
         window_s: float = 5.0,
         min_replies: int | None = None,
         max_age_s: float = 30.0,
-        late_share: float = 0.05,
+        late_share: float = 0.1,
     ) -> None:
         self.budget_ms = budget_ms
         self.window_s = window_s
