@@ -262,14 +262,14 @@ class WindowStats:
 def windows(clients: int, samples: Sequence[UtteranceSample], window_s: float = WINDOW_S) -> list[WindowStats]:
     """One step's utterances by when their speech ended, `window_s` at a time: a step's p95 hides
     a first half-minute over budget behind a steady state within it."""
-    timed = [s for s in samples if s.eos_s is not None]
-    if not timed:
-        return []
+    by: dict[int, list[UtteranceSample]] = {}
+    for s in samples:
+        if s.eos_s is not None:
+            by.setdefault(int(s.eos_s // window_s), []).append(s)
     out = []
-    last = max(s.eos_s for s in timed if s.eos_s is not None)
-    for i in range(int(last // window_s) + 1):
+    for i in range(max(by) + 1 if by else 0):
         lo, hi = i * window_s, (i + 1) * window_s
-        ws = [s for s in timed if s.eos_s is not None and lo <= s.eos_s < hi]
+        ws = by.get(i, [])
         ok = [s.latency_ms for s in ws if s.outcome == "ok" and s.latency_ms is not None]
         unanswered = sum(1 for s in ws if s.outcome in UNANSWERED)
         out.append(
@@ -312,7 +312,9 @@ def _window_rows(report: LoadReport) -> list[list[str]]:
 
 def has_windows(report: LoadReport) -> bool:
     """Worth a table: replies were expected and some step lasted more than two windows."""
-    return not report.sink_mode and any(len(windows(s.stats.clients, s.samples)) > 2 for s in report.steps)
+    return not report.sink_mode and any(
+        s.eos_s is not None and s.eos_s >= 2 * WINDOW_S for step in report.steps for s in step.samples
+    )
 
 
 def is_shed(error: str | None) -> bool:

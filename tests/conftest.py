@@ -67,7 +67,7 @@ async def start_server(pipeline, models_dir, voiceprint_db):
 
     async def start(**sections):
         # the pipeline is the session's: replies another test left late must not refuse this one's devices
-        pipeline.late = LateReplies(pipeline.config.asr.budget_ms, late_share=pipeline.config.asr.late_share)
+        pipeline.late = LateReplies.of(pipeline.config.asr)
         server = AsrServer(make_config(models_dir, voiceprint_db, **sections), pipeline)
         await server.start()
         started.append(server)

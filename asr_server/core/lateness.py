@@ -21,6 +21,8 @@ import math
 import time
 from collections import deque
 
+from ..config import AsrConfig
+
 
 class LateReplies:
     """The replies of the last `window_s` seconds (or the last `min_replies` of the last `max_age_s`,
@@ -41,6 +43,11 @@ class LateReplies:
         self._replies: deque[tuple[float, bool]] = deque()
         self._late = 0
         self.added = 0  # replies ever noted: whoever acts on the share can tell whether new ones came since
+
+    @classmethod
+    def of(cls, asr: AsrConfig) -> LateReplies:
+        """The window `asr.budget_ms` and `asr.late_share` describe."""
+        return cls(asr.budget_ms, late_share=asr.late_share)
 
     def add(self, latency_ms: float | None, now: float | None = None) -> None:
         """One reply's latency from the end of speech; None: the utterance got no answer (shed)."""

@@ -115,7 +115,7 @@ class Pipeline:
             if speaker is not None
             else None
         )
-        self.late = LateReplies(config.asr.budget_ms, late_share=config.asr.late_share)
+        self.late = LateReplies.of(config.asr)
         self._segmenter_options = segmenter_options(config.vad)
         self._phrase_options = segmenter_options(config.vad, phrases=True)
         metrics.queue_depths.add("vad", self._vad.depth)

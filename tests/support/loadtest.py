@@ -16,5 +16,6 @@ def assert_consistent(report: LoadReport) -> None:
         assert s.hello.count == s.counters.connects
         assert s.lateness.count == step.lateness.total > 0 or s.counters.connects == 0
         for x in step.samples:
-            if x.outcome != "error":  # an error has a latency when a message said it, none when a 1013 close did
-                assert (x.latency_ms is not None) == (x.outcome == "ok")
+            closed_1013 = x.outcome == "error" and (x.error or "").startswith("shed: connection closed with 1013")
+            # an answer or an error message has a latency; a 1013 close, like every other outcome, has none
+            assert (x.latency_ms is not None) == (x.outcome in ("ok", "error") and not closed_1013)
