@@ -122,6 +122,11 @@ class StepStats:
     server_stages: ServerStages | None = None
     shed: int = 0  # of `errors`: utterances the server shed because it was behind (its error says so)
     tts: Percentiles | None = None  # relay: end of speech -> first TTS audio, where measured
+    p95_admitted_ms: float | None = None  # p95 counting the unanswered, but not the shed, as late
+    admitted_within_budget: bool = False
+    """The overload verdict: what the server kept, it answered in budget (`p95_admitted_ms` under
+    it), the surplus refused or shed counted apart. `within_budget` is the capacity verdict, where
+    a shed utterance is one the box did not serve."""
 
     def consistent(self) -> bool:
         """Every utterance is answered or counted unanswered; percentiles are ordered."""
@@ -209,12 +214,15 @@ def build_step_stats(
     unanswered = by["missing"] + by["error"] + by["disconnected"]
     lat = lateness.summary()
     on_time = lat.p99 is not None and lat.p99 < lateness_budget_ms
+    shed = sum(1 for s in samples if s.outcome == "error" and is_shed(s.error))
     if expect_replies:
         p95_all = p95_counting_unanswered(latencies, unanswered)
         within = bool(samples) and p95_all is not None and p95_all < budget_ms
+        p95_admitted = p95_counting_unanswered(latencies, unanswered - shed)
+        admitted_within = bool(latencies) and p95_admitted is not None and p95_admitted < budget_ms
     else:
-        p95_all = None
-        within = on_time and counters.connects > 0
+        p95_all = p95_admitted = None
+        within = admitted_within = on_time and counters.connects > 0
     return StepStats(
         clients=clients,
         wall_s=wall_s,
@@ -235,8 +243,10 @@ def build_step_stats(
         generator_cpu_percent=generator_cpu_percent,
         client_error_messages=tuple(client_error_messages),
         stages=StageStats.of(samples),
-        shed=sum(1 for s in samples if s.outcome == "error" and is_shed(s.error)),
+        shed=shed,
         tts=summarize(tts) if (tts := [s.tts_ms for s in samples if s.tts_ms is not None]) else None,
+        p95_admitted_ms=p95_admitted,
+        admitted_within_budget=admitted_within,
     )
 
 
@@ -257,6 +267,7 @@ class WindowStats:
     shed: int
     latency: Percentiles
     p95_all_ms: float | None  # unanswered counted as infinitely late; None = infinite (or no utterance)
+    p95_admitted_ms: float | None  # the same with the shed left out (the overload verdict's figure)
 
 
 def windows(clients: int, samples: Sequence[UtteranceSample], window_s: float = WINDOW_S) -> list[WindowStats]:
@@ -272,6 +283,7 @@ def windows(clients: int, samples: Sequence[UtteranceSample], window_s: float = 
         ws = by.get(i, [])
         ok = [s.latency_ms for s in ws if s.outcome == "ok" and s.latency_ms is not None]
         unanswered = sum(1 for s in ws if s.outcome in UNANSWERED)
+        shed = sum(1 for s in ws if s.outcome == "error" and is_shed(s.error))
         out.append(
             WindowStats(
                 clients=clients,
@@ -279,15 +291,21 @@ def windows(clients: int, samples: Sequence[UtteranceSample], window_s: float = 
                 end_s=hi,
                 utterances=len(ws),
                 answered=len(ok),
-                shed=sum(1 for s in ws if s.outcome == "error" and is_shed(s.error)),
+                shed=shed,
                 latency=summarize(ok),
                 p95_all_ms=p95_counting_unanswered(ok, unanswered),
+                p95_admitted_ms=p95_counting_unanswered(ok, unanswered - shed),
             )
         )
     return out
 
 
-_WINDOW_COLUMNS = ("clients", "window s", "utts", "ok", "shed", "p50", "p95", "p95 all", "max")
+_WINDOW_COLUMNS = ("clients", "window s", "utts", "ok", "shed", "p50", "p95", "p95 adm", "p95 all", "max")
+
+
+def _p95_cell(utterances: int, p95: float | None) -> str:
+    """A p95 that counts the unanswered as late: `inf` when more than 5 % went unanswered."""
+    return "-" if not utterances else "inf" if p95 is None else _ms(p95)
 
 
 def _window_rows(report: LoadReport) -> list[list[str]]:
@@ -303,7 +321,8 @@ def _window_rows(report: LoadReport) -> list[list[str]]:
                     str(w.shed),
                     _ms(w.latency.p50),
                     _ms(w.latency.p95),
-                    "-" if not w.utterances else "inf" if w.p95_all_ms is None else _ms(w.p95_all_ms),
+                    _p95_cell(w.utterances - w.shed, w.p95_admitted_ms),
+                    _p95_cell(w.utterances, w.p95_all_ms),
                     _ms(w.latency.max),
                 ]
             )
@@ -364,12 +383,20 @@ _COLUMNS = (
     "srv RSS MB",
     "gen CPU",
     "pass",
+    "adm p95",
+    "adm pass",
 )
+
+
+def _refused(s: StepStats) -> int:
+    """Connections the server turned away: 503s, connect and hello timeouts, rejected hellos."""
+    c = s.counters
+    return c.refused + c.connect_timeouts + c.hello_timeouts + c.hello_rejected
 
 
 def _row(s: StepStats) -> list[str]:
     c = s.counters
-    refused = c.refused + c.connect_timeouts + c.hello_timeouts + c.hello_rejected
+    refused = _refused(s)
     return [
         str(s.clients),
         str(s.utterances),
@@ -391,6 +418,8 @@ def _row(s: StepStats) -> list[str]:
         _ms(s.server_rss_peak_mb),
         _pct(s.generator_cpu_percent),
         "yes" if s.within_budget else "no",
+        _p95_cell(s.utterances - s.shed, s.p95_admitted_ms),
+        "yes" if s.admitted_within_budget else "no",
     ]
 
 
@@ -506,6 +535,16 @@ def capacity_line(report: LoadReport) -> str:
         crit = f"end-of-speech -> stt p95 < {opts['budget_ms']:g} ms, unanswered counted as late"
         what = "capacity"
     line = f"{what}: {cap if cap is not None else 'none of the steps'} ({crit})"
+    over = [s.stats for s in report.steps if not s.stats.within_budget and not report.sink_mode]
+    if over:
+        line += (
+            f"\nover capacity, the admitted devices (p95 of what was not shed < {opts['budget_ms']:g} ms): "
+            + "; ".join(
+                f"{st.clients} {'yes' if st.admitted_within_budget else 'no'}"
+                f" ({_p95_cell(st.utterances - st.shed, st.p95_admitted_ms)} ms; {_refused(st)} refused, {st.shed} shed)"
+                for st in over
+            )
+        )
     late = [s.stats.clients for s in report.steps if not s.stats.generator_on_time and not report.sink_mode]
     if late:
         line += (
@@ -532,7 +571,9 @@ def render_markdown(report: LoadReport) -> str:
         "Latencies in ms, from the send time of the last frame holding speech to the `stt`; `srv` is the"
         " same less the server's end-of-speech silence; `late` is how late frames left against the"
         " device clock; `shed` counts the errors that say the server shed the utterance or was at a limit;"
-        " `refused` adds refused connections (a 503 while the server is behind), connect and hello timeouts.",
+        " `refused` adds refused connections (a 503 while the server is behind), connect and hello timeouts;"
+        " `pass` is the capacity verdict (p95 counting every unanswered utterance as late), `adm p95` and"
+        " `adm pass` the overload one (the utterances the server kept, i.e. all but the shed, within budget).",
         "",
     ]
     rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
@@ -549,7 +590,7 @@ def render_markdown(report: LoadReport) -> str:
         table += ["| " + " | ".join(srows[0]) + " |", "|" + "---:|" * len(_STAGE_COLUMNS)]
         table += ["| " + " | ".join(r) + " |" for r in srows[1:]]
     if has_windows(report):
-        table += ["", _WINDOWS_TITLE + " (`p95 all` counts the unanswered as late):", ""]
+        table += ["", _WINDOWS_TITLE + " (`p95 all` counts the unanswered as late, `p95 adm` all but the shed):", ""]
         table += ["| " + " | ".join(_WINDOW_COLUMNS) + " |", "|" + "---:|" * len(_WINDOW_COLUMNS)]
         table += ["| " + " | ".join(r) + " |" for r in _window_rows(report)]
     notes: list[str] = []

@@ -25,8 +25,12 @@ from loadtest.clips import DEFAULT_AUDIO_DIR, ClipError, load_clip, load_clips, 
 from loadtest.device import ConnectError, Device, DeviceClosed, DeviceConfig, HelloRejected, HelloTimeout, ReplyTimeout
 from loadtest.probe import ProbeError, parse_metrics, read_proc
 from loadtest.report import (
+    Counters,
     LoadReport,
+    StepReport,
     UtteranceSample,
+    build_step_stats,
+    format_table,
     p95_counting_unanswered,
     render_markdown,
     windows,
@@ -303,10 +307,42 @@ def test_a_wave_over_budget_shows_in_its_window_while_the_step_p95_hides_it():
     first, second, *rest = windows(150, [*wave, *steady, sample(70.0, None)])
     assert (first.start_s, first.end_s, first.utterances, first.answered, first.shed) == (0.0, 15.0, 11, 10, 1)
     assert first.p95_all_ms is None and first.latency.p50 == 2500.0  # the shed one counts as late
+    assert first.p95_admitted_ms == 2500.0  # ... but not among what the server kept
     assert (second.utterances, second.latency.p95, second.p95_all_ms) == (30, 400.0, 400.0)
     assert [w.utterances for w in rest] == [30, 30, 11] and rest[-1].p95_all_ms is None  # 70 s: missing
     assert windows(1, [sample(5.0, 100.0)], window_s=1.0)[-1].start_s == 5.0
     assert windows(1, []) == []
+
+
+def test_overload_is_judged_on_what_the_server_kept_and_capacity_on_every_utterance():
+    def step(outcomes: list[tuple[str, float | None, str | None]], refused: int = 0) -> StepReport:
+        samples = [
+            UtteranceSample(i, "c", outcome, 1.0 + i / 10, ms, ms, 1000.0, error=error)  # type: ignore[arg-type]
+            for i, (outcome, ms, error) in enumerate(outcomes)
+        ]
+        stats = build_step_stats(
+            150, 10.0, samples, Counters(refused=refused), [], Histogram(), budget_ms=800.0,
+            lateness_budget_ms=20.0, expect_replies=True, generator_cpu_percent=None,
+        )  # fmt: skip
+        return StepReport(0, stats, samples, [], Histogram())
+
+    answered = [("ok", 500.0, None)] * 90
+    shed = [("error", None, "shed: connection closed with 1013 (server overloaded)")] * 10
+    kept = step(answered + shed, refused=400).stats
+    assert not kept.within_budget and kept.p95_all_ms is None  # capacity: 10 % went unanswered
+    assert kept.admitted_within_budget and kept.p95_admitted_ms == 500.0  # overload: what it kept, in budget
+    lost = step(answered + shed + [("missing", None, None)] * 6).stats  # 6 of 96 kept ones never answered
+    assert not lost.admitted_within_budget and lost.p95_admitted_ms is None
+    failed = step(answered + [("error", None, "recognition failed: EngineFailed")] * 10).stats
+    assert failed.shed == 0 and not failed.admitted_within_budget  # a failure is not shedding
+    slow = step([("ok", 900.0, None)] * 10 + answered + shed).stats
+    assert slow.p95_admitted_ms == 900.0 and not slow.admitted_within_budget
+    assert not step([]).stats.admitted_within_budget
+    report = LoadReport({"budget_ms": 800.0, "lateness_budget_ms": 20.0, "think_ms": (1000, 3000)}, "now")
+    report.steps.append(step(answered + shed, refused=400))
+    table = format_table(report)
+    assert "over capacity, the admitted devices (p95 of what was not shed < 800 ms): 150 yes (500 ms;" in table
+    assert "400 refused, 10 shed)" in table
 
 
 def test_probe_reads_proc_and_metrics_text():

@@ -13,6 +13,7 @@ import asyncio
 import io
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -691,6 +692,75 @@ def test_a_mass_reconnect_is_let_in_in_waves_that_at_most_double_the_open_sessio
     while unshown.admit(opened, 0.0, keeping_up=True, shown=False):  # the last wave not answered yet
         opened += 1
     assert opened == 116
+
+
+def test_the_recogniser_load_counts_its_lanes_busy_time_and_the_work_that_waits():
+    from asr_server.core.utilisation import Utilisation
+
+    u = Utilisation(lanes=2, window_s=5.0)
+    assert u.load(now=100.0) == 0.0  # idle
+    u.started(0, 96.0)
+    u.finished(0, 98.5, size=100.0)  # lane 0: 2.5 s for 100 units
+    u.started(1, 99.0)
+    u.finished(1, 100.0, size=40.0)  # lane 1: 1 s for 40
+    assert u.load(now=100.0) == pytest.approx(3.5 / 10)  # 3.5 of the 10 lane-seconds of the window
+    assert u.load(now=100.0, waiting_size=140.0) == pytest.approx(7.0 / 10)  # queued: at 0.025 s a unit
+    assert u.load(now=102.0) == pytest.approx((1.5 + 1.0) / 10)  # only [97, 102]: lane 0's first second is out
+    u.started(0, 101.0)
+    assert u.load(now=102.0) == pytest.approx(3.5 / 10)  # a call still running counts up to now
+    u.finished(0, 120.0, size=10.0)
+    assert u.load(now=120.0) == pytest.approx(5.0 / 10)  # a long call: its part in the window only
+
+
+def test_a_reconnect_wave_is_let_in_only_as_far_as_the_recogniser_load_leaves_room():
+    """Full-size SenseVoice on 2 cores answers 30-35 continuous talkers in budget; the slow start
+    doubled 32 to 64 while it still kept up, and the wave's first 15 s were answered at p95 1.7 s.
+    The load its devices showed says how many more fit before the replies go late."""
+    from asr_server.adapters.admission import SlowStart
+
+    def wave(start: SlowStart, open_: int, t: float, room) -> int:
+        added = 0
+        while start.admit(open_ + added, t, room=room):
+            added += 1
+        return added
+
+    per_device = 0.7 / 35  # a box whose target load holds 35 such devices
+    waves = SlowStart(period_s=5.0, floor=16)
+
+    def room(sessions: int) -> float:
+        load = sessions * per_device
+        return math.inf if load <= 0 else max(0.0, sessions * (0.7 / load - 1))
+
+    opened, t, sizes = 0, 0.0, []
+    for _ in range(5):
+        added = wave(waves, opened, t, room)
+        sizes.append(added)
+        opened += added
+        t += 5.0
+    assert sizes == [16, 16, 3, 0, 0] and opened == 35  # not 16, 16, 32, 64: no overshoot to shed
+    assert wave(SlowStart(period_s=5.0), 16, 0.0, lambda n: math.inf) == 16  # no load known: it doubles
+    assert wave(SlowStart(period_s=5.0), 40, 0.0, lambda n: 0.0) == 0  # at the target: hold
+
+
+def test_the_device_cap_grows_only_while_the_recogniser_load_is_under_its_target(tmp_path):
+    from asr_server.core.utilisation import Utilisation
+
+    cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    for _ in range(20):
+        pipeline.note_reply(500)
+    assert pipeline.keeping_up() and pipeline.room(30) == math.inf  # no work seen: nothing to judge by
+    busy = Utilisation(lanes=1, window_s=5.0)
+    busy.started(0, time.perf_counter() - 10.0)  # one lane computing the whole window: load 1
+    pipeline._asr._utilisation = busy
+    assert pipeline.recogniser_load() == pytest.approx(1.0, abs=0.01)
+    assert not pipeline.keeping_up() and pipeline.room(30) == 0.0  # replies still in budget, but no room
+    assert pipeline.overloaded() is None  # a full recogniser is no reason to refuse: the replies say when
+    idle_again = Utilisation(lanes=1, window_s=5.0)
+    idle_again.started(0, time.perf_counter() - 100.0)
+    idle_again.finished(0, time.perf_counter() - 99.0, size=1.0)  # long before the window
+    pipeline._asr._utilisation = idle_again
+    assert pipeline.keeping_up()
 
 
 @pytest.mark.slow

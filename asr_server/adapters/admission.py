@@ -155,16 +155,28 @@ class SlowStart:
         self._since = -math.inf
         self._ceiling = 0
 
-    def admit(self, sessions: int, now: float, keeping_up: bool = True, shown: bool = True) -> bool:
+    def admit(
+        self,
+        sessions: int,
+        now: float,
+        keeping_up: bool = True,
+        shown: bool = True,
+        room: Callable[[int], float] | None = None,
+    ) -> bool:
         """Whether one more connection may open now, with `sessions` open; a period that begins
         while not `keeping_up`, or before the last wave's load has `shown` (its talking devices not
         yet answered: a continuous talker's first reply comes seconds after it joins, so within
-        budget at the period's end may say nothing of its load), raises the ceiling by the floor only."""
+        budget at the period's end may say nothing of its load), raises the ceiling by the floor only.
+        `room(sessions)`: how many more the recogniser's load leaves room for; a period adds no
+        more than that (a doubling past it is the overshoot that only shedding undoes)."""
         if not self.period_s:
             return True
         if now - self._since >= self.period_s:
             self._since = now
-            self._ceiling = sessions + (max(self.floor, sessions) if keeping_up and shown else self.floor)
+            grow: float = max(self.floor, sessions) if keeping_up and shown else self.floor
+            if room is not None:
+                grow = min(grow, room(sessions))  # the floor keeps it finite
+            self._ceiling = sessions + math.floor(grow)
         return sessions < self._ceiling
 
 

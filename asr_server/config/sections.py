@@ -165,6 +165,15 @@ class AsrConfig(_Section):
         "the last 5 s of replies (the last 10, 1/late_share if more, up to 30 s back, where fewer came) missed it, new "
         "connections get 503 and the device cap drops (again once new replies came); 0: not watched.",
     )
+    target_load: float = Field(
+        0.55,
+        ge=0,
+        description="The share of the recogniser's time (its lanes' busy time over the last 5 s, the queued work "
+        "included) that admission lets devices take: a mass reconnect is let in only as far as the load its "
+        "devices showed leaves room for, and the device cap grows only under it; 0: not watched. Measured on "
+        "2 cores with full-size SenseVoice, whose compute is half the budget left after the end-of-speech "
+        "silence: 0.55 kept the admitted devices' p95 in budget with a margin, 0.7 at its edge.",
+    )
     late_share: float = Field(
         0.1,
         gt=0,

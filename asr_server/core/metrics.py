@@ -130,6 +130,14 @@ class Metrics:
             buckets=_STAGE_BUCKETS,
             registry=r,
         )
+        self.recogniser_load = Gauge(
+            "asr_recogniser_load",
+            "Share of the recogniser's lanes the last 5 s of work took, queued work included (over 1: behind), "
+            "by worker",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.errors = Counter("asr_errors", "Errors by kind", ["kind"], registry=r)
         self.upstream_sessions = Gauge(
             "asr_upstream_sessions", "Device sessions relayed to the upstream", registry=r, multiprocess_mode="livesum"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from .lateness import LateReplies
 from .loading import load_recognizer, load_speaker
 from .metrics import Metrics
 from .scheduler import InferenceQueue, Job, Priority
+from .sizing import asr_parallel, asr_threads, batch_size
 from .streaming import SpeechStream, segmenter_options
 from .vad_batching import VadBatcher
 from .voiceprints import VoiceprintStore
@@ -291,13 +292,29 @@ class Pipeline:
         return None
 
     def keeping_up(self) -> bool:
-        """Clearly within budget (not merely not behind): the queue under half `asr.admission_wait_ms`
-        and at most half `asr.late_share` of the replies late. The device cap grows only then."""
+        """Clearly within budget (not merely not behind): the queue under half `asr.admission_wait_ms`,
+        at most half `asr.late_share` of the replies late, and the recogniser's load under
+        `asr.target_load`. The device cap grows only then."""
         cfg = self.config.asr
         if cfg.admission_wait_ms and self._asr.head_wait() * 1000 >= cfg.admission_wait_ms / 2:
             return False
+        if cfg.target_load and self.recogniser_load() >= cfg.target_load:
+            return False
         late = self.late.share()
         return late is None or late[0] <= cfg.late_share / 2
+
+    def recogniser_load(self) -> float:
+        """The share of the recogniser's lanes the last seconds' work took, what waits included
+        (`core.utilisation`): it grows with the devices before any reply is late."""
+        return self._asr.load()
+
+    def room(self, sessions: int) -> float:
+        """How many more sessions like the `sessions` open the recogniser takes before its load
+        reaches `asr.target_load` (infinite while it has no load to judge by, or with the target 0)."""
+        target, load = self.config.asr.target_load, self.recogniser_load()
+        if not target or load <= 0 or sessions <= 0:
+            return math.inf
+        return max(0.0, sessions * (target / load - 1))
 
     def note_reply(self, latency_ms: float | None) -> None:
         """A device utterance was answered `latency_ms` after its end of speech (None: shed unanswered)."""
@@ -449,45 +466,3 @@ _REPLY_MARGIN_S = 0.05
 def _columns(requests: Sequence[AsrRequest]) -> tuple[list[np.ndarray], list[str], list[bool]]:
     """A batch of requests as the recogniser's three argument lists: audio, language, ITN."""
     return [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def asr_parallel(config: Config) -> int:
-    """Recognitions at once: `asr.parallel`, where `auto` is 1 on a GPU (it batches) and on a CPU one
-    per two cores, one per core below four: int8 SenseVoice on one thread takes 105 ms per 5 s
-    utterance against 93 ms on two (BENCHMARKS.md), so two at once nearly double what the cores
-    recognise, and the 800 ms capacity rose from 30 to 40 talkers on 2 cores."""
-    if config.inference.mode == "ray":
-        return config.inference.max_in_flight  # requests in Ray at once; the replicas do the computing
-    if config.asr.parallel != "auto":
-        return int(config.asr.parallel)
-    if config.engine.device.startswith("cuda"):
-        return 1
-    cores = _cores()
-    return cores if cores < 4 else cores // 2
-
-
-def asr_threads(config: Config) -> int:
-    """The recogniser's intra-op threads: `engine.threads`, or with 0 the runtime's choice for one
-    recognition at a time and the cores shared out when several run at once. A process held to
-    some of the cores (a worker of `serve --workers`, or `taskset`) counts only those: the
-    runtime's own choice would be every core of the machine, oversubscribing them N times."""
-    n = asr_parallel(config)
-    if config.engine.threads:
-        return config.engine.threads
-    if n == 1 and _cores() >= (os.cpu_count() or 1):
-        return 0
-    return max(1, _cores() // n)
-
-
-def batch_size(config: Config, max_batch: int | str) -> int:
-    """`max_batch`, where `auto` is 1 on a CPU (a batch costs the sum of its items there, and every
-    caller waits for all of it) and 16 on a GPU (a batch costs little more than one item)."""
-    if config.inference.mode == "ray":
-        return 1  # one request per utterance: the replicas batch across every front end (@serve.batch)
-    if max_batch != "auto":
-        return int(max_batch)
-    return 16 if config.engine.device.startswith("cuda") else 1

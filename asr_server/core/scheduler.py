@@ -39,6 +39,7 @@ from enum import IntEnum
 from typing import Generic, TypeVar
 
 from ..errors import EngineAborted, EngineBusy, EngineClosed
+from .utilisation import Utilisation
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -146,6 +147,7 @@ class InferenceQueue(Generic[T, R]):
         self._on_discard = on_discard
         self._heap: list[tuple[int, int, Job[T, R]]] = []
         self._waiting = 0  # jobs queued, not running, not cancelled
+        self._waiting_size = 0.0  # ... and their sizes together
         self._seq = itertools.count()
         self._wake: asyncio.Event | None = None
         self._full = asyncio.Event()
@@ -154,6 +156,7 @@ class InferenceQueue(Generic[T, R]):
         self._lanes = [
             _Lane(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{name}-{i}")) for i in range(parallel)
         ]
+        self._utilisation = Utilisation(parallel)
 
     @property
     def queue_depth(self) -> int:
@@ -162,6 +165,15 @@ class InferenceQueue(Generic[T, R]):
 
     def depth(self) -> int:
         return self._waiting
+
+    def load(self) -> float:
+        """The share of the lanes' time the last seconds' work took, the queued work included
+        (`core.utilisation`): over 1 the engine falls behind."""
+        return self._utilisation.load(time.perf_counter(), self._waiting_size)
+
+    def _unqueue(self, job: Job[T, R]) -> None:
+        self._waiting -= 1
+        self._waiting_size -= job.size
 
     @property
     def busy(self) -> bool:
@@ -186,6 +198,7 @@ class InferenceQueue(Generic[T, R]):
         job.future.add_done_callback(lambda _: self._on_done(job))
         heapq.heappush(self._heap, (int(priority), job.seq, job))
         self._waiting += 1
+        self._waiting_size += size
         assert self._wake is not None
         self._wake.set()
         if self._waiting >= self.max_batch:
@@ -224,7 +237,7 @@ class InferenceQueue(Generic[T, R]):
                 elif self._abort is not None:
                     self._abort(lane.thread)
         elif job.future.cancelled():
-            self._waiting -= 1
+            self._unqueue(job)
 
     def head_wait(self) -> float:
         """Seconds the job that runs next has waited (0 when none waits): how far behind the queue is."""
@@ -245,7 +258,7 @@ class InferenceQueue(Generic[T, R]):
             if self.deadline_s is not None and waited > self.deadline_s:
                 # Too late to be of use: fail it (its caller tells its own client) instead of
                 # spending the cores on it while the jobs behind it go late too.
-                self._waiting -= 1
+                self._unqueue(job)
                 job.future.set_exception(
                     EngineBusy(f"{self.name} is overloaded: shed after waiting {waited:.1f} s (deadline_ms)")
                 )
@@ -300,14 +313,16 @@ class InferenceQueue(Generic[T, R]):
             for job in batch:
                 job.running = True
                 job._lane = lane
-                self._waiting -= 1
+                self._unqueue(job)
                 if self._on_wait is not None:
                     self._on_wait(self.name, started - job.submitted)
             lane.running = batch
+            self._utilisation.started(id(lane), started)
             try:
                 results = await self._compute(loop, batch, lane)
             finally:
                 lane.running = []
+                self._utilisation.finished(id(lane), time.perf_counter(), sum(job.size for job in batch))
             elapsed = time.perf_counter() - started
             if self._on_batch is not None:
                 self._on_batch(self.name, len(batch), elapsed)

@@ -116,7 +116,11 @@ class XiaozhiServer:
         if why is None and self.cap.full(self.slots.own):  # the cap is this process's recogniser's
             why = f"{self.slots.own} devices are what the recogniser answers in budget now"
         if why is None and not self.slow_start.admit(
-            self.slots.own, time.monotonic(), self._keeping_up(), self.unanswered <= max(1, self.slots.own // 10)
+            self.slots.own,
+            time.monotonic(),
+            self._keeping_up(),
+            self.unanswered <= max(1, self.slots.own // 10),
+            self.pipeline.room,
         ):
             why = (
                 f"{self.slots.own} devices open: more are let in as the load they bring shows "
@@ -317,6 +321,7 @@ class XiaozhiServer:
         while True:
             await asyncio.sleep(tick)
             self.reading, not_draining = self._reading_behind()
+            self._metrics.recogniser_load.labels(self._metrics.worker).set(self.pipeline.recogniser_load())
             why = (self.pipeline.overloaded(evidence) or not_draining) if cfg.shed_after_s else None
             now = loop.time()
             if why is None:
