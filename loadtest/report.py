@@ -124,6 +124,7 @@ class StepStats:
     tts: Percentiles | None = None  # relay: end of speech -> first TTS audio, where measured
     p95_admitted_ms: float | None = None  # p95 counting the unanswered, but not the shed, as late
     admitted_within_budget: bool = False
+    kept_out: int = 0  # clients that sent no utterance in the whole step (refused all along)
     """The overload verdict: what the server kept, it answered in budget (`p95_admitted_ms` under
     it), the surplus refused or shed counted apart. `within_budget` is the capacity verdict, where
     a shed utterance is one the box did not serve."""
@@ -215,9 +216,11 @@ def build_step_stats(
     lat = lateness.summary()
     on_time = lat.p99 is not None and lat.p99 < lateness_budget_ms
     shed = sum(1 for s in samples if s.outcome == "error" and is_shed(s.error))
+    kept_out = max(0, clients - len({s.client for s in samples})) if expect_replies else 0
     if expect_replies:
         p95_all = p95_counting_unanswered(latencies, unanswered)
-        within = bool(samples) and p95_all is not None and p95_all < budget_ms
+        # A box that turned devices away for the whole step served fewer than `clients` of them.
+        within = bool(samples) and p95_all is not None and p95_all < budget_ms and not kept_out
         p95_admitted = p95_counting_unanswered(latencies, unanswered - shed)
         admitted_within = bool(latencies) and p95_admitted is not None and p95_admitted < budget_ms
     else:
@@ -247,6 +250,7 @@ def build_step_stats(
         tts=summarize(tts) if (tts := [s.tts_ms for s in samples if s.tts_ms is not None]) else None,
         p95_admitted_ms=p95_admitted,
         admitted_within_budget=admitted_within,
+        kept_out=kept_out,
     )
 
 
@@ -532,7 +536,7 @@ def capacity_line(report: LoadReport) -> str:
         crit = f"frame send lateness p99 < {opts['lateness_budget_ms']:g} ms"
         what = "generator ceiling (clients kept on time by this generator)"
     else:
-        crit = f"end-of-speech -> stt p95 < {opts['budget_ms']:g} ms, unanswered counted as late"
+        crit = f"end-of-speech -> stt p95 < {opts['budget_ms']:g} ms, unanswered counted as late, every client in"
         what = "capacity"
     line = f"{what}: {cap if cap is not None else 'none of the steps'} ({crit})"
     over = [s.stats for s in report.steps if not s.stats.within_budget and not report.sink_mode]
@@ -541,7 +545,8 @@ def capacity_line(report: LoadReport) -> str:
             f"\nover capacity, the admitted devices (p95 of what was not shed < {opts['budget_ms']:g} ms): "
             + "; ".join(
                 f"{st.clients} {'yes' if st.admitted_within_budget else 'no'}"
-                f" ({_p95_cell(st.utterances - st.shed, st.p95_admitted_ms)} ms; {_refused(st)} refused, {st.shed} shed)"
+                f" ({_p95_cell(st.utterances - st.shed, st.p95_admitted_ms)} ms; {_refused(st)} refused, {st.shed} shed"
+                f"{f', {st.kept_out} clients never got in' if st.kept_out else ''})"
                 for st in over
             )
         )

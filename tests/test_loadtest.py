@@ -342,7 +342,11 @@ def test_overload_is_judged_on_what_the_server_kept_and_capacity_on_every_uttera
     report.steps.append(step(answered + shed, refused=400))
     table = format_table(report)
     assert "over capacity, the admitted devices (p95 of what was not shed < 800 ms): 150 yes (500 ms;" in table
-    assert "400 refused, 10 shed)" in table
+    assert "400 refused, 10 shed, 50 clients never got in)" in table
+    everyone = [("ok", 500.0, None)] * 150
+    assert step(everyone).stats.within_budget  # all 150 clients served in budget: capacity
+    kept_away = step(everyone[:100], refused=900).stats  # 50 of the 150 refused all along
+    assert kept_away.kept_out == 50 and not kept_away.within_budget and kept_away.admitted_within_budget
 
 
 def test_probe_reads_proc_and_metrics_text():
