@@ -30,7 +30,7 @@ from asr_server.adapters.funasr import wire as funasr_wire
 from asr_server.adapters.sending import send_within
 from asr_server.adapters.xiaozhi import wire as xiaozhi_wire
 from asr_server.config import load_config
-from asr_server.core.lateness import LateReplies
+from asr_server.core.lateness import LateReplies, ShedRound
 from asr_server.core.scheduler import InferenceQueue
 from asr_server.errors import ConfigError, EngineBusy, FunAsrProtocolError, MessageError
 from asr_server.logs import SafeFormatter, Throttle, escape
@@ -416,13 +416,13 @@ async def test_audio_faster_than_real_time_is_a_flood_though_under_the_frame_lim
 
 async def test_while_the_recogniser_is_behind_new_devices_get_503_with_retry_after(start_server, monkeypatch):
     srv = await start_server()
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: "the recogniser is 900 ms behind")
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda since=None: "the recogniser is 900 ms behind")
     with pytest.raises(InvalidStatus) as e:
         await raw_connect(srv)
     assert e.value.response.status_code == 503
     assert e.value.response.headers["Retry-After"] == "5"
     assert b"900 ms behind" in e.value.response.body
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: None)
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda since=None: None)
     ws = await raw_connect(srv)
     await ws.close()
 
@@ -590,14 +590,14 @@ async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_
     for ws in (older, newer):
         await ws.send(HELLO)
         await ws.recv()
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: "the recogniser is 900 ms behind")
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda since=None: "the recogniser is 900 ms behind")
     for _ in range(8):  # more refusals than their log lines' burst: the round of shedding is logged all the same
         with pytest.raises(InvalidStatus, match="503"):
             await raw_connect(srv)
     msgs = await expect_close(newer, 1013, "server overloaded")
     assert "900 ms behind" in msgs[-1]["message"]
     assert any(r.getMessage().startswith("shed 1 sessions (of 2)") for r in caplog.records)
-    monkeypatch.setattr(srv.pipeline, "overloaded", lambda evidence_since=None: None)
+    monkeypatch.setattr(srv.pipeline, "overloaded", lambda since=None: None)
     assert older.close_code is None  # the others keep their session
     await older.close()
 
@@ -807,6 +807,30 @@ def test_late_replies_make_the_server_behind_and_the_cap_grows_only_when_clearly
     assert late.share(now=40) is None  # and nothing is older than max_age_s
 
 
+def test_a_round_of_shedding_is_judged_on_the_utterances_that_ended_after_it(tmp_path):
+    """In the 3x soak with full-size models, rounds a second apart each saw the late replies of the
+    backlog before the first, and took 30 devices to 21 on a box that holds 27. The replies to
+    utterances whose speech ended before a round say nothing of its effect."""
+    cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    late, t = pipeline.late, time.monotonic()
+    for i in range(20):
+        late.add(1500, now=t - 3 + i * 0.1)  # the backlog that made the round
+    assert "100% of the last 20 replies" in (pipeline.overloaded() or "")
+    shed = ShedRound(at=t, wait_s=0.0)
+    for i in range(6):
+        late.add(1400, now=t + 1.0 + i * 0.05)  # answered since, late, but their speech ended before it
+    assert pipeline.overloaded() is not None and pipeline.overloaded(since=shed) is None
+    late.add(None, now=t + 1.4, age_ms=1600)  # shed at its deadline: it ended before the round too
+    assert pipeline.overloaded(since=shed) is None
+    for i in range(10):
+        late.add(500, now=t + 2 + i * 0.1)  # ended after it, in budget: the round was enough
+    assert pipeline.overloaded(since=shed) is None
+    for i in range(10):
+        late.add(1000, now=t + 3 + i * 0.1)  # ended after it and late: it was not
+    assert "50% of the last 20 replies" in (pipeline.overloaded(since=shed) or "")
+
+
 def test_few_slow_replies_still_count_as_late(tmp_path):
     """Three devices on a slow CPU answer about one utterance in two seconds: 5 s held two or
     three replies, under min_replies, so admission never saw them late (6 devices at 3x a 1-core
@@ -821,11 +845,11 @@ def test_few_slow_replies_still_count_as_late(tmp_path):
     pipeline.late = late
     why = pipeline.overloaded()
     assert why is not None and "50% of the last 10 replies" in why
-    shed_at = pipeline.late.added  # a round is shed on this window: the next needs new replies
-    assert pipeline.overloaded(evidence_since=shed_at) is None
-    for _ in range(5):
-        late.add(1200)
-    assert "of the last 10 replies" in (pipeline.overloaded(evidence_since=shed_at) or "")
+    shed = ShedRound(at=t0 + 18.5, wait_s=0.0)  # a round is shed on this window: the next needs new replies
+    assert pipeline.overloaded(since=shed) is None
+    for i in range(10):
+        late.add(1200, now=t0 + 19.8 + i * 0.1)  # utterances that ended after the round
+    assert "of the last 10 replies" in (pipeline.overloaded(since=shed) or "")
     cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
     pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
     for _ in range(20):

@@ -26,7 +26,7 @@ from ..constants import SAMPLE_RATE
 from ..engines.base import Embedder, ModelInfo, Recognizer, RemoteEmbedder, RemoteRecognizer, VadModel
 from ..errors import EngineBusy, VoiceprintError
 from ..types import Recognition, SpeakerMatch, Transcript
-from .lateness import LateReplies
+from .lateness import LateReplies, ShedRound
 from .loading import load_recognizer, load_speaker
 from .metrics import Metrics
 from .scheduler import InferenceQueue, Job, Priority
@@ -269,27 +269,28 @@ class Pipeline:
         """Utterances the recogniser takes per call (the configured or automatic batch size)."""
         return self._asr.max_batch
 
-    def overloaded(self, evidence_since: int | None = None) -> str | None:
+    def overloaded(self, since: ShedRound | None = None) -> str | None:
         """Why a new session should be refused now, else None: the recogniser is `asr.admission_wait_ms`
         or more behind, or more than `asr.late_share` of the last seconds' device replies missed
         `asr.budget_ms` (`core.lateness`). Admission follows the load, not a session count: a box's
-        capacity depends on how much its devices talk and how fast its cores are. `evidence_since`
-        (a `late.added` count): the replies count only once half `min_replies` new ones came since,
-        so shedding, which must see the effect of its last round, does not act twice on one window
-        (where replies are few, the kept ones cannot change within a round, and shed devices send none)."""
+        capacity depends on how much its devices talk and how fast its cores are. `since` (the last
+        round of shedding): only what came after it counts, the replies to utterances that ended
+        since and a wait longer than then, so shedding sees the effect of its last round."""
         cfg = self.config.asr
-        behind = self._asr.head_wait() * 1000
-        if cfg.admission_wait_ms and behind >= cfg.admission_wait_ms:
-            return f"the recogniser is {behind:.0f} ms behind (asr.admission_wait_ms = {cfg.admission_wait_ms:g})"
-        late = self.late.share()  # None with asr.budget_ms 0: nothing is noted
-        if evidence_since is not None and self.late.added - evidence_since < self.late.min_replies // 2:
-            late = None
+        wait = self._asr.head_wait()
+        if cfg.admission_wait_ms and wait * 1000 >= cfg.admission_wait_ms and (since is None or wait > since.wait_s):
+            return f"the recogniser is {wait * 1000:.0f} ms behind (asr.admission_wait_ms = {cfg.admission_wait_ms:g})"
+        late = self.late.share(since=None if since is None else since.at)  # None with asr.budget_ms 0
         if late is not None and late[0] > cfg.late_share:
             return (
                 f"{late[0]:.0%} of the last {late[1]} replies came later than asr.budget_ms = {cfg.budget_ms:g} "
                 f"(asr.late_share = {cfg.late_share:g})"
             )
         return None
+
+    def shed_round(self) -> ShedRound:
+        """A round of shedding now: what the next must be judged after (`overloaded(since=...)`)."""
+        return ShedRound(time.monotonic(), self._asr.head_wait())
 
     def keeping_up(self) -> bool:
         """Clearly within budget (not merely not behind): the queue under half `asr.admission_wait_ms`,
@@ -316,10 +317,11 @@ class Pipeline:
             return math.inf
         return max(0.0, sessions * (target / load - 1))
 
-    def note_reply(self, latency_ms: float | None) -> None:
-        """A device utterance was answered `latency_ms` after its end of speech (None: shed unanswered)."""
+    def note_reply(self, latency_ms: float | None, age_ms: float | None = None) -> None:
+        """A device utterance was answered `latency_ms` after its end of speech (None: shed
+        unanswered, `age_ms` after it ended)."""
         if self.config.asr.budget_ms:
-            self.late.add(latency_ms)
+            self.late.add(latency_ms, age_ms=age_ms)
 
     @property
     def asr_busy(self) -> bool:

@@ -21,6 +21,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ...config import Config
+from ...core.lateness import ShedRound
 from ...core.live import SessionBoard
 from ...core.pipeline import Pipeline
 from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
@@ -316,24 +317,32 @@ class XiaozhiServer:
         cfg = self.config.xiaozhi
         loop = asyncio.get_running_loop()
         behind_since: float | None = None
-        evidence: int | None = None  # the replies noted when the last round was shed
+        last_round: ShedRound | None = None  # the next round is judged on what came after it
         tick = min(1.0, cfg.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(tick)
             self.reading, not_draining = self._reading_behind()
             self._metrics.recogniser_load.labels(self._metrics.worker).set(self.pipeline.recogniser_load())
-            why = (self.pipeline.overloaded(evidence) or not_draining) if cfg.shed_after_s else None
+            behind = (self.pipeline.overloaded() or not_draining) if cfg.shed_after_s else None
+            # After a round, another only on what came since (replies to utterances that ended after
+            # it, a longer wait): the seconds before it say nothing of its effect.
+            if behind is None or last_round is None:
+                why = behind
+            else:
+                why = self.pipeline.overloaded(last_round) or not_draining
             now = loop.time()
-            if why is None:
-                behind_since = None
+            if behind is None:
+                behind_since = last_round = None
                 if self._keeping_up():  # between the two: hold the cap where it is
                     self.cap.keeping_up(tick, self.slots.own)
+            elif why is None:
+                pass  # behind, but nothing since the last round says it was not enough: let it show
             elif behind_since is None:
                 behind_since = now
             elif now - behind_since >= cfg.shed_after_s:
                 self._shed_newest(why, self.cap.behind(len(self.sessions)))
                 behind_since = now  # one round per period: the queue gets time to show the effect
-                evidence = self.pipeline.late.added  # and the replies, new ones to show it
+                last_round = self.pipeline.shed_round()  # and the replies, new ones to show it
             cutoff = now - cfg.idle_timeout_s
             for sid, session in list(self.sessions.items()):
                 ws = self._sockets.get(sid)

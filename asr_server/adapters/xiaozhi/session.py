@@ -350,7 +350,7 @@ class Session:
                 rec = await _joined(pieces)
             except EngineBusy as e:
                 self._metrics.errors.labels("busy").inc()
-                self.pipeline.note_reply(None)
+                self.pipeline.note_reply(None, age_ms=(time.perf_counter() - speech_end) * 1000)
                 log.warning("session %s: utterance refused: %s", self.session_id, e)
                 await self.send_error(f"utterance not recognised: {e}")
                 return
