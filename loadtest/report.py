@@ -124,10 +124,10 @@ class StepStats:
     tts: Percentiles | None = None  # relay: end of speech -> first TTS audio, where measured
     p95_admitted_ms: float | None = None  # p95 counting the unanswered, but not the shed, as late
     admitted_within_budget: bool = False
-    kept_out: int = 0  # clients that sent no utterance in the whole step (refused all along)
     """The overload verdict: what the server kept, it answered in budget (`p95_admitted_ms` under
     it), the surplus refused or shed counted apart. `within_budget` is the capacity verdict, where
     a shed utterance is one the box did not serve."""
+    kept_out: int = 0  # clients that sent no utterance in the whole step (refused all along)
 
     def consistent(self) -> bool:
         """Every utterance is answered or counted unanswered; percentiles are ordered."""
@@ -215,7 +215,7 @@ def build_step_stats(
     unanswered = by["missing"] + by["error"] + by["disconnected"]
     lat = lateness.summary()
     on_time = lat.p99 is not None and lat.p99 < lateness_budget_ms
-    shed = sum(1 for s in samples if s.outcome == "error" and is_shed(s.error))
+    shed = count_shed(samples)
     kept_out = max(0, clients - len({s.client for s in samples})) if expect_replies else 0
     if expect_replies:
         p95_all = p95_counting_unanswered(latencies, unanswered)
@@ -287,7 +287,7 @@ def windows(clients: int, samples: Sequence[UtteranceSample], window_s: float = 
         ws = by.get(i, [])
         ok = [s.latency_ms for s in ws if s.outcome == "ok" and s.latency_ms is not None]
         unanswered = sum(1 for s in ws if s.outcome in UNANSWERED)
-        shed = sum(1 for s in ws if s.outcome == "error" and is_shed(s.error))
+        shed = count_shed(ws)
         out.append(
             WindowStats(
                 clients=clients,
@@ -338,6 +338,11 @@ def has_windows(report: LoadReport) -> bool:
     return not report.sink_mode and any(
         s.eos_s is not None and s.eos_s >= 2 * WINDOW_S for step in report.steps for s in step.samples
     )
+
+
+def count_shed(samples: Sequence[UtteranceSample]) -> int:
+    """The utterances the server shed: an error reply that says so (`is_shed`)."""
+    return sum(1 for s in samples if s.outcome == "error" and is_shed(s.error))
 
 
 def is_shed(error: str | None) -> bool:
@@ -559,6 +564,13 @@ def capacity_line(report: LoadReport) -> str:
     return line
 
 
+def _markdown_table(columns: Sequence[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines: the header, right-aligned columns, one line per row."""
+    lines = ["| " + " | ".join(r) + " |" for r in [list(columns), *rows]]
+    lines.insert(1, "|" + "---:|" * len(columns))
+    return lines
+
+
 def render_markdown(report: LoadReport) -> str:
     o = report.options
     head = [
@@ -581,23 +593,18 @@ def render_markdown(report: LoadReport) -> str:
         " `adm pass` the overload one (the utterances the server kept, i.e. all but the shed, within budget).",
         "",
     ]
-    rows = [list(_COLUMNS)] + [_row(s.stats) for s in report.steps]
-    table = ["| " + " | ".join(rows[0]) + " |", "|" + "---:|" * len(_COLUMNS)]
-    table += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    table = _markdown_table(_COLUMNS, [_row(s.stats) for s in report.steps])
     if has_stages(report):
-        srows = [list(_STAGE_COLUMNS)] + [_stage_row(s.stats) for s in report.steps]
         table += [
             "",
             "Where the time went (ms; `asr`/`emb` are the compute of the utterance's batch, `wait` the"
             " queue before it; loop lag from the server's metrics, a histogram bucket's upper bound):",
             "",
         ]
-        table += ["| " + " | ".join(srows[0]) + " |", "|" + "---:|" * len(_STAGE_COLUMNS)]
-        table += ["| " + " | ".join(r) + " |" for r in srows[1:]]
+        table += _markdown_table(_STAGE_COLUMNS, [_stage_row(s.stats) for s in report.steps])
     if has_windows(report):
         table += ["", _WINDOWS_TITLE + " (`p95 all` counts the unanswered as late, `p95 adm` all but the shed):", ""]
-        table += ["| " + " | ".join(_WINDOW_COLUMNS) + " |", "|" + "---:|" * len(_WINDOW_COLUMNS)]
-        table += ["| " + " | ".join(r) + " |" for r in _window_rows(report)]
+        table += _markdown_table(_WINDOW_COLUMNS, _window_rows(report))
     notes: list[str] = []
     for s in report.steps:
         st = s.stats

@@ -163,7 +163,8 @@ class AsrConfig(_Section):
         ge=0,
         description="The end of speech → reply latency device replies should keep; while more than late_share of "
         "the last 5 s of replies (the last 10, 1/late_share if more, up to 30 s back, where fewer came) missed it, new "
-        "connections get 503 and the device cap drops (again once new replies came); 0: not watched.",
+        "connections get 503 and the device cap drops (again once replies to utterances that ended after the last "
+        "drop came); 0: not watched.",
     )
     target_load: float = Field(
         0.55,

@@ -322,8 +322,9 @@ class InferenceQueue(Generic[T, R]):
                 results = await self._compute(loop, batch, lane)
             finally:
                 lane.running = []
-                self._utilisation.finished(id(lane), time.perf_counter(), sum(job.size for job in batch))
-            elapsed = time.perf_counter() - started
+                ended = time.perf_counter()
+                self._utilisation.finished(id(lane), ended, sum(job.size for job in batch))
+            elapsed = ended - started
             if self._on_batch is not None:
                 self._on_batch(self.name, len(batch), elapsed)
             unwanted = sum(1 for job in batch if job.future.cancelled())
