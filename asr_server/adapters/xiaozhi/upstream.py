@@ -169,9 +169,8 @@ class Upstream:
             if e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
                 # Its close seldom comes back: it is still sending the message, ahead of its reply.
                 limit = self.config.max_message_bytes
-                return Ended(
-                    f"the upstream sent a message over upstream.max_message_bytes ({limit} bytes)", 1009, "oversize"
-                )
+                why = f"the upstream sent a message over upstream.max_message_bytes ({limit} bytes)"
+                return Ended(why, CloseCode.MESSAGE_TOO_BIG, "oversize")
             if e.rcvd is None:
                 return Ended("the upstream vanished", None, "vanished")
         ws = self._ws
