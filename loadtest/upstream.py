@@ -35,6 +35,9 @@ class UpstreamOptions:
     no_hello: bool = False  # accept, then never answer hello
     close_after_hello: bool = False
     close_code: int = 1011  # how it closes after hello (1000: its goodbye, as a clean close)
+    session_id: str | None = None  # the one session id it gives every device (a careless upstream); None: one each
+    after_hello: tuple[str | bytes, ...] = ()  # sent to the device right after its hello (oversized frames...)
+    reads: bool = True  # False: after its hello it reads nothing more (a stuck upstream)
 
 
 @dataclass
@@ -87,7 +90,7 @@ class UpstreamStub:
         assert ws.request is not None
         got = Received(dict(ws.request.headers.raw_items()), ws.request.path)
         self.sessions.append(got)
-        session_id = uuid.uuid4().hex
+        session_id = self.options.session_id or uuid.uuid4().hex
         answering: asyncio.Task[None] | None = None
         try:
             async for raw in ws:
@@ -115,8 +118,13 @@ class UpstreamStub:
                             }
                         )
                     )
+                    for extra in self.options.after_hello:
+                        await ws.send(extra)
                     if self.options.close_after_hello:
                         await ws.close(self.options.close_code, "stub closes")
+                        return
+                    if not self.options.reads:
+                        await ws.wait_closed()
                         return
                 elif kind == "listen" and msg.get("state") == "detect" and "text" in msg:
                     if answering is not None:

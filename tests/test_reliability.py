@@ -585,6 +585,7 @@ async def test_a_burst_of_connects_beyond_doubling_is_refused_until_the_next_wav
 
 
 async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_1013(start_server, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="asr_server.adapters.xiaozhi.server")
     srv = await start_server(xiaozhi={"shed_after_s": 0.5})
     older, newer = await raw_connect(srv), await raw_connect(srv)
     for ws in (older, newer):
@@ -597,6 +598,14 @@ async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_
     msgs = await expect_close(newer, 1013, "server overloaded")
     assert "900 ms behind" in msgs[-1]["message"]
     assert any(r.getMessage().startswith("shed 1 sessions (of 2)") for r in caplog.records)
+    for _ in range(100):  # the session's last line follows its close
+        closed = [m for r in caplog.records if " closed (" in (m := r.getMessage())]
+        if closed:
+            break
+        await asyncio.sleep(0.05)
+    assert len(closed) == 1 and "closed (shed by the server (overloaded))" in closed[0], (
+        closed
+    )  # not "client closed (1013)"
     monkeypatch.setattr(srv.pipeline, "overloaded", lambda since=None: None)
     assert older.close_code is None  # the others keep their session
     await older.close()

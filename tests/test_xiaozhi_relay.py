@@ -6,13 +6,16 @@ get the upstream's hello, messages and TTS audio in order, framed for its protoc
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import re
 
 import pytest
 
 from asr_server.adapters.xiaozhi.upstream import turn_text
 from asr_server.adapters.xiaozhi.wire import AudioFrame, unpack_audio
-from loadtest.clips import load_clip
-from loadtest.device import Device, DeviceConfig, HelloRejected
+from loadtest.clips import load_clip, silence_packet
+from loadtest.device import Device, DeviceClosed, DeviceConfig, HelloRejected
 from loadtest.upstream import UpstreamOptions, UpstreamStub
 from tests.support.audio import cer, clip, needs_audio
 
@@ -27,8 +30,39 @@ async def relay(start_server, stub: UpstreamStub, **sections):
     )
 
 
-def device(server, **kw) -> Device:
-    return Device(DeviceConfig(url=server.endpoints.device_url, device_id="aa:bb:cc:dd:ee:07", **kw))
+def device(server, device_id: str = "aa:bb:cc:dd:ee:07", **kw) -> Device:
+    return Device(DeviceConfig(url=server.endpoints.device_url, device_id=device_id, **kw))
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    """Wait (bounded) for `condition()`: the server's side of a close lands a moment after the device's."""
+    for _ in range(int(timeout / 0.05)):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met")
+
+
+async def closed_with(dev: Device, code: int) -> None:
+    await until(lambda: dev.closed)
+    assert dev._closed is not None and dev._closed.code == code
+    await dev.close()
+
+
+def failures(srv, reason: str) -> float:
+    """The shared pipeline's count (other tests add to it too: compare before and after)."""
+    return srv.metrics.registry.get_sample_value("asr_upstream_failures_total", {"reason": reason}) or 0
+
+
+def logged_session_ids(caplog) -> set[str]:
+    """The ids the server's log lines name our sessions by (the open line names the upstream's too,
+    as "upstream session X")."""
+    return {
+        m.group(1)
+        for r in caplog.records
+        if r.name.startswith("asr_server.adapters")
+        for m in re.finditer(r"(?<!upstream )\bsession ([0-9A-Za-z-]+)", r.getMessage())
+    }
 
 
 async def say(dev: Device, name: str) -> str:
@@ -174,3 +208,76 @@ async def test_a_device_that_vanishes_closes_its_upstream_socket(start_server):
                 break
             await asyncio.sleep(0.05)
         assert srv.metrics.registry.get_sample_value("asr_upstream_sessions") == 0
+
+
+async def test_devices_the_upstream_gives_one_session_id_stay_distinct_sessions(start_server):
+    """A careless upstream gives every device the same `session_id`: each device still talks to it
+    in that session, but our sessions are keyed by our own ids (the upstream's is an attribute)."""
+    async with UpstreamStub(UpstreamOptions(session_id="one-for-all")) as stub:
+        srv = await relay(start_server, stub)
+        async with device(srv) as first, device(srv, "aa:bb:cc:dd:ee:08") as second:
+            assert first.session_id == second.session_id == "one-for-all"
+            views = srv.board.sessions()
+            assert len({v.session_id for v in views}) == 2 and "one-for-all" not in {v.session_id for v in views}
+            assert [v.upstream_session_id for v in views] == ["one-for-all", "one-for-all"]
+            await first.close()
+            await until(lambda: len(srv.board.sessions()) == 1)
+            assert srv.board.sessions()[0].device_id == "aa:bb:cc:dd:ee:08"  # the other one is still there
+            assert len(srv.xiaozhi.sessions) == 1
+
+
+async def test_an_upstream_frame_too_long_for_protocol_v3_is_dropped_with_one_log_line(start_server, caplog):
+    """v3's length field is 16 bits and an Opus packet cannot be split: a longer frame (which no
+    Opus packet is) is dropped, logged once, and the session goes on."""
+    big, packet = bytes(70_000), silence_packet(60)
+    async with UpstreamStub(UpstreamOptions(after_hello=(big, big, packet))) as stub:
+        srv = await relay(start_server, stub)
+        with caplog.at_level(logging.INFO, logger="asr_server"):
+            async with device(srv, protocol_version=3) as dev:
+                await until(lambda: dev.binary_received >= 1 or dev.closed)
+                assert not dev.closed
+                assert [unpack_audio(f, 3) for _, f in dev.binary] == [AudioFrame(packet)]
+                assert not [m for m in dev.pending() if m.type == "error"]
+                await dev.send_json({"type": "mcp", "payload": {}})  # the relay still carries messages
+                await until(lambda: len(stub.sessions[0].text) == 2)
+        drops = [r for r in caplog.records if "protocol v3" in r.getMessage()]
+        assert len(drops) == 1 and drops[0].levelno == logging.WARNING, [r.getMessage() for r in drops]
+        assert "70,000 bytes" in drops[0].getMessage()
+
+
+async def test_an_upstream_message_over_max_message_bytes_is_named_to_the_device(start_server):
+    """8 MB from the upstream: our side closes it with 1009 while it is still sending, so its close
+    never comes back. The device is told that, not that the upstream vanished."""
+    async with UpstreamStub(UpstreamOptions(after_hello=(bytes(8 << 20),))) as stub:
+        srv = await relay(start_server, stub)
+        before = failures(srv, "oversize")
+        dev = device(srv)
+        await dev.connect()
+        message = (await dev.next_message("error", 10)).data["message"]
+        assert "over upstream.max_message_bytes (1048576 bytes)" in message, message
+        await closed_with(dev, 1013)
+        assert failures(srv, "oversize") == before + 1
+
+
+async def test_an_upstream_that_reads_nothing_is_named_and_its_session_logged_under_one_id(start_server, caplog):
+    async with UpstreamStub(UpstreamOptions(reads=False)) as stub:
+        srv = await relay(start_server, stub, upstream={"send_timeout_s": 0.5})
+        before = failures(srv, "stuck")
+        with caplog.at_level(logging.INFO, logger="asr_server"):
+            dev = device(srv)
+            await dev.connect()
+            filler = {"type": "mcp", "payload": {"filler": "x" * 60_000}}
+            with contextlib.suppress(DeviceClosed):
+                for _ in range(1000):  # until the socket buffers are full and the relay gives up
+                    if dev.closed or not dev._messages.empty():
+                        break
+                    await dev.send_json(filler)
+            message = (await dev.next_message("error", 10)).data["message"]
+            assert "the upstream read nothing for 0.5 s (upstream.send_timeout_s)" in message, message
+            await closed_with(dev, 1013)
+            await until(lambda: not srv.xiaozhi.sessions)
+        assert failures(srv, "stuck") == before + 1
+        ids = logged_session_ids(caplog)
+        assert len(ids) == 1, ids  # one session, one id in every line
+        closing = [r.getMessage() for r in caplog.records if " closed (" in r.getMessage()]
+        assert closing and "the upstream read nothing" in closing[-1], closing

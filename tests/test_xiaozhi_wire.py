@@ -33,6 +33,15 @@ def test_v2_and_v3_layouts_are_big_endian():
     assert pack_audio(b"ab", 3) == bytes([0, 0, 0, 2]) + b"ab"
 
 
+def test_a_packet_too_long_for_v3s_16_bit_length_is_a_framing_error_not_a_struct_error():
+    """The firmware reads v3's `payload_size` as a u16: 65,535 bytes is the most it can say. (No Opus
+    packet is longer: 48 frames of 1,275 bytes at most.) v2's length is 32 bits."""
+    assert len(pack_audio(bytes(65_535), 3)) == 65_539
+    with pytest.raises(FramingError, match="65,536 bytes .* protocol v3"):
+        pack_audio(bytes(65_536), 3)
+    assert len(pack_audio(bytes(70_000), 2)) == 70_016
+
+
 def test_size_mismatch_and_short_headers_are_framing_errors():
     good = pack_audio(b"abcd", 2)
     with pytest.raises(FramingError, match="says 4 payload bytes, message has 3"):

@@ -53,6 +53,8 @@ class SessionView:
     """Unix seconds."""
     remote: str = ""
     worker: int = 0
+    upstream_session_id: str | None = None
+    """Relay mode: the session the upstream gave the device (it may give many devices the same)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

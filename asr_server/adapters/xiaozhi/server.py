@@ -175,7 +175,7 @@ class XiaozhiServer:
             except UpstreamError as e:
                 await self._refuse(ws, device_id, "upstream", str(e), CloseCode.TRY_AGAIN_LATER)
                 return
-            session_id = upstream.session_id or session_id  # the device talks to the upstream's session
+        # Keyed by our own id when relayed too: an upstream may give many devices one session id.
         session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream)
         session.vad_meter = hello.features.get("vad_meter") is True and upstream is None
         self.sessions[session_id] = session
@@ -185,12 +185,13 @@ class XiaozhiServer:
             worker = self.board.worker
             self.board.add(session_id, lambda: session.view(worker))
         log.info(
-            "session %s open: device %s client %s v%d from %s",
+            "session %s open: device %s client %s v%d from %s%s",
             session_id,
             client.device_id,
             client.client_id,
             version,
             client.remote,
+            "" if upstream is None else f", relayed as upstream session {upstream.session_id}",
         )
         reason = "closed"
         relay: asyncio.Task[Ended] | None = None
@@ -202,16 +203,15 @@ class XiaozhiServer:
             else:
                 await ws.send(dumps(server_hello(session_id, self._audio_params(hello))))
             reason = await self._serve_session(ws, session)
-            if relay is not None and relay.done() and not relay.cancelled() and relay.exception() is None:
-                reason = relay.result().reason
         except ConnectionClosed as e:
-            reason = self._describe_close(e)
+            reason = self._describe_close(e, session)
         except Exception:
             self._metrics.errors.labels("internal").inc()
             log.exception("session %s: internal error", session_id)
             reason = "internal error"
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            reason = (upstream.end_reason() if upstream is not None else None) or reason
             self.sessions.pop(session_id, None)
             self._sockets.pop(session_id, None)
             self._metrics.session_closed(PROTOCOL)
@@ -291,7 +291,7 @@ class XiaozhiServer:
             log.info("session %s: %s; closing the device alike", session.session_id, ended.reason)
             closing = _close(ws, session, ended.code, ended.reason)
         else:
-            self._metrics.upstream_failures.labels("closed" if ended.code else "vanished").inc()
+            self._metrics.upstream_failures.labels(ended.kind if error is None else "vanished").inc()
             log.warning("session %s: %s; closing the device", session.session_id, ended.reason)
             closing = _close(ws, session, CloseCode.TRY_AGAIN_LATER, ended.reason, error=ended.reason)
         asyncio.get_running_loop().create_task(closing)
@@ -458,7 +458,7 @@ class XiaozhiServer:
                 if warnings.allow():
                     log.warning("session %s: %s%s", session.session_id, e, warnings.note())
                 await session.send_error(str(e))
-        return "idle timeout" if session.idle_closed else "shed (overloaded)" if session.shed else "closed"
+        return _closed_by_server(session) or "closed"
 
     async def _flood(self, ws: ServerConnection, session: Session, why: str) -> str:
         self._metrics.errors.labels("flood").inc()
@@ -475,14 +475,22 @@ class XiaozhiServer:
         except ConnectionClosed:
             pass
 
-    def _describe_close(self, e: ConnectionClosed) -> str:
+    def _describe_close(self, e: ConnectionClosed, session: Session) -> str:
         if e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
             self._metrics.errors.labels("oversize").inc()
-            log.warning("closing: message over xiaozhi.max_message_bytes (%d)", self.config.xiaozhi.max_message_bytes)
+            limit = self.config.xiaozhi.max_message_bytes
+            log.warning("session %s: message over xiaozhi.max_message_bytes (%d)", session.session_id, limit)
             return "message too big"
+        if e.sent is not None and not e.rcvd_then_sent:  # our close came first; the client's answer is no reason
+            return _closed_by_server(session) or f"closed by the server ({e.sent.code}: {e.sent.reason})"
         if e.rcvd is None:
             return "client vanished"
         return f"client closed ({e.rcvd.code})"
+
+
+def _closed_by_server(session: Session) -> str | None:
+    """Why the server closed `session` itself, if it did for one of these."""
+    return "idle timeout" if session.idle_closed else "shed by the server (overloaded)" if session.shed else None
 
 
 async def _close(ws: ServerConnection, session: Session, code: int, reason: str, error: str | None = None) -> None:

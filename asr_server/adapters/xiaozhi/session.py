@@ -56,7 +56,7 @@ class Session:
         publish: Publish | None = None,
         upstream: Upstream | None = None,
     ) -> None:
-        self.session_id = session_id
+        self.session_id = session_id  # ours: the key of the server's sessions, its logs and events
         self.upstream = upstream  # relay mode: turns go to the chatbot server, its answers come back
         self.client = client
         self.config = config
@@ -96,8 +96,13 @@ class Session:
         self.last_speaker: str | None = None
         self._observe_decode = self._metrics.stage.labels("decode").observe
 
+    @property
+    def device_session_id(self) -> str:
+        """The session id the device knows: the upstream's when relayed (its hello gave it)."""
+        return (self.upstream.session_id if self.upstream is not None else None) or self.session_id
+
     async def send_error(self, message: str) -> None:
-        await self._send(error_message(message, self.session_id))
+        await self._send(error_message(message, self.device_session_id))
 
     def view(self, worker: int = 0) -> SessionView:
         """What the console's live view shows of this session."""
@@ -117,6 +122,7 @@ class Session:
             opened_at=self.opened_at,
             remote=self.client.remote,
             worker=worker,
+            upstream_session_id=self.upstream.session_id if self.upstream is not None else None,
         )
 
     async def _meter(self, probs: list[tuple[np.ndarray, float]]) -> None:

@@ -23,11 +23,11 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.frames import CloseCode
 
 from ...config import UpstreamConfig
 from ...core.metrics import Metrics
 from ...errors import FramingError, UpstreamError
-from ..sending import send_within
 from .wire import AudioFrame, dumps, pack_audio, unpack_audio
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,16 @@ ToDevice = Callable[[str | bytes], Awaitable[None]]
 
 @dataclass(frozen=True, slots=True)
 class Ended:
-    """Why the upstream's side of a session ended: `code` is its close code (None: it vanished);
-    a clean close (1000, 1001: its goodbye, its idle timeout) is passed on to the device as it is."""
+    """Why the upstream's side of a session ended: `code` is the close code (None: it vanished or
+    was dropped); a clean close (1000, 1001: its goodbye, its idle timeout) is passed on to the
+    device as it is."""
 
     reason: str
+    """Told to the device (unless clean) and logged."""
     code: int | None
+    kind: str = "closed"
+    """The `asr_upstream_failures_total` reason: closed, vanished, oversize (a message over
+    `upstream.max_message_bytes`), stuck (it read nothing for `upstream.send_timeout_s`)."""
 
     @property
     def clean(self) -> bool:
@@ -77,6 +82,8 @@ class Upstream:
         self._pump: asyncio.Task[Ended] | None = None
         self._turn_at: float | None = None  # our endpoint of the last turn, until its first `tts`
         self._opened = False
+        self._stuck: Ended | None = None  # set when a send timed out and the socket was dropped
+        self._dropped = 0  # upstream frames the device's framing cannot carry (the first one is logged)
 
     def _url(self, fields: dict[str, str], in_query: bool) -> str:
         url = self.config.url or ""
@@ -157,11 +164,26 @@ class Upstream:
                 nbytes.inc(len(out))
                 await self._to_device(out)
         except ConnectionClosed as e:
+            if self._stuck is not None:
+                return self._stuck
+            if e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
+                # Its close seldom comes back: it is still sending the message, ahead of its reply.
+                limit = self.config.max_message_bytes
+                why = f"the upstream sent a message over upstream.max_message_bytes ({limit} bytes)"
+                return Ended(why, CloseCode.MESSAGE_TOO_BIG, "oversize")
             if e.rcvd is None:
-                return Ended("the upstream vanished", None)
+                return Ended("the upstream vanished", None, "vanished")
         ws = self._ws
         detail = f": {ws.close_reason}" if ws.close_reason else ""
         return Ended(f"the upstream closed ({ws.close_code}{detail})", ws.close_code)
+
+    def end_reason(self) -> str | None:
+        """Why the upstream's side ended, once its pump has (None while it goes on, or when the
+        device left first and the pump was cancelled)."""
+        pump = self._pump
+        if pump is None or not pump.done() or pump.cancelled() or pump.exception() is not None:
+            return None
+        return pump.result().reason
 
     def _reframe(self, data: bytes) -> bytes | None:
         """Upstream TTS audio in the device's framing (the two may speak different versions)."""
@@ -170,12 +192,14 @@ class Upstream:
             return data
         try:
             frame = unpack_audio(data, up)
-        except FramingError as e:
-            log.warning("%s: upstream frame dropped: %s", self.who, e)
+            if not isinstance(frame, AudioFrame):  # v2 JSON in a binary frame
+                return pack_audio(frame, dev) if dev != 1 else None
+            return pack_audio(frame.payload, dev, frame.timestamp_ms or 0)
+        except FramingError as e:  # malformed, or too long for v3's length: the session goes on without it
+            self._dropped += 1
+            if self._dropped == 1:
+                log.warning("%s: upstream frame dropped: %s (further ones are not logged)", self.who, e)
             return None
-        if not isinstance(frame, AudioFrame):  # v2 JSON in a binary frame
-            return pack_audio(frame, dev) if dev != 1 else None
-        return pack_audio(frame.payload, dev, frame.timestamp_ms or 0)
 
     def _observe(self, raw: str) -> None:
         msg = _json(raw)
@@ -191,12 +215,20 @@ class Upstream:
             self.speaking = False
 
     async def send(self, raw: str | bytes) -> None:
-        """Forward one device message as it came; a gone or stuck upstream ends the relay (the pump sees it)."""
+        """Forward one device message as it came; a gone or stuck upstream ends the relay: the pump
+        sees it and says which (a stuck one is dropped here, its reason kept for the pump)."""
         if self._ws is None:
             return
         self._metrics.relayed.labels("to_upstream").inc()
         self._metrics.relayed_bytes.labels("to_upstream").inc(len(raw))
-        await send_within(self._ws, raw, self.config.send_timeout_s, f"{self.who} upstream")
+        timeout = self.config.send_timeout_s
+        try:
+            await asyncio.wait_for(self._ws.send(raw), timeout)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            self._stuck = Ended(f"the upstream read nothing for {timeout:g} s (upstream.send_timeout_s)", None, "stuck")
+            self._ws.transport.abort()
 
     async def send_turn(self, text: str, speaker: str | None, endpoint: float) -> None:
         """The user's turn: what the device said, as the text message the upstream answers."""

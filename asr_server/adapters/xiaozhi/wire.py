@@ -134,13 +134,22 @@ def unpack_audio(data: bytes, version: int) -> AudioFrame | bytes:
     raise FramingError(f"unsupported protocol version {version}")
 
 
+V3_MAX_PAYLOAD = 0xFFFF  # v3's u16 length; no Opus packet is longer (48 frames of 1,275 bytes at most)
+
+
 def pack_audio(payload: bytes, version: int, timestamp_ms: int = 0) -> bytes:
-    """Frame one Opus packet the way the firmware does for `version`."""
+    """Frame one Opus packet the way the firmware does for `version`. A packet over v3's 16-bit
+    length is a `FramingError`: an Opus packet cannot be split, and the firmware would read a
+    wrapped length as a shorter, corrupt packet."""
     if version == 1:
         return payload
     if version == 2:
         return _V2.pack(2, FRAME_OPUS, 0, timestamp_ms & 0xFFFFFFFF, len(payload)) + payload
     if version == 3:
+        if len(payload) > V3_MAX_PAYLOAD:
+            raise FramingError(
+                f"a frame of {len(payload):,} bytes is over protocol v3's 16-bit length ({V3_MAX_PAYLOAD:,} bytes)"
+            )
         return _V3.pack(FRAME_OPUS, 0, len(payload)) + payload
     raise ValueError(f"unsupported protocol version {version}")
 
