@@ -387,7 +387,7 @@ class UpstreamConfig(_Section):
     send_timeout_s: float = Field(10.0, gt=0, description="A message the upstream does not take ends the relay.")
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
     send_speaker: bool = Field(
-        True, description='Send a known speaker as {"speaker": name, "content": text} (xiaozhi-esp32-server reads it).'
+        True, description='Add a known speaker to the turn\'s JSON as "speaker" (xiaozhi-esp32-server reads it).'
     )
 
     @field_validator("url")
