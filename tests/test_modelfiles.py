@@ -825,3 +825,22 @@ def test_cam_onnx_hub_unreachable_falls_back_to_the_weights_on_the_hub_asked_for
     assert any("csukuangfj/speaker-embedding-models" in m and "HF_ENDPOINT" in m for m in messages)
     # SenseVoice came from the pre-exported repository; CAM++'s weights would need the export
     assert [repo for repo, _ in calls] == ["iic/SenseVoiceSmall-onnx", "iic/SenseVoiceSmall"]
+
+
+def test_a_configuration_json_that_is_not_the_torch_models_is_named_and_replaced(modelscope_hub, tmp_path, monkeypatch):
+    """iic/SenseVoiceSmall-onnx's configuration.json (fetched by earlier pulls) lacks file_path_metas,
+    so funasr would not find model.pt's files: export names it, and pull puts the torch repo's there."""
+    root, calls = modelscope_hub
+    monkeypatch.setattr(repos, "exporter_missing", lambda: None)  # the torch lock is installed
+    cfg = xiaozhi_folder(tmp_path / "models")
+    sv = Path(cfg.asr.model_dir)
+    torch_configuration = (sv / "configuration.json").read_bytes()
+    (sv / "configuration.json").write_text(ONNX_REPO_CONFIGURATION)
+    with pytest.raises(errors.ExportError, match="not the PyTorch model's"):
+        export.export_sensevoice_files(sv, quantize=False)
+    messages: list[str] = []
+    hub.pull_models(cfg, export=False, echo=messages.append)
+    assert calls[0] == ("iic/SenseVoiceSmall", ("am.mvn", "configuration.json"))
+    assert (sv / "configuration.json").read_bytes() == torch_configuration
+    assert (sv / "configuration.json.rejected").read_text() == ONNX_REPO_CONFIGURATION
+    assert any("configuration.json.rejected" in m for m in messages)

@@ -27,11 +27,13 @@ from ..engines.contracts import ModelContract, match_signature, one_line, read_s
 from ..engines.speaker.campplus import frontend_problems, onnx_metadata
 from ..errors import DownloadError, HubUnreachableError, MissingDependencyError, ModelFileError, ModelsError
 from .export import (
+    TORCH_CONFIGURATION,
     TORCH_SETUP,
     Echo,
     export_models,
     export_sensevoice_files,
     exporter_missing,
+    not_the_torch_configuration,
     record_exported,
     stderr,
 )
@@ -260,6 +262,8 @@ def pull_models(
                 f", so it must be exported from its PyTorch weights ({t.repo_id}), which needs the torch lock ({why}). "
                 f"Install it with `{TORCH_SETUP}`, then run `asr-server models pull` again."
             )
+        if TORCH_CONFIGURATION in t.patterns and (why := not_the_torch_configuration(t.dest)):
+            _reject(t.dest / TORCH_CONFIGURATION, why, echo)  # the hub client would keep it
         recorded += _fetch(config, t, echo)
         fetched.append(t)
         if t.repo.pre_exported and not accept_pre_exported(config, t, echo):

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from ..config import Config
 from ..engines import contracts
 from ..errors import ModelsError
-from .export import exporter_missing, find_campplus_weights
+from .export import TORCH_CONFIGURATION, exporter_missing, find_campplus_weights, not_the_torch_configuration
 from .layout import ecapa_dir, models_root, sensevoice_onnx_ready
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
@@ -49,7 +49,7 @@ SENSEVOICE_REPO = HubRepo(
         contracts.SENSEVOICE_CMVN,
         contracts.SENSEVOICE_BPE,
         contracts.SENSEVOICE_CONFIG,
-        "configuration.json",
+        TORCH_CONFIGURATION,
     ),
 )
 #: FunASR's own ONNX runtime model (what its C++ and Python runtimes load): the int8 graph, the
@@ -148,12 +148,15 @@ def target(repo: HubRepo, source: Source, endpoint: str, dest: Path, **kw: Any) 
     return PullTarget(repo, source, repo_id, endpoint, dest, **kw) if repo_id else None
 
 
-def missing_support(sv: Path) -> tuple[str, ...]:
+def missing_support(sv: Path, weights: bool = False) -> tuple[str, ...]:
     """The small files beside the SenseVoice graph or weights that `sv` lacks (an xiaozhi-esp32-server
-    user's folder has no am.mvn), as names to fetch alone from the PyTorch repository."""
+    user's folder has no am.mvn), as names to fetch alone from the PyTorch repository. With
+    `weights` (funasr will load model.pt), also a `configuration.json` that is not the torch model's."""
     missing = tuple(n for n in (contracts.SENSEVOICE_CMVN, contracts.SENSEVOICE_CONFIG) if not (sv / n).is_file())
     if not (sv / contracts.SENSEVOICE_BPE).is_file() and not (sv / contracts.SENSEVOICE_TOKENS).is_file():
         missing += (contracts.SENSEVOICE_BPE,)
+    if weights and not_the_torch_configuration(sv):
+        missing += (TORCH_CONFIGURATION,)
     return missing
 
 
@@ -180,7 +183,7 @@ def plan_pull(
     if not onnx_backend:
         if force or not weights_here:
             targets.append(target(SENSEVOICE_REPO, src, url, sv))
-        elif missing := missing_support(sv):
+        elif missing := missing_support(sv, weights=True):
             targets.append(target(SENSEVOICE_REPO, src, url, sv, allow=missing))
     elif force or not sv_onnx:
         pre = target(SENSEVOICE_ONNX_REPO, src, url, sv)
@@ -191,7 +194,7 @@ def plan_pull(
             targets.append(pre)
         elif force or not weights_here:
             targets.append(target(SENSEVOICE_REPO, src, url, sv))
-        elif missing := missing_support(sv):
+        elif missing := missing_support(sv, weights=True):
             targets.append(target(SENSEVOICE_REPO, src, url, sv, allow=missing))
     elif missing := missing_support(sv):
         # ONNX is here: the 900 MB of PyTorch weights are not needed, only the small files missing beside them.
