@@ -286,7 +286,10 @@ class HttpConfig(_Section):
         description="Uploads decoded at once (each may hold max_audio_s of 16 kHz audio, 230 MB at an hour); "
         "the others wait their turn.",
     )
-    model_name: str = Field("sensevoice-small", description="The model id /v1/models lists; any `model` is accepted.")
+    model_name: str = Field(
+        "sensevoice-small",
+        description="The model id /v1/models lists (another id is 404 there); any `model` is accepted in a request.",
+    )
     console: bool = Field(
         True,
         description="Serve the browser console at / (talk, live sessions, health, voices); it calls the "
