@@ -235,11 +235,16 @@ def manual_instructions(config: Config, targets: list[PullTarget]) -> str:
                 f"{contracts.SENSEVOICE_CONFIG}  [from {t.url}]"
             )
         elif t.repo.model == "CAM++":
+            hf = (
+                t.url
+                if t.repo is CAMPPLUS_ONNX_REPO
+                else f"{hub_endpoint('huggingface')}/{CAMPPLUS_ONNX_REPO.huggingface}"
+            )
+            weights = f"{MODELSCOPE_DEFAULT_ENDPOINT}/models/{CAMPPLUS_REPO.modelscope}"
             lines.append(
                 f"  {Path(config.speaker.model)}: sherpa-onnx's {CAMPPLUS_SHERPA_ONNX}, renamed  "
-                f"[from {t.url if t.repo is CAMPPLUS_ONNX_REPO else hub_endpoint('huggingface') + '/' + str(CAMPPLUS_ONNX_REPO.huggingface)} or {CAMPPLUS_SHERPA_RELEASE}]"
-                f"\n    (or {contracts.CAMPPLUS_WEIGHTS} in {t.dest}/, then run `asr-server models export`)  "
-                f"[from {MODELSCOPE_DEFAULT_ENDPOINT}/models/{CAMPPLUS_REPO.modelscope}]"
+                f"[from {hf} or {CAMPPLUS_SHERPA_RELEASE}]\n"
+                f"    (or {contracts.CAMPPLUS_WEIGHTS} in {t.dest}/, then run `asr-server models export`)  [from {weights}]"
             )
         else:
             lines.append(f"  {t.dest}/: {', '.join(contracts.ECAPA_FILES)}  [from {t.url}]")
