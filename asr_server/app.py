@@ -27,7 +27,7 @@ from .core.live import SessionBoard
 from .core.metrics import Metrics, watch_loop_lag
 from .core.pipeline import Pipeline
 from .errors import StartupError
-from .modelfiles.inspect import check_models
+from .modelfiles.inspect import check_models, remedy
 from .sharing import WorkerShare
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,7 @@ def check_model_files(config: Config) -> None:
     problems = check_models(config)
     if problems:
         files = "\n".join(f"  - {p}" for p in problems)
-        raise StartupError(
-            f"model files missing or damaged:\n{files}\n"
-            "fetch them with:  asr-server models pull   (see models/README.md to place them by hand)"
-        )
+        raise StartupError(f"model files missing or damaged:\n{files}\n{remedy(config)}")
 
 
 @dataclass(frozen=True, slots=True)

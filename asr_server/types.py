@@ -9,10 +9,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def unspaced(ch: str) -> bool:
+    """Whether the character `ch` belongs to a script written without spaces between words: Chinese
+    and Japanese (Han, kana, their punctuation and full-width forms). Korean and alphabetic scripts
+    put spaces between words, so their words are units and joined texts need a space between them."""
+    if not ch:
+        return False
+    o = ord(ch[0])
+    if 0x3130 <= o <= 0x318F:  # Hangul compatibility jamo sit inside the CJK block range
+        return False
+    return 0x2E80 <= o <= 0x9FFF or 0xF900 <= o <= 0xFAFF or 0xFF00 <= o <= 0xFFEF or 0x20000 <= o <= 0x3FFFF
+
+
 @dataclass(frozen=True, slots=True)
 class Word:
-    """One word (an English word, one CJK character) and when it was said, in seconds from the
-    start of the audio recognised: from the CTC frames where its tokens peak."""
+    """One word (a word of a spaced script such as English or Korean, one Chinese or Japanese
+    character) and when it was said, in seconds from the start of the audio recognised: from the
+    CTC frames where its tokens peak."""
 
     text: str
     start_s: float

@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from asr_server.config import Config, ConfigError, load_config
 
@@ -18,6 +20,34 @@ def test_shipped_config_yaml_matches_defaults():
     """config.yaml documents every key with its default: loading it must equal the built-in defaults."""
     cfg = load_config(REPO / "config.yaml", env={})
     assert cfg == Config()
+
+
+def schema_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every key an operator can set, sections' keys under theirs (fields kept out of dumps are internal)."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        keys.add(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= schema_keys(field.annotation, f"{prefix}{name}.")
+    return keys
+
+
+def file_keys(data: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in data.items():
+        keys.add(prefix + k)
+        if isinstance(v, dict):
+            keys |= file_keys(v, f"{prefix}{k}.")
+    return keys
+
+
+def test_config_yaml_shows_every_key_the_schema_has():
+    """config.yaml says every key is shown with its default: a key added to the schema must be added there."""
+    shown = file_keys(yaml.safe_load((REPO / "config.yaml").read_text(encoding="utf-8")))
+    schema = schema_keys(Config)
+    assert sorted(schema - shown) == [] and sorted(shown - schema) == []
 
 
 def test_env_overrides_nested_key_with_yaml_typing():

@@ -217,7 +217,10 @@ def test_batched_equals_single(engine, clips):
     paths = engine.best_paths(feats, languages, itn)  # what transcribe_batch decodes
     for best, lg in zip(paths, batched):
         np.testing.assert_array_equal(best, lg.argmax(-1))
-    assert [engine.decode_best(b) for b in paths] == [engine.decode(lg) for lg in batched] == batch
+    assert [engine.decode_best(b) for b in paths] == [engine.decode(lg) for lg in batched]
+    # transcribe_batch also stops word times at each utterance's end (the last 60 ms frame may pass it)
+    assert [engine.decode_best(b, len(a) / 16000) for a, b in zip(audios, paths)] == batch
+    assert all(w.end_s <= len(a) / 16000 for a, t in zip(audios, batch) for w in t.words)
 
 
 def test_long_and_empty_utterances(engine):
@@ -373,6 +376,60 @@ def test_word_times_come_from_the_ctc_frames_of_each_word():
     assert (turn.start_s, turn.end_s) == (0.06, 0.18) and (on.start_s, on.end_s) == (0.24, 0.3)
     assert (light.start_s, light.end_s) == (0.36, 0.6)
     assert words[3].start_s == 0.6 and words[4].end_s == 0.72 and words[5].start_s == 0.78
+
+
+def test_korean_words_keep_their_spaces_in_word_times_and_subtitles(model_dir):
+    """Korean puts spaces between words: each sentencepiece word (`▁조` `금` `만`) is one word, not one
+    per syllable, and cues join words with spaces. The pieces come from the test models' sentencepiece
+    model, trained on the clips' transcripts (the Korean clip's among them)."""
+    from asr_server.adapters.http.transcriptions import cues
+    from asr_server.core.recording import Segment
+    from asr_server.engines.sensevoice.decoding import ctc_greedy_timed, word_times
+    from asr_server.engines.sensevoice.tokenizer import SentencePieceTokenizer
+    from asr_server.types import Recognition
+
+    sentence = "조금만 생각을 하면서 살면 훨씬 편할 거야"
+    tok = SentencePieceTokenizer(model_dir / BPE_FILE)
+    ids = tok.processor.EncodeAsIds(sentence)
+    assert len(ids) > len(sentence.split())  # words split into several pieces, as the real vocabulary does
+    path = [0] * 4 + [f for i in ids for f in (i, 0)]  # four query frames, then each piece and a blank
+    words = word_times(ctc_greedy_timed(one_hot_logits(path, tok.size)), tok.piece)
+    assert [w.text for w in words] == sentence.split()
+    rec = Recognition(
+        Transcript(text=sentence, words=words), speaker=None, audio_ms=int(words[-1].end_s * 1000), asr_ms=0.0
+    )
+    (cue,) = cues([Segment(0.0, words[-1].end_s, rec)])
+    assert cue[2] == sentence
+
+
+def test_word_times_stop_at_the_end_of_the_audio():
+    from asr_server.engines.sensevoice.decoding import ctc_greedy_timed, word_times
+
+    pieces = {1: "▁LIGHT", 2: "."}
+    # the last LFR frame (60 ms) reaches past the audio's 2.376 s: en_tts's last word ended at 2.40
+    ids = [0] * 4 + [0] * 37 + [1, 1, 2]
+    timed = ctc_greedy_timed(one_hot_logits(ids, 3))
+    (unclamped,) = word_times(timed, pieces.__getitem__)
+    assert unclamped.end_s == 2.4
+    (word,) = word_times(timed, pieces.__getitem__, duration_s=2.376)
+    assert (word.start_s, word.end_s) == (2.22, 2.376)
+    (early,) = word_times(timed, pieces.__getitem__, duration_s=2.0)
+    assert early.start_s == early.end_s == 2.0
+
+
+def test_times_sent_stop_at_the_end_of_the_audio_the_recogniser_heard_padded():
+    """A VAD cut reaches the recogniser with added silence, so its words may end after the audio:
+    files' segments (srt, verbose_json) and FunASR's `timestamp` stop at the end of the audio."""
+    from asr_server.adapters.funasr.wire import timestamps
+    from asr_server.core.recording import Segment
+    from asr_server.types import Recognition, Word
+
+    words = (Word("on", 0.5, 0.9), Word("light.", 1.0, 1.44))
+    rec = Recognition(Transcript(text="on light.", words=words), speaker=None, audio_ms=1376, asr_ms=0.0)
+    seg = Segment(1.0, 2.376, rec)
+    assert [(w.start_s, w.end_s) for w in seg.words()] == [(1.5, 1.9), (2.0, 2.376)]
+    assert timestamps(list(words), 1000, 2376)["timestamp"] == [[1500, 1900], [2000, 2376]]
+    assert timestamps(list(words), 1000)["timestamp"][-1] == [2000, 2440]
 
 
 @needs_audio

@@ -75,6 +75,28 @@ def test_load_errors(model_path, tmp_path):
 
 
 @pytest.mark.slow
+def test_sherpa_onnx_export_gives_the_same_embeddings(model_path, embedder, tmp_path):
+    """sherpa-onnx's published CAM++ (input `x`, batch of one in its output shape, its frontend in
+    metadata) is the same network: the engine takes it as it is and embeds as with our export."""
+    pytest.importorskip("onnx")
+    from tests.support.models import sherpa_campplus
+
+    sherpa = CampplusEmbedder.load(sherpa_campplus(model_path, tmp_path / "sherpa.onnx"))
+    assert sherpa.runtime.input == "x" and sherpa.runtime.one_at_a_time and sherpa.dim == 192
+    audios = [voice(1.0, 110, 0), voice(1.0, 180, 1), voice(2.5, 240, 2), voice(0.05, 150, 3)]
+    np.testing.assert_allclose(sherpa.embed_batch(audios), embedder.embed_batch(audios), atol=1e-5)
+
+
+def test_an_export_for_another_frontend_is_refused_naming_it(model_path, tmp_path):
+    pytest.importorskip("onnx")
+    from tests.support.models import sherpa_campplus
+
+    raw = sherpa_campplus(model_path, tmp_path / "wespeaker.onnx", normalize_samples="0", feature_normalize_type="")
+    with pytest.raises(ModelFileError, match="normalize_samples='0'") as e:
+        CampplusEmbedder.load(raw)
+    assert "feature_normalize_type=''" in str(e.value)
+
+
 def test_onnx_matches_funasr_campplus(model_path, embedder):
     torch = pytest.importorskip("torch")
     import yaml

@@ -388,6 +388,21 @@ async def test_online_deltas_add_up_to_each_segment(srv):
     assert msgs[-1]["is_final"] is True and sum(m["is_final"] for m in msgs) == 1
 
 
+@needs_audio
+async def test_2pass_finals_concatenate_with_a_space_between_english_utterances(tmp_path):
+    # FunASR's client appends each 2pass final (`text_print_2pass_offline += text`), as it appends online texts.
+    async with running(tmp_path, text_tags=False) as s, connect(s.url) as ws:
+        msgs = await stream(
+            ws,
+            {"mode": "2pass", "wav_name": "m", "wav_format": "pcm", "is_speaking": True},
+            float_to_pcm16(two_utterances()),
+        )
+    finals = [m for m in msgs if m["mode"] == "2pass-offline" and m["text"]]
+    expected = [fake_text(int((f["end_time"] - f["start_time"]) * 16) + PAD) for f in finals]
+    assert len(finals) == 2 and "".join(f["text"] for f in finals) == " ".join(expected)
+    assert not finals[0]["text"].startswith(" ")
+
+
 def test_partial_text_helpers():
     assert _stable_prefix("w1 w2 w3") == "w1 w2 " and _stable_prefix("w1") == ""
     assert _stable_prefix("打开客厅") == "打开客" and _stable_prefix("") == ""

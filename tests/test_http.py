@@ -281,8 +281,11 @@ async def test_100_mb_upload_is_413(api, chunked):
 async def test_models_list(api):
     models = await api.client().models.list()
     assert [m.id for m in models.data] == ["sensevoice-small"]
-    model = await api.client().models.retrieve("whisper-1")  # OpenAI clients look the model up first
-    assert model.id == "whisper-1" and model.object == "model"
+    model = await api.client().models.retrieve("sensevoice-small")
+    assert model.id == "sensevoice-small" and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as e:  # as OpenAI answers an id it does not have
+        await api.client().models.retrieve("whisper-1")
+    assert e.value.status_code == 404 and e.value.body["code"] == "model_not_found"
 
 
 async def test_cors_for_configured_origins_only(tmp_path):

@@ -23,7 +23,8 @@ from asr_server.config import Config, load_config
 from asr_server.engines import contracts
 from asr_server.engines.sensevoice.model import FRONTEND_CONF
 from asr_server.errors import ModelFileError
-from asr_server.modelfiles import export, hub, inspect, layout, manifest
+from asr_server.modelfiles import export, hub, inspect, layout, manifest, repos
+from tests.support.models import fake_hub
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper
@@ -295,7 +296,7 @@ def test_pull_without_network_fails_fast_with_instructions(tmp_path, capsys):
     assert not manifest.manifest_path(cfg).exists()
     assert run_cli(cfg, "pull", "--source", "hf", "--endpoint", endpoint, "--timeout", "2") == 1
     err_out = capsys.readouterr().err
-    assert "FunAudioLLM/SenseVoiceSmall" in err_out and "funasr/campplus" in err_out
+    assert "FunAudioLLM/SenseVoiceSmall" in err_out and "csukuangfj/speaker-embedding-models" in err_out
 
 
 def test_probe_gives_up_on_a_hub_that_never_answers():
@@ -356,9 +357,9 @@ def test_plan_pull_fetches_only_what_is_missing(good):
         ("FunAudioLLM/SenseVoiceSmall", sv),
         ("speechbrain/spkrec-ecapa-voxceleb", sv.parent / "ecapa"),
     ]
-    assert plan[0].ignore == ("model.pt",)  # ONNX is here: the PyTorch weights are not needed
+    assert plan[0].patterns == ["am.mvn"]  # ONNX is here: only the small file missing beside it
     assert plan[0].url == "http://127.0.0.1:9/FunAudioLLM/SenseVoiceSmall"
-    assert hub.plan_pull(good, "ms", force=True)[1].repo_id == "iic/speech_campplus_sv_zh-cn_16k-common"
+    assert hub.plan_pull(good, "ms", force=True)[1].repo_id == "csukuangfj/speaker-embedding-models"
 
 
 def test_pull_records_fetched_files_with_their_source(tmp_path, monkeypatch, good):
@@ -532,50 +533,48 @@ def test_export_turns_the_weights_into_onnx_the_engines_accept(weights_root, cap
 # --------------------------------------------------------------------------- pre-exported ONNX first
 
 
-def fake_hub(root: Path):
-    """A stand-in for the hub clients: copies `root/<repo_id>/` files matching the target's patterns."""
-    import fnmatch
-    import shutil
-
-    calls: list[tuple[str, tuple[str, ...]]] = []
-
-    def download(target):
-        calls.append((target.repo_id, tuple(target.patterns)))
-        target.dest.mkdir(parents=True, exist_ok=True)
-        for f in sorted((root / target.repo_id).iterdir()):
-            if any(fnmatch.fnmatch(f.name, pat) for pat in target.patterns):
-                shutil.copy(f, target.dest / f.name)
-
-    return download, calls
+#: `configuration.json` of `iic/SenseVoiceSmall-onnx` (56 bytes there): not the torch model's, whose
+#: `file_path_metas` funasr reads beside model.pt. Its exact bytes are not known here; any that are
+#: not the torch repo's show whether pull brings it.
+ONNX_REPO_CONFIGURATION = '{"framework": "onnx", "task": "auto-speech-recognition"}'
 
 
 @pytest.fixture
 def modelscope_hub(tmp_path, monkeypatch):
-    """ModelScope's layout built from the tiny stand-ins: the pre-exported SenseVoice (int8 ONNX and
-    tokens.json, no bpe model), the PyTorch SenseVoice repo (weights and bpe model), and the CAM++
-    repo with both 3D-Speaker's ONNX export and the weights."""
+    """The hubs' real layouts, built from the tiny stand-ins. ModelScope: `iic/SenseVoiceSmall-onnx`
+    (int8 ONNX, tokens.json, am.mvn, config.yaml and its own configuration.json; no bpe model),
+    `iic/SenseVoiceSmall` (weights, bpe model, am.mvn, config.yaml, configuration.json) and CAM++'s
+    `iic/speech_campplus_sv_zh-cn_16k-common` (the weights and configuration.json only: no ONNX).
+    Hugging Face: sherpa-onnx's `csukuangfj/speaker-embedding-models` (its CAM++ export among others)."""
     import shutil
 
     from asr_server.engines.sensevoice.tokenizer import SentencePieceTokenizer, write_token_table
-    from tests.support.models import tiny_models_dir
+    from asr_server.modelfiles.repos import CAMPPLUS_SHERPA_ONNX
+    from tests.support.models import sherpa_campplus, tiny_models_dir
 
     tiny = tiny_models_dir()
     root = tmp_path / "hub"
-    onnx_repo, pt_repo, cp_repo = (
+    onnx_repo, pt_repo, cp_repo, sherpa_repo = (
         root / "iic/SenseVoiceSmall-onnx",
         root / "iic/SenseVoiceSmall",
         root / "iic/speech_campplus_sv_zh-cn_16k-common",
+        root / "csukuangfj/speaker-embedding-models",
     )
-    for d in (onnx_repo, pt_repo, cp_repo):
+    for d in (onnx_repo, pt_repo, cp_repo, sherpa_repo):
         d.mkdir(parents=True)
     sv = tiny / "SenseVoiceSmall"
-    for name in ("model_quant.onnx", "am.mvn", "config.yaml", "configuration.json"):
+    for name in ("model_quant.onnx", "am.mvn", "config.yaml"):
         shutil.copy(sv / name, onnx_repo / name)
+    (onnx_repo / "configuration.json").write_text(ONNX_REPO_CONFIGURATION)
     write_token_table(SentencePieceTokenizer(sv / contracts.SENSEVOICE_BPE), onnx_repo / "tokens.json")
     for name in ("model.pt", "am.mvn", "config.yaml", "configuration.json", contracts.SENSEVOICE_BPE):
         shutil.copy(sv / name, pt_repo / name)
-    shutil.copy(tiny / "campplus" / "campplus.onnx", cp_repo / "campplus_cn_common.onnx")
     shutil.copy(tiny / "campplus" / contracts.CAMPPLUS_WEIGHTS, cp_repo / contracts.CAMPPLUS_WEIGHTS)
+    (cp_repo / "configuration.json").write_text('{"framework": "pytorch", "task": "speaker-verification"}')
+    sherpa_campplus(tiny / "campplus" / "campplus.onnx", sherpa_repo / CAMPPLUS_SHERPA_ONNX)
+    sherpa_campplus(
+        tiny / "campplus" / "campplus.onnx", sherpa_repo / "3dspeaker_speech_campplus_sv_en_voxceleb_16k.onnx"
+    )
     download, calls = fake_hub(root)
     monkeypatch.setattr(hub, "probe_endpoint", lambda url, timeout: None)
     monkeypatch.setattr(hub, "_download", download)
@@ -598,18 +597,19 @@ def test_pull_takes_pre_exported_onnx_and_never_exports(modelscope_hub, tmp_path
     assert [repo for repo, _ in calls] == [
         "iic/SenseVoiceSmall-onnx",
         "iic/SenseVoiceSmall",
-        "iic/speech_campplus_sv_zh-cn_16k-common",
+        "csukuangfj/speaker-embedding-models",
     ]
     assert calls[1][1] == (contracts.SENSEVOICE_BPE,)  # only the bpe model, which the ONNX repo lacks
+    assert calls[2][1] == ("3dspeaker_speech_campplus_sv_zh-cn_16k-common.onnx",)  # one file of that repo
     assert not any("*.bin" in pats or "model.pt" in pats for _, pats in calls)
     sv = Path(cfg.asr.model_dir)
+    # no configuration.json: the ONNX repo's is not the one funasr reads beside model.pt
     assert sorted(p.name for p in sv.iterdir()) == sorted(
-        ["am.mvn", "config.yaml", "configuration.json", "model_quant.onnx", "tokens.json"]
+        ["am.mvn", "config.yaml", "model_quant.onnx", "tokens.json"]
         + ([contracts.SENSEVOICE_BPE] if bpe_on_hub else [])
     )
-    assert (
-        Path(cfg.speaker.model).is_file() and not (Path(cfg.speaker.model).parent / "campplus_cn_common.onnx").exists()
-    )
+    cp = Path(cfg.speaker.model).parent
+    assert Path(cfg.speaker.model).is_file() and [p.name for p in cp.iterdir()] == ["campplus.onnx"]
     assert result.exported == () and layout.missing_model_files(cfg) == []
     assert inspect.check_models(cfg, deep=True) == []
     entries = manifest.read_manifest(manifest.manifest_path(cfg))
@@ -620,7 +620,7 @@ def test_pull_takes_pre_exported_onnx_and_never_exports(modelscope_hub, tmp_path
 
     tokenizer = SenseVoice.load(sv, device="cpu").tokenizer
     assert type(tokenizer).__name__ == ("SentencePieceTokenizer" if bpe_on_hub else "TokenTable")
-    assert CampplusEmbedder.load(Path(cfg.speaker.model)).dim == 192
+    assert CampplusEmbedder.load(Path(cfg.speaker.model)).runtime.input == "x"  # sherpa-onnx's, as published
 
 
 @pytest.mark.slow
@@ -690,3 +690,157 @@ def test_on_cuda_pull_exports_the_fp32_graph_the_int8_only_hub_lacks(modelscope_
     assert sv / "model.onnx" in result.exported
     assert any("for CUDA" in m for m in messages)
     assert inspect.check_models(cfg, deep=True) == []
+
+
+# --------------------------------------------------------------------------- a fresh box, and the folders users have
+
+PULL_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from asr_server.config import load_config
+from asr_server.modelfiles import hub, inspect
+from tests.support.models import fake_hub
+
+hub_root, models = Path(sys.argv[1]), Path(sys.argv[2])
+download, calls = fake_hub(hub_root)
+hub.probe_endpoint = lambda url, timeout: None
+hub._download = download
+cfg = load_config(None, env={}, overrides={
+    "asr": {"model_dir": str(models / "SenseVoiceSmall")},
+    "speaker": {"model": str(models / "campplus" / "campplus.onnx"), "db": str(models / "vp.sqlite")},
+})
+result = hub.pull_models(cfg, echo=lambda msg: None)
+assert result.exported == (), result.exported
+assert inspect.check_models(cfg, deep=True) == []
+from asr_server.engines.sensevoice import SenseVoice
+from asr_server.engines.speaker.campplus import CampplusEmbedder
+
+audio = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+SenseVoice.load(cfg.asr.model_dir, device="cpu").transcribe(audio)
+assert CampplusEmbedder.load(cfg.speaker.model).embed(audio).shape == (192,)
+print("repos:", [repo for repo, _ in calls])
+print("torch imported:", sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "funasr"))))
+"""
+
+
+def test_first_pull_on_a_fresh_box_serves_without_importing_torch(modelscope_hub, tmp_path):
+    """`scripts/serve.sh`'s pull with the default models, from the hubs' real layouts, in a fresh
+    interpreter: the folder serves (both engines load and run) and torch was never imported."""
+    import subprocess
+    import sys
+
+    root, _ = modelscope_hub
+    out = subprocess.run(
+        [sys.executable, "-c", PULL_WITHOUT_TORCH, str(root), str(tmp_path / "models")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "repos: ['iic/SenseVoiceSmall-onnx', 'iic/SenseVoiceSmall', 'csukuangfj/speaker-embedding-models']" in (
+        out.stdout
+    )
+    assert "torch imported: []" in out.stdout
+
+
+def xiaozhi_folder(root: Path) -> Config:
+    """models/SenseVoiceSmall/ as an xiaozhi-esp32-server user has it: model.pt (downloaded by hand),
+    config.yaml, the bpe model and the torch repo's configuration.json; no am.mvn, no ONNX."""
+    import shutil
+
+    from tests.support.models import tiny_models_dir
+
+    tiny = tiny_models_dir() / "SenseVoiceSmall"
+    sv = root / "SenseVoiceSmall"
+    sv.mkdir(parents=True)
+    for name in ("model.pt", "config.yaml", "configuration.json", contracts.SENSEVOICE_BPE):
+        shutil.copy(tiny / name, sv / name)
+    return make_config(root)
+
+
+def test_an_xiaozhi_folder_is_told_both_ways_out_and_where_am_mvn_lives(tmp_path):
+    from asr_server.app import check_model_files
+    from asr_server.errors import StartupError
+
+    cfg = xiaozhi_folder(tmp_path / "elsewhere")  # not under models/: no README beside it
+    problems = inspect.check_models(cfg)
+    assert any("am.mvn: missing" in p for p in problems)
+    with pytest.raises(StartupError) as err:
+        check_model_files(cfg)
+    msg = str(err.value)
+    assert "`asr-server models pull`" in msg and "`asr-server models export`" in msg
+    assert "scripts/setup.sh torch" in msg  # what export needs
+    assert "iic/SenseVoiceSmall" in msg and "FunAudioLLM/SenseVoiceSmall" in msg  # where am.mvn lives
+    readme = msg.split("verify`. ")[1].removesuffix(" has the details.")
+    assert Path(readme).is_file() and Path(readme) == repos.CHECKOUT_MODELS_README
+    report = inspect.inspect_models(cfg, hashes=False)
+    assert "`asr-server models export`" in inspect.format_report(report, inspect.remedy(cfg))
+
+
+def test_an_xiaozhi_folder_gets_am_mvn_alone_where_it_can_export(modelscope_hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(repos, "exporter_missing", lambda: None)  # the torch lock is installed
+    cfg = xiaozhi_folder(tmp_path / "models")
+    (Path(cfg.speaker.model).parent).mkdir()
+    (Path(cfg.speaker.model).parent / contracts.CAMPPLUS_WEIGHTS).write_bytes(b"weights")
+    plan = hub.plan_pull(cfg)
+    assert [(t.repo_id, tuple(t.patterns)) for t in plan] == [("iic/SenseVoiceSmall", ("am.mvn",))]
+
+
+def test_an_xiaozhi_folder_without_torch_takes_the_pre_exported_graph_and_keeps_its_files(
+    modelscope_hub, tmp_path, monkeypatch
+):
+    root, calls = modelscope_hub
+    monkeypatch.setattr(repos, "exporter_missing", lambda: "torch, funasr not installed")
+    monkeypatch.setattr(hub, "exporter_missing", lambda: "torch, funasr not installed")
+    cfg = xiaozhi_folder(tmp_path / "models")
+    sv = Path(cfg.asr.model_dir)
+    configuration = (sv / "configuration.json").read_bytes()
+    result = hub.pull_models(cfg, echo=lambda msg: None)
+    assert [repo for repo, _ in calls] == ["iic/SenseVoiceSmall-onnx", "csukuangfj/speaker-embedding-models"]
+    assert result.exported == ()
+    assert (sv / "configuration.json").read_bytes() == configuration  # funasr's own, for export later
+    assert (sv / "am.mvn").is_file() and (sv / "model_quant.onnx").is_file()
+    assert inspect.check_models(cfg, deep=True) == []
+
+
+def test_cam_onnx_hub_unreachable_falls_back_to_the_weights_on_the_hub_asked_for(modelscope_hub, tmp_path, monkeypatch):
+    root, calls = modelscope_hub
+    hf = "http://127.0.0.1:9"
+    monkeypatch.setenv("HF_ENDPOINT", hf)
+
+    def probe(url, timeout):
+        if url == hf:
+            raise errors.HubUnreachableError(f"{url} unreachable")
+
+    monkeypatch.setattr(hub, "probe_endpoint", probe)
+    monkeypatch.setattr(hub, "exporter_missing", lambda: "torch not installed")
+    messages: list[str] = []
+    cfg = make_config(tmp_path / "models")
+    with pytest.raises(errors.MissingDependencyError, match="scripts/setup.sh torch"):
+        hub.pull_models(cfg, echo=messages.append)
+    assert any("csukuangfj/speaker-embedding-models" in m and "HF_ENDPOINT" in m for m in messages)
+    # SenseVoice came from the pre-exported repository; CAM++'s weights would need the export
+    assert [repo for repo, _ in calls] == ["iic/SenseVoiceSmall-onnx", "iic/SenseVoiceSmall"]
+
+
+def test_a_configuration_json_that_is_not_the_torch_models_is_named_and_replaced(modelscope_hub, tmp_path, monkeypatch):
+    """iic/SenseVoiceSmall-onnx's configuration.json (fetched by earlier pulls) lacks file_path_metas,
+    so funasr would not find model.pt's files: export names it, and pull puts the torch repo's there."""
+    root, calls = modelscope_hub
+    monkeypatch.setattr(repos, "exporter_missing", lambda: None)  # the torch lock is installed
+    cfg = xiaozhi_folder(tmp_path / "models")
+    sv = Path(cfg.asr.model_dir)
+    torch_configuration = (sv / "configuration.json").read_bytes()
+    (sv / "configuration.json").write_text(ONNX_REPO_CONFIGURATION)
+    with pytest.raises(errors.ExportError, match="not the PyTorch model's"):
+        export.export_sensevoice_files(sv, quantize=False)
+    messages: list[str] = []
+    hub.pull_models(cfg, export=False, echo=messages.append)
+    assert calls[0] == ("iic/SenseVoiceSmall", ("am.mvn", "configuration.json"))
+    assert (sv / "configuration.json").read_bytes() == torch_configuration
+    assert (sv / "configuration.json.rejected").read_text() == ONNX_REPO_CONFIGURATION
+    assert any("configuration.json.rejected" in m for m in messages)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 
@@ -14,6 +15,7 @@ import pytest
 
 from asr_server.adapters.xiaozhi.upstream import turn_text
 from asr_server.adapters.xiaozhi.wire import AudioFrame, unpack_audio
+from asr_server.types import Transcript
 from loadtest.clips import load_clip, silence_packet
 from loadtest.device import Device, DeviceClosed, DeviceConfig, HelloRejected
 from loadtest.upstream import UpstreamOptions, UpstreamStub
@@ -72,9 +74,35 @@ async def say(dev: Device, name: str) -> str:
     return c.transcript
 
 
-def test_turn_text_carries_the_speaker_as_xiaozhi_server_reads_it():
-    assert turn_text("打开灯", None) == "打开灯"
-    assert turn_text("打开灯", "alice") == '{"speaker": "alice", "content": "打开灯"}'
+def start_to_chat(text: str) -> tuple[str, str | None, str]:
+    """What xiaozhi-esp32-server makes of a turn's text (core/handle/receiveAudioHandle.py `startToChat`,
+    intentHandler.py `handle_user_intent`, sendAudioHandle.py `send_stt_message`, at 7475ea2): the
+    content its intents and `stt` use, the speaker (only with both `speaker` and `content`), and the
+    text its LLM gets (the JSON itself, whatever fields it has)."""
+    content, speaker = text, None
+    if text.strip().startswith("{") and text.strip().endswith("}"):
+        data = json.loads(text)
+        if "content" in data:
+            content = data["content"]
+        if "speaker" in data and "content" in data:
+            speaker = data["speaker"]
+    return content, speaker, text
+
+
+def test_turn_text_is_what_xiaozhi_servers_own_funasr_path_sends():
+    zh = Transcript(text="打开灯", language="zh", emotion="HAPPY", event="Speech")
+    # its FunASR path: json.dumps(lang_tag_filter(result)), then "speaker" added by the voiceprint provider
+    assert json.loads(turn_text(zh, None)) == {"content": "打开灯", "language": "zh", "emotion": "🙂"}
+    assert list(json.loads(turn_text(zh, "alice"))) == ["content", "language", "emotion", "speaker"]
+    content, speaker, llm = start_to_chat(turn_text(zh, "alice"))
+    assert (content, speaker) == ("打开灯", "alice") and json.loads(llm)["language"] == "zh"
+    assert start_to_chat(turn_text(zh, None))[:2] == ("打开灯", None)
+    ko = Transcript(text="불 켜 줘", language="ko", emotion=None)
+    assert json.loads(turn_text(ko, None)) == {"content": "불 켜 줘", "language": "ko", "emotion": "😶"}
+    # no language tag (not SenseVoice's output): the text, or its plain-text path's {"speaker", "content"}
+    plain = Transcript(text="打开灯")
+    assert turn_text(plain, None) == "打开灯"
+    assert turn_text(plain, "alice") == '{"speaker": "alice", "content": "打开灯"}'
 
 
 @needs_audio
@@ -99,8 +127,9 @@ async def test_a_turn_goes_up_as_text_and_the_answer_comes_back_in_the_devices_f
             for _, frame in dev.binary:
                 assert isinstance(unpack_audio(frame, version), AudioFrame)
             assert not [m for m in dev.pending() if m.type == "stt"]  # no second stt from us
-        turns = stub.turns()
-        assert len(turns) == 1 and cer(transcript, turns[0]) <= 0.2
+        turns = [start_to_chat(t) for t in stub.turns()]
+        assert len(turns) == 1 and cer(transcript, turns[0][0]) <= 0.2
+        assert json.loads(turns[0][2])["language"] == "zh"  # what its LLM gets, as from its own FunASR path
         assert up.binary == 0  # the device's audio stays with us
         assert [m["type"] for m in up.text] == ["hello", "listen", "listen"]  # hello, start, the turn
 

@@ -10,7 +10,7 @@ from ..errors import ModelFileError, ModelsError
 from ..modelfiles.export import export_models
 from ..modelfiles.export import stderr as _stderr
 from ..modelfiles.hub import DEFAULT_PROBE_TIMEOUT_S, pull_models
-from ..modelfiles.inspect import format_report, inspect_models
+from ..modelfiles.inspect import format_report, inspect_models, remedy
 from ..modelfiles.layout import missing_model_files, models_root
 from ..modelfiles.manifest import manifest_path
 
@@ -121,14 +121,14 @@ def cmd_export(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_list(args: argparse.Namespace, config: Config) -> int:
-    print(format_report(inspect_models(config, hashes=False, signatures=True)))
+    print(format_report(inspect_models(config, hashes=False, signatures=True), remedy(config)))
     return 0
 
 
 def cmd_verify(args: argparse.Namespace, config: Config) -> int:
     report = inspect_models(config, hashes=True, signatures=True, load=True)
     if not args.quiet:
-        print(format_report(report))
+        print(format_report(report, remedy(config)))
     elif report.problems:
         print("\n".join(report.problems))
     return 0 if report.ok else 1

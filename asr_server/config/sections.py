@@ -286,7 +286,10 @@ class HttpConfig(_Section):
         description="Uploads decoded at once (each may hold max_audio_s of 16 kHz audio, 230 MB at an hour); "
         "the others wait their turn.",
     )
-    model_name: str = Field("sensevoice-small", description="The model id /v1/models lists; any `model` is accepted.")
+    model_name: str = Field(
+        "sensevoice-small",
+        description="The model id /v1/models lists (another id is 404 there); any `model` is accepted in a request.",
+    )
     console: bool = Field(
         True,
         description="Serve the browser console at / (talk, live sessions, health, voices); it calls the "
@@ -387,7 +390,7 @@ class UpstreamConfig(_Section):
     send_timeout_s: float = Field(10.0, gt=0, description="A message the upstream does not take ends the relay.")
     max_message_bytes: int = Field(1024 * 1024, ge=1024)
     send_speaker: bool = Field(
-        True, description='Send a known speaker as {"speaker": name, "content": text} (xiaozhi-esp32-server reads it).'
+        True, description='Add a known speaker to the turn\'s JSON as "speaker" (xiaozhi-esp32-server reads it).'
     )
 
     @field_validator("url")

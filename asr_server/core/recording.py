@@ -21,7 +21,7 @@ import numpy as np
 
 from ..audio.segmenter import Utterance
 from ..constants import SAMPLE_RATE
-from ..types import Recognition, Transcript, Word
+from ..types import Recognition, Transcript, Word, unspaced
 from .pipeline import Pipeline
 
 
@@ -38,9 +38,14 @@ class Segment:
         return self.recognition.transcript.text.strip()
 
     def words(self) -> list[Word]:
-        """The segment's words, timed from the start of the recording."""
+        """The segment's words, timed from the start of the recording; none past the segment's end
+        (the recogniser heard `vad.trailing_pad_ms` of added silence after a VAD cut)."""
         return [
-            Word(w.text, round(self.start_s + w.start_s, 3), round(self.start_s + w.end_s, 3))
+            Word(
+                w.text,
+                min(self.end_s, round(self.start_s + w.start_s, 3)),
+                min(self.end_s, round(self.start_s + w.end_s, 3)),
+            )
             for w in self.recognition.transcript.words
         ]
 
@@ -78,8 +83,8 @@ async def recognize_recording(
 
 
 def _joins_with_space(left: str, right: str) -> bool:
-    """Scripts without spaces (Chinese, Japanese) join directly; alphabetic text gets a space."""
-    return left[-1:].isascii() and right[:1].isascii()
+    """Scripts without spaces (Chinese, Japanese) join directly; spaced scripts (English, Korean) get a space."""
+    return bool(left) and bool(right) and not unspaced(left[-1]) and not unspaced(right[0])
 
 
 def join_texts(texts: list[str]) -> str:

@@ -67,17 +67,23 @@ class Signature:
 
 @dataclass(frozen=True, slots=True)
 class Expected:
-    """A tensor as an engine uses it: name, accepted element types, rank and the axes of fixed size."""
+    """A tensor as an engine uses it: name (or another name the same tensor has in a published
+    export), accepted element types, rank and the axes of fixed size."""
 
     name: str
     dtypes: tuple[str, ...]
     rank: int
     fixed: tuple[tuple[int, int], ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
 
     def describe(self) -> str:
         fixed = dict(self.fixed)
         dims = ", ".join(str(fixed.get(i, "*")) for i in range(self.rank))
-        return f"{self.name} {'|'.join(self.dtypes)}[{dims}]"
+        return f"{'|'.join(self.names)} {'|'.join(self.dtypes)}[{dims}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +112,10 @@ SENSEVOICE = ModelContract(
     ),
     outputs=(Expected("ctc_logits", ("float32",), 3), Expected("encoder_out_lens", ("int32",), 1)),
 )
+#: `feature` as 3D-Speaker's and funasr's exports (and `models export`) name it; `x` in sherpa-onnx's.
 CAMPPLUS = ModelContract(
     "CAM++",
-    inputs=(Expected("feature", ("float32",), 3, ((2, 80),)),),
+    inputs=(Expected("feature", ("float32",), 3, ((2, 80),), aliases=("x",)),),
     outputs=(Expected("embedding", ("float32",), 2, ((1, 192),)),),
 )
 #: ECAPA as `models export` writes it; the embedding size is whatever the checkpoint has
@@ -132,9 +139,10 @@ def match_signature(sig: Signature, contract: ModelContract) -> list[str]:
     have_out = {t.name: t for t in sig.outputs}
     for kind, wanted, have in (("input", contract.inputs, have_in), ("output", contract.outputs, have_out)):
         for exp in wanted:
-            got = have.get(exp.name)
+            got = next((have[n] for n in exp.names if n in have), None)
             if got is None:
-                problems.append(f"{kind} {exp.name!r} missing (has {', '.join(have) or 'none'})")
+                named = " or ".join(repr(n) for n in exp.names)
+                problems.append(f"{kind} {named} missing (has {', '.join(have) or 'none'})")
                 continue
             if got.dtype not in exp.dtypes:
                 problems.append(f"{kind} {exp.name!r} is {got.dtype}, expected {' or '.join(exp.dtypes)}")
@@ -148,7 +156,7 @@ def match_signature(sig: Signature, contract: ModelContract) -> list[str]:
                     dim = got.shape[axis]
                     if isinstance(dim, int) and dim != size:
                         problems.append(f"{kind} {exp.name!r} axis {axis} is {dim}, expected {size}")
-    extra = sorted(set(have_in) - {e.name for e in contract.inputs})
+    extra = sorted(set(have_in) - {n for e in contract.inputs for n in e.names})
     if extra:
         problems.append(
             f"unexpected inputs {extra}: the {contract.model} engine feeds only {[e.name for e in contract.inputs]}"

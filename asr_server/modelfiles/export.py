@@ -130,7 +130,32 @@ def _import_exporters() -> Any:
     return export
 
 
+#: funasr's hub metadata beside model.pt: its `file_path_metas` name the files funasr loads.
+TORCH_CONFIGURATION = "configuration.json"
+
+
+def not_the_torch_configuration(sv: Path) -> str | None:
+    """Why `sv/configuration.json` would break funasr's loader, or None. funasr reads the weights'
+    file names from its `file_path_metas` and ignores config.yaml when the file lacks them; the
+    `configuration.json` of `iic/SenseVoiceSmall-onnx` (which an earlier `pull` fetched) has none."""
+    path = sv / TORCH_CONFIGURATION
+    try:
+        conf = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        return f"{path} is not readable JSON ({one_line(e)})"
+    if isinstance(conf, dict) and "file_path_metas" in conf:
+        return None
+    return (
+        f"{path} is not the PyTorch model's (no file_path_metas; iic/SenseVoiceSmall-onnx ships such a "
+        "one): `asr-server models pull` puts iic/SenseVoiceSmall's in its place (or copy that one here)"
+    )
+
+
 def export_sensevoice_files(sv: Path, quantize: bool) -> list[Path]:
+    if why := not_the_torch_configuration(sv):
+        raise ExportError(f"cannot export SenseVoice: {why}")
     export = _import_exporters()
     try:
         # A local folder: funasr reads configuration.json/config.yaml there and never calls a hub.

@@ -24,13 +24,16 @@ from typing import Any
 from ..config import Config
 from ..engines import contracts
 from ..engines.contracts import ModelContract, match_signature, one_line, read_signature
+from ..engines.speaker.campplus import frontend_problems, onnx_metadata
 from ..errors import DownloadError, HubUnreachableError, MissingDependencyError, ModelFileError, ModelsError
 from .export import (
+    TORCH_CONFIGURATION,
     TORCH_SETUP,
     Echo,
     export_models,
     export_sensevoice_files,
     exporter_missing,
+    not_the_torch_configuration,
     record_exported,
     stderr,
 )
@@ -43,6 +46,7 @@ from .repos import (
     SENSEVOICE_REPO,
     WEIGHTS_OF,
     PullTarget,
+    Source,
     hub_endpoint,
     manual_instructions,
     normalize_source,
@@ -92,22 +96,45 @@ class PullResult:
     recorded: tuple[Path, ...]
 
 
-def _probe_all(config: Config, targets: list[PullTarget], probe_timeout: float) -> None:
-    for url in dict.fromkeys(t.endpoint for t in targets):
+def _probe_all(
+    config: Config, targets: list[PullTarget], probe_timeout: float, weights_at: tuple[Source, str], echo: Echo
+) -> list[PullTarget]:
+    """Probe each hub the targets need; the targets to fetch. A pre-exported repository on a hub
+    other than the one asked for (CAM++ on Hugging Face) that does not answer gives way to its
+    PyTorch weights on that one, said in one line; any other silent hub stops the pull."""
+    out = list(targets)
+    probed: set[str] = set()
+    while pending := [u for u in dict.fromkeys(t.endpoint for t in out) if u not in probed]:
+        url = pending[0]
+        probed.add(url)
         try:
             probe_endpoint(url, probe_timeout)
         except HubUnreachableError as e:
-            tried = "; ".join(f"{t.repo_id} ({t.url})" for t in targets if t.endpoint == url)
+            here = [t for t in out if t.endpoint == url]
+            swap = {
+                id(t): target(WEIGHTS_OF[id(t.repo)], *weights_at, t.dest, fallback=True)
+                for t in here
+                if id(t.repo) in WEIGHTS_OF
+            }
+            if url != weights_at[1] and len(swap) == len(here) and all(swap.values()):
+                echo(
+                    f"{', '.join(t.repo_id for t in here)}: {e}; taking the PyTorch weights from "
+                    f"{weights_at[1]} instead (set HF_ENDPOINT to a mirror to get the pre-exported ONNX)"
+                )
+                out = [swap.get(id(t)) or t for t in out]
+                continue
+            tried = "; ".join(f"{t.repo_id} ({t.url})" for t in here)
             hint = (
                 "try `--source hf`, or `--endpoint URL` for a mirror, or "
-                if targets[0].source == "modelscope"
+                if out[0].source == "modelscope"
                 else "try `--endpoint URL` for a mirror, or "
             )
             raise HubUnreachableError(
                 f"cannot reach the model hub: {e}.\nTried to fetch: {tried}.\n"
                 f"Nothing was downloaded. Check the network or proxy (HTTPS_PROXY), {hint}place the files by hand.\n"
-                + manual_instructions(config, targets)
+                + manual_instructions(config, out)
             ) from None
+    return out
 
 
 def _fetch(config: Config, t: PullTarget, echo: Echo) -> list[Path]:
@@ -167,10 +194,12 @@ def accept_pre_exported(config: Config, t: PullTarget, echo: Echo = stderr) -> b
             if problems:
                 _reject(path, "; ".join(problems), echo)
         return sensevoice_onnx_ready(config) and sensevoice_support_ready(sv)
-    # CAM++: 3D-Speaker's file name differs from speaker.model; the first ONNX that fits becomes it.
+    # CAM++: sherpa-onnx's file name differs from speaker.model; the first ONNX that fits becomes it.
     out = Path(config.speaker.model)
     for path in sorted(p for p in dir_files(t.dest) if p.suffix == ".onnx" and p != out):
         problems = _contract_problems(path, contracts.CAMPPLUS)
+        if not problems:
+            problems = frontend_problems(onnx_metadata(path))
         if problems:
             _reject(path, "; ".join(problems), echo)
         elif not out.is_file():
@@ -207,10 +236,12 @@ def pull_models(
     the files by hand; nothing is downloaded then.
     """
     targets = plan_pull(config, source, endpoint=endpoint, ecapa=ecapa, force=force)
+    src = normalize_source(source)
+    weights_at = (src, hub_endpoint(src, endpoint))
     if targets:
         for t in targets:
             _require_client(t)
-        _probe_all(config, targets, probe_timeout)
+        targets = _probe_all(config, targets, probe_timeout, weights_at, echo)
     else:
         echo("all model files the configuration needs are present; nothing to download")
     recorded: list[Path] = []
@@ -231,10 +262,12 @@ def pull_models(
                 f", so it must be exported from its PyTorch weights ({t.repo_id}), which needs the torch lock ({why}). "
                 f"Install it with `{TORCH_SETUP}`, then run `asr-server models pull` again."
             )
+        if TORCH_CONFIGURATION in t.patterns and (why := not_the_torch_configuration(t.dest)):
+            _reject(t.dest / TORCH_CONFIGURATION, why, echo)  # the hub client would keep it
         recorded += _fetch(config, t, echo)
         fetched.append(t)
         if t.repo.pre_exported and not accept_pre_exported(config, t, echo):
-            fallback = target(WEIGHTS_OF[id(t.repo)], t.source, t.endpoint, t.dest, fallback=True)
+            fallback = target(WEIGHTS_OF[id(t.repo)], *weights_at, t.dest, fallback=True)
             if fallback is not None:
                 echo(f"{t.repo.model}: nothing pre-exported fits; falling back to the PyTorch weights and the export")
                 queue.insert(0, fallback)

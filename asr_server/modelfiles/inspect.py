@@ -16,6 +16,7 @@ from ..engines.contracts import ModelContract, Signature, match_signature, one_l
 from ..errors import ModelFileError
 from .layout import ModelFile, dir_files, ecapa_dir, expected_files, model_dirs, models_root
 from .manifest import ManifestEntry, manifest_key, manifest_path, read_manifest, sha256_file
+from .repos import SENSEVOICE_ONNX_REPO, SENSEVOICE_REPO, models_readme
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,23 +246,46 @@ def check_models(config: Config, *, deep: bool = False) -> list[str]:
     return list(report.problems)
 
 
+def remedy(config: Config) -> str:
+    """What to run about missing or bad files, for this folder: `models pull` always; `models export`
+    where the PyTorch weights are here without ONNX (an xiaozhi-esp32-server user's folder), and
+    where `am.mvn`, which such a folder lacks, lives on the hubs."""
+    sv = Path(config.asr.model_dir)
+    lines = [
+        "Fix: `asr-server models pull` fetches what is missing (the pre-exported ONNX files: no torch needed); "
+        "delete a bad file and pull again (or `asr-server models export --force` for an ONNX file)."
+    ]
+    if (
+        config.engine.backend != "torch"
+        and (sv / contracts.SENSEVOICE_WEIGHTS).is_file()
+        and not any((sv / n).is_file() for n in (contracts.SENSEVOICE_FP32, contracts.SENSEVOICE_INT8))
+    ):
+        lines.append(
+            f"{sv} holds {contracts.SENSEVOICE_WEIGHTS} (as xiaozhi-esp32-server's folder does): without a hub, "
+            "`asr-server models export` turns it into ONNX here, with the torch lock (`scripts/setup.sh torch`)."
+        )
+    if not (sv / contracts.SENSEVOICE_CMVN).is_file():
+        lines.append(
+            f"{contracts.SENSEVOICE_CMVN} (the feature statistics; xiaozhi-esp32-server's folder has none) is in "
+            f"ModelScope {SENSEVOICE_REPO.modelscope} and {SENSEVOICE_ONNX_REPO.modelscope}, Hugging Face "
+            f"{SENSEVOICE_REPO.huggingface}: `models pull` fetches it alone, or copy it into {sv}/."
+        )
+    lines.append("Then run `asr-server models verify`." + models_readme(config))
+    return "\n".join(lines)
+
+
 def require_models(config: Config, *, deep: bool = False) -> None:
-    """Raise `ModelFileError` naming every missing or bad file and the command that fixes it."""
+    """Raise `ModelFileError` naming every missing or bad file and what fixes it."""
     problems = check_models(config, deep=deep)
     if problems:
-        raise ModelFileError(
-            "model files are missing or bad:\n  "
-            + "\n  ".join(problems)
-            + "\nRun `asr-server models pull` to fetch them (or place them by hand: "
-            f"see {models_root(config) / 'README.md'}), then `asr-server models verify`."
-        )
+        raise ModelFileError("model files are missing or bad:\n  " + "\n  ".join(problems) + "\n" + remedy(config))
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else (f"{n / 1024:.1f} KiB" if n >= 1024 else f"{n} B")
 
 
-def format_report(report: ModelsReport) -> str:
+def format_report(report: ModelsReport, fix: str = "") -> str:
     """The text `list` and `verify` print: one block per model, one line per file, then the problems."""
     out = [
         f"models root: {report.root}/  manifest: {report.manifest} ({report.manifest_entries} files recorded)"
@@ -295,10 +319,8 @@ def format_report(report: ModelsReport) -> str:
     if report.problems:
         out.append(f"\n{len(report.problems)} problem(s):")
         out += [f"  - {p}" for p in report.problems]
-        out.append(
-            "Fix: `asr-server models pull` fetches missing files; delete a bad file and pull again "
-            "(or `asr-server models export --force` for an ONNX file)."
-        )
+        if fix:
+            out.append(fix)
     else:
         out.append("\nall model files OK")
     return "\n".join(out)

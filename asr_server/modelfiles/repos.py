@@ -14,7 +14,7 @@ from typing import Any, Literal
 from ..config import Config
 from ..engines import contracts
 from ..errors import ModelsError
-from .export import find_campplus_weights
+from .export import TORCH_CONFIGURATION, exporter_missing, find_campplus_weights, not_the_torch_configuration
 from .layout import ecapa_dir, models_root, sensevoice_onnx_ready
 
 DEFAULT_PROBE_TIMEOUT_S = 5.0
@@ -49,11 +49,13 @@ SENSEVOICE_REPO = HubRepo(
         contracts.SENSEVOICE_CMVN,
         contracts.SENSEVOICE_BPE,
         contracts.SENSEVOICE_CONFIG,
-        "configuration.json",
+        TORCH_CONFIGURATION,
     ),
 )
 #: FunASR's own ONNX runtime model (what its C++ and Python runtimes load): the int8 graph, the
 #: frontend files and `tokens.json`, but no sentencepiece model (fetched alone from SENSEVOICE_REPO).
+#: Its `configuration.json` is left there: it is not the torch model's, whose `file_path_metas`
+#: funasr's hub loader reads beside model.pt (export and the torch backend would break on it).
 SENSEVOICE_ONNX_REPO = HubRepo(
     "SenseVoice",
     "iic/SenseVoiceSmall-onnx",
@@ -64,17 +66,25 @@ SENSEVOICE_ONNX_REPO = HubRepo(
         contracts.SENSEVOICE_CMVN,
         contracts.SENSEVOICE_CONFIG,
         contracts.SENSEVOICE_TOKENS,
-        "configuration.json",
     ),
     pre_exported=True,
 )
-# funasr's own hub map (funasr/download/name_maps_from_hub.py) gives the HF mirror of CAM++.
+# funasr's own hub map (funasr/download/name_maps_from_hub.py) gives the HF mirror of CAM++. The
+# ModelScope repository holds only `campplus_cn_common.bin` and `configuration.json`: no ONNX.
 CAMPPLUS_REPO = HubRepo(
     "CAM++", "iic/speech_campplus_sv_zh-cn_16k-common", "funasr/campplus", ("*.bin", "*.pt", "*.yaml", "*.json")
 )
-#: The same ModelScope repository also carries 3D-Speaker's ONNX export (`campplus_cn_common.onnx`).
+#: sherpa-onnx's export of that same network (its scripts/3dspeaker/export-onnx.py loads the
+#: ModelScope weights): input `x` [N,T,80], output `embedding`, metadata `normalize_samples=1`,
+#: `feature_normalize_type=global-mean`, as the CAM++ engine reads it. Published on Hugging Face
+#: (and as a GitHub release asset, tag `speaker-recongition-models`); fetched from Hugging Face
+#: whatever --source says (at $HF_ENDPOINT when set, e.g. a mirror), since ModelScope has no ONNX.
+CAMPPLUS_SHERPA_ONNX = "3dspeaker_speech_campplus_sv_zh-cn_16k-common.onnx"
+CAMPPLUS_SHERPA_RELEASE = (
+    f"https://github.com/k2-fsa/sherpa-onnx/releases/download/speaker-recongition-models/{CAMPPLUS_SHERPA_ONNX}"
+)
 CAMPPLUS_ONNX_REPO = HubRepo(
-    "CAM++", "iic/speech_campplus_sv_zh-cn_16k-common", None, ("*.onnx", "configuration.json"), pre_exported=True
+    "CAM++", None, "csukuangfj/speaker-embedding-models", (CAMPPLUS_SHERPA_ONNX,), pre_exported=True
 )
 ECAPA_REPO = HubRepo("ECAPA", None, "speechbrain/spkrec-ecapa-voxceleb", contracts.ECAPA_FILES)
 #: A pre-exported repository's fallback: the weights to export when its ONNX does not fit.
@@ -138,10 +148,20 @@ def target(repo: HubRepo, source: Source, endpoint: str, dest: Path, **kw: Any) 
     return PullTarget(repo, source, repo_id, endpoint, dest, **kw) if repo_id else None
 
 
+def missing_support(sv: Path, weights: bool = False) -> tuple[str, ...]:
+    """The small files beside the SenseVoice graph or weights that `sv` lacks (an xiaozhi-esp32-server
+    user's folder has no am.mvn), as names to fetch alone from the PyTorch repository. With
+    `weights` (funasr will load model.pt), also a `configuration.json` that is not the torch model's."""
+    missing = tuple(n for n in (contracts.SENSEVOICE_CMVN, contracts.SENSEVOICE_CONFIG) if not (sv / n).is_file())
+    if not (sv / contracts.SENSEVOICE_BPE).is_file() and not (sv / contracts.SENSEVOICE_TOKENS).is_file():
+        missing += (contracts.SENSEVOICE_BPE,)
+    if weights and not_the_torch_configuration(sv):
+        missing += (TORCH_CONFIGURATION,)
+    return missing
+
+
 def sensevoice_support_ready(sv: Path) -> bool:
-    return all((sv / n).is_file() for n in (contracts.SENSEVOICE_CMVN, contracts.SENSEVOICE_CONFIG)) and (
-        (sv / contracts.SENSEVOICE_BPE).is_file() or (sv / contracts.SENSEVOICE_TOKENS).is_file()
-    )
+    return not missing_support(sv)
 
 
 def plan_pull(
@@ -159,19 +179,26 @@ def plan_pull(
     targets: list[PullTarget | None] = []
 
     sv_onnx = sensevoice_onnx_ready(config)
+    weights_here = (sv / contracts.SENSEVOICE_WEIGHTS).is_file()
     if not onnx_backend:
-        if force or not (sensevoice_support_ready(sv) and (sv / contracts.SENSEVOICE_WEIGHTS).is_file()):
+        if force or not weights_here:
             targets.append(target(SENSEVOICE_REPO, src, url, sv))
+        elif missing := missing_support(sv, weights=True):
+            targets.append(target(SENSEVOICE_REPO, src, url, sv, allow=missing))
     elif force or not sv_onnx:
         pre = target(SENSEVOICE_ONNX_REPO, src, url, sv)
-        weights_here = (sv / contracts.SENSEVOICE_WEIGHTS).is_file() and sensevoice_support_ready(sv)
-        if pre is not None and not (weights_here and not force):
+        # A folder with the PyTorch weights (an xiaozhi-esp32-server user's) is exported where the
+        # torch lock is installed; without it, the pre-exported graph spares installing torch.
+        export_here = weights_here and not force and exporter_missing() is None
+        if pre is not None and not export_here:
             targets.append(pre)
-        elif not weights_here or force:
+        elif force or not weights_here:
             targets.append(target(SENSEVOICE_REPO, src, url, sv))
-    elif not sensevoice_support_ready(sv):
-        # ONNX is here: the 900 MB of PyTorch weights are not needed, only the small files beside them.
-        targets.append(target(SENSEVOICE_REPO, src, url, sv, ignore=(contracts.SENSEVOICE_WEIGHTS,)))
+        elif missing := missing_support(sv, weights=True):
+            targets.append(target(SENSEVOICE_REPO, src, url, sv, allow=missing))
+    elif missing := missing_support(sv):
+        # ONNX is here: the 900 MB of PyTorch weights are not needed, only the small files missing beside them.
+        targets.append(target(SENSEVOICE_REPO, src, url, sv, allow=missing))
 
     kind = config.speaker.model_type
     if config.speaker.enabled and kind == "campplus":
@@ -180,11 +207,10 @@ def plan_pull(
         if not onnx_backend:
             if force or weights is None:
                 targets.append(target(CAMPPLUS_REPO, src, url, onnx_path.parent))
-        elif force or (not onnx_path.is_file() and weights is None):
-            targets.append(
-                target(CAMPPLUS_ONNX_REPO, src, url, onnx_path.parent)
-                or target(CAMPPLUS_REPO, src, url, onnx_path.parent)
-            )
+        elif force or (not onnx_path.is_file() and (weights is None or exporter_missing() is not None)):
+            hf = url if src == "huggingface" else hub_endpoint("huggingface")
+            targets.append(target(CAMPPLUS_ONNX_REPO, "huggingface", hf, onnx_path.parent))
+
     if ecapa or (config.speaker.enabled and kind == "ecapa"):
         d = ecapa_dir(config)
         if force or not all((d / n).is_file() for n in contracts.ECAPA_FILES):
@@ -209,11 +235,30 @@ def manual_instructions(config: Config, targets: list[PullTarget]) -> str:
                 f"{contracts.SENSEVOICE_CONFIG}  [from {t.url}]"
             )
         elif t.repo.model == "CAM++":
+            hf = (
+                t.url
+                if t.repo is CAMPPLUS_ONNX_REPO
+                else f"{hub_endpoint('huggingface')}/{CAMPPLUS_ONNX_REPO.huggingface}"
+            )
+            weights = f"{MODELSCOPE_DEFAULT_ENDPOINT}/models/{CAMPPLUS_REPO.modelscope}"
             lines.append(
-                f"  {Path(config.speaker.model)} (or {contracts.CAMPPLUS_WEIGHTS} in {t.dest}/, then run "
-                f"`asr-server models export`)  [from {t.url}]"
+                f"  {Path(config.speaker.model)}: sherpa-onnx's {CAMPPLUS_SHERPA_ONNX}, renamed  "
+                f"[from {hf} or {CAMPPLUS_SHERPA_RELEASE}]\n"
+                f"    (or {contracts.CAMPPLUS_WEIGHTS} in {t.dest}/, then run `asr-server models export`)  [from {weights}]"
             )
         else:
             lines.append(f"  {t.dest}/: {', '.join(contracts.ECAPA_FILES)}  [from {t.url}]")
-    lines.append(f"Then run `asr-server models verify`; {models_root(config) / 'README.md'} has the details.")
+    lines.append("Then run `asr-server models verify`." + models_readme(config))
     return "\n".join(lines)
+
+
+#: The checkout's models/README.md: the models folder of a configuration may lie elsewhere, without it.
+CHECKOUT_MODELS_README = Path(__file__).resolve().parents[2] / "models" / "README.md"
+
+
+def models_readme(config: Config) -> str:
+    """A pointer to a README that exists: the models folder's, else the checkout's, else none."""
+    for readme in (models_root(config) / "README.md", CHECKOUT_MODELS_README):
+        if readme.is_file():
+            return f" {readme} has the details."
+    return ""

@@ -119,3 +119,57 @@ def build_tiny_ecapa(out: Path, seed: int = 0) -> Path:
     enc.update_from_iterable([f"spk{i}" for i in range(4)])
     enc.save(out / "label_encoder.txt")
     return out
+
+
+#: The metadata sherpa-onnx's scripts/3dspeaker/export-onnx.py writes into its CAM++ export.
+SHERPA_CAMPPLUS_METADATA = {
+    "framework": "3d-speaker",
+    "language": "Chinese",
+    "url": "https://www.modelscope.cn/models/damo/speech_campplus_sv_zh-cn_16k-common/summary",
+    "comment": "This model is from damo/speech_campplus_sv_zh-cn_16k-common",
+    "sample_rate": "16000",
+    "output_dim": "192",
+    "normalize_samples": "1",
+    "feature_normalize_type": "global-mean",
+}
+
+
+def sherpa_campplus(src: Path, dst: Path, **metadata: str) -> Path:
+    """A CAM++ graph in sherpa-onnx's published layout, from our export `src`: input `x` [N,T,80],
+    output `embedding` with its batch fixed at 1 (that script's dynamic_axes names `embeddings`, so
+    the output keeps the traced shape), and its metadata (`metadata` overrides entries)."""
+    import onnx
+
+    model = onnx.load(str(src))
+    (inp,) = model.graph.input
+    old = inp.name
+    inp.name = "x"
+    for node in model.graph.node:
+        node.input[:] = ["x" if n == old else n for n in node.input]
+    out = model.graph.output[0].type.tensor_type.shape.dim[0]
+    out.ClearField("dim_param")
+    out.dim_value = 1
+    for key, value in {**SHERPA_CAMPPLUS_METADATA, **metadata}.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def fake_hub(root: Path):
+    """A stand-in for the hub clients (`modelfiles.hub._download`): copies the files of
+    `root/<repo_id>/` that match the target's patterns, and records (repo_id, patterns) per call."""
+    import fnmatch
+    import shutil
+
+    calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def download(target) -> None:
+        calls.append((target.repo_id, tuple(target.patterns)))
+        target.dest.mkdir(parents=True, exist_ok=True)
+        for f in sorted((root / target.repo_id).iterdir()):
+            if any(fnmatch.fnmatch(f.name, pat) for pat in target.patterns):
+                shutil.copy(f, target.dest / f.name)
+
+    return download, calls

@@ -58,6 +58,7 @@ from .wire import (
     delta,
     parse_message,
     result_fields,
+    spaced_after,
     stable_prefix,
     tagged,
     timestamps,
@@ -118,6 +119,7 @@ class FunAsrSession:
         self._offline_nbytes = 0
         self._held = 0  # bytes of offline audio counted in server.buffered_bytes
         self._online_tail = ""  # the last `online` text sent (a space goes between English utterances)
+        self._final_tail = ""  # the last 2pass final's text, for the same reason
         self._resampler: PcmResampler | None = None
         self._stream: _Stream | None = None
         # What the console's live view shows (`view`).
@@ -200,18 +202,23 @@ class FunAsrSession:
         self.server.buffered_bytes -= self._held
         self._held = 0
 
-    def _text_fields(self, text: str, rec: Recognition | None) -> dict[str, Any]:
-        """A final's text as FunASR sends it (tags first, `funasr.text_tags`), and the clean text."""
+    def _text_fields(self, text: str, rec: Recognition | None, appended: bool = False) -> dict[str, Any]:
+        """A final's text as FunASR sends it (tags first, `funasr.text_tags`), and the clean text.
+        `appended`: clients append it to the finals before (2pass: `text_print_2pass_offline += text`),
+        so English after English gets a space first, as online texts do."""
         if not self.server.config.funasr.text_tags:
-            return {"text": text}
+            if not appended:
+                return {"text": text}
+            spaced = spaced_after(self._final_tail, text)
+            self._final_tail = text or self._final_tail
+            return {"text": spaced}
         return {"text": tagged(text, rec), "clean_text": text}
 
     def _spaced(self, first: bool, text: str) -> str:
         """`online` texts are concatenated by clients: an English utterance after another starts with
         a space (`first`: nothing of this utterance was sent yet). Remembers what was sent last."""
-        tail = self._online_tail[-1:]
-        if text and first and tail.isascii() and tail.strip() and text[0].isascii() and text[0].isalnum():
-            text = " " + text
+        if first:
+            text = spaced_after(self._online_tail, text)
         if text:
             self._online_tail = text
         return text
@@ -384,18 +391,19 @@ class FunAsrSession:
             )
         text = "" if rec.is_empty else rec.transcript.text.strip()
         start_ms = int(utt.start_chunk * VAD_WINDOW_MS)
+        end_ms = start_ms + int(len(event.audio) * 1000 / SAMPLE_RATE)
         online_text = "" if req.mode == "2pass" else self._spaced(not utt.sent, delta(utt.sent, text))
         message: dict[str, Any] = {
             "mode": "2pass-offline" if req.mode == "2pass" else "online",
             "wav_name": req.wav_name,
-            **(self._text_fields(text, rec) if req.mode == "2pass" else {"text": online_text}),
+            **(self._text_fields(text, rec, appended=True) if req.mode == "2pass" else {"text": online_text}),
             "is_final": end_of_stream,
             "slice_type": 2,
             "index": utt.index,
             "start_time": start_ms,
-            "end_time": start_ms + int(len(event.audio) * 1000 / SAMPLE_RATE),
+            "end_time": end_ms,
             **result_fields(rec),
-            **(timestamps(list(rec.transcript.words), start_ms) if req.mode == "2pass" else {}),
+            **(timestamps(list(rec.transcript.words), start_ms, end_ms) if req.mode == "2pass" else {}),
         }
         await self._send(message)
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)

@@ -14,7 +14,7 @@ from websockets.frames import CloseCode
 
 from ...constants import LANGUAGES, SAMPLE_RATE
 from ...errors import FunAsrProtocolError
-from ...types import Recognition, Word
+from ...types import Recognition, Word, unspaced
 
 MODES = ("offline", "online", "2pass")
 
@@ -221,6 +221,15 @@ def _distance(a: list[str], b: list[str]) -> int:
     return prev[-1]
 
 
+def spaced_after(tail: str, text: str) -> str:
+    """`text` as a client appends it to what it got before (ending in `tail`): with a space first when
+    both sides are words of a spaced script (English after English), else as it is."""
+    last = tail[-1:]
+    if text and last.strip() and not unspaced(last) and text[0].isalnum() and not unspaced(text[0]):
+        return " " + text
+    return text
+
+
 def tagged(text: str, rec: Recognition | None) -> str:
     """`text` as FunASR's runtime returns SenseVoice results: language, emotion and event tags first
     (`<|zh|><|NEUTRAL|><|Speech|> 打开灯`, runtime/onnxruntime/src/sensevoice-small.cpp), which
@@ -231,14 +240,16 @@ def tagged(text: str, rec: Recognition | None) -> str:
     return f"<|{t.language}|><|{t.emotion or 'EMO_UNKNOWN'}|><|{t.event or 'Speech'}|> {text}"
 
 
-def timestamps(words: list[Word], offset_ms: int = 0) -> dict[str, Any]:
+def timestamps(words: list[Word], offset_ms: int = 0, end_ms: int | None = None) -> dict[str, Any]:
     """FunASR's timestamp fields for a final: `timestamp`, [[start_ms, end_ms], ...] per word (as its
     Python server sends `rec["timestamp"]`), and `stamp_sents`, one entry per result as its C++
-    runtime sends them; empty when the words carry no times."""
+    runtime sends them; empty when the words carry no times. No time passes `end_ms`, the end of
+    the audio (the recogniser may have heard added silence after it)."""
     if not words:
         return {}
-    ts = [[offset_ms + round(w.start_s * 1000), offset_ms + round(w.end_s * 1000)] for w in words]
-    text = "".join(w.text if not w.text[:1].isascii() else " " + w.text for w in words).strip()
+    last = end_ms if end_ms is not None else 2**62
+    ts = [[min(last, offset_ms + round(w.start_s * 1000)), min(last, offset_ms + round(w.end_s * 1000))] for w in words]
+    text = "".join(w.text if unspaced(w.text[:1]) else " " + w.text for w in words).strip()
     return {
         "timestamp": ts,
         "stamp_sents": [{"text_seg": text, "punc": "", "start": ts[0][0], "end": ts[-1][1], "ts_list": ts}],

@@ -220,7 +220,12 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def model(request: web.Request) -> web.Response:
-    """`GET /v1/models/{id}` (OpenAI clients look a model up before using it): any id is served by
-    the one model, as `model` in a transcription request is."""
+    """`GET /v1/models/{id}`: the served model (`http.model_name`); any other id is 404
+    `model_not_found`, as OpenAI answers (a transcription request's `model` is still not checked)."""
     authorize(request)
-    return web.json_response(_model(request.match_info["model_id"]))
+    name, wanted = request.app[CONFIG].http.model_name, request.match_info["model_id"]
+    if wanted != name:
+        raise ApiError(
+            404, f"The model '{wanted}' does not exist; this server serves '{name}'", "model_not_found", "model"
+        )
+    return web.json_response(_model(name))

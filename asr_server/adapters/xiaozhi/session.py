@@ -380,7 +380,7 @@ class Session:
             if self.upstream is not None:
                 # The upstream answers the turn and sends the device its own `stt` (one bubble, not two).
                 speaker = rec.speaker.name if rec.speaker is not None and self.config.upstream.send_speaker else None
-                await self.upstream.send_turn(rec.transcript.text, speaker, speech_end)
+                await self.upstream.send_turn(rec.transcript, speaker, speech_end)
             else:
                 await self._send(self._stt(rec, latency_ms, processing_ms, speculated, len(pieces) - 1))
             self.utterances += 1

@@ -4,8 +4,8 @@ The server is the device's edge: it consumes the device's audio (Opus, VAD, Sens
 and relays everything else. The upstream sees a device that speaks in text turns: the device's
 `hello` and JSON messages as they are, and each utterance as
 `{"type": "listen", "state": "detect", "text": ...}` — which xiaozhi-esp32-server answers as the
-user's turn (`listenMessageHandler` → `startToChat`) — with `{"speaker": name, "content": text}`
-as the text when the speaker is known (parsed by its `startToChat`). Everything the upstream sends
+user's turn (`listenMessageHandler` → `startToChat`) — with the JSON text its own FunASR path
+hands `startToChat` (`{"content", "language", "emotion"}`, plus `"speaker"` when known). Everything the upstream sends
 goes back to the device in order; binary TTS audio is re-framed for the device's protocol version
 (xiaozhi-esp32-server sends bare Opus, protocol version 1, whatever the device speaks).
 """
@@ -28,6 +28,7 @@ from websockets.frames import CloseCode
 from ...config import UpstreamConfig
 from ...core.metrics import Metrics
 from ...errors import FramingError, UpstreamError
+from ...types import Transcript
 from .wire import AudioFrame, dumps, pack_audio, unpack_audio
 
 log = logging.getLogger(__name__)
@@ -57,11 +58,37 @@ class Ended:
 PASSED = ("Device-Id", "Client-Id", "Authorization")
 
 
-def turn_text(text: str, speaker: str | None) -> str:
-    """The text of a turn as xiaozhi-esp32-server's `startToChat` reads it."""
-    if speaker is None:
-        return text
-    return json.dumps({"speaker": speaker, "content": text}, ensure_ascii=False)
+#: SenseVoice's emotion as xiaozhi-esp32-server's FunASR path gives it to the LLM (`lang_tag_filter`
+#: in core/providers/asr/utils.py maps the tag to this emoji; an unknown tag passes as it is).
+EMOTION_EMOJI = {
+    "HAPPY": "🙂",
+    "SAD": "😔",
+    "ANGRY": "😡",
+    "NEUTRAL": "😶",
+    "FEARFUL": "😰",
+    "DISGUSTED": "🤢",
+    "SURPRISED": "😲",
+    "EMO_UNKNOWN": "😶",
+}
+
+
+def turn_text(transcript: Transcript, speaker: str | None) -> str:
+    """The text of a turn as xiaozhi-esp32-server's own FunASR path hands it to `startToChat`.
+
+    That path (`ASRProviderBase.handle_voice_stop`) sends `json.dumps(lang_tag_filter(result))`:
+    `{"content", "language", "emotion"}`, with `"speaker"` added when its voiceprint provider named
+    one. `startToChat` and `handle_user_intent` take `content` out (and `speaker`, when both are
+    there); the LLM gets the JSON, so it can answer in the language said. Text without a language
+    tag goes as it is (with the speaker: `{"speaker", "content"}`, as its plain-text path sends it).
+    """
+    text = transcript.text
+    if transcript.language is None:
+        return text if speaker is None else json.dumps({"speaker": speaker, "content": text}, ensure_ascii=False)
+    emotion = transcript.emotion or "NEUTRAL"
+    turn = {"content": text, "language": transcript.language, "emotion": EMOTION_EMOJI.get(emotion, emotion)}
+    if speaker is not None:
+        turn["speaker"] = speaker
+    return json.dumps(turn, ensure_ascii=False)
 
 
 class Upstream:
@@ -230,10 +257,10 @@ class Upstream:
             self._stuck = Ended(f"the upstream read nothing for {timeout:g} s (upstream.send_timeout_s)", None, "stuck")
             self._ws.transport.abort()
 
-    async def send_turn(self, text: str, speaker: str | None, endpoint: float) -> None:
+    async def send_turn(self, transcript: Transcript, speaker: str | None, endpoint: float) -> None:
         """The user's turn: what the device said, as the text message the upstream answers."""
         self._turn_at = endpoint
-        await self._send_own({"type": "listen", "state": "detect", "text": turn_text(text, speaker)})
+        await self._send_own({"type": "listen", "state": "detect", "text": turn_text(transcript, speaker)})
 
     async def barge_in(self) -> None:
         """The user speaks over the answer (realtime mode): stop it, as the firmware's abort does."""

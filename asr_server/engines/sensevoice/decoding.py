@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ...errors import UnsupportedLanguage
-from ...types import Transcript, Word
+from ...types import Transcript, Word, unspaced
 
 _WORD_START = "\u2581"
 
@@ -59,10 +59,14 @@ def ctc_runs(best: np.ndarray, blank: int = 0) -> list[tuple[int, int, int]]:
     return out
 
 
-def word_times(timed: list[tuple[int, int, int]], piece: Callable[[int], str]) -> tuple[Word, ...]:
-    """Tokens grouped into words with their times: a sentencepiece word starts at `▁`, every CJK
-    character is a word, punctuation and byte pieces stay with the word before; tags are left out.
-    A word runs from its first token's first frame (or the bare `▁` before it) to its last token's last frame."""
+def word_times(
+    timed: list[tuple[int, int, int]], piece: Callable[[int], str], duration_s: float | None = None
+) -> tuple[Word, ...]:
+    """Tokens grouped into words with their times: a sentencepiece word starts at `▁` (English,
+    Korean and every other spaced script), every Chinese or Japanese character is a word,
+    punctuation and byte pieces stay with the word before; tags are left out. A word runs from its
+    first token's first frame (or the bare `▁` before it) to its last token's last frame; times
+    stop at `duration_s`, the audio's length (the last 60 ms frame may reach past it)."""
     words: list[list] = []
     boundary: int | None = None  # the frame of a bare `▁` piece: the next piece starts a word there
     for tid, f0, f1 in timed:
@@ -78,21 +82,25 @@ def word_times(timed: list[tuple[int, int, int]], piece: Callable[[int], str]) -
         starts = p.startswith(_WORD_START) or boundary is not None
         if boundary is not None:
             f0, boundary = boundary, None
-        attach = words and (
-            not starts and (core.isascii() and words[-1][0][-1:].isascii() or _is_punct(core) or p.startswith("<0x"))
-        )
+        continues = words and not unspaced(core[0]) and not unspaced(words[-1][0][-1:])
+        attach = words and not starts and (continues or _is_punct(core) or p.startswith("<0x"))
         if attach:
             words[-1][0] += core if not p.startswith("<0x") else ""
             words[-1][2] = f1
-        elif not core.isascii() and len(core) > 1 and not _is_punct(core):
-            # a piece of several CJK characters: one word each, its frames shared out evenly
+        elif unspaced(core[0]) and len(core) > 1 and not _is_punct(core):
+            # a piece of several Chinese or Japanese characters: one word each, its frames shared out evenly
             span = (f1 + 1 - f0) / len(core)
             for k, ch in enumerate(core):
                 words.append([ch, f0 + k * span, f0 + (k + 1) * span - 1])
         else:
             words.append([core, f0, f1])
+    end = float("inf") if duration_s is None else round(duration_s, 3)
     return tuple(
-        Word(w, round(max(0, f0 - QUERY_FRAMES) * FRAME_S, 3), round(max(0, f1 + 1 - QUERY_FRAMES) * FRAME_S, 3))
+        Word(
+            w,
+            min(end, round(max(0, f0 - QUERY_FRAMES) * FRAME_S, 3)),
+            min(end, round(max(0, f1 + 1 - QUERY_FRAMES) * FRAME_S, 3)),
+        )
         for w, f0, f1 in words
     )
 

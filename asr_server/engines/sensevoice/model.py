@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
+from ...constants import SAMPLE_RATE
 from ...errors import CmvnFileError, ModelFileError
 from ...types import Transcript
 from .. import contracts
@@ -206,11 +207,11 @@ class SenseVoice:
         """One item's valid logits [T+4, V] decoded."""
         return self.decode_best(np.asarray(logits).argmax(axis=-1))
 
-    def decode_best(self, best: np.ndarray) -> Transcript:
-        """One item's best path [T+4] decoded: text, tags and word times."""
+    def decode_best(self, best: np.ndarray, duration_s: float | None = None) -> Transcript:
+        """One item's best path [T+4] decoded: text, tags and word times (none past `duration_s`)."""
         timed = ctc_runs(best)
         transcript = parse_transcript(self.tokenizer.decode([t for t, _, _ in timed]))
-        return dataclasses.replace(transcript, words=word_times(timed, self.tokenizer.piece))
+        return dataclasses.replace(transcript, words=word_times(timed, self.tokenizer.piece, duration_s))
 
     def transcribe_batch(
         self,
@@ -224,7 +225,8 @@ class SenseVoice:
         """
         languages = ["auto"] * len(audios) if languages is None else languages
         use_itn = [True] * len(audios) if use_itn is None else use_itn
-        return [self.decode_best(b) for b in self.best_paths(self.features(audios), languages, use_itn)]
+        paths = self.best_paths(self.features(audios), languages, use_itn)
+        return [self.decode_best(b, len(a) / SAMPLE_RATE) for a, b in zip(audios, paths, strict=True)]
 
     def transcribe(self, audio: np.ndarray, language: str = "auto", use_itn: bool = True) -> Transcript:
         return self.transcribe_batch([audio], [language], [use_itn])[0]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import onnxruntime as ort
 
 from ...errors import ModelFileError
 from ..base import ModelInfo, read_yaml_mapping
@@ -35,17 +36,55 @@ class CampplusRuntime(Protocol):
     def run(self, feats: np.ndarray) -> np.ndarray: ...
 
 
+#: What sherpa-onnx's export declares in its metadata about the frontend it was made for, and what
+#: `campplus_features` computes: samples in [-1, 1], 16 kHz, the fbank minus its mean over time.
+FRONTEND_METADATA = {"normalize_samples": "1", "feature_normalize_type": "global-mean", "sample_rate": "16000"}
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    """The metadata properties of an ONNX file (empty for exports that declare none)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own untyped errors for corrupt files
+        raise ModelFileError(f"cannot load {path}: {e}") from None
+    return dict(sess.get_modelmeta().custom_metadata_map)
+
+
+def frontend_problems(meta: dict[str, str]) -> list[str]:
+    """Where an export's declared frontend differs from the engine's; a key it does not declare is
+    taken to agree (3D-Speaker's and our own exports declare none)."""
+    return [
+        f"metadata {key}={meta[key]!r}, but the engine feeds {want!r}"
+        for key, want in FRONTEND_METADATA.items()
+        if key in meta and meta[key] != want
+    ]
+
+
 class OnnxCampplus:
-    """CAM++ on ONNX Runtime: the exported `feature` [B,T,80] → `embedding` [B,D] graph."""
+    """CAM++ on ONNX Runtime: features [B,T,80] → `embedding` [B,D]. The input is `feature` in
+    3D-Speaker's and our exports, `x` in sherpa-onnx's (whose metadata must declare our frontend).
+    A graph exported with a batch of one fixed in its shapes runs one utterance per call."""
 
     def __init__(self, path: Path, device: str = "cpu", threads: int = 0) -> None:
         self.path = Path(path)
         self.session, self.info = open_onnx(self.path, device, threads, CAMPPLUS, name="speaker")
-        dim = self.session.get_outputs()[0].shape[-1]
+        problems = frontend_problems(dict(self.session.get_modelmeta().custom_metadata_map))
+        if problems:
+            raise ModelFileError(f"{self.path}: does not match the CAM++ engine's frontend: {'; '.join(problems)}")
+        (feature,) = self.session.get_inputs()
+        self.input = feature.name
+        out = self.session.get_outputs()[0].shape
+        self.one_at_a_time = feature.shape[0] == 1 or out[0] == 1
+        dim = out[-1]
         self.dim: int | None = dim if isinstance(dim, int) else None
 
     def run(self, feats: np.ndarray) -> np.ndarray:
-        (emb,) = self.session.run(CAMPPLUS.output_names, {"feature": np.ascontiguousarray(feats, dtype=np.float32)})
+        feats = np.ascontiguousarray(feats, dtype=np.float32)
+        if self.one_at_a_time and len(feats) > 1:
+            return np.concatenate([self.run(feats[i : i + 1]) for i in range(len(feats))])
+        (emb,) = self.session.run(CAMPPLUS.output_names, {self.input: feats})
         return emb
 
 
