@@ -188,20 +188,31 @@ class DecodePool:
             if w is not None and not w.process.is_alive():
                 log.warning("decoder process %s died while idle (%s); starting another", w.process.pid, w.death())
                 self._retire(w)
-                w = None
-            if w is None:
+            if w is None or w not in self._all:
                 w = self._start()
             decoded, rss = self._exchange(w, data, max_duration_s)
             if rss > w.start_rss_mb + RECYCLE_GROWTH_MB:  # give the memory back: a new process
                 self._retire(w)
-                w = None
             if isinstance(decoded, Exception):
                 raise decoded
             return decoded
         finally:
-            if w is not None and self._closed:
+            self._idle.put(self._refill(w))
+
+    def _refill(self, w: _Worker | None) -> _Worker | None:
+        """The slot's worker after a decode: the same one, or a new one where it was retired or died
+        (started now, so the pool stays warm; None if even that fails: the next decode tries again)."""
+        if self._closed:
+            if w is not None:
                 self._retire(w)
-            self._idle.put(w if w is None or w.process.is_alive() else None)
+            return None
+        if w is not None and w in self._all and w.process.is_alive():
+            return w
+        try:
+            return self._start()
+        except DecoderCrashed as e:
+            log.warning("could not replace a decoder process: %s", e)
+            return None
 
     def _exchange(
         self, w: _Worker, data: bytes, max_duration_s: float | None

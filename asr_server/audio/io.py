@@ -3,8 +3,8 @@
 Uploads arrive in whatever container the client had (wav, flac, mp3, ogg/opus, webm, m4a...).
 libsndfile (`soundfile`) reads the uncompressed and lossless ones (wav, flac, aiff) and soxr
 resamples them in blocks; everything else goes to FFmpeg through PyAV, whose wheel carries the
-codecs, and FFmpeg itself downmixes and resamples to 16 kHz mono float (PyAV's `AudioResampler`):
-the frames this code touches are always one plane, whatever layout the file has (PyAV 18 reports
+codecs, and FFmpeg itself downmixes and resamples to 16 kHz mono float (a filter graph, as PyAV's
+`AudioResampler` builds one, with a downmix that cannot clip): the frames this code touches are always one plane, whatever layout the file has (PyAV 18 reports
 9 planes for 7.1 audio, and reading a multi-plane frame ran past its end and crashed the process).
 Memory follows the 16 kHz output, not the source. Before decoding, the header's channels, rate and
 duration are checked (`AudioFormatError`, `AudioTooLongError`), and a limit on the decoded duration
@@ -30,6 +30,7 @@ from ..errors import AudioDecodeError, AudioFormatError, AudioTooLongError, Empt
 from .resample import Resampler
 
 _BLOCK = 1 << 14  # source frames per block read from soundfile
+_UNKNOWN_FRAMES = 1 << 62
 # Compressed formats that libsndfile 1.2 reads but FFmpeg reads better: its Ogg/Opus decoder
 # returns wrong samples for reads above ~64k frames, and FFmpeg is the reference for both.
 _FFMPEG_FIRST = {"OGG", "MP3"}
@@ -89,7 +90,8 @@ def _decode_soundfile(data: bytes, max_duration_s: float | None) -> DecodedAudio
         rate, channels, fmt = f.samplerate, f.channels, f.format
         if rate <= 0 or fmt in _FFMPEG_FIRST:
             return None
-        _check_header(channels, rate, f.frames / rate if f.frames > 0 else None, max_duration_s)
+        known = 0 < f.frames < _UNKNOWN_FRAMES  # a stream written without its length reads as 2**63 - 1
+        _check_header(channels, rate, f.frames / rate if known else None, max_duration_s)
         res = Resampler(rate, _max_samples(max_duration_s))
         try:
             while True:
@@ -122,8 +124,7 @@ def _decode_pyav(data: bytes, max_duration_s: float | None) -> DecodedAudio:
         elif container.duration is not None:
             seconds = container.duration / av.time_base
         _check_header(channels, rate, seconds, max_duration_s)
-        # FFmpeg downmixes (as `ffmpeg -ac 1` does) and resamples: one plane of float comes out.
-        to_mono = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        to_mono = _mono_graph(stream)
         limit = _max_samples(max_duration_s)
         blocks: list[np.ndarray] = []
         n = 0
@@ -132,13 +133,12 @@ def _decode_pyav(data: bytes, max_duration_s: float | None) -> DecodedAudio:
             for packet in container.demux(stream):
                 for frame in packet.decode():
                     decoded_any = True
-                    for out in to_mono.resample(frame):
-                        blocks.append(_full_scale(out.to_ndarray().reshape(-1)))
-                        n += len(blocks[-1])
+                    to_mono.push(frame)
+                    n += _pull(to_mono, blocks)
                     if limit is not None and n > limit:
                         raise AudioTooLongError(f"audio is longer than the allowed {limit / SAMPLE_RATE:.0f} s")
-            for out in to_mono.resample(None):
-                blocks.append(_full_scale(out.to_ndarray().reshape(-1)))
+            to_mono.push(None)
+            _pull(to_mono, blocks)
         except av.FFmpegError as e:
             if not decoded_any:
                 raise AudioDecodeError(f"not an audio file that can be decoded ({_reason(e)})") from None
@@ -147,6 +147,40 @@ def _decode_pyav(data: bytes, max_duration_s: float | None) -> DecodedAudio:
             raise EmptyAudioError("the file holds no decodable audio")
     samples = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     return DecodedAudio(samples, rate, channels, "pyav", fmt)
+
+
+def _mono_graph(stream):
+    """An FFmpeg filter graph from the stream's frames to 16 kHz mono float, one plane.
+
+    `rematrix_maxval=1` scales the downmix so that it cannot pass full scale: FFmpeg's default
+    matrix sums the channels, which clips a 16-microphone array's recording."""
+    import av
+
+    graph = av.filter.Graph()
+    chain = [
+        graph.add_abuffer(template=stream),
+        graph.add("aresample", f"{SAMPLE_RATE}:rematrix_maxval=1"),
+        graph.add("aformat", f"sample_fmts=flt:channel_layouts=mono:sample_rates={SAMPLE_RATE}"),
+        graph.add("abuffersink"),
+    ]
+    for a, b in zip(chain, chain[1:], strict=False):
+        a.link_to(b)
+    graph.configure()
+    return graph
+
+
+def _pull(graph, blocks: list[np.ndarray]) -> int:
+    """Move what the graph has ready into `blocks`; returns the samples moved."""
+    import av
+
+    n = 0
+    while True:
+        try:
+            frame = graph.pull()
+        except (BlockingIOError, av.EOFError):
+            return n
+        blocks.append(_full_scale(frame.to_ndarray().reshape(-1)))
+        n += len(blocks[-1])
 
 
 def _reason(e: Exception) -> str:
