@@ -124,7 +124,7 @@ class DecodePool:
     @property
     def pids(self) -> list[int]:
         """The running workers' process ids."""
-        return [w.process.pid for w in list(self._all) if w.process.pid is not None]
+        return [w.process.pid for w in list(self._all) if w.process.pid is not None and w.process.is_alive()]
 
     def warm(self) -> None:
         """Start every worker now (blocking, a fork each), so no request waits for one."""
@@ -182,15 +182,21 @@ class DecodePool:
         self._all.discard(w)
         w.stop()
 
+    def _retire_dead(self, w: _Worker) -> str:
+        """Retire a worker that died (or was killed); how it ended."""
+        how = w.death()
+        self._retire(w)
+        return how
+
     def _decode(self, data: bytes, max_duration_s: float | None) -> DecodedAudio:
         w = self._idle.get()  # waits only behind the decode of a caller that left
         try:
-            if w is not None and not w.process.is_alive():
-                log.warning("decoder process %s died while idle (%s); starting another", w.process.pid, w.death())
-                self._retire(w)
-            if w is None or w not in self._all:
-                w = self._start()
-            decoded, rss = self._exchange(w, data, max_duration_s)
+            w = self._live(w)
+            if not self._hand(w, data, max_duration_s):  # it died before reading the file: not the file's doing
+                w = self._live(w)
+                if not self._hand(w, data, max_duration_s):
+                    raise DecoderCrashed("a new decoder process died before it read the file")
+            decoded, rss = self._answer(w, len(data))
             if rss > w.start_rss_mb + RECYCLE_GROWTH_MB:  # give the memory back: a new process
                 self._retire(w)
             if isinstance(decoded, Exception):
@@ -198,6 +204,26 @@ class DecodePool:
             return decoded
         finally:
             self._idle.put(self._refill(w))
+
+    def _live(self, w: _Worker | None) -> _Worker:
+        """`w` if it lives, else a new worker in its place (it died while idle: logged)."""
+        if w is not None and w in self._all and w.process.is_alive():
+            return w
+        if w is not None and w in self._all:
+            log.warning("decoder process %s died while idle (%s); starting another", w.process.pid, w.death())
+            self._retire(w)
+        return self._start()
+
+    def _hand(self, w: _Worker, data: bytes, max_duration_s: float | None) -> bool:
+        """Send `w` a file; False if it was dead (the send fails before it can read any of it)."""
+        try:
+            w.conn.send(max_duration_s)
+            w.conn.send_bytes(data)
+        except OSError:
+            how = self._retire_dead(w)
+            log.warning("decoder process %s had died (%s); starting another for the file", w.process.pid, how)
+            return False
+        return True
 
     def _refill(self, w: _Worker | None) -> _Worker | None:
         """The slot's worker after a decode: the same one, or a new one where it was retired or died
@@ -214,14 +240,11 @@ class DecodePool:
             log.warning("could not replace a decoder process: %s", e)
             return None
 
-    def _exchange(
-        self, w: _Worker, data: bytes, max_duration_s: float | None
-    ) -> tuple[DecodedAudio | AudioDecodeError, float]:
-        """One decode on `w`; a dead or hung worker is retired and named in `DecoderCrashed`."""
+    def _answer(self, w: _Worker, size: int) -> tuple[DecodedAudio | AudioDecodeError, float]:
+        """`w`'s answer to the file it was handed; its death or hang from here is the file's
+        (retired, logged, `DecoderCrashed`)."""
+        self._count(+1)
         try:
-            w.conn.send(max_duration_s)
-            w.conn.send_bytes(data)
-            self._count(+1)  # the file is with the worker: from here its death is this request's
             try:
                 answered = w.conn.poll(DECODE_TIMEOUT_S)
             finally:
@@ -236,13 +259,11 @@ class DecodePool:
             buf = bytearray(n * 4)
             w.conn.recv_bytes_into(buf)
         except (EOFError, OSError) as e:
-            how = w.death()
-            self._retire(w)
-            log.warning("decoder process %s died on a %d-byte upload (%s)", w.process.pid, len(data), how)
+            how = self._retire_dead(w)
+            log.warning("decoder process %s died on a %d-byte upload (%s)", w.process.pid, size, how)
             raise DecoderCrashed(f"the decoder process died on this file ({how}); nothing was decoded") from e
         except DecoderCrashed:
-            how = w.death()
-            self._retire(w)
-            log.warning("decoder process %s stopped on a %d-byte upload (%s)", w.process.pid, len(data), how)
+            how = self._retire_dead(w)
+            log.warning("decoder process %s stopped on a %d-byte upload (%s)", w.process.pid, size, how)
             raise
         return DecodedAudio(np.frombuffer(buf, np.float32), rate, channels, decoder, fmt), rss
