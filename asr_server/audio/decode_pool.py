@@ -42,8 +42,11 @@ RECYCLE_GROWTH_MB = 64.0
 DECODE_TIMEOUT_S = 120.0
 #: A worker must say it is ready within this (a fork and no imports; a loaded box is slow).
 START_TIMEOUT_S = 30.0
-#: What the fork server imports once, so that every worker starts with the decoders loaded.
-_PRELOAD = ["asr_server.audio.decode_pool", "av", "soundfile"]
+#: What the fork server imports once, so that every worker starts with the decoders loaded. The
+#: CLI too: multiprocessing runs a script's main module again in each new process (the
+#: `asr-server` script's is two lines that import the CLI: 0.4 s, no models, unless the fork
+#: server already holds it; `python -m asr_server` is exempt).
+_PRELOAD = ["asr_server.audio.decode_pool", "asr_server.cli", "av", "soundfile"]
 
 
 def _rss_mb() -> float:
@@ -127,12 +130,11 @@ class DecodePool:
         return [w.process.pid for w in list(self._all) if w.process.pid is not None and w.process.is_alive()]
 
     def warm(self) -> None:
-        """Start every worker now (blocking, a fork each), so no request waits for one."""
+        """Start every worker not running now (blocking, a fork each), so no request waits for one."""
         taken: list[_Worker | None] = []
         try:
             for _ in range(self.size):
-                w = self._idle.get()
-                taken.append(w if w is not None else self._start())
+                taken.append(self._live(self._idle.get()))
         finally:
             for w in taken:
                 self._idle.put(w)
