@@ -22,12 +22,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
+from asr_server.adapters.funasr.server import serve_funasr
 from asr_server.adapters.http.context import DECODER
 from asr_server.audio.decode_pool import RECYCLE_GROWTH_MB, DecodePool
+from asr_server.config import load_config
 from asr_server.errors import AudioTooLongError, DecoderCrashed
 from benchmarks.fuzz import audio_corpus, upload_corpus
 from tests.support.cluster import Cluster, start_cluster
+from tests.support.fakes import fake_pipeline
 from tests.support.servers import KEY, start_api, stop_api
 
 # --- files ---------------------------------------------------------------------------------------
@@ -213,6 +217,51 @@ async def test_an_upload_whose_decoder_is_killed_gets_a_clear_400_and_the_next_o
         await stop_api(runner, pipeline, bus)
 
 
+async def test_a_funasr_file_whose_decoder_is_killed_closes_1007_and_the_next_is_answered(tmp_path, running):
+    cfg = load_config(
+        None,
+        env={},
+        overrides={
+            "funasr": {"host": "127.0.0.1", "port": 0, "self_signed_cert": str(tmp_path / "cert.pem")},
+            "speaker": {"db": str(tmp_path / "vp.sqlite")},
+        },
+    )
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    decoder = DecodePool(1, running.set)
+    await asyncio.to_thread(decoder.warm)
+    server = await serve_funasr(cfg, pipeline, pipeline.metrics, decoder=decoder)
+    url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    wav = soundfile_bytes(tones(16000, 1), 16000, "WAV", "PCM_16")
+
+    async def offline(ws) -> None:
+        await ws.send(json.dumps({"mode": "offline", "wav_name": "f", "wav_format": "wav", "is_speaking": True}))
+        await ws.send(wav)
+        await ws.send(json.dumps({"is_speaking": False}))
+
+    try:
+        (pid,) = decoder.pids
+        os.kill(pid, signal.SIGSTOP)
+        async with connect(url) as ws:
+            try:
+                await offline(ws)
+                await wait_running(lambda: running.now, 1)
+                os.kill(pid, signal.SIGSEGV)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1007 and "decoder process died" in ws.close_reason
+        async with connect(url) as ws:
+            await offline(ws)
+            reply = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert reply["is_final"] is True and reply["wav_name"] == "f"
+    finally:
+        server.close()
+        await server.wait_closed()
+        decoder.close()
+        await pipeline.close()
+
+
 # --- serve --workers 2 on the tiny models -------------------------------------------------------------
 
 
@@ -251,6 +300,13 @@ async def _post_files(c: Cluster, files: dict[str, bytes], times: int = 1) -> li
 async def test_eight_channel_uploads_are_downmixed_and_every_worker_stays_up(cluster):
     results = await _post_files(cluster, eight_channel_files(), times=4)  # new connections: both workers
     assert [status for _, status, _ in results] == [200] * 12, results
+    async with aiohttp.ClientSession() as s:  # the voiceprint routes decode through the same pool
+        for name, data in eight_channel_files().items():
+            form = aiohttp.FormData()
+            form.add_field("speaker_ids", "nobody")
+            form.add_field("file", data, filename=name)
+            async with s.post(f"{cluster.http_url}/voiceprint/identify", data=form) as r:
+                assert r.status == 200, await r.text()
     assert _alive(cluster)
     assert not [line for line in cluster.log if "died" in line or "restart" in line]
 
