@@ -27,7 +27,7 @@ from .core.events import EventBus
 from .core.live import SessionBoard
 from .core.metrics import Metrics, watch_loop_lag
 from .core.pipeline import Pipeline
-from .errors import StartupError
+from .errors import DecoderCrashed, StartupError
 from .modelfiles.inspect import check_models
 from .sharing import WorkerShare
 
@@ -89,7 +89,10 @@ class AsrServer:
             log.info("models loaded in %.1f s", time.perf_counter() - t0)
         # uploads (HTTP, FunASR offline files) are decoded in processes of their own, started now
         self.decoder = DecodePool(cfg.http.max_decodes, self.metrics.decodes.set)
-        await asyncio.to_thread(self.decoder.warm)
+        try:
+            await asyncio.to_thread(self.decoder.warm)
+        except DecoderCrashed as e:
+            raise StartupError(f"cannot start the decoder processes: {e}") from None
         self.bus = EventBus(cfg, self.metrics, self.share)
         await self.bus.start()
         bus = self.bus

@@ -55,7 +55,8 @@ def _rss_mb() -> float:
 
 
 def _serve(conn: Connection) -> None:
-    """A worker's loop: (max_duration_s, size) then the file's bytes in; a result out, for ever."""
+    """A worker's loop: max_duration_s, then the file's bytes in; a result out (the samples as bytes
+    after it), for ever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server closes us
     import av  # noqa: F401  (loaded before "ready", so the first decode pays no import)
     import soundfile  # noqa: F401
@@ -131,10 +132,10 @@ class DecodePool:
 
     def warm(self) -> None:
         """Start every worker not running now (blocking, a fork each), so no request waits for one."""
-        taken: list[_Worker | None] = []
+        taken: list[_Worker | None] = [self._idle.get() for _ in range(self.size)]
         try:
-            for _ in range(self.size):
-                taken.append(self._live(self._idle.get()))
+            for i, w in enumerate(taken):
+                taken[i] = self._live(w)
         finally:
             for w in taken:
                 self._idle.put(w)
@@ -147,7 +148,7 @@ class DecodePool:
             return await asyncio.to_thread(self._decode, data, max_duration_s)
 
     def close(self) -> None:
-        """Stop every worker (idle ones at once; one still decoding when its decode ends)."""
+        """Stop every worker (at shutdown: a decode still running fails with `DecoderCrashed`)."""
         self._closed = True
         for w in list(self._all):
             w.stop()
@@ -156,21 +157,27 @@ class DecodePool:
     # --- in a thread ---------------------------------------------------------------------------
 
     def _start(self) -> _Worker:
-        if self._ctx.get_start_method() == "forkserver":
-            self._ctx.set_forkserver_preload(_PRELOAD)
+        self._ctx.set_forkserver_preload(_PRELOAD)  # read when the fork server starts (the first worker)
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(target=_serve, args=(theirs,), name="asr-decoder", daemon=True)
-        process.start()
-        theirs.close()
-        if not ours.poll(START_TIMEOUT_S):
-            process.kill()
-            raise DecoderCrashed(f"a decoder process did not start within {START_TIMEOUT_S:g} s")
         try:
-            _, rss = ours.recv()
+            process.start()
+        except OSError as e:  # no memory or no process slots left to fork
+            raise DecoderCrashed(f"a decoder process could not start: {e}") from e
+        finally:
+            theirs.close()
+        w = _Worker(process, ours, 0.0)
+        try:
+            if not ours.poll(START_TIMEOUT_S):
+                process.kill()
+                raise DecoderCrashed(f"a decoder process did not start within {START_TIMEOUT_S:g} s")
+            _, w.start_rss_mb = ours.recv()
         except (EOFError, OSError):
-            process.join(1.0)
-            raise DecoderCrashed(f"a decoder process died at start (status {process.exitcode})") from None
-        w = _Worker(process, ours, rss)
+            w.stop()
+            raise DecoderCrashed(f"a decoder process died at start ({w.death()})") from None
+        except DecoderCrashed:
+            w.stop()
+            raise
         self._all.add(w)
         return w
 
