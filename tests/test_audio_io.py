@@ -169,3 +169,13 @@ def test_absurd_headers_are_refused_before_decoding(channels, rate, message):
     sf.write(buf, np.zeros((rate // 10, channels), np.float32), rate, format="WAV", subtype="PCM_16")
     with pytest.raises(AudioFormatError, match=message):
         decode_audio(buf.getvalue())
+
+
+def test_a_flac_written_as_a_stream_without_its_length_decodes():
+    """libsndfile reads no length as 2**63 - 1 frames (17ee092: 413 'audio is 1152921504606847 s
+    long') and fails at the end; FFmpeg decodes it, up to the duration limit."""
+    from tests.test_audio_decode_pool import flac_bomb
+
+    assert decode_audio(flac_bomb(30)).duration_s == 30.0
+    with pytest.raises(AudioTooLongError, match="allowed 20 s"):
+        decode_audio(flac_bomb(30), max_duration_s=20)

@@ -90,8 +90,9 @@ def _decode_soundfile(data: bytes, max_duration_s: float | None) -> DecodedAudio
         rate, channels, fmt = f.samplerate, f.channels, f.format
         if rate <= 0 or fmt in _FFMPEG_FIRST:
             return None
-        known = 0 < f.frames < _UNKNOWN_FRAMES  # a stream written without its length reads as 2**63 - 1
-        _check_header(channels, rate, f.frames / rate if known else None, max_duration_s)
+        if f.frames >= _UNKNOWN_FRAMES:  # written as a stream, without its length: libsndfile fails at
+            return None  # its end ("psf_fseek() failed"), FFmpeg reads it
+        _check_header(channels, rate, f.frames / rate if f.frames > 0 else None, max_duration_s)
         res = Resampler(rate, _max_samples(max_duration_s))
         try:
             while True:
