@@ -21,12 +21,13 @@ from .adapters.funasr.server import serve_funasr
 from .adapters.http.app import build_app, start_http
 from .adapters.http.console import ConsoleInfo
 from .adapters.xiaozhi.server import XiaozhiServer
+from .audio.decode_pool import DecodePool
 from .config import Config
 from .core.events import EventBus
 from .core.live import SessionBoard
 from .core.metrics import Metrics, watch_loop_lag
 from .core.pipeline import Pipeline
-from .errors import StartupError
+from .errors import DecoderCrashed, StartupError
 from .modelfiles.inspect import check_models, remedy
 from .sharing import WorkerShare
 
@@ -63,6 +64,7 @@ class AsrServer:
         self._owns_pipeline = pipeline is None
         self.xiaozhi: XiaozhiServer | None = None
         self.bus: EventBus | None = None
+        self.decoder: DecodePool | None = None
         self.board: SessionBoard | None = None
         self._ws: Server | None = None
         self._http: web.AppRunner | None = None
@@ -82,6 +84,12 @@ class AsrServer:
             t0 = time.perf_counter()
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg, self.metrics)
             log.info("models loaded in %.1f s", time.perf_counter() - t0)
+        # uploads (HTTP, FunASR offline files) are decoded in processes of their own, started now
+        self.decoder = DecodePool(cfg.http.max_decodes, self.metrics.decodes.set)
+        try:
+            await asyncio.to_thread(self.decoder.warm)
+        except DecoderCrashed as e:
+            raise StartupError(f"cannot start the decoder processes: {e}") from None
         self.bus = EventBus(cfg, self.metrics, self.share)
         await self.bus.start()
         bus = self.bus
@@ -100,13 +108,23 @@ class AsrServer:
                     time.time(),
                 )
                 app = build_app(
-                    cfg, self.pipeline, self.bus, self.metrics, lambda: self._ready, self.share, self.board, info
+                    cfg,
+                    self.pipeline,
+                    self.bus,
+                    self.metrics,
+                    lambda: self._ready,
+                    self.share,
+                    self.board,
+                    info,
+                    self.decoder,
                 )
                 self._http = await start_http(app, cfg.http.host, cfg.http.port, reuse_port=self.share is not None)
                 http_port = self._http.addresses[0][1]
                 http_url = f"http://{_client_host(cfg.http.host)}:{http_port}"
             if cfg.funasr.enabled:
-                self._funasr = await serve_funasr(cfg, self.pipeline, self.metrics, self.bus, self.share, self.board)
+                self._funasr = await serve_funasr(
+                    cfg, self.pipeline, self.metrics, self.bus, self.share, self.board, self.decoder
+                )
                 funasr_port = self._funasr.sockets[0].getsockname()[1]
                 scheme = "wss" if cfg.funasr.tls == "on" else "ws"
                 funasr_url = f"{scheme}://{_client_host(cfg.funasr.host)}:{funasr_port}/"
@@ -155,6 +173,9 @@ class AsrServer:
         if self.bus is not None:
             await self.bus.close()
             self.bus = None
+        if self.decoder is not None:
+            await asyncio.to_thread(self.decoder.close)
+            self.decoder = None
         if self.board is not None:
             await self.board.close()
             self.board = None

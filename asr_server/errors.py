@@ -26,6 +26,8 @@ error message or close reason and leaves every other session alone. Classes that
     │   ├── AudioDecodeError        bytes that no decoder reads as audio
     │   │   ├── EmptyAudioError     no bytes, or no samples in the container
     │   │   ├── AudioTooLongError   longer than the caller allows
+    │   │   ├── AudioFormatError    a header with channels or a sample rate out of bounds
+    │   │   ├── DecoderCrashed      the decoder's worker process died on the file (a native crash)
     │   │   └── PcmFormatError      raw PCM16 that is not a whole number of samples
     │   └── OpusDecodeError         an Opus packet libopus rejects
     ├── ProtocolError               a client broke a wire protocol; the text is fit to send back
@@ -128,6 +130,15 @@ class EmptyAudioError(AudioDecodeError):
 
 class AudioTooLongError(AudioDecodeError):
     """The decoded audio is longer than the caller allows."""
+
+
+class AudioFormatError(AudioDecodeError):
+    """The header says more channels, or a sample rate further out, than any speech recording has."""
+
+
+class DecoderCrashed(AudioDecodeError):
+    """The worker process decoding the file died (a native crash in FFmpeg or libsndfile, or it ran
+    past its time); only this file's request fails."""
 
 
 class PcmFormatError(AudioDecodeError):

@@ -10,7 +10,8 @@ numbers huge or non-ASCII, strings with lone surrogates, control characters or 6
 - `xiaozhi-text`: hello and the JSON messages, with mutated upgrade headers;
 - `xiaozhi-binary`: protocol v1/v2/v3 frames (headers and Opus payloads mutated);
 - `funasr`: the FunASR socket's configuration messages and audio;
-- `http`: every endpoint, multipart bodies mutated, keys mutated.
+- `http`: every endpoint, multipart bodies mutated, keys mutated;
+- `corpus`: every container/codec x channels x rate soundfile and PyAV write, uploaded once each.
 
 Then it reads the server's log and metrics and prints, per target: inputs sent, whether the server
 survived, tracebacks in its log, sessions left open, and the peak RSS. A clean run is 0 tracebacks
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import av
 import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
@@ -296,6 +298,100 @@ async def fuzz_http(url: str, rng: random.Random, count: int) -> int:
     return sent
 
 
+# --- a corpus of real audio formats ----------------------------------------------------------------
+#
+# Every container/codec, channel count and rate that soundfile or PyAV can write, a quarter second
+# each (a tone per channel): what an upload may really be. The server must answer each with 200 or
+# a 4xx that says why, and stay up (an 8-channel Ogg Vorbis file once segfaulted it).
+
+CORPUS_CHANNELS = (1, 2, 6, 8, 16)
+CORPUS_RATES = (8000, 16000, 44100, 48000, 96000)
+# (extension, libsndfile format, subtype): WAV 8/16/24/32-bit int and 32/64-bit float, FLAC,
+# Ogg Vorbis, Ogg Opus, MP3
+_SOUNDFILE_CODECS = [
+    *[("wav", "WAV", s) for s in ("PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE")],
+    ("flac", "FLAC", "PCM_16"),
+    ("flac", "FLAC", "PCM_24"),
+    ("ogg", "OGG", "VORBIS"),
+    ("opus", "OGG", "OPUS"),
+    ("mp3", "MP3", "MPEG_LAYER_III"),
+]
+# (extension, FFmpeg muxer, encoder): what libsndfile cannot write
+_PYAV_CODECS = [("wav", "wav", "pcm_s64le"), ("m4a", "ipod", "aac"), ("webm", "webm", "libopus")]
+_LAYOUTS = {1: "mono", 2: "stereo", 6: "5.1", 8: "7.1", 16: "hexadecagonal"}
+
+
+def _tones(rate: int, channels: int, seconds: float) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return np.stack([0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t) for i in range(channels)], 1).astype(np.float32)
+
+
+def _pyav_file(x: np.ndarray, rate: int, muxer: str, codec: str) -> bytes:
+    buf = io.BytesIO()
+    layout = _LAYOUTS[x.shape[1]]
+    with av.open(buf, mode="w", format=muxer) as out:
+        stream = out.add_stream(codec, rate=rate, layout=layout)
+        # packed s16 (one plane: PyAV 18 miscounts the planes of 7.1 and up); the encoder converts
+        frame = av.AudioFrame.from_ndarray((x * 32767).astype(np.int16).reshape(1, -1), format="s16", layout=layout)
+        frame.sample_rate = rate
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def audio_corpus(seconds: float = 0.25) -> list[tuple[str, bytes]]:
+    """(name, file) for every codec x channels x rate the libraries write; the rest are skipped
+    (Opus has no 44.1/96 kHz, MP3 no more than 2 channels, FLAC no more than 8...)."""
+    files = []
+    for channels in CORPUS_CHANNELS:
+        for rate in CORPUS_RATES:
+            x = _tones(rate, channels, seconds)
+            for ext, fmt, subtype in _SOUNDFILE_CODECS:
+                buf = io.BytesIO()
+                try:
+                    sf.write(buf, x, rate, format=fmt, subtype=subtype)
+                except (sf.LibsndfileError, RuntimeError, ValueError):
+                    continue  # a combination libsndfile cannot write
+                files.append((f"{subtype.lower()}-{channels}ch-{rate}.{ext}", buf.getvalue()))
+            for ext, muxer, codec in _PYAV_CODECS:
+                try:
+                    data = _pyav_file(x, rate, muxer, codec)
+                except av.FFmpegError:
+                    continue  # a combination the encoder refuses
+                files.append((f"{codec}-{channels}ch-{rate}.{ext}", data))
+    return files
+
+
+async def upload_corpus(url: str, files: list[tuple[str, bytes]], key: str | None = None) -> list[tuple[str, int, str]]:
+    """POST each file to `/v1/audio/transcriptions`: (name, status, error message or ""); status 0
+    when no answer came."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    results = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+        for name, data in files:
+            form = aiohttp.FormData()
+            form.add_field("file", data, filename=name)
+            try:
+                async with s.post(f"{url}/v1/audio/transcriptions", data=form, headers=headers) as r:
+                    body = await r.json(content_type=None)
+                    results.append((name, r.status, (body.get("error") or {}).get("message", "")))
+            except (aiohttp.ClientError, TimeoutError) as e:  # the server died, or hung
+                results.append((name, 0, f"no answer: {type(e).__name__}: {e}"))
+    return results
+
+
+async def fuzz_corpus(url: str, rng: random.Random, count: int) -> int:
+    """Upload the corpus (every file, `count` ignored); any answer but 200 or a 4xx with a reason
+    is printed."""
+    results = await upload_corpus(url, audio_corpus())
+    for name, status, message in results:
+        if not (status == 200 or (400 <= status < 500 and message)):
+            print(f"corpus: {name}: {status} {message!r}", file=sys.stderr)
+    refused = sum(status != 200 for _, status, _ in results)
+    print(f"corpus: {len(results)} files, {len(results) - refused} answered 200", file=sys.stderr)
+    return len(results)
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -316,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, required=True, help="folder with SenseVoiceSmall/ and campplus/")
     ap.add_argument("--count", type=int, default=2000, help="inputs per target")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--targets", default="xiaozhi-text,xiaozhi-binary,funasr,http")
+    ap.add_argument("--targets", default="xiaozhi-text,xiaozhi-binary,funasr,http,corpus")
     ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO_DIR)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -353,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             "xiaozhi-binary": lambda rng: fuzz_xiaozhi_binary(device_url, rng, args.count, packets),
             "funasr": lambda rng: fuzz_funasr(f"ws://127.0.0.1:{ports['funasr']}/", rng, args.count, pcm),
             "http": lambda rng: fuzz_http(http, rng, args.count),
+            "corpus": lambda rng: fuzz_corpus(http, rng, args.count),
         }
         for name in args.targets.split(","):
             before = log_path.read_text(errors="replace").count("Traceback")

@@ -8,10 +8,11 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
 from asr_server.audio.io import decode_audio
 from asr_server.audio.resample import PcmResampler, float_to_pcm16, pcm16_to_float
-from asr_server.errors import AudioDecodeError, AudioTooLongError, EmptyAudioError, PcmFormatError
+from asr_server.errors import AudioDecodeError, AudioFormatError, AudioTooLongError, EmptyAudioError, PcmFormatError
 from tests.support.audio import AUDIO, encode, needs_audio
 
 ZH = AUDIO / "zh_aishell_BAC009S0724W0121_wenet.wav"
@@ -124,3 +125,57 @@ def test_pcm_resampler_streams_8k_to_16k():
     assert PcmResampler(16000).push(pcm).shape == (8000,)
     with pytest.raises(PcmFormatError, match="sample rate"):
         PcmResampler(1000)
+
+
+@pytest.mark.parametrize(
+    "kind,channels", [("ogg", 6), ("ogg", 8), ("ogg", 16), ("wav-s64", 8), ("wav-f64", 8), ("wav-f64", 16)]
+)
+def test_many_channels_are_downmixed_to_one(kind, channels):
+    """17ee092 segfaulted on 8 and 16 channels through FFmpeg (PyAV miscounts 7.1's planes)."""
+    from tests.test_audio_decode_pool import soundfile_bytes, tones, wav_s64
+
+    x = tones(16000, channels)
+    data = {
+        "ogg": lambda: soundfile_bytes(x, 16000, "OGG", "VORBIS"),
+        "wav-s64": lambda: wav_s64(x, 16000),
+        "wav-f64": lambda: soundfile_bytes(x, 16000, "WAV", "DOUBLE"),
+    }[kind]()
+    d = decode_audio(data)
+    assert d.source_channels == channels and d.samples.ndim == 1
+    assert abs(d.duration_s - 1.0) < 0.02
+    # the channels mixed as `ffmpeg -ac 1` mixes them (by layout: 5.1 and 7.1 weigh the centre, drop the LFE)
+    assert similarity(d.samples, x.mean(axis=1)) > 0.8
+    assert np.abs(d.samples).max() <= 1.0
+
+
+def test_a_float_sample_beyond_full_scale_is_clipped_not_overflowed():
+    """A finite 3e38 passed the NaN check and overflowed the features to NaN (a 500); it plays clipped."""
+    x = (0.1 * np.sin(np.arange(16000) / 10)).astype(np.float32)
+    x[8000] = 3e38
+    x[9000] = -1e20
+    buf = io.BytesIO()
+    sf.write(buf, np.stack([x, x], 1), 44100, format="WAV", subtype="FLOAT")  # downmixed and resampled too
+    d = decode_audio(buf.getvalue())
+    assert np.isfinite(d.samples).all() and np.abs(d.samples).max() < 1.1  # soxr's ringing at the clip
+    assert similarity(d.samples, soxr.resample(np.clip(x, -1, 1), 44100, 16000)) > 0.99
+
+
+@pytest.mark.parametrize(
+    "channels,rate,message",
+    [(33, 16000, "33 channels; at most 32"), (1, 500, "500 Hz; 1000..384000"), (1, 768000, "768000 Hz")],
+)
+def test_absurd_headers_are_refused_before_decoding(channels, rate, message):
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((rate // 10, channels), np.float32), rate, format="WAV", subtype="PCM_16")
+    with pytest.raises(AudioFormatError, match=message):
+        decode_audio(buf.getvalue())
+
+
+def test_a_flac_written_as_a_stream_without_its_length_decodes():
+    """libsndfile reads no length as 2**63 - 1 frames (17ee092: 413 'audio is 1152921504606847 s
+    long') and fails at the end; FFmpeg decodes it, up to the duration limit."""
+    from tests.test_audio_decode_pool import flac_bomb
+
+    assert decode_audio(flac_bomb(30)).duration_s == 30.0
+    with pytest.raises(AudioTooLongError, match="allowed 20 s"):
+        decode_audio(flac_bomb(30), max_duration_s=20)

@@ -36,6 +36,8 @@ def load_pipeline(cfg: Config):
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    # In this process, not the server's decoder processes: the operator's own files, one command;
+    # a decoder's crash ends this command and no one else's session.
     from ..audio.io import decode_audio
     from ..core.recording import recognize_recording
 

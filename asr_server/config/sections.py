@@ -283,8 +283,9 @@ class HttpConfig(_Section):
     max_decodes: int = Field(
         2,
         ge=1,
-        description="Uploads decoded at once (each may hold max_audio_s of 16 kHz audio, 230 MB at an hour); "
-        "the others wait their turn.",
+        description="Uploads decoded at once: the decoder processes (audio/decode_pool.py) that decode the HTTP "
+        "uploads and the FunASR offline files, so that a decoder's crash costs one request (each may hold "
+        "max_audio_s of 16 kHz audio, 230 MB at an hour); the others wait their turn.",
     )
     model_name: str = Field(
         "sensevoice-small",

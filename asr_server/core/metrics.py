@@ -139,6 +139,12 @@ class Metrics:
             multiprocess_mode="liveall",
         )
         self.errors = Counter("asr_errors", "Errors by kind", ["kind"], registry=r)
+        self.decodes = Gauge(
+            "asr_decodes_running",
+            "Uploaded files a decoder process is decoding now (audio/decode_pool.py)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.upstream_sessions = Gauge(
             "asr_upstream_sessions", "Device sessions relayed to the upstream", registry=r, multiprocess_mode="livesum"
         )

@@ -12,6 +12,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from ...audio.decode_pool import DecodePool
 from ...config import Config
 from ...constants import FUNASR
 from ...core.events import EventBus
@@ -60,8 +61,11 @@ class FunAsrServer:
         bus: EventBus | None = None,
         share: WorkerShare | None = None,
         board: SessionBoard | None = None,
+        decoder: DecodePool | None = None,
     ) -> None:
         self.config = config
+        # offline files (wav_format other than pcm) are decoded in the server's decoder processes
+        self.decoder = decoder if decoder is not None else DecodePool(config.http.max_decodes, metrics.decodes.set)
         self.board = board  # the console's live view of the open sessions
         self.pipeline = pipeline
         self.metrics = metrics
@@ -120,11 +124,12 @@ async def serve_funasr(
     bus: EventBus | None = None,
     share: WorkerShare | None = None,
     board: SessionBoard | None = None,
+    decoder: DecodePool | None = None,
 ) -> Server:
     """Listen on `funasr.host:funasr.port` (0 picks a free port; `server.sockets` tells which);
     as one of several workers, on a port they share (SO_REUSEPORT)."""
     cfg = config.funasr
-    handler = FunAsrServer(config, pipeline, metrics, bus, share, board)
+    handler = FunAsrServer(config, pipeline, metrics, bus, share, board, decoder)
     ctx = tls_context(cfg)
     tls: dict[str, Any] = {}
     if ctx is not None and cfg.tls == "both":

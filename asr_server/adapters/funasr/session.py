@@ -40,7 +40,6 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from ...audio.io import decode_audio
 from ...audio.resample import PcmResampler
 from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ...constants import FUNASR, SAMPLE_RATE, VAD_WINDOW, VAD_WINDOW_MS
@@ -48,7 +47,7 @@ from ...core.pipeline import Recognizing
 from ...core.recording import dominant, join_texts, recognize_recording
 from ...core.scheduler import Priority
 from ...core.streaming import SpeechStream
-from ...errors import AudioDecodeError, EngineBusy, EngineFailed, FunAsrProtocolError, PcmFormatError
+from ...errors import AudioDecodeError, DecoderCrashed, EngineBusy, EngineFailed, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
 from ..sending import close_reason, send_within
 from .wire import (
@@ -302,8 +301,10 @@ class FunAsrSession:
         if self._offline_bytes:
             data = b"".join(self._offline_bytes)
             try:
-                audio = (await asyncio.to_thread(decode_audio, data, self.server.config.funasr.max_audio_s)).samples
-            except AudioDecodeError as e:
+                audio = (await self.server.decoder.decode(data, self.server.config.funasr.max_audio_s)).samples
+            except AudioDecodeError as e:  # DecoderCrashed included: a decoder process died on it
+                if isinstance(e, DecoderCrashed):
+                    self.metrics.errors.labels("decoder_crashed").inc()
                 raise FunAsrProtocolError(CloseCode.INVALID_DATA, f"wav_format {req.wav_format!r}: {e}") from None
         else:
             assert self._resampler is not None

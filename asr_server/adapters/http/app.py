@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ...audio.decode_pool import DecodePool
 from ...config import Config
 from ...core.events import EventBus
 from ...core.live import SessionBoard
@@ -36,7 +37,7 @@ from . import console, events, health, transcriptions, voiceprints
 from .context import (
     BUS,
     CONFIG,
-    DECODES,
+    DECODER,
     GUARD,
     KEYS,
     METRICS,
@@ -188,10 +189,12 @@ def build_app(
     share: WorkerShare | None = None,
     board: SessionBoard | None = None,
     info: console.ConsoleInfo | None = None,
+    decoder: DecodePool | None = None,
 ) -> web.Application:
     """The aiohttp application; `ready` answers /readyz (models loaded, listeners up). As one of
     several workers (`share`), its connection cap counts the whole server's connections. `board`
-    and `info` feed the console (the open sessions; where devices connect)."""
+    and `info` feed the console (the open sessions; where devices connect). `decoder` decodes the
+    uploads (the server's pool, shared with the FunASR port; without one the app starts its own)."""
     if not any(isinstance(f, _BadRequests) for f in _AIOHTTP_SERVER_LOG.filters):
         _AIOHTTP_SERVER_LOG.addFilter(_BadRequests())
     app = web.Application(
@@ -204,7 +207,10 @@ def build_app(
     app[READY] = ready
     app[KEYS] = ApiKeys.from_config(config)
     app[SOCKETS] = weakref.WeakSet()
-    app[DECODES] = asyncio.Semaphore(config.http.max_decodes)
+    if decoder is None:  # an app of its own (tests): its own decoder processes, started on first use
+        own = decoder = DecodePool(config.http.max_decodes, metrics.decodes.set)
+        app.on_cleanup.append(lambda _: asyncio.to_thread(own.close))
+    app[DECODER] = decoder
     app[GUARD] = ConnectionGuard(
         config.http.max_connections,
         config.http.header_timeout_s,

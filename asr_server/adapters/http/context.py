@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from ...audio.decode_pool import DecodePool
 from ...config import Config
 from ...core.events import EventBus
 from ...core.metrics import Metrics
@@ -24,7 +24,7 @@ METRICS = web.AppKey("metrics", Metrics)
 READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready")
 KEYS = web.AppKey("keys", ApiKeys)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
-DECODES = web.AppKey("decodes", asyncio.Semaphore)
+DECODER = web.AppKey("decoder", DecodePool)
 GUARD = web.AppKey("guard", ConnectionGuard)
 _LOOPBACK = ("127.0.0.1", "::1")
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ...audio.io import DecodedAudio, decode_audio
-from ...errors import ApiError, AudioDecodeError, AudioTooLongError, ClientGone, EmptyAudioError
-from .context import CONFIG, DECODES, METRICS, too_large_message
+from ...audio.io import DecodedAudio
+from ...errors import ApiError, AudioDecodeError, AudioTooLongError, ClientGone, DecoderCrashed, EmptyAudioError
+from .context import CONFIG, DECODER, METRICS, too_large_message
 
 _MAX_FIELD_BYTES = 64 * 1024
 #: Parts a form may have: every API here takes a file and a few fields. aiohttp's multipart reader
@@ -114,9 +114,13 @@ def upload(form: Form, name: str = "file") -> Upload:
 async def decode(request: web.Request, upload: Upload) -> DecodedAudio:
     config, metrics = request.app[CONFIG], request.app[METRICS]
     t0 = time.perf_counter()
-    try:
-        async with request.app[DECODES]:  # each decode may hold http.max_audio_s of audio in memory
-            decoded = await asyncio.to_thread(decode_audio, upload.data, config.http.max_audio_s)
+    try:  # in a decoder process: a crash there costs this request only
+        decoded = await request.app[DECODER].decode(upload.data, config.http.max_audio_s)
+    except DecoderCrashed as e:
+        metrics.errors.labels("decoder_crashed").inc()
+        raise ApiError(
+            400, f"{upload.filename or 'the upload'} could not be decoded: {e}", code="decoder_crashed", param="file"
+        ) from None
     except EmptyAudioError as e:
         raise ApiError(400, f"empty audio: {e}", code="empty_file", param="file") from None
     except AudioTooLongError as e:
