@@ -15,7 +15,8 @@ Recognisers (each skipped with its reason when it cannot load):
 Alone: every clip through every recogniser, interleaved (clip by clip, recogniser by recogniser,
 `--repeat` rounds), so machine noise falls on all of them alike. Under concurrency: N utterances
 at once, each recogniser used as its server uses it: ours through the server's scheduler
-(`core.scheduler.InferenceQueue`), the others from `asyncio.to_thread` with no lock (as
+(`core.scheduler.InferenceQueue`) with the lanes and threads the server sizes for this machine
+(`core.sizing`: two lanes of one thread on 2 cores), the others from `asyncio.to_thread` with no lock (as
 xiaozhi-esp32-server calls `fun_local`); interleaved too (`--rounds` rounds, each a burst of every
 recogniser in turn at every level), so a busy second of a shared machine does not decide a row.
 The tables print medians and p95 per utterance (ms), the 11 s clip alone, and per concurrency the
@@ -38,7 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from asr_server.audio.io import decode_audio
+from asr_server.config import load_config
 from asr_server.core.scheduler import InferenceQueue
+from asr_server.core.sizing import asr_parallel, asr_threads
 from asr_server.engines.contracts import SENSEVOICE_BPE, SENSEVOICE_CMVN, SENSEVOICE_FP32, SENSEVOICE_INT8
 from asr_server.engines.sensevoice import SenseVoice
 
@@ -151,10 +154,11 @@ def load_funasr_torch(model_dir: Path, threads: int) -> Recognise:
     return lambda audio: str(model.generate(input=audio, language="auto", use_itn=True)[0]["text"])
 
 
-def entries(args: argparse.Namespace) -> tuple[list[Entry], dict[str, SenseVoice]]:
-    """Every recogniser that loads (the others with the reason they did not) and our engines by entry name."""
+def entries(args: argparse.Namespace) -> tuple[list[Entry], dict[str, Served]]:
+    """Every recogniser that loads (the others with the reason they did not) and, by entry name, our
+    engines as the server runs them under concurrency."""
     model_dir = args.models / "SenseVoiceSmall"
-    ours: dict[str, SenseVoice] = {}
+    ours: dict[str, Served] = {}
     out: list[Entry] = []
 
     skip = [w for w in args.skip.split(",") if w]
@@ -171,7 +175,7 @@ def entries(args: argparse.Namespace) -> tuple[list[Entry], dict[str, SenseVoice
 
         def load_ours(quant: str = quant, name: str = f"ours, {label} ({file})") -> Recognise:
             sv = SenseVoice.load(model_dir, quantized=quant, device="cpu", threads=args.threads)
-            ours[name] = sv
+            ours[name] = as_served(model_dir, quant)
             return lambda audio: sv.transcribe(audio).text
 
         add(f"ours, {label} ({file})", load_ours)
@@ -208,12 +212,31 @@ def time_alone(table: list[Entry], clips: list[np.ndarray], longest: np.ndarray 
                 e.long_ms.append((time.perf_counter() - t0) * 1000)
 
 
-async def burst(e: Entry, sv: SenseVoice | None, clips: list[np.ndarray], n: int) -> tuple[list[float], float]:
+@dataclass
+class Served:
+    """Our engine as the server sizes it on this machine: `lanes` recognitions at once (`asr.parallel`),
+    each on `threads` intra-op threads (`engine.threads`: the cores shared among the lanes)."""
+
+    engine: SenseVoice
+    lanes: int
+    threads: int
+
+
+def as_served(model_dir: Path, quantized: str) -> Served:
+    config = load_config(None, env={}, overrides={"engine": {"device": "cpu"}})
+    lanes, threads = asr_parallel(config), asr_threads(config)
+    return Served(SenseVoice.load(model_dir, quantized=quantized, device="cpu", threads=threads), lanes, threads)
+
+
+async def burst(e: Entry, served: Served | None, clips: list[np.ndarray], n: int) -> tuple[list[float], float]:
     """N utterances submitted at once: each one's latency (ms) and the wall time of all of them (s)."""
     audios = [clips[i % len(clips)] for i in range(n)]
     queue: InferenceQueue[np.ndarray, str] | None = None
-    if sv is not None:
-        queue = InferenceQueue("asr", lambda items: [t.text for t in sv.transcribe_batch(list(items))])
+    if served is not None:
+        sv = served.engine
+        queue = InferenceQueue(
+            "asr", lambda items: [t.text for t in sv.transcribe_batch(list(items))], parallel=served.lanes
+        )
 
     async def one(audio: np.ndarray) -> float:
         t0 = time.perf_counter()
@@ -244,7 +267,7 @@ class Bursts:
 
 
 def time_bursts(
-    live: list[tuple[Entry, SenseVoice | None]], clips: list[np.ndarray], levels: list[int], rounds: int
+    live: list[tuple[Entry, Served | None]], clips: list[np.ndarray], levels: list[int], rounds: int
 ) -> dict[tuple[str, int], Bursts]:
     """Every recogniser's burst at every level, `rounds` times, interleaved: round by round, level by
     level, recogniser by recogniser, so load from outside falls on all of them alike."""
@@ -259,9 +282,13 @@ def time_bursts(
 
 
 def print_bursts(
-    table: list[Entry], ours: dict[str, SenseVoice], clips: list[np.ndarray], levels: list[int], rounds: int
+    table: list[Entry], ours: dict[str, Served], clips: list[np.ndarray], levels: list[int], rounds: int
 ) -> None:
     live = [(e, ours.get(e.name)) for e in table if e.fn is not None]
+    for name, served in ours.items():
+        print(
+            f"\n{name} under concurrency as the server sizes it here: {served.lanes} lanes x {served.threads} threads"
+        )
     if not live:
         return
     results = time_bursts(live, clips, levels, rounds)
@@ -272,7 +299,7 @@ def print_bursts(
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for e, sv in live:
-        how = "scheduler" if sv is not None else "to_thread, no lock"
+        how = f"scheduler, {sv.lanes} lanes" if sv is not None else "to_thread, no lock"
         for n in levels:
             b = results[e.name, n]
             ratio = f"{b.rate(n) / results[base, n].rate(n):.2f}x" if base else ""
