@@ -1,6 +1,6 @@
 """Acoustic frontends: waveform → the feature matrices the models were trained on.
 
-Both frontends are written here with kaldi-native-fbank and numpy, so the ONNX and the torch
+Both frontends are written here in numpy, so the ONNX and the torch
 backends share them and the server needs neither torch nor funasr to compute features. The
 parameters are the ones funasr applies at inference (`WavFrontend` for SenseVoice with dither
 switched off, `campplus.utils.extract_feature` for CAM++); the tests hold them to funasr's output.
@@ -8,10 +8,10 @@ switched off, `campplus.utils.extract_feature` for CAM++); the tests hold them t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-import kaldi_native_fbank as knf
 import numpy as np
 
 from ..constants import SAMPLE_RATE
@@ -102,31 +102,69 @@ def as_mono_float(audio: np.ndarray) -> np.ndarray:
     return audio.astype(np.float32, copy=False)
 
 
+#: Kaldi's frame options as funasr sets them: 25 ms windows every 10 ms, snip_edges, DC offset
+#: removed, pre-emphasis 0.97, a 512-point FFT, the power spectrum, mel bins from 20 Hz to Nyquist.
+FRAME_SHIFT = 160
+FFT_SIZE = 512
+PREEMPHASIS = 0.97
+MEL_LOW_HZ = 20.0
+
+
+def _kaldi_window(window: str) -> np.ndarray:
+    cosine = np.cos(2 * np.pi * np.arange(FRAME_SAMPLES) / (FRAME_SAMPLES - 1))
+    if window == "hamming":
+        return (0.54 - 0.46 * cosine).astype(np.float32)
+    if window == "povey":  # a Hann window to the power 0.85
+        return ((0.5 - 0.5 * cosine) ** 0.85).astype(np.float32)
+    raise ValueError(f"window must be hamming or povey, not {window!r}")
+
+
+@functools.cache
+def _kaldi_mel_banks(num_bins: int, sample_rate: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Kaldi's triangular mel filters over the power spectrum's first FFT_SIZE // 2 bins (Nyquist
+    unweighted, as in Kaldi), kept sparse: the FFT bins each filter reads one after another, their
+    weights, and where each filter's run starts. Summed with `np.add.reduceat`, not a matrix product:
+    a product goes through the BLAS, whose threads spin against the server's own."""
+    mel = lambda hz: 1127.0 * np.log(1.0 + hz / 700.0)  # noqa: E731
+    low, high = mel(MEL_LOW_HZ), mel(sample_rate / 2)
+    delta = (high - low) / (num_bins + 1)
+    bins = mel(sample_rate / FFT_SIZE * np.arange(FFT_SIZE // 2))[None, :]
+    b = np.arange(num_bins)[:, None]
+    left, centre, right = low + b * delta, low + (b + 1) * delta, low + (b + 2) * delta
+    rising, falling = (bins - left) / (centre - left), (right - bins) / (right - centre)
+    weights = np.where((bins > left) & (bins < right), np.where(bins <= centre, rising, falling), 0.0)
+    filters, columns = np.nonzero(weights)  # row-major: each filter's bins together, in order
+    starts = np.searchsorted(filters, np.arange(num_bins))
+    if len(np.unique(filters)) != num_bins:
+        raise ValueError(f"{num_bins} mel bins leave some without an FFT bin at {sample_rate} Hz")
+    return columns, weights[filters, columns].astype(np.float32), starts
+
+
+_WINDOWS = {name: _kaldi_window(name) for name in ("hamming", "povey")}
+
+
 def kaldi_fbank(samples: np.ndarray, *, window: str, num_bins: int = 80, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Kaldi log-mel filterbank, dither 0, snip_edges; returns float32 [T, num_bins].
 
-    Input shorter than one 25 ms frame is zero-padded to one frame so that every utterance
-    yields at least one feature row.
+    All frames at once in numpy (one FFT call over the whole utterance): kaldi-native-fbank computes
+    the same frame by frame, slower (BENCHMARKS.md), and this lies closer to
+    torchaudio's Kaldi fbank, funasr's reference (tests/test_engines_features.py). Input shorter
+    than one 25 ms frame is zero-padded to one frame so that every utterance yields a feature row.
     """
-    if samples.shape[0] < FRAME_SAMPLES:
-        samples = np.pad(samples, (0, FRAME_SAMPLES - samples.shape[0]))
-    opts = knf.FbankOptions()
-    opts.frame_opts.samp_freq = sample_rate
-    opts.frame_opts.dither = 0.0
-    opts.frame_opts.window_type = window
-    opts.frame_opts.snip_edges = True
-    opts.frame_opts.frame_length_ms = 25.0
-    opts.frame_opts.frame_shift_ms = 10.0
-    opts.mel_opts.num_bins = num_bins
-    opts.energy_floor = 0.0
-    fb = knf.OnlineFbank(opts)
-    fb.accept_waveform(sample_rate, samples)
-    fb.input_finished()
-    n = fb.num_frames_ready
-    out = np.empty((n, num_bins), dtype=np.float32)
-    for i in range(n):
-        out[i] = fb.get_frame(i)
-    return out
+    x = np.asarray(samples, dtype=np.float32)
+    if x.shape[0] < FRAME_SAMPLES:
+        x = np.pad(x, (0, FRAME_SAMPLES - x.shape[0]))
+    n = 1 + (x.shape[0] - FRAME_SAMPLES) // FRAME_SHIFT
+    frames = np.lib.stride_tricks.sliding_window_view(x, FRAME_SAMPLES)[::FRAME_SHIFT][:n]
+    frames = frames - frames.mean(axis=1, keepdims=True)
+    emphasised = np.empty_like(frames)
+    emphasised[:, 0] = frames[:, 0] * (1 - PREEMPHASIS)
+    emphasised[:, 1:] = frames[:, 1:] - PREEMPHASIS * frames[:, :-1]
+    spectrum = np.fft.rfft(emphasised * _WINDOWS[window], n=FFT_SIZE, axis=1)
+    power = (spectrum.real**2 + spectrum.imag**2).astype(np.float32)
+    columns, weights, starts = _kaldi_mel_banks(num_bins, sample_rate)
+    mel = np.add.reduceat(power[:, columns] * weights, starts, axis=1)
+    return np.log(np.maximum(mel, np.finfo(np.float32).eps))
 
 
 def apply_lfr(feats: np.ndarray, m: int = 7, n: int = 6) -> np.ndarray:
