@@ -15,9 +15,13 @@ Recognisers (each skipped with its reason when it cannot load):
 Alone: every clip through every recogniser, interleaved (clip by clip, recogniser by recogniser,
 `--repeat` rounds), so machine noise falls on all of them alike. Under concurrency: N utterances
 at once, each recogniser used as its server uses it: ours through the server's scheduler
-(`core.scheduler.InferenceQueue`), the others from `asyncio.to_thread` with no lock (as
-xiaozhi-esp32-server calls `fun_local`). The tables print medians and p95 per utterance (ms),
-the 11 s clip alone, and per concurrency the median and worst latency and utterances per second.
+(`core.scheduler.InferenceQueue`) with the lanes and threads the server sizes for this machine
+(`core.sizing`: two lanes of one thread on 2 cores), the others from `asyncio.to_thread` with no lock (as
+xiaozhi-esp32-server calls `fun_local`); interleaved too (`--rounds` rounds, each a burst of every
+recogniser in turn at every level), so a busy second of a shared machine does not decide a row.
+The tables print medians and p95 per utterance (ms), the 11 s clip alone, and per concurrency the
+median and worst latency and utterances per second over the rounds, each with its ratio to ours
+(int8); the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from asr_server.audio.io import decode_audio
+from asr_server.config import load_config
 from asr_server.core.scheduler import InferenceQueue
+from asr_server.core.sizing import asr_parallel, asr_threads
 from asr_server.engines.contracts import SENSEVOICE_BPE, SENSEVOICE_CMVN, SENSEVOICE_FP32, SENSEVOICE_INT8
 from asr_server.engines.sensevoice import SenseVoice
 
@@ -148,12 +154,18 @@ def load_funasr_torch(model_dir: Path, threads: int) -> Recognise:
     return lambda audio: str(model.generate(input=audio, language="auto", use_itn=True)[0]["text"])
 
 
-def entries(args: argparse.Namespace) -> tuple[list[Entry], dict[str, SenseVoice]]:
+def entries(args: argparse.Namespace) -> tuple[list[Entry], dict[str, Served]]:
+    """Every recogniser that loads (the others with the reason they did not) and, by entry name, our
+    engines as the server runs them under concurrency."""
     model_dir = args.models / "SenseVoiceSmall"
-    ours: dict[str, SenseVoice] = {}
+    ours: dict[str, Served] = {}
     out: list[Entry] = []
 
+    skip = [w for w in args.skip.split(",") if w]
+
     def add(name: str, load: Callable[[], Recognise], note: str = "") -> None:
+        if any(w in name for w in skip):
+            return
         try:
             out.append(Entry(name, load(), note))
         except Exception as e:  # a peer that is not installed is reported, not fatal
@@ -161,9 +173,9 @@ def entries(args: argparse.Namespace) -> tuple[list[Entry], dict[str, SenseVoice
 
     for quant, label, file in (("yes", "int8", SENSEVOICE_INT8), ("no", "fp32", SENSEVOICE_FP32)):
 
-        def load_ours(quant: str = quant, label: str = label) -> Recognise:
+        def load_ours(quant: str = quant, name: str = f"ours, {label} ({file})") -> Recognise:
             sv = SenseVoice.load(model_dir, quantized=quant, device="cpu", threads=args.threads)
-            ours[label] = sv
+            ours[name] = as_served(model_dir, quant)
             return lambda audio: sv.transcribe(audio).text
 
         add(f"ours, {label} ({file})", load_ours)
@@ -200,12 +212,31 @@ def time_alone(table: list[Entry], clips: list[np.ndarray], longest: np.ndarray 
                 e.long_ms.append((time.perf_counter() - t0) * 1000)
 
 
-async def burst(e: Entry, sv: SenseVoice | None, clips: list[np.ndarray], n: int) -> tuple[list[float], float]:
+@dataclass
+class Served:
+    """Our engine as the server sizes it on this machine: `lanes` recognitions at once (`asr.parallel`),
+    each on `threads` intra-op threads (`engine.threads`: the cores shared among the lanes)."""
+
+    engine: SenseVoice
+    lanes: int
+    threads: int
+
+
+def as_served(model_dir: Path, quantized: str) -> Served:
+    config = load_config(None, env={}, overrides={"engine": {"device": "cpu"}})
+    lanes, threads = asr_parallel(config), asr_threads(config)
+    return Served(SenseVoice.load(model_dir, quantized=quantized, device="cpu", threads=threads), lanes, threads)
+
+
+async def burst(e: Entry, served: Served | None, clips: list[np.ndarray], n: int) -> tuple[list[float], float]:
     """N utterances submitted at once: each one's latency (ms) and the wall time of all of them (s)."""
     audios = [clips[i % len(clips)] for i in range(n)]
     queue: InferenceQueue[np.ndarray, str] | None = None
-    if sv is not None:
-        queue = InferenceQueue("asr", lambda items: [t.text for t in sv.transcribe_batch(list(items))])
+    if served is not None:
+        sv = served.engine
+        queue = InferenceQueue(
+            "asr", lambda items: [t.text for t in sv.transcribe_batch(list(items))], parallel=served.lanes
+        )
 
     async def one(audio: np.ndarray) -> float:
         t0 = time.perf_counter()
@@ -224,6 +255,58 @@ async def burst(e: Entry, sv: SenseVoice | None, clips: list[np.ndarray], n: int
     return list(lat), wall
 
 
+@dataclass
+class Bursts:
+    """One recogniser's bursts of one size over the rounds: every utterance's latency and each burst's wall time."""
+
+    latency_ms: list[float] = field(default_factory=list)
+    wall_s: list[float] = field(default_factory=list)
+
+    def rate(self, n: int) -> float:
+        return n * len(self.wall_s) / sum(self.wall_s)
+
+
+def time_bursts(
+    live: list[tuple[Entry, Served | None]], clips: list[np.ndarray], levels: list[int], rounds: int
+) -> dict[tuple[str, int], Bursts]:
+    """Every recogniser's burst at every level, `rounds` times, interleaved: round by round, level by
+    level, recogniser by recogniser, so load from outside falls on all of them alike."""
+    out: dict[tuple[str, int], Bursts] = {(e.name, n): Bursts() for e, _ in live for n in levels}
+    for _ in range(rounds):
+        for n in levels:
+            for e, sv in live:
+                lat, wall = asyncio.run(burst(e, sv, clips, n))
+                out[e.name, n].latency_ms += lat
+                out[e.name, n].wall_s.append(wall)
+    return out
+
+
+def print_bursts(
+    table: list[Entry], ours: dict[str, Served], clips: list[np.ndarray], levels: list[int], rounds: int
+) -> None:
+    live = [(e, ours.get(e.name)) for e in table if e.fn is not None]
+    for name, served in ours.items():
+        print(
+            f"\n{name} under concurrency as the server sizes it here: {served.lanes} lanes x {served.threads} threads"
+        )
+    if not live:
+        return
+    results = time_bursts(live, clips, levels, rounds)
+    base = live[0][0].name if live[0][0].name.startswith("ours, int8") else None
+    print(f"\n{rounds} rounds, interleaved")
+    print(
+        "| recogniser (as its server calls it) | at once | median latency ms | worst ms | utterances/s | vs ours int8 |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for e, sv in live:
+        how = f"scheduler, {sv.lanes} lanes" if sv is not None else "to_thread, no lock"
+        for n in levels:
+            b = results[e.name, n]
+            ratio = f"{b.rate(n) / results[base, n].rate(n):.2f}x" if base else ""
+            med, worst = statistics.median(b.latency_ms), max(b.latency_ms)
+            print(f"| {e.name} ({how}) | {n} | {med:.0f} | {worst:.0f} | {b.rate(n):.2f} | {ratio} |")
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -239,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--concurrency", default="1,2,5,10")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of bursts per concurrency level")
+    ap.add_argument("--skip", default="", help="comma-separated words: recognisers whose name holds one are left out")
     args = ap.parse_args(argv)
     if args.peers.is_dir():
         sys.path.append(str(args.peers))
@@ -264,23 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         longest_ms = f"{statistics.median(e.long_ms):.0f}" if e.long_ms else ""
         print(f"| {e.name} | {med:.0f} | {pct(e.alone, 95):.0f} | {longest_ms} | {ratio} |")
 
-    levels = [int(x) for x in args.concurrency.split(",")]
-    print("\n| recogniser (as its server calls it) | at once | median latency ms | worst ms | utterances/s |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for e in table:
-        if e.fn is None:
-            continue
-        sv = (
-            ours.get("int8")
-            if e.name.startswith("ours, int8")
-            else ours.get("fp32")
-            if e.name.startswith("ours, fp32")
-            else None
-        )
-        how = "scheduler" if sv is not None else "to_thread, no lock"
-        for n in levels:
-            lat, wall = asyncio.run(burst(e, sv, clips, n))
-            print(f"| {e.name} ({how}) | {n} | {statistics.median(lat):.0f} | {max(lat):.0f} | {n / wall:.2f} |")
+    print_bursts(table, ours, clips, [int(x) for x in args.concurrency.split(",")], args.rounds)
+    load = os.getloadavg()
+    print(f"\nload average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     return 0
 
 
