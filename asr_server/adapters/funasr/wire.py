@@ -1,6 +1,7 @@
 """FunASR's runtime WebSocket protocol as data: the client's configuration, its validation, and the
-result messages. Pure functions, no I/O; every malformed input is a `FunAsrProtocolError` whose
-`code` is the close code that says how (see `session` for the conversation).
+result messages (`Partial`, `Final`, `EndAck`, each with `to_dict()` and `to_json()`). Pure
+functions, no I/O; every malformed input is a `FunAsrProtocolError` whose `code` is the close code
+that says how (see `session` for the conversation).
 """
 
 from __future__ import annotations
@@ -255,3 +256,102 @@ def result_fields(rec: Recognition | None) -> dict[str, Any]:
         "spk_name": speaker.name if speaker else "unknown",
         "spk_score": round(speaker.score, 4) if speaker else 0.0,
     }
+
+
+# --- what the server sends ------------------------------------------------------------------
+
+
+class _Result:
+    """A result message: `to_dict()` is its JSON object, `to_json()` the text frame (UTF-8 kept)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Partial(_Result):
+    """Streaming text of the utterance in progress (`online`, `2pass-online`): a delta that extends
+    the partials already sent for the same `index`."""
+
+    mode: str
+    wav_name: str
+    text: str
+    slice_type: int
+    """0 for the utterance's first partial, 1 for the rest."""
+    index: int
+    """The utterance's number in the request."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "wav_name": self.wav_name,
+            "text": self.text,
+            "is_final": False,
+            "slice_type": self.slice_type,
+            "index": self.index,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Final(_Result):
+    """A recognised utterance (`online`, `2pass-offline`) or request (`offline`), with SenseVoice's
+    tags and the speaker as FunASR's Python server names them (`result_fields`)."""
+
+    mode: str
+    wav_name: str
+    text: str
+    is_final: bool
+    """True on the one message that answers `is_speaking: false`."""
+    clean_text: str | None = None
+    """The text without tags, when `text` carries them (`funasr.text_tags`)."""
+    slice_type: int | None = None
+    """2 for a streaming utterance's final; None (left out) for a whole request's."""
+    index: int | None = None
+    start_time: int | None = None
+    """Milliseconds from the stream's start (streaming finals only)."""
+    end_time: int | None = None
+    language: str | None = None
+    emotion: str | None = None
+    event: str | None = None
+    spk_name: str = "unknown"
+    spk_score: float = 0.0
+    timestamp: list[list[int]] | None = None
+    """[[start_ms, end_ms], ...] per word (`timestamps`), when the words carry times."""
+    stamp_sents: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "wav_name": self.wav_name, "text": self.text}
+        if self.clean_text is not None:
+            out["clean_text"] = self.clean_text
+        out["is_final"] = self.is_final
+        if self.slice_type is not None:
+            out.update(slice_type=self.slice_type, index=self.index, start_time=self.start_time, end_time=self.end_time)
+        out.update(
+            language=self.language,
+            emotion=self.emotion,
+            event=self.event,
+            spk_name=self.spk_name,
+            spk_score=self.spk_score,
+        )
+        if self.timestamp is not None:
+            out.update(timestamp=self.timestamp, stamp_sents=self.stamp_sents)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EndAck(_Result):
+    """The answer to `is_end: true` with `is_speaking: false`: the request is over."""
+
+    mode: str
+    wav_name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "wav_name": self.wav_name, "is_final": True, "is_end": True}
+
+
+Result = Partial | Final | EndAck
