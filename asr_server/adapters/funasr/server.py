@@ -21,7 +21,8 @@ from ...core.pipeline import Pipeline
 from ...sharing import Tally, WorkerShare
 from ..admission import ConnectionSlots, refuse_busy
 from ..auth import ApiKeys, bearer_token
-from .session import PROTOCOL, BufferBudget, FunAsrContext, FunAsrSession
+from .context import BufferBudget, FunAsrContext
+from .session import PROTOCOL, FunAsrSession
 from .tls import sniffing, tls_context, transport_of
 
 log = logging.getLogger(__name__)

@@ -1,32 +1,14 @@
-"""One FunASR client connection: configuration, audio, results, in the order the protocol needs.
+"""One FunASR client connection: configuration, audio, results, in the order the protocol needs
+(the protocol itself: `wire`).
 
-The wire format is FunASR's `runtime/docs/websocket_protocol.md`: the client sends a JSON
-configuration (`mode` offline / online / 2pass, `wav_name`, `is_speaking`, `itn`, `audio_fs`,
-`wav_format`, `hotwords`, `chunk_size`...), then binary audio (PCM16 little-endian mono at
-`audio_fs`, in one message or many; offline mode also takes a whole file when `wav_format` is
-not `pcm`), then `{"is_speaking": false}`. Results are JSON text messages:
-`{"mode", "wav_name", "text", "is_final", ...}`.
-
-- offline: one message per request, after `is_speaking: false`, `mode: "offline"`.
-- 2pass: while audio arrives, `2pass-online` partials (re-decoding the utterance so far every
-  `funasr.partial_interval_ms`); at each VAD endpoint a `2pass-offline` message with the
-  utterance's text. `2pass-online` text is a delta that extends the previous partials of the
-  same utterance (FunASR clients concatenate it); `2pass-offline` text replaces them.
-- online: the same partial deltas as `online`, and the rest of the utterance's text at its end.
-
-`is_final` is true on exactly one message per request: the one that answers
-`is_speaking: false`, as FunASR's C++ runtime does (xiaozhi-esp32-server's `FunASRServer`
-provider reads until it). Besides FunASR's fields each final carries SenseVoice's `language`,
-`emotion`, `event` and the speaker as FunASR's Python server names it (`spk_name`, `spk_score`).
+Offline requests are held whole (against the server's `BufferBudget`) and recognised as a
+recording. Online and 2pass run the same `Turn` (core/turn.py) as a device, with its
+speculation and promotion; this module adds what FunASR's protocol adds: the partial deltas of
+the utterance in progress, and each final before anything the client sent after it.
 
 Protocol errors close the socket with a code and a reason: 1007 malformed or ill-typed JSON and
 PCM with an odd byte count, 1008 audio before the configuration, 1003 non-PCM audio in a
 streaming mode, 1009 a message or request over the limits, 1011 an engine failure.
-
-Online and 2pass run the same `Turn` (core/turn.py) as a device: its speculation and its
-promotion; this module adds only what FunASR's protocol adds (partial deltas, result messages).
-A session sees its server through a narrow `FunAsrContext`: its configuration, the pipeline,
-metrics, the event bus and the server-wide `BufferBudget` for offline audio.
 """
 
 from __future__ import annotations
@@ -36,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
@@ -46,29 +28,26 @@ from websockets.frames import CloseCode
 from ...audio.io import decode_audio
 from ...audio.resample import PcmResampler
 from ...audio.segmenter import Dropped, Event, SpeechStarted, Utterance
-from ...config import FunAsrConfig
 from ...constants import FUNASR, SAMPLE_RATE, VAD_WINDOW, VAD_WINDOW_MS
-from ...core.events import EventBus
-from ...core.metrics import Metrics
-from ...core.pipeline import Pipeline
 from ...core.recording import dominant, join_texts, recognize_recording
 from ...core.scheduler import Priority
 from ...core.turn import Ended, Turn
 from ...errors import AudioDecodeError, EngineBusy, EngineFailed, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
 from ..sending import close_reason, send_within
+from .context import FunAsrContext
 from .wire import (
     EndAck,
     Final,
     Partial,
+    PartialText,
     RequestConfig,
     Result,
-    agreed,
     boolean,
     delta,
+    next_config,
     parse_message,
     result_fields,
-    stable_prefix,
     tagged,
     timestamps,
 )
@@ -76,36 +55,6 @@ from .wire import (
 log = logging.getLogger(__name__)
 
 PROTOCOL = FUNASR
-
-
-class BufferBudget:
-    """Offline audio held in memory by all of a server's sessions together, against
-    `funasr.max_buffered_mb`: twenty connections of 600 s each would otherwise hold 700+ MB."""
-
-    def __init__(self, limit_bytes: int) -> None:
-        self.limit_bytes = limit_bytes
-        self.held = 0
-
-    def take(self, nbytes: int) -> bool:
-        """Count `nbytes` more, or False (and nothing counted) when they do not fit."""
-        if self.held + nbytes > self.limit_bytes:
-            return False
-        self.held += nbytes
-        return True
-
-    def give_back(self, nbytes: int) -> None:
-        self.held -= nbytes
-
-
-@dataclass(frozen=True, slots=True)
-class FunAsrContext:
-    """What a session uses of its server."""
-
-    config: FunAsrConfig
-    pipeline: Pipeline
-    metrics: Metrics
-    bus: EventBus | None
-    buffers: BufferBudget
 
 
 def _spawn(coro) -> asyncio.Task:
@@ -117,12 +66,11 @@ def _spawn(coro) -> asyncio.Task:
 
 @dataclass(slots=True)
 class _Utterance:
-    """A streaming utterance in progress: the partial text already sent."""
+    """A streaming utterance in progress: its partial text so far."""
 
     index: int
     start_chunk: int
-    sent: str = ""
-    last_stable: str = ""  # the previous partial decode's stable prefix (what the next must agree with)
+    text: PartialText = field(default_factory=PartialText)
     partials: int = 0
     last_partial_chunk: int = 0
     partial_task: asyncio.Task | None = None
@@ -149,7 +97,6 @@ class FunAsrSession:
         self._resampler: PcmResampler | None = None
         self._turn: Turn | None = None  # online/2pass: the request's stream and its recognitions
         self._utterance: _Utterance | None = None  # ... the one in progress
-        self._next_index = 0
         # What the console's live view shows (`view`).
         self.opened_at = time.time()
         self.frames = 0
@@ -188,26 +135,13 @@ class FunAsrSession:
 
     async def _on_text(self, text: str) -> None:
         msg = parse_message(text)
-        current = self.request or RequestConfig()
-        new = current.update(msg)
-        if self.request is not None and new.mode != self.request.mode and self._has_audio():
-            raise FunAsrProtocolError(
-                CloseCode.POLICY_VIOLATION, "mode cannot change while a request's audio is being sent"
-            )
-        if new.mode != "offline" and not new.is_pcm:
-            raise FunAsrProtocolError(
-                CloseCode.UNSUPPORTED_DATA,
-                f"{new.mode} mode takes raw PCM only; wav_format {new.wav_format!r} needs mode offline",
-            )
-        if self.request is None or new.audio_fs != self.request.audio_fs or new.mode != self.request.mode:
-            if self._has_audio():
-                raise FunAsrProtocolError(
-                    CloseCode.POLICY_VIOLATION, "audio_fs cannot change while a request's audio is being sent"
-                )
+        current = self.request
+        new = next_config(current, msg, self._has_audio())
+        if new.restarts(current):
             self._resampler = PcmResampler(new.audio_fs)
             self._cancel_stream_tasks()
             self._turn = None
-        if new.hotwords and new.hotwords != current.hotwords:
+        if new.hotwords and new.hotwords != (current or new).hotwords:
             log.debug("%s: hotwords ignored (SenseVoice has no hotword biasing)", self.session_id)
         self.request = new
         if "is_speaking" in msg and not boolean(msg, "is_speaking"):
@@ -361,10 +295,9 @@ class FunAsrSession:
         ended = turn.on_event(event)
         utt = self._utterance
         if isinstance(event, SpeechStarted):
-            self._utterance = _Utterance(
-                self._next_index, event.start_sample // VAD_WINDOW, last_partial_chunk=turn.stream.windows_fed
-            )
-            self._next_index += 1
+            # The request's utterances count from 0 (each request has a stream of its own, counting from 1).
+            start = event.start_sample // VAD_WINDOW
+            self._utterance = _Utterance(event.utterance_id - 1, start, last_partial_chunk=turn.stream.windows_fed)
         elif isinstance(event, Dropped) and utt is not None:
             self._end_utterance(utt)
             self._utterance = None
@@ -388,7 +321,9 @@ class FunAsrSession:
         text = "" if rec.is_empty else rec.transcript.text.strip()
         start_ms = int(utt.start_chunk * VAD_WINDOW_MS)
         two_pass = req.mode == "2pass"
-        text, clean = self._texts(text, rec) if two_pass else (self._spaced(not utt.sent, delta(utt.sent, text)), None)
+        text, clean = (
+            self._texts(text, rec) if two_pass else (self._spaced(not utt.text.sent, delta(utt.text.sent, text)), None)
+        )
         message = Final(
             "2pass-offline" if two_pass else "online",
             req.wav_name,
@@ -429,15 +364,12 @@ class FunAsrSession:
             return
         if utt.done or transcript.language == "nospeech":
             return
-        stable = stable_prefix(transcript.text)
-        previous, utt.last_stable = utt.last_stable, stable
-        stable = agreed(previous, stable)  # committed only once two decodes agree on it
-        if len(stable) <= len(utt.sent) or not stable.startswith(utt.sent):
-            return  # nothing new, or the decode revised what was sent: wait for more audio
-        first = not utt.sent
-        delta, utt.sent = stable[len(utt.sent) :], stable
+        first = not utt.text.sent
+        new = utt.text.advance(transcript.text)
+        if new is None:
+            return
         online = req.mode == "online"
-        text = self._spaced(first, delta) if online else delta
+        text = self._spaced(first, new) if online else new
         message = Partial("online" if online else "2pass-online", req.wav_name, text, min(utt.partials, 1), utt.index)
         utt.partials += 1
         with contextlib.suppress(ConnectionClosed):
