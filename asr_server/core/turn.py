@@ -106,7 +106,7 @@ class Turn:
         self._meter = meter
         self._on_speech = on_speech  # told when speech starts (a relay's barge-in)
         self.feed = LiveFeed(
-            pipeline, self.stream, self.clock, self._live_event, observe_delay, name, self._probs if meter else None
+            pipeline, self.stream, self.clock, self.take, observe_delay, name, self._probs if meter else None
         )
         self.language: str | None = None  # what recognition is asked for (None: detected, the config's ITN)
         self.itn: bool | None = None
@@ -137,9 +137,10 @@ class Turn:
         """The client ends the stream (`listen stop`): speech still running is an utterance."""
         event = self.stream.flush()
         if event is not None:
-            self._live_event(event)
+            self.take(event)
 
-    def _live_event(self, event: Event) -> None:
+    def take(self, event: Event) -> None:
+        """An event of the live stream: its utterance is queued for `heard`, in order."""
         ended = self.on_event(event)
         if ended is not None:
             self._queue(ended)
