@@ -203,9 +203,12 @@ class Turn:
     def _recognize(
         self, audio: np.ndarray, speculative: bool, endpointed: bool, speech_end: float | None
     ) -> Recognizing:
-        return self.pipeline.start_recognition(
+        recognizing = self.pipeline.start_recognition(
             audio, self.language, self.itn, speculative=speculative, endpointed=endpointed, speech_end=speech_end
         )
+        # Its failure is the awaiter's to report; one nobody awaits any more (voided) is dropped quietly.
+        recognizing.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return recognizing
 
     def _silence_s(self, event: Utterance) -> float:
         """How long before the end of the audio fed so far its speech ended: the stream audio after
