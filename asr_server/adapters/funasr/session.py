@@ -69,10 +69,9 @@ class _Utterance:
     """A streaming utterance in progress: its partial text so far."""
 
     index: int
-    start_chunk: int
+    """Counted from 0 in the request (each request has a stream of its own, counting from 1)."""
+    last_partial_chunk: int
     text: PartialText = field(default_factory=PartialText)
-    partials: int = 0
-    last_partial_chunk: int = 0
     partial_task: asyncio.Task | None = None
     done: bool = False
 
@@ -295,9 +294,7 @@ class FunAsrSession:
         ended = turn.on_event(event)
         utt = self._utterance
         if isinstance(event, SpeechStarted):
-            # The request's utterances count from 0 (each request has a stream of its own, counting from 1).
-            start = event.start_sample // VAD_WINDOW
-            self._utterance = _Utterance(event.utterance_id - 1, start, last_partial_chunk=turn.stream.windows_fed)
+            self._utterance = _Utterance(event.utterance_id - 1, turn.stream.windows_fed)
         elif isinstance(event, Dropped) and utt is not None:
             self._end_utterance(utt)
             self._utterance = None
@@ -317,9 +314,10 @@ class FunAsrSession:
     async def _final(self, req: RequestConfig, utt: _Utterance, ended: Ended, end_of_stream: bool) -> None:
         t0 = time.perf_counter()
         rec = await self._recognize(ended.recognition())
-        assert ended.utterance is not None
+        event = ended.utterance
+        assert event is not None
         text = "" if rec.is_empty else rec.transcript.text.strip()
-        start_ms = int(utt.start_chunk * VAD_WINDOW_MS)
+        start_ms = int(event.start_sample // VAD_WINDOW * VAD_WINDOW_MS)
         two_pass = req.mode == "2pass"
         text, clean = (
             self._texts(text, rec) if two_pass else (self._spaced(not utt.text.sent, delta(utt.text.sent, text)), None)
@@ -333,7 +331,7 @@ class FunAsrSession:
             slice_type=2,
             index=utt.index,
             start_time=start_ms,
-            end_time=start_ms + int(len(ended.utterance.audio) * 1000 / SAMPLE_RATE),
+            end_time=start_ms + int(len(event.audio) * 1000 / SAMPLE_RATE),
             **result_fields(rec),
             **(timestamps(list(rec.transcript.words), start_ms) if two_pass else {}),
         )
@@ -370,8 +368,7 @@ class FunAsrSession:
             return
         online = req.mode == "online"
         text = self._spaced(first, new) if online else new
-        message = Partial("online" if online else "2pass-online", req.wav_name, text, min(utt.partials, 1), utt.index)
-        utt.partials += 1
+        message = Partial("online" if online else "2pass-online", req.wav_name, text, 0 if first else 1, utt.index)
         with contextlib.suppress(ConnectionClosed):
             await self._send(message)
 
