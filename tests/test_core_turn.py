@@ -156,3 +156,13 @@ async def test_drain_waits_for_the_replies_owed(turn):
     assert await turn.drain(2.0) == 1
     assert turn.pending == 0
     reader.cancel()
+
+
+async def test_a_recognition_cancelled_elsewhere_is_skipped_and_the_next_reply_comes(turn):
+    replies = turn.heard()
+    turn.take(utterance(1))
+    turn.take(utterance(2))
+    turn.recogniser.tasks[0].cancel()  # the engine went away under it (no abort)
+    turn.recogniser.answer(1, "next")
+    assert (await next_heard(replies)).recognition.transcript.text == "next"
+    assert turn.pending == 1  # owed until its reader comes back for the next (it was being given)

@@ -128,11 +128,6 @@ class Turn:
 
     # --- live audio ---------------------------------------------------------------------------
 
-    async def push(self, pcm: np.ndarray, spoken: float) -> None:
-        """Live audio whose end was spoken at `spoken` (`clock.note`), through the feed (`EngineBusy`:
-        it was lost)."""
-        await self.feed.push(pcm, spoken)
-
     def stop(self) -> None:
         """The client ends the stream (`listen stop`): speech still running is an utterance."""
         event = self.stream.flush()
@@ -143,7 +138,7 @@ class Turn:
         """An event of the live stream: its utterance is queued for `heard`, in order."""
         ended = self.on_event(event)
         if ended is not None:
-            self._queue(ended)
+            self._owe(ended)
         elif isinstance(event, SpeechStarted) and self._on_speech is not None:
             self._on_speech()
 
@@ -257,11 +252,11 @@ class Turn:
             now = time.perf_counter()
             # The talk ended with its last frame, lag included (`listen stop` waited in the same socket).
             ended = now - self.clock.lag
-            self._queue(Ended([self._recognize(audio, False, False, ended)], now, ended, False))
+            self._owe(Ended([self._recognize(audio, False, False, ended)], now, ended, False))
 
     # --- replies ------------------------------------------------------------------------------
 
-    def _queue(self, ended: Ended) -> None:
+    def _owe(self, ended: Ended) -> None:
         self._ended.append(ended)
         self._more.set()
         self._none_owed.clear()
@@ -274,11 +269,17 @@ class Turn:
                 self._more.clear()
                 await self._more.wait()
             ended = self._ended[0]
-            outcome = await _outcome(ended)
+            task = asyncio.ensure_future(ended.recognition())
+            try:
+                await asyncio.wait([task])
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
             if not self._ended or self._ended[0] is not ended:
                 continue  # aborted while it was recognised
-            if outcome is not None:
-                yield outcome
+            if not task.cancelled():  # (cancelled: its recognition was, with nobody to tell)
+                error = task.exception()
+                yield Heard(ended, None, error) if error is not None else Heard(ended, task.result())
             if self._ended and self._ended[0] is ended:
                 self._ended.popleft()
             if not self._ended:
@@ -319,17 +320,3 @@ class Turn:
         """The stream is gone: nothing of it may outlive it."""
         await self.feed.close()
         self.abort()
-
-
-async def _outcome(ended: Ended) -> Heard | None:
-    """`ended`'s recognition or its error; None when it was cancelled (an abort)."""
-    task = asyncio.ensure_future(ended.recognition())
-    try:
-        await asyncio.wait([task])
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    if task.cancelled():
-        return None
-    error = task.exception()
-    return Heard(ended, None, error) if error is not None else Heard(ended, task.result())

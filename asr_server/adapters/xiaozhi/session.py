@@ -164,7 +164,9 @@ class Session:
         if self.mode == "manual":
             await self.turn.hold(pcm)
         elif self.upstream is None or not self.upstream.speaking or self.mode != "auto":
-            await self.turn.push(pcm, spoken)  # (auto mode takes no turn while the answer plays: the firmware's rule)
+            await self.turn.feed.push(
+                pcm, spoken
+            )  # (auto mode takes no turn while the answer plays: the firmware's rule)
         return seconds
 
     def input_delay(self, now: float, within_s: float = 2.0) -> float | None:
