@@ -33,6 +33,15 @@ LAYERS: dict[str, int] = {
     "logs": 0,
 }
 MAX_LINES = 500
+#: The modules where one concept needs more than MAX_LINES, each with its own limit and the reason.
+#: A smell alarm, not a target: a concept is never split to pass it.
+LARGER: dict[str, tuple[int, str]] = {
+    "asr_server/config/sections.py": (
+        600,
+        "the configuration's schema: every section, key, default and validation in one place; split "
+        "(config/base.py, config/inference.py), a reader looked for one key's rules in three files",
+    ),
+}
 
 
 def unit_of(module: str) -> str:
@@ -88,8 +97,32 @@ def test_no_module_imports_from_a_layer_above_it():
     assert upward == []
 
 
+def test_no_two_modules_import_each_other():
+    """Data flows one way inside a unit too: no import cycle between modules, not even one hidden
+    under `TYPE_CHECKING` (a FunASR session once held its server, which creates it)."""
+    names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in modules()}
+    graph = {m: {t for t in imports(p) if t in names and t != m} for m, p in names.items()}
+    cycles = []
+    for module, targets in graph.items():
+        for target in targets:
+            seen, todo = set(), [target]
+            while todo:
+                current = todo.pop()
+                if current == module:
+                    cycles.append(f"{module} -> {target} -> ... -> {module}")
+                    break
+                if current not in seen:
+                    seen.add(current)
+                    todo.extend(graph[current])
+    assert cycles == []
+
+
 def test_no_module_is_over_the_size_a_newcomer_reads_at_once():
-    large = {str(p.relative_to(REPO)): n for p in modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    large = {}
+    for p in modules():
+        name, n = str(p.relative_to(REPO)), len(p.read_text().splitlines())
+        if n > LARGER.get(name, (MAX_LINES, ""))[0]:
+            large[name] = n
     assert large == {}
 
 

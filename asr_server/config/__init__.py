@@ -19,7 +19,6 @@ import yaml
 from pydantic import ValidationError
 
 from ..errors import ConfigError
-from .inference import InferenceConfig, RayDeploymentConfig
 from .sections import (
     RENAMED_SECTIONS,
     AsrConfig,
@@ -29,6 +28,8 @@ from .sections import (
     EventsConfig,
     FunAsrConfig,
     HttpConfig,
+    InferenceConfig,
+    RayDeploymentConfig,
     SpeakerConfig,
     UpstreamConfig,
     VadConfig,

@@ -22,6 +22,7 @@ from ...core.pipeline import Pipeline
 from ...sharing import Tally, WorkerShare
 from ..admission import ConnectionSlots, refuse_busy
 from ..auth import ApiKeys, bearer_token
+from .context import BufferBudget, FunAsrContext
 from .session import PROTOCOL, FunAsrSession
 from .tls import sniffing, tls_context, transport_of
 
@@ -73,7 +74,8 @@ class FunAsrServer:
         self.keys = (
             ApiKeys.from_config(config) if config.funasr.auth else ApiKeys(frozenset(), frozenset(), frozenset())
         )
-        self.buffered_bytes = 0  # offline audio all sessions hold (FunAsrSession._hold)
+        budget = BufferBudget(int(config.funasr.max_buffered_mb * 2**20))  # offline audio all sessions hold
+        self.context = FunAsrContext(config.funasr, pipeline, metrics, bus, budget, self.decoder)
         self.slots = ConnectionSlots(
             config.funasr.max_sessions,
             "funasr.max_sessions",
@@ -104,7 +106,7 @@ class FunAsrServer:
     async def handle(self, ws: ServerConnection) -> None:
         log.debug("funasr: %s connection from %s", transport_of(ws), ws.remote_address)
         self.metrics.session_opened(PROTOCOL)
-        session = FunAsrSession(self, ws)
+        session = FunAsrSession(self.context, ws)
         board = self.board
         if board is not None:
             worker = board.worker

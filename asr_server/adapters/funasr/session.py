@@ -1,23 +1,10 @@
-"""One FunASR client connection: configuration, audio, results, in the order the protocol needs.
+"""One FunASR client connection: configuration, audio, results, in the order the protocol needs
+(the protocol itself: `wire`).
 
-The wire format is FunASR's `runtime/docs/websocket_protocol.md`: the client sends a JSON
-configuration (`mode` offline / online / 2pass, `wav_name`, `is_speaking`, `itn`, `audio_fs`,
-`wav_format`, `hotwords`, `chunk_size`...), then binary audio (PCM16 little-endian mono at
-`audio_fs`, in one message or many; offline mode also takes a whole file when `wav_format` is
-not `pcm`), then `{"is_speaking": false}`. Results are JSON text messages:
-`{"mode", "wav_name", "text", "is_final", ...}`.
-
-- offline: one message per request, after `is_speaking: false`, `mode: "offline"`.
-- 2pass: while audio arrives, `2pass-online` partials (re-decoding the utterance so far every
-  `funasr.partial_interval_ms`); at each VAD endpoint a `2pass-offline` message with the
-  utterance's text. `2pass-online` text is a delta that extends the previous partials of the
-  same utterance (FunASR clients concatenate it); `2pass-offline` text replaces them.
-- online: the same partial deltas as `online`, and the rest of the utterance's text at its end.
-
-`is_final` is true on exactly one message per request: the one that answers
-`is_speaking: false`, as FunASR's C++ runtime does (xiaozhi-esp32-server's `FunASRServer`
-provider reads until it). Besides FunASR's fields each final carries SenseVoice's `language`,
-`emotion`, `event` and the speaker as FunASR's Python server names it (`spk_name`, `spk_score`).
+Offline requests are held whole (against the server's `BufferBudget`) and recognised as a
+recording. Online and 2pass run the same `Turn` (core/turn.py) as a device, with its
+speculation and promotion; this module adds what FunASR's protocol adds: the partial deltas of
+the utterance in progress, and each final before anything the client sent after it.
 
 Protocol errors close the socket with a code and a reason: 1007 malformed or ill-typed JSON and
 PCM with an odd byte count, 1008 audio before the configuration, 1003 non-PCM audio in a
@@ -28,12 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
 
 import numpy as np
 from websockets.asyncio.server import ServerConnection
@@ -41,30 +26,31 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from ...audio.resample import PcmResampler
-from ...audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
+from ...audio.segmenter import Dropped, Event, SpeechStarted, Utterance
 from ...constants import FUNASR, SAMPLE_RATE, VAD_WINDOW, VAD_WINDOW_MS
-from ...core.pipeline import Recognizing
 from ...core.recording import dominant, join_texts, recognize_recording
 from ...core.scheduler import Priority
-from ...core.streaming import SpeechStream
+from ...core.turn import Ended, Turn
 from ...errors import AudioDecodeError, DecoderCrashed, EngineBusy, EngineFailed, FunAsrProtocolError, PcmFormatError
 from ...types import Recognition, TranscriptEvent
 from ..sending import close_reason, send_within
+from .context import FunAsrContext
 from .wire import (
+    EndAck,
+    Final,
+    Partial,
+    PartialText,
     RequestConfig,
-    agreed,
+    Result,
     boolean,
     delta,
+    next_config,
     parse_message,
     result_fields,
     spaced_after,
-    stable_prefix,
     tagged,
     timestamps,
 )
-
-if TYPE_CHECKING:
-    from .server import FunAsrServer
 
 log = logging.getLogger(__name__)
 
@@ -80,47 +66,37 @@ def _spawn(coro) -> asyncio.Task:
 
 @dataclass(slots=True)
 class _Utterance:
-    """A streaming utterance in progress: its audio so far and the partial text already sent."""
+    """A streaming utterance in progress: its partial text so far."""
 
     index: int
-    start_chunk: int
-    sent: str = ""
-    last_stable: str = ""  # the previous partial decode's stable prefix (what the next must agree with)
-    partials: int = 0
-    last_partial_chunk: int = 0
+    """Counted from 0 in the request (each request has a stream of its own, counting from 1)."""
+    last_partial_chunk: int
+    text: PartialText = field(default_factory=PartialText)
     partial_task: asyncio.Task | None = None
-    speculation: Recognizing | None = None
     done: bool = False
-
-
-@dataclass(slots=True)
-class _Stream:
-    """Per-request streaming state (online/2pass): the speech stream, the utterance in progress."""
-
-    speech: SpeechStream
-    utterance: _Utterance | None = None
-    next_index: int = 0
 
 
 class FunAsrSession:
     """One client connection: configuration, audio, results, in the order the protocol needs."""
 
-    def __init__(self, server: FunAsrServer, ws: ServerConnection) -> None:
-        self.server = server
+    def __init__(self, ctx: FunAsrContext, ws: ServerConnection) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
         self.ws = ws
-        self.pipeline = server.pipeline
-        self.metrics = server.metrics
+        self.pipeline = ctx.pipeline
+        self.metrics = ctx.metrics
         self.session_id = f"funasr-{uuid.uuid4().hex[:12]}"
         self.request: RequestConfig | None = None
         self._offline_pcm: list[np.ndarray] = []
         self._offline_samples = 0
         self._offline_bytes: list[bytes] = []
         self._offline_nbytes = 0
-        self._held = 0  # bytes of offline audio counted in server.buffered_bytes
+        self._held = 0  # bytes of offline audio counted in the server's `BufferBudget`
         self._online_tail = ""  # the last `online` text sent (a space goes between English utterances)
         self._final_tail = ""  # the last 2pass final's text, for the same reason
         self._resampler: PcmResampler | None = None
-        self._stream: _Stream | None = None
+        self._turn: Turn | None = None  # online/2pass: the request's stream and its recognitions
+        self._utterance: _Utterance | None = None  # ... the one in progress
         # What the console's live view shows (`view`).
         self.opened_at = time.time()
         self.frames = 0
@@ -130,12 +106,12 @@ class FunAsrSession:
 
     @property
     def in_speech(self) -> bool:
-        return self._stream is not None and self._stream.speech.in_speech
+        return self._turn is not None and self._turn.stream.in_speech
 
     # --- the message loop --------------------------------------------------------------
 
     async def run(self) -> None:
-        cfg = self.server.config.funasr
+        cfg = self.config
         try:
             while True:
                 try:
@@ -159,59 +135,44 @@ class FunAsrSession:
 
     async def _on_text(self, text: str) -> None:
         msg = parse_message(text)
-        current = self.request or RequestConfig()
-        new = current.update(msg)
-        if self.request is not None and new.mode != self.request.mode and self._has_audio():
-            raise FunAsrProtocolError(
-                CloseCode.POLICY_VIOLATION, "mode cannot change while a request's audio is being sent"
-            )
-        if new.mode != "offline" and not new.is_pcm:
-            raise FunAsrProtocolError(
-                CloseCode.UNSUPPORTED_DATA,
-                f"{new.mode} mode takes raw PCM only; wav_format {new.wav_format!r} needs mode offline",
-            )
-        if self.request is None or new.audio_fs != self.request.audio_fs or new.mode != self.request.mode:
-            if self._has_audio():
-                raise FunAsrProtocolError(
-                    CloseCode.POLICY_VIOLATION, "audio_fs cannot change while a request's audio is being sent"
-                )
+        current = self.request
+        new = next_config(current, msg, self._has_audio())
+        if new.restarts(current):
             self._resampler = PcmResampler(new.audio_fs)
-            self._stream = None
-        if new.hotwords and new.hotwords != current.hotwords:
+            self._cancel_stream_tasks()
+            self._turn = None
+        if new.hotwords and new.hotwords != (current or new).hotwords:
             log.debug("%s: hotwords ignored (SenseVoice has no hotword biasing)", self.session_id)
         self.request = new
         if "is_speaking" in msg and not boolean(msg, "is_speaking"):
             await self._finish(ack="is_end" in msg and boolean(msg, "is_end"))
 
     def _hold(self, nbytes: int) -> None:
-        """Count offline audio held in memory against the server's budget (`funasr.max_buffered_mb`
-        for all connections together): twenty connections of 600 s each would otherwise hold 700+ MB."""
-        budget = self.server.config.funasr.max_buffered_mb * 2**20
-        if self.server.buffered_bytes + nbytes > budget:
+        """Count offline audio held in memory against the server's `BufferBudget`."""
+        if not self.ctx.buffers.take(nbytes):
             self.metrics.errors.labels("funasr_buffer_full").inc()
             raise FunAsrProtocolError(
                 CloseCode.TRY_AGAIN_LATER,
-                f"the server holds {self.server.buffered_bytes / 2**20:.0f} MB of offline audio "
+                f"the server holds {self.ctx.buffers.held / 2**20:.0f} MB of offline audio "
                 "(funasr.max_buffered_mb); send it again later",
             )
-        self.server.buffered_bytes += nbytes
         self._held += nbytes
 
     def _release(self) -> None:
-        self.server.buffered_bytes -= self._held
+        self.ctx.buffers.give_back(self._held)
         self._held = 0
 
-    def _text_fields(self, text: str, rec: Recognition | None, appended: bool = False) -> dict[str, Any]:
-        """A final's text as FunASR sends it (tags first, `funasr.text_tags`), and the clean text.
+    def _texts(self, text: str, rec: Recognition | None, appended: bool = False) -> tuple[str, str | None]:
+        """A final's `text` as FunASR sends it (tags first, `funasr.text_tags`), and its `clean_text`.
         `appended`: clients append it to the finals before (2pass: `text_print_2pass_offline += text`),
         so English after English gets a space first, as online texts do."""
-        if not self.server.config.funasr.text_tags:
-            if not appended:
-                return {"text": text}
-            spaced = spaced_after(self._final_tail, text)
-            self._final_tail = text or self._final_tail
-            return {"text": spaced}
-        return {"text": tagged(text, rec), "clean_text": text}
+        if self.config.text_tags:
+            return tagged(text, rec), text
+        if not appended:
+            return text, None
+        spaced = spaced_after(self._final_tail, text)
+        self._final_tail = text or self._final_tail
+        return spaced, None
 
     def _spaced(self, first: bool, text: str) -> str:
         """`online` texts are concatenated by clients: an English utterance after another starts with
@@ -224,9 +185,7 @@ class FunAsrSession:
 
     def _has_audio(self) -> bool:
         return bool(
-            self._offline_pcm
-            or self._offline_bytes
-            or (self._stream is not None and self._stream.speech.windows_fed > 0)
+            self._offline_pcm or self._offline_bytes or (self._turn is not None and self._turn.stream.windows_fed > 0)
         )
 
     async def _on_audio(self, data: bytes) -> None:
@@ -238,7 +197,7 @@ class FunAsrSession:
         self.frames += 1
         if req.mode == "offline" and not req.is_pcm:
             self._offline_nbytes += len(data)
-            if self._offline_nbytes > self.server.config.funasr.max_message_bytes:
+            if self._offline_nbytes > self.config.max_message_bytes:
                 raise FunAsrProtocolError(CloseCode.MESSAGE_TOO_BIG, "audio file larger than funasr.max_message_bytes")
             self._hold(len(data))
             self._offline_bytes.append(data)
@@ -250,10 +209,9 @@ class FunAsrSession:
             raise FunAsrProtocolError(CloseCode.INVALID_DATA, str(e)) from None
         if req.mode == "offline":
             self._offline_samples += len(pcm)
-            if self._offline_samples > self.server.config.funasr.max_audio_s * SAMPLE_RATE:
+            if self._offline_samples > self.config.max_audio_s * SAMPLE_RATE:
                 raise FunAsrProtocolError(
-                    CloseCode.MESSAGE_TOO_BIG,
-                    f"audio longer than funasr.max_audio_s ({self.server.config.funasr.max_audio_s:g} s)",
+                    CloseCode.MESSAGE_TOO_BIG, f"audio longer than funasr.max_audio_s ({self.config.max_audio_s:g} s)"
                 )
             self._hold(pcm.nbytes)
             self._offline_pcm.append(pcm)
@@ -269,11 +227,10 @@ class FunAsrSession:
         else:
             await self._finish_stream(req)
         if ack:
-            await self._send({"mode": req.mode, "wav_name": req.wav_name, "is_final": True, "is_end": True})
+            await self._send(EndAck(req.mode, req.wav_name))
 
-    async def _send(self, message: dict[str, Any]) -> None:
-        timeout = self.server.config.funasr.send_timeout_s
-        if not await send_within(self.ws, json.dumps(message, ensure_ascii=False), timeout, self.session_id):
+    async def _send(self, message: Result) -> None:
+        if not await send_within(self.ws, message.to_json(), self.config.send_timeout_s, self.session_id):
             raise ConnectionClosed(None, None)  # gone or not reading: end the session
 
     async def _recognize(self, coro):
@@ -301,7 +258,7 @@ class FunAsrSession:
         if self._offline_bytes:
             data = b"".join(self._offline_bytes)
             try:
-                audio = (await self.server.decoder.decode(data, self.server.config.funasr.max_audio_s)).samples
+                audio = (await self.ctx.decoder.decode(data, self.config.max_audio_s)).samples
             except AudioDecodeError as e:  # DecoderCrashed included: a decoder process died on it
                 if isinstance(e, DecoderCrashed):
                     self.metrics.errors.labels("decoder_crashed").inc()
@@ -314,18 +271,17 @@ class FunAsrSession:
         self._offline_samples = self._offline_nbytes = 0
         self._release()
         self._resampler = PcmResampler(req.audio_fs)
-        message: dict[str, Any] = {"mode": "offline", "wav_name": req.wav_name, "text": "", "is_final": True}
         if len(audio) == 0:
-            await self._send({**message, **result_fields(None)})
+            await self._send(Final("offline", req.wav_name, "", True, **result_fields(None)))
             return
         segments = await self._recognize(recognize_recording(self.pipeline, audio, req.language, req.itn))
-        text = join_texts([s.text for s in segments])
         first = segments[0].recognition if segments else None
-        message.update(self._text_fields(text, first), **result_fields(first))
-        message.update(timestamps([w for s in segments for w in s.words()]))
+        tags = result_fields(first)
         if len(segments) > 1:
-            message["language"] = dominant([(s.recognition.transcript.language, s.end_s - s.start_s) for s in segments])
-        await self._send(message)
+            tags["language"] = dominant([(s.recognition.transcript.language, s.end_s - s.start_s) for s in segments])
+        text, clean = self._texts(join_texts([s.text for s in segments]), first)
+        words = timestamps([w for s in segments for w in s.words()])
+        await self._send(Final("offline", req.wav_name, text, True, clean, **tags, **words))
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)
         self._count(segments and [s.recognition for s in segments], req)
 
@@ -334,93 +290,78 @@ class FunAsrSession:
     async def _stream_audio(self, pcm: np.ndarray) -> None:
         req = self.request
         assert req is not None
-        if self._stream is None:
-            self._stream = _Stream(self.pipeline.open_stream())
-        st = self._stream
-        for chunk, prob in await self.pipeline.probabilities(st.speech, pcm):
-            for event in st.speech.push(chunk, prob):
-                await self._on_segment_event(req, st, event, end_of_stream=False)
-            self._maybe_partial(req, st)
+        if self._turn is None:
+            self._turn = Turn(self.pipeline, self.session_id)
+        turn = self._turn
+        turn.language, turn.itn = req.language, req.itn
+        for event in await self.pipeline.feed(turn.stream, pcm):
+            await self._on_event(req, turn, event, end_of_stream=False)
+        self._maybe_partial(req, turn)
 
-    async def _on_segment_event(self, req: RequestConfig, st: _Stream, event: Event, end_of_stream: bool) -> None:
-        utt = st.utterance
+    async def _on_event(self, req: RequestConfig, turn: Turn, event: Event, end_of_stream: bool) -> None:
+        """A segmenter event: the turn's (speculation, recognition), then the protocol's (partials,
+        the final, which the client gets before anything said after it)."""
+        ended = turn.on_event(event)
+        utt = self._utterance
         if isinstance(event, SpeechStarted):
-            st.utterance = _Utterance(
-                st.next_index, event.start_sample // VAD_WINDOW, last_partial_chunk=st.speech.windows_fed
-            )
-            st.next_index += 1
-        elif isinstance(event, Speculate) and utt is not None and self.server.config.asr.speculative:
-            if utt.speculation is not None:
-                utt.speculation.cancel()
-            utt.speculation = self.pipeline.start_recognition(
-                event.audio, req.language, req.itn, speculative=True, endpointed=True
-            )
-            utt.speculation.task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        elif isinstance(event, SpeechResumed) and utt is not None and utt.speculation is not None:
-            utt.speculation.cancel()
-            utt.speculation = None
+            self._utterance = _Utterance(event.utterance_id - 1, turn.stream.windows_fed)
         elif isinstance(event, Dropped) and utt is not None:
             self._end_utterance(utt)
-            st.utterance = None
-        elif isinstance(event, Utterance) and utt is not None:
-            self._end_utterance(utt, keep_speculation=event.speculated)
-            await self._final(req, utt, event, end_of_stream)
-            st.utterance = None
+            self._utterance = None
+        elif ended is not None:
+            if utt is None:
+                ended.cancel()
+                return
+            self._end_utterance(utt)
+            await self._final(req, utt, ended, end_of_stream)
+            self._utterance = None
 
-    def _end_utterance(self, utt: _Utterance, keep_speculation: bool = False) -> None:
+    def _end_utterance(self, utt: _Utterance) -> None:
         utt.done = True
         if utt.partial_task is not None:
             utt.partial_task.cancel()
-        if utt.speculation is not None and not keep_speculation:
-            utt.speculation.cancel()
-            utt.speculation = None
 
-    async def _final(self, req: RequestConfig, utt: _Utterance, event: Utterance, end_of_stream: bool) -> None:
+    async def _final(self, req: RequestConfig, utt: _Utterance, ended: Ended, end_of_stream: bool) -> None:
         t0 = time.perf_counter()
-        rec: Recognition | None = None
-        if utt.speculation is not None:
-            utt.speculation.promote()
-            try:
-                rec = await utt.speculation.task
-            except asyncio.CancelledError:
-                rec = None
-            except Exception:
-                rec = None  # retried below, and an engine failure surfaces there
-        if rec is None:
-            rec = await self._recognize(
-                self.pipeline.recognize(event.audio, req.language, req.itn, endpointed=event.reason == "silence")
-            )
+        rec = await self._recognize(ended.recognition())
+        event = ended.utterance
+        assert event is not None
         text = "" if rec.is_empty else rec.transcript.text.strip()
-        start_ms = int(utt.start_chunk * VAD_WINDOW_MS)
+        start_ms = int(event.start_sample // VAD_WINDOW * VAD_WINDOW_MS)
         end_ms = start_ms + int(len(event.audio) * 1000 / SAMPLE_RATE)
-        online_text = "" if req.mode == "2pass" else self._spaced(not utt.sent, delta(utt.sent, text))
-        message: dict[str, Any] = {
-            "mode": "2pass-offline" if req.mode == "2pass" else "online",
-            "wav_name": req.wav_name,
-            **(self._text_fields(text, rec, appended=True) if req.mode == "2pass" else {"text": online_text}),
-            "is_final": end_of_stream,
-            "slice_type": 2,
-            "index": utt.index,
-            "start_time": start_ms,
-            "end_time": end_ms,
+        two_pass = req.mode == "2pass"
+        text, clean = (
+            self._texts(text, rec, appended=True)
+            if two_pass
+            else (self._spaced(not utt.text.sent, delta(utt.text.sent, text)), None)
+        )
+        message = Final(
+            "2pass-offline" if two_pass else "online",
+            req.wav_name,
+            text,
+            end_of_stream,
+            clean,
+            slice_type=2,
+            index=utt.index,
+            start_time=start_ms,
+            end_time=end_ms,
             **result_fields(rec),
-            **(timestamps(list(rec.transcript.words), start_ms, end_ms) if req.mode == "2pass" else {}),
-        }
+            **(timestamps(list(rec.transcript.words), start_ms, end_ms) if two_pass else {}),
+        )
         await self._send(message)
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)
         self._count([rec], req)
 
-    def _maybe_partial(self, req: RequestConfig, st: _Stream) -> None:
-        utt = st.utterance
+    def _maybe_partial(self, req: RequestConfig, turn: Turn) -> None:
+        utt = self._utterance
         if utt is None or utt.done or (utt.partial_task is not None and not utt.partial_task.done()):
             return
-        interval = self.server.config.funasr.partial_interval_ms / VAD_WINDOW_MS
-        fed = st.speech.windows_fed
+        interval = self.config.partial_interval_ms / VAD_WINDOW_MS
+        fed = turn.stream.windows_fed
         if fed - utt.last_partial_chunk < interval:
             return
         utt.last_partial_chunk = fed
-        audio = st.speech.audio_so_far()
-        utt.partial_task = _spawn(self._partial(req, utt, audio))
+        utt.partial_task = _spawn(self._partial(req, utt, turn.stream.audio_so_far()))
 
     async def _partial(self, req: RequestConfig, utt: _Utterance, audio: np.ndarray) -> None:
         try:
@@ -434,52 +375,43 @@ class FunAsrSession:
             return
         if utt.done or transcript.language == "nospeech":
             return
-        stable = stable_prefix(transcript.text)
-        previous, utt.last_stable = utt.last_stable, stable
-        stable = agreed(previous, stable)  # committed only once two decodes agree on it
-        if len(stable) <= len(utt.sent) or not stable.startswith(utt.sent):
-            return  # nothing new, or the decode revised what was sent: wait for more audio
-        first = not utt.sent
-        delta, utt.sent = stable[len(utt.sent) :], stable
-        message = {
-            "mode": "2pass-online" if req.mode == "2pass" else "online",
-            "wav_name": req.wav_name,
-            "text": self._spaced(first, delta) if req.mode == "online" else delta,
-            "is_final": False,
-            "slice_type": 0 if utt.partials == 0 else 1,
-            "index": utt.index,
-        }
-        utt.partials += 1
+        first = not utt.text.sent
+        new = utt.text.advance(transcript.text)
+        if new is None:
+            return
+        online = req.mode == "online"
+        text = self._spaced(first, new) if online else new
+        message = Partial("online" if online else "2pass-online", req.wav_name, text, 0 if first else 1, utt.index)
         with contextlib.suppress(ConnectionClosed):
             await self._send(message)
 
     async def _finish_stream(self, req: RequestConfig) -> None:
-        st = self._stream
-        if st is not None:
+        turn = self._turn
+        if turn is not None:
             assert self._resampler is not None
             tail = self._resampler.push(b"", last=True)
             if len(tail):
                 await self._stream_audio(tail)
-            last = st.speech.flush()
-            if isinstance(last, Utterance) and st.utterance is not None:
-                await self._on_segment_event(req, st, last, end_of_stream=True)
+            last = turn.stream.flush()
+            if isinstance(last, Utterance) and self._utterance is not None:
+                await self._on_event(req, turn, last, end_of_stream=True)
                 self._reset_stream(req)
                 return
-            if st.utterance is not None:
-                self._end_utterance(st.utterance)
         mode = "2pass-offline" if req.mode == "2pass" else "online"
-        await self._send({"mode": mode, "wav_name": req.wav_name, "text": "", "is_final": True, **result_fields(None)})
+        await self._send(Final(mode, req.wav_name, "", True, **result_fields(None)))
         self._reset_stream(req)
 
     def _reset_stream(self, req: RequestConfig) -> None:
         self._cancel_stream_tasks()
         self._resampler = PcmResampler(req.audio_fs)
-        self._stream = None
+        self._turn = None
 
     def _cancel_stream_tasks(self) -> None:
-        st = self._stream
-        if st is not None and st.utterance is not None:
-            self._end_utterance(st.utterance)
+        if self._utterance is not None:
+            self._end_utterance(self._utterance)
+            self._utterance = None
+        if self._turn is not None:
+            self._turn.reset()  # its speculation, if one is still in flight
 
     def _count(self, recs, req: RequestConfig) -> None:
         recs = [r for r in (recs or []) if r is not None and not r.is_empty]
@@ -489,7 +421,7 @@ class FunAsrSession:
         self.last_text = recs[-1].transcript.text
         self.last_speaker = recs[-1].speaker.name if recs[-1].speaker is not None else None
         self.metrics.utterances.labels(PROTOCOL).inc(len(recs))
-        bus = self.server.bus
+        bus = self.ctx.bus
         if bus is None:
             return
         now = time.time()

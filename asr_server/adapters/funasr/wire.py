@@ -1,6 +1,26 @@
 """FunASR's runtime WebSocket protocol as data: the client's configuration, its validation, and the
-result messages. Pure functions, no I/O; every malformed input is a `FunAsrProtocolError` whose
-`code` is the close code that says how (see `session` for the conversation).
+result messages (`Partial`, `Final`, `EndAck`, each with `to_dict()` and `to_json()`). Pure
+functions, no I/O; every malformed input is a `FunAsrProtocolError` whose `code` is the close code
+that says how (see `session` for the conversation).
+
+The wire format is FunASR's `runtime/docs/websocket_protocol.md`: the client sends a JSON
+configuration (`mode` offline / online / 2pass, `wav_name`, `is_speaking`, `itn`, `audio_fs`,
+`wav_format`, `hotwords`, `chunk_size`...), then binary audio (PCM16 little-endian mono at
+`audio_fs`, in one message or many; offline mode also takes a whole file when `wav_format` is
+not `pcm`), then `{"is_speaking": false}`. Results are JSON text messages:
+`{"mode", "wav_name", "text", "is_final", ...}`.
+
+- offline: one message per request, after `is_speaking: false`, `mode: "offline"`.
+- 2pass: while audio arrives, `2pass-online` partials (re-decoding the utterance so far every
+  `funasr.partial_interval_ms`); at each VAD endpoint a `2pass-offline` message with the
+  utterance's text. `2pass-online` text is a delta that extends the previous partials of the
+  same utterance (FunASR clients concatenate it); `2pass-offline` text replaces them.
+- online: the same partial deltas as `online`, and the rest of the utterance's text at its end.
+
+`is_final` is true on exactly one message per request: the one that answers
+`is_speaking: false`, as FunASR's C++ runtime does (xiaozhi-esp32-server's `FunASRServer`
+provider reads until it). Besides FunASR's fields each final carries SenseVoice's `language`,
+`emotion`, `event` and the speaker as FunASR's Python server names it (`spk_name`, `spk_score`).
 """
 
 from __future__ import annotations
@@ -77,6 +97,30 @@ class RequestConfig:
                 raise _bad_type("hotwords", "a string or a JSON object", hw) from None
             changes["hotwords"] = _sendable(text[:4096])
         return replace(self, **changes) if changes else self
+
+    def restarts(self, previous: RequestConfig | None) -> bool:
+        """The audio starts over with this configuration: the first, or a new rate or mode."""
+        return previous is None or (self.audio_fs, self.mode) != (previous.audio_fs, previous.mode)
+
+
+def next_config(current: RequestConfig | None, msg: dict[str, Any], has_audio: bool) -> RequestConfig:
+    """The configuration after the client's message `msg`; what cannot change while a request's
+    audio is being sent (`has_audio`), or cannot stream, is a `FunAsrProtocolError`."""
+    new = (current or RequestConfig()).update(msg)
+    if current is not None and new.mode != current.mode and has_audio:
+        raise FunAsrProtocolError(
+            CloseCode.POLICY_VIOLATION, "mode cannot change while a request's audio is being sent"
+        )
+    if new.mode != "offline" and not new.is_pcm:
+        raise FunAsrProtocolError(
+            CloseCode.UNSUPPORTED_DATA,
+            f"{new.mode} mode takes raw PCM only; wav_format {new.wav_format!r} needs mode offline",
+        )
+    if new.restarts(current) and has_audio:
+        raise FunAsrProtocolError(
+            CloseCode.POLICY_VIOLATION, "audio_fs cannot change while a request's audio is being sent"
+        )
+    return new
 
 
 #: Largest integer any config key takes (sample rates, chunk sizes); bigger ones are refused, not parsed.
@@ -186,6 +230,26 @@ def stable_prefix(text: str) -> str:
 _UNIT = re.compile(r"\s*[\x21-\x7e]+|\s*[^\x00-\x7f]|\s+$")
 
 
+@dataclass(slots=True)
+class PartialText:
+    """What one utterance's partial decodes have committed: a unit is sent once two consecutive
+    decodes agree on it (`agreed`), and never taken back."""
+
+    sent: str = ""
+    last_stable: str = ""  # the previous decode's stable prefix (what the next must agree with)
+
+    def advance(self, text: str) -> str | None:
+        """The delta to send for the decode `text`; None when nothing new is agreed, or when the
+        decode revised what was sent (wait for more audio)."""
+        stable = stable_prefix(text)
+        previous, self.last_stable = self.last_stable, stable
+        stable = agreed(previous, stable)
+        if len(stable) <= len(self.sent) or not stable.startswith(self.sent):
+            return None
+        new, self.sent = stable[len(self.sent) :], stable
+        return new
+
+
 def units(text: str) -> list[str]:
     """Words (ASCII runs, with their leading space) and single CJK characters: what a revision replaces."""
     return _UNIT.findall(text)
@@ -266,3 +330,102 @@ def result_fields(rec: Recognition | None) -> dict[str, Any]:
         "spk_name": speaker.name if speaker else "unknown",
         "spk_score": round(speaker.score, 4) if speaker else 0.0,
     }
+
+
+# --- what the server sends ------------------------------------------------------------------
+
+
+class _Result:
+    """A result message: `to_dict()` is its JSON object, `to_json()` the text frame (UTF-8 kept)."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Partial(_Result):
+    """Streaming text of the utterance in progress (`online`, `2pass-online`): a delta that extends
+    the partials already sent for the same `index`."""
+
+    mode: str
+    wav_name: str
+    text: str
+    slice_type: int
+    """0 for the utterance's first partial, 1 for the rest."""
+    index: int
+    """The utterance's number in the request."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "wav_name": self.wav_name,
+            "text": self.text,
+            "is_final": False,
+            "slice_type": self.slice_type,
+            "index": self.index,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Final(_Result):
+    """A recognised utterance (`online`, `2pass-offline`) or request (`offline`), with SenseVoice's
+    tags and the speaker as FunASR's Python server names them (`result_fields`)."""
+
+    mode: str
+    wav_name: str
+    text: str
+    is_final: bool
+    """True on the one message that answers `is_speaking: false`."""
+    clean_text: str | None = None
+    """The text without tags, when `text` carries them (`funasr.text_tags`)."""
+    slice_type: int | None = None
+    """2 for a streaming utterance's final; None (left out) for a whole request's."""
+    index: int | None = None
+    start_time: int | None = None
+    """Milliseconds from the stream's start (streaming finals only)."""
+    end_time: int | None = None
+    language: str | None = None
+    emotion: str | None = None
+    event: str | None = None
+    spk_name: str = "unknown"
+    spk_score: float = 0.0
+    timestamp: list[list[int]] | None = None
+    """[[start_ms, end_ms], ...] per word (`timestamps`), when the words carry times."""
+    stamp_sents: list[dict[str, Any]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "wav_name": self.wav_name, "text": self.text}
+        if self.clean_text is not None:
+            out["clean_text"] = self.clean_text
+        out["is_final"] = self.is_final
+        if self.slice_type is not None:
+            out.update(slice_type=self.slice_type, index=self.index, start_time=self.start_time, end_time=self.end_time)
+        out.update(
+            language=self.language,
+            emotion=self.emotion,
+            event=self.event,
+            spk_name=self.spk_name,
+            spk_score=self.spk_score,
+        )
+        if self.timestamp is not None:
+            out.update(timestamp=self.timestamp, stamp_sents=self.stamp_sents)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class EndAck(_Result):
+    """The answer to `is_end: true` with `is_speaking: false`: the request is over."""
+
+    mode: str
+    wav_name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "wav_name": self.wav_name, "is_final": True, "is_end": True}
+
+
+Result = Partial | Final | EndAck

@@ -33,7 +33,7 @@ from ..auth import bearer_token, fingerprint, header_or_query
 from ..sending import close_reason, send_within
 from .session import PROTOCOL, Publish, Session
 from .upstream import PASSED, Ended, Upstream
-from .wire import Hello, dumps, error_message, parse_message, parse_protocol_version, server_hello
+from .wire import Error, Hello, ServerHello, ServerMessage, dumps, parse_message, parse_protocol_version
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ class XiaozhiServer:
             if not await send_within(ws, data, self.config.xiaozhi.send_timeout_s, f"session {session_id}"):
                 self._metrics.errors.labels("send_failed").inc()
 
-        async def send(message: dict) -> None:
-            await send_raw(dumps(message))
+        async def send(message: ServerMessage) -> None:
+            await send_raw(message.to_json())
 
         upstream = None
         if self.config.upstream.url is not None:
@@ -176,8 +176,8 @@ class XiaozhiServer:
                 await self._refuse(ws, device_id, "upstream", str(e), CloseCode.TRY_AGAIN_LATER)
                 return
         # Keyed by our own id when relayed too: an upstream may give many devices one session id.
-        session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream)
-        session.vad_meter = hello.features.get("vad_meter") is True and upstream is None
+        meter = hello.features.get("vad_meter") is True and upstream is None
+        session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream, meter)
         self.sessions[session_id] = session
         self._sockets[session_id] = ws
         self._metrics.session_opened(PROTOCOL)
@@ -201,7 +201,7 @@ class XiaozhiServer:
                 relay = upstream.start()
                 relay.add_done_callback(lambda t: self._upstream_ended(ws, session, t))
             else:
-                await ws.send(dumps(server_hello(session_id, self._audio_params(hello))))
+                await ws.send(ServerHello(session_id, self._audio_params(hello)).to_json())
             reason = await self._serve_session(ws, session)
         except ConnectionClosed as e:
             reason = self._describe_close(e, session)
@@ -470,7 +470,7 @@ class XiaozhiServer:
         self._metrics.errors.labels(kind).inc()
         log.warning("device %s refused: %s", device_id, message)
         try:
-            await ws.send(dumps(error_message(message)))
+            await ws.send(Error(message).to_json())
             await ws.close(code, close_reason(message))
         except ConnectionClosed:
             pass

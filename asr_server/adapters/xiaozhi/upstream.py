@@ -29,7 +29,7 @@ from ...config import UpstreamConfig
 from ...core.metrics import Metrics
 from ...errors import FramingError, UpstreamError
 from ...types import Transcript
-from .wire import AudioFrame, dumps, pack_audio, unpack_audio
+from .wire import AbortSpeech, AudioFrame, TextTurn, pack_audio, unpack_audio
 
 log = logging.getLogger(__name__)
 
@@ -260,18 +260,12 @@ class Upstream:
     async def send_turn(self, transcript: Transcript, speaker: str | None, endpoint: float) -> None:
         """The user's turn: what the device said, as the text message the upstream answers."""
         self._turn_at = endpoint
-        await self._send_own({"type": "listen", "state": "detect", "text": turn_text(transcript, speaker)})
+        await self.send(TextTurn(turn_text(transcript, speaker), self.session_id).to_json())
 
     async def barge_in(self) -> None:
         """The user speaks over the answer (realtime mode): stop it, as the firmware's abort does."""
         self.speaking = False
-        await self._send_own({"type": "abort", "reason": "wake_word_detected"})
-
-    async def _send_own(self, msg: dict[str, Any]) -> None:
-        """A message of ours (not the device's), in the upstream's session as the firmware sends them."""
-        if self.session_id:
-            msg["session_id"] = self.session_id
-        await self.send(dumps(msg))
+        await self.send(AbortSpeech("wake_word_detected", self.session_id).to_json())
 
     async def close(self) -> None:
         if self._pump is not None and not self._pump.done():

@@ -1,8 +1,10 @@
 """The xiaozhi device protocol: binary framing (versions 1, 2, 3) and the JSON messages.
 
 Pure functions and dataclasses, no I/O: the session feeds wire messages in and gets typed
-messages out; the load-test device uses the same `pack_audio` to build its frames. Every
-malformed input raises a `ProtocolError` subclass whose message is fit to send to the client.
+messages out, and sends typed messages back (`ServerHello`, `Stt`, `Vad`, `Error`; the relay's
+`TextTurn` and `AbortSpeech` to the upstream), each with `to_dict()` and `to_json()`; the
+load-test device uses the same `pack_audio` to build its frames. Every malformed input raises a
+`ProtocolError` subclass whose message is fit to send to the client.
 """
 
 from __future__ import annotations
@@ -13,17 +15,25 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...errors import FramingError, MessageError, ProtocolError
+from ...types import Recognition
 
 __all__ = [
     "Abort",
+    "AbortSpeech",
     "AudioFrame",
     "ClientMessage",
+    "Error",
     "FramingError",
     "Hello",
     "Listen",
     "MessageError",
     "Other",
     "ProtocolError",
+    "ServerHello",
+    "ServerMessage",
+    "Stt",
+    "TextTurn",
+    "Vad",
     "dumps",
     "error_message",
     "pack_audio",
@@ -202,16 +212,180 @@ def parse_message(text: str | bytes) -> ClientMessage:
     raise MessageError(f"unknown message type {_short(typ)}")
 
 
+# --- what the server sends ------------------------------------------------------------------
+
+
+class _Outgoing:
+    """A server message: `to_dict()` is its JSON object, `to_json()` the text frame that carries it."""
+
+    __slots__ = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_json(self) -> str:
+        return dumps(self.to_dict())
+
+
+@dataclass(frozen=True, slots=True)
+class ServerHello(_Outgoing):
+    """The server's answer to the device's hello."""
+
+    session_id: str
+    audio_params: dict[str, Any]
+    """What the server sends back of the device's: format, sample rate, channels, frame duration."""
+
+    def to_dict(self) -> dict[str, Any]:
+        # `transport` is mandatory or some firmware crashes.
+        return {
+            "type": "hello",
+            "transport": "websocket",
+            "session_id": self.session_id,
+            "audio_params": self.audio_params,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Error(_Outgoing):
+    """Something the device sent was refused or lost; the session goes on unless a close follows."""
+
+    message: str
+    session_id: str | None = None
+    """Left out when empty (before the hello there is none)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _in_session({"type": "error", "message": self.message}, self.session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Vad(_Outgoing):
+    """The VAD meter's reading of one frame, for a client whose hello asked (`features.vad_meter`)."""
+
+    prob: float
+    """The frame's highest speech probability, to three decimals."""
+    speech: bool
+    """The stream is in speech."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"type": "vad", "prob": round(self.prob, 3), "speech": self.speech}
+
+
+@dataclass(frozen=True, slots=True)
+class Stt(_Outgoing):
+    """One utterance's text, tags, speaker and timings: what the device shows (and a load test reads)."""
+
+    text: str
+    session_id: str
+    language: str | None
+    emotion: str | None
+    event: str | None
+    speaker: dict[str, Any] | None
+    """`SpeakerMatch.as_dict()`, or None when nobody was identified."""
+    audio_ms: int
+    latency_ms: float
+    """From the end of speech."""
+    processing_ms: float
+    """From the endpoint decision (`vad.min_silence_ms` after the end of speech)."""
+    timings: dict[str, Any]
+    """`timings()`: where the time went."""
+
+    @classmethod
+    def of(
+        cls,
+        rec: Recognition,
+        session_id: str,
+        latency_ms: float,
+        processing_ms: float,
+        speculated: bool,
+        phrases: int,
+    ) -> Stt:
+        t = rec.transcript
+        return cls(
+            t.text,
+            session_id,
+            t.language,
+            t.emotion,
+            t.event,
+            rec.speaker.as_dict() if rec.speaker is not None else None,
+            rec.audio_ms,
+            round(latency_ms, 1),
+            round(processing_ms, 1),
+            timings(rec, speculated, phrases),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": "stt",
+            "text": self.text,
+            "session_id": self.session_id,
+            "language": self.language,
+            "emotion": self.emotion,
+            "event": self.event,
+            "speaker": self.speaker,
+            "audio_ms": self.audio_ms,
+            "latency_ms": self.latency_ms,
+            "processing_ms": self.processing_ms,
+            "timings": self.timings,
+        }
+
+
+def timings(rec: Recognition, speculated: bool, phrases: int) -> dict[str, Any]:
+    """Where the utterance's time went (milliseconds): the wait for each engine and its compute (of
+    the last piece, when it came in phrases), whether a speculation started before the endpoint
+    supplied the result, and how many phrases were recognised before the last piece. Load tests read it."""
+
+    def ms(v: float | None) -> float | None:
+        return None if v is None else round(v, 1)
+
+    return {
+        "asr_queue_ms": ms(rec.asr_queue_ms),
+        "asr_ms": ms(rec.asr_compute_ms),
+        "embed_queue_ms": ms(rec.embed_queue_ms),
+        "embed_ms": ms(rec.embed_compute_ms),
+        "speculated": speculated,
+        "phrases": phrases,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class TextTurn(_Outgoing):
+    """The user's turn as the relay sends it upstream: a wake-word `listen detect` whose text
+    xiaozhi-esp32-server answers as what the user said (`upstream.turn_text`)."""
+
+    text: str
+    session_id: str | None = None
+    """The upstream's session, as the firmware sends it; left out when it gave none."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _in_session({"type": "listen", "state": "detect", "text": self.text}, self.session_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AbortSpeech(_Outgoing):
+    """Stop the answer being spoken, as the firmware's abort does (the relay's barge-in)."""
+
+    reason: str
+    session_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _in_session({"type": "abort", "reason": self.reason}, self.session_id)
+
+
+ServerMessage = ServerHello | Error | Vad | Stt
+
+
+def _in_session(message: dict[str, Any], session_id: str | None) -> dict[str, Any]:
+    """`message` with its `session_id` last, or without one when there is none."""
+    return {**message, "session_id": session_id} if session_id else message
+
+
 def server_hello(session_id: str, audio_params: dict[str, Any]) -> dict[str, Any]:
-    """The server's hello: `transport` is mandatory or some firmware crashes."""
-    return {"type": "hello", "transport": "websocket", "session_id": session_id, "audio_params": audio_params}
+    """The server's hello as a JSON object (a stand-in server sends it)."""
+    return ServerHello(session_id, audio_params).to_dict()
 
 
 def error_message(message: str, session_id: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": "error", "message": message}
-    if session_id:
-        out["session_id"] = session_id
-    return out
+    return Error(message, session_id).to_dict()
 
 
 def dumps(message: dict[str, Any]) -> str:

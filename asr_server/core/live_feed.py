@@ -14,21 +14,24 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 
-from ...audio.clock import InputClock
-from ...audio.segmenter import Event
-from ...constants import SAMPLE_RATE
-from ...core.pipeline import Pipeline
-from ...core.streaming import SpeechStream
-from ...errors import EngineBusy, EngineClosed
+from ..audio.clock import InputClock
+from ..audio.segmenter import Event
+from ..constants import SAMPLE_RATE
+from ..errors import EngineBusy, EngineClosed
+from .pipeline import Pipeline
+from .streaming import SpeechStream
 
 log = logging.getLogger(__name__)
 
 MAX_QUEUED_S = 2.0
 """Live audio a session holds for its next VAD call before it stops reading its socket."""
+
+Meter = Callable[[list[tuple[np.ndarray, float]]], Awaitable[None]]
+"""Told each frame's VAD windows with their speech probabilities, after their events."""
 
 
 class LiveFeed:
@@ -42,6 +45,7 @@ class LiveFeed:
         on_event: Callable[[Event], None],
         observe_delay: Callable[[float], None],
         name: str,
+        meter: Meter | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.stream = stream
@@ -49,11 +53,13 @@ class LiveFeed:
         self._on_event = on_event
         self._observe_delay = observe_delay
         self._name = name  # for log lines: the session id
+        self._meter = meter
         self._queued: list[np.ndarray] = []
         self._queued_samples = 0
         self._queued_spoken = 0.0  # when the end of the queued audio was spoken
-        self.spoken = 0.0
-        """When the end of the audio the stream has been fed was spoken (the latency clock's start)."""
+        self.spoken: float | None = None
+        """When the end of the audio the stream has been fed was spoken (the latency clock's start);
+        None before any was fed."""
         self._task: asyncio.Task[None] | None = None
         self._error: Exception | None = None  # raised at the next push, for the server to report
         self._fed_at = -math.inf  # when the VAD last returned for this audio
@@ -62,6 +68,14 @@ class LiveFeed:
     async def push(self, pcm: np.ndarray, spoken: float) -> None:
         """Queue a frame whose end was spoken at `spoken`; raises the error the last call met
         (EngineBusy, EngineClosed: that audio is lost and the device should hear of it)."""
+        if self._meter is not None:
+            probs = await self.pipeline.probabilities(self.stream, pcm)
+            self._fed(spoken)
+            for chunk, prob in probs:
+                for event in self.stream.push(chunk, prob):
+                    self._on_event(event)
+            await self._meter(probs)
+            return
         self._queued.append(pcm)
         self._queued_samples += len(pcm)
         self._queued_spoken = spoken
@@ -86,7 +100,7 @@ class LiveFeed:
                 except (EngineBusy, EngineClosed) as e:
                     self._error = e
                     continue
-                self.fed(spoken)
+                self._fed(spoken)
                 for event in events:
                     self._on_event(event)
         except Exception:
@@ -99,9 +113,8 @@ class LiveFeed:
         if self._task is not None:
             await asyncio.shield(self._task)
 
-    def fed(self, spoken: float) -> None:
-        """The VAD has seen the audio up to what was spoken at `spoken` (also for audio fed past
-        the queue, as the VAD meter's frames are)."""
+    def _fed(self, spoken: float) -> None:
+        """The VAD has seen the audio up to what was spoken at `spoken`."""
         self.spoken = spoken
         self._fed_at = time.perf_counter()
         self._delay = self._fed_at - spoken
