@@ -560,6 +560,47 @@ def test_a_trusted_network_matches_ipv4_clients_of_a_dual_stack_listener():
     assert not guard._trusted("10.0.1.1") and not guard._trusted("::ffff:10.0.1.1") and not guard._trusted("")
 
 
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_capped_and_loopback_is_no_admin(tmp_path):
+    """With no key set, loopback was admin, and behind a reverse proxy on the same host every client
+    is loopback: everyone could manage voiceprints. `http.trusted_proxies` names the proxy: its
+    X-Forwarded-For is believed (and only its), the per-address cap counts the forwarded client,
+    and no one is admin by address."""
+    runner, pipeline, bus, _ = await start_api(
+        tmp_path, http={"api_keys": [], "trusted_proxies": ["127.0.0.1"], "max_connections_per_ip": 1}
+    )
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/voiceprint/list", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                assert r.status == 403 and "http.trusted_proxies" in (await r.json())["detail"]
+            async with s.get(url + "/voiceprint/list") as r:  # the proxy itself, or a client on its host
+                assert r.status == 403
+            a = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}  # the first hop is the client's to forge
+            async with s.ws_connect(url + "/v1/events", headers=a):  # holds 203.0.113.7's one request
+                async with s.get(url + "/v1/models", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                    assert r.status == 503 and "203.0.113.7" in await r.text()
+                    assert "http.max_connections_per_ip = 1" in await r.text()
+                async with s.get(url + "/v1/models", headers={"X-Forwarded-For": "198.51.100.1"}) as r:
+                    assert r.status == 200  # another client, on the same proxy connection pool
+        conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))  # no proxy: its X-Forwarded-For is ignored
+        async with aiohttp.ClientSession(connector=conn) as other:
+            async with other.get(url + "/voiceprint/list", headers={"X-Forwarded-For": "127.0.0.1"}) as r:
+                assert r.status == 403
+    finally:
+        await stop_api(runner, pipeline, bus)
+
+
+async def test_without_a_proxy_loopback_still_manages_voiceprints_and_forwarded_for_is_ignored(tmp_path):
+    runner, pipeline, bus, _ = await start_api(tmp_path, http={"api_keys": []})
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/voiceprint/list", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                assert r.status == 200
+    finally:
+        await stop_api(runner, pipeline, bus)
+
+
 async def test_max_sessions_counts_connections_that_have_not_said_hello(start_server):
     srv = await start_server(xiaozhi={"max_sessions": 2})
     first, second = await raw_connect(srv), await raw_connect(srv)  # a reconnect burst: no hello yet

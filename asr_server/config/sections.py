@@ -269,13 +269,21 @@ class HttpConfig(_Section):
         100,
         ge=0,
         description="Open connections from one client address beyond this get 503 and are closed, so one "
-        "client's slow sockets cannot fill max_connections (per worker process; 0: no cap; behind a reverse "
-        "proxy every client has the proxy's address).",
+        "client's slow sockets cannot fill max_connections (per worker process; 0: no cap). Behind a reverse "
+        "proxy in trusted_proxies it counts each forwarded client's requests in progress instead.",
     )
     trusted_addresses: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description="Client addresses or networks exempt from max_connections_per_ip (e.g. the chatbot server "
         "that sends every device's openai-ASR and voiceprint calls, 10.0.0.5 or 10.0.0.0/24).",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Reverse proxies in front of the API (e.g. 127.0.0.1 for nginx on this host): only from "
+        "them is X-Forwarded-For believed, and the client is its last address that is not a trusted proxy. "
+        "The per-address caps then count that client, and loopback clients are no longer voiceprint admins "
+        "(every proxied client would be one): set api_keys. Not trusted_addresses, which only exempts a "
+        "client from max_connections_per_ip.",
     )
     header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
     body_timeout_s: float = Field(120.0, gt=0, description="An upload's body must arrive within this (408 after).")
@@ -293,7 +301,7 @@ class HttpConfig(_Section):
         "public API with the same keys. false: / answers 404 (the API stays).",
     )
 
-    @field_validator("trusted_addresses", mode="before")
+    @field_validator("trusted_addresses", "trusted_proxies", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
         """A single address or a comma-separated string too (an environment variable), and a

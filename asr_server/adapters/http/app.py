@@ -43,10 +43,11 @@ from .context import (
     PIPELINE,
     READY,
     SOCKETS,
+    client_address,
     error_response,
     too_large_message,
 )
-from .guard import ConnectionGuard, GuardedSite
+from .guard import ConnectionGuard, GuardedSite, Refused
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,16 @@ async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaita
     guard = request.app[GUARD]
     guard.request_started(request.transport)
     try:
-        return await handler(request)
+        client = client_address(request)
+        if client == request.remote:
+            return await handler(request)
+        try:
+            with guard.forwarded_client(client):  # behind a proxy: the per-address cap is the client's
+                return await handler(request)
+        except Refused as e:
+            response = web.Response(status=503, text=f"{e}, try again later\n")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
     finally:
         guard.request_done(request.transport)
 
@@ -213,6 +223,7 @@ def build_app(
         Tally.of(share, "http.max_connections"),
         config.http.max_connections_per_ip,
         config.http.trusted_addresses,
+        config.http.trusted_proxies,
     )
     app[health.PROBE] = health.EngineProbe()
     app[console.BOARD] = board if board is not None else SessionBoard(share)
