@@ -10,6 +10,7 @@ a deadline, and a drain on shutdown that answers what is in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -234,6 +235,41 @@ async def test_a_device_token_reads_only_its_own_sessions_events(tmp_path):
             assert got["text"] == "mine" and "scope" not in got
             texts = [json.loads(await asyncio.wait_for(admin.recv(), 5))["text"] for _ in range(2)]
             assert texts == ["theirs", "mine"]
+    finally:
+        await stop_api(runner, pipeline, bus)
+
+
+async def test_one_device_token_cannot_hold_every_event_slot_and_api_keys_keep_their_room(tmp_path):
+    """One address with one device token held all 100 /v1/events slots and the chatbot server's admin
+    key got 503. Now a token holds a few, and tokens together stop short of the keys' room."""
+    from asr_server.adapters.http.streams import KEY_ROOM, STREAMS_PER_CLIENT
+
+    limit = 4 * STREAMS_PER_CLIENT
+    room = int(limit * KEY_ROOM)
+    runner, pipeline, bus, _ = await start_api(
+        tmp_path,
+        xiaozhi={"auth": {"enabled": True, "tokens": [f"t{i}" for i in range(8)]}},
+        events={"max_subscribers": limit},
+    )
+    url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/events"
+
+    async def subscribe(stack: contextlib.AsyncExitStack, key: str) -> int:
+        try:
+            ws = await stack.enter_async_context(
+                websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"})
+            )
+        except InvalidStatus as e:
+            return e.response.status_code
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        return 101
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            assert [await subscribe(stack, "t0") for _ in range(STREAMS_PER_CLIENT + 1)][-2:] == [101, 429]
+            free = limit - room - STREAMS_PER_CLIENT  # what other tokens may take, two streams each
+            others = [await subscribe(stack, f"t{1 + i // 2}") for i in range(free + 1)]
+            assert others == [101] * free + [503]  # the last `room` slots are the keys'
+            assert [await subscribe(stack, KEY) for _ in range(room + 1)] == [101] * room + [503]  # and the limit
     finally:
         await stop_api(runner, pipeline, bus)
 

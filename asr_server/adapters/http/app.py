@@ -48,6 +48,7 @@ from .context import (
     too_large_message,
 )
 from .guard import ConnectionGuard, GuardedSite, Refused
+from .streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,8 @@ def build_app(
     app[console.BOARD] = board if board is not None else SessionBoard(share)
     app[console.INFO] = info if info is not None else console.ConsoleInfo(None, share.count if share else 1)
     app[console.WATCHERS] = set()
+    app[console.LIVE_SLOTS] = StreamSlots(console.MAX_WATCHERS, "live-view sockets per worker", "live-view sockets")
+    app[events.EVENT_SLOTS] = StreamSlots(config.events.max_subscribers, "events.max_subscribers", "event subscribers")
     app.on_shutdown.append(events.close_sockets)
     r = app.router
     r.add_post("/v1/audio/transcriptions", transcriptions.transcriptions)
