@@ -526,6 +526,31 @@ async def test_http_connections_are_capped_and_slow_headers_are_cut(tmp_path):
         await stop_api(runner, pipeline, bus)
 
 
+async def test_health_and_metrics_answer_while_slow_clients_hold_every_api_slot(start_server):
+    """1,000 slow sockets from 30 addresses filled http.max_connections, and /healthz and /metrics got
+    503 with everyone else: a Docker health check restarted a server that was fine. They have a
+    listener of their own now (http.health_port)."""
+    srv = await start_server(http={"max_connections": 2, "max_connections_per_ip": 0, "header_timeout_s": 30})
+    port = int(srv.endpoints.http_url.rsplit(":", 1)[1])
+    slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    for _, w in slow:
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(srv.endpoints.http_url + "/healthz") as r:
+                assert r.status == 503  # the API port is full
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with s.get(srv.endpoints.health_url + path) as r:
+                    assert r.status == 200, path
+                    if path == "/metrics":
+                        assert "asr_sessions_open" in await r.text()
+            async with s.get(srv.endpoints.health_url + "/v1/models") as r:
+                assert r.status == 404  # the health port serves nothing else
+    finally:
+        for _, w in slow:
+            w.close()
+
+
 async def test_one_address_cannot_hold_every_http_slot(tmp_path):
     """Slow sockets from one address fill its own share (http.max_connections_per_ip), not the port:
     another address still gets answered, and the first gets its slots back as its sockets close."""

@@ -241,6 +241,15 @@ class HttpConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(8001, ge=0, le=65535)
+    health_port: int | None = Field(
+        8004,
+        ge=0,
+        le=65535,
+        description="A listener of their own for /healthz, /readyz and /metrics (on host), so that they answer "
+        "while slow clients hold every max_connections slot of the API port (a health check would restart a "
+        "server that is fine). Publish it to your health checker and scraper only; null: none (they stay on "
+        "port too).",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description=(

@@ -250,6 +250,39 @@ def build_app(
     return app
 
 
+#: Connections the health listener holds at once: a container's health check and a scraper or two.
+HEALTH_MAX_CONNECTIONS = 16
+
+
+def build_health_app(app: web.Application) -> web.Application:
+    """`/healthz`, `/readyz` and `/metrics` of `app` alone, for `http.health_port`.
+
+    A listener of their own, not a slot reserved on the API port: slow sockets that fill the API
+    port (1,000 from 30 addresses held every `http.max_connections` slot, and a Docker health check
+    got 503 and restarted a server that was fine) would take a reserved slot too, since they come
+    through the same accept queue and cannot be told apart before their request line. Clients of
+    the API never reach this port; its own small cap and the header deadline hold it against the
+    ones that do."""
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    probes = web.Application(middlewares=[_guarded])
+    probes[CONFIG] = config
+    probes[PIPELINE] = app[PIPELINE]
+    probes[METRICS] = metrics
+    probes[READY] = app[READY]
+    probes[health.PROBE] = app[health.PROBE]
+    probes[GUARD] = ConnectionGuard(
+        HEALTH_MAX_CONNECTIONS,
+        config.http.header_timeout_s,
+        "the health port's connections",
+        lambda kind: metrics.errors.labels(f"health_{kind}").inc(),
+    )
+    probes.router.add_get("/healthz", health.healthz)
+    probes.router.add_get("/readyz", health.readyz)
+    probes.router.add_get("/metrics", health.metrics_endpoint)
+    return probes
+
+
 async def start_http(app: web.Application, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:
     """Serve `app` on host:port (0 picks a free port; `runner.addresses` tells which; `reuse_port`:
     one of several workers' sockets on one port), behind the app's connection guard. No lingering
