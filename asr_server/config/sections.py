@@ -245,10 +245,8 @@ class HttpConfig(_Section):
         8004,
         ge=0,
         le=65535,
-        description="A listener of their own for /healthz, /readyz and /metrics (on host), so that they answer "
-        "while slow clients hold every max_connections slot of the API port (a health check would restart a "
-        "server that is fine). Publish it to your health checker and scraper only; null: none (they stay on "
-        "port too).",
+        description="/healthz, /readyz and /metrics on a listener of their own, answering while slow clients "
+        "fill the API port's max_connections (publish it to your health checker and scraper only; null: none).",
     )
     api_keys: list[str] = Field(
         default_factory=list,
@@ -288,11 +286,8 @@ class HttpConfig(_Section):
     )
     trusted_proxies: list[IPvAnyNetwork] = Field(
         default_factory=list,
-        description="Reverse proxies in front of the API (e.g. 127.0.0.1 for nginx on this host): only from "
-        "them is X-Forwarded-For believed, and the client is its last address that is not a trusted proxy. "
-        "The per-address caps then count that client, and loopback clients are no longer voiceprint admins "
-        "(every proxied client would be one): set api_keys. Not trusted_addresses, which only exempts a "
-        "client from max_connections_per_ip.",
+        description="Reverse proxies (127.0.0.1 for nginx on this host) whose X-Forwarded-For is believed: the "
+        "per-address caps count the client it names, and no one is voiceprint admin by being on loopback.",
     )
     header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
     body_timeout_s: float = Field(120.0, gt=0, description="An upload's body must arrive within this (408 after).")
