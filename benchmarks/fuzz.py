@@ -324,9 +324,12 @@ class TlsCase:
     name: str
     sockets: int = 0
     closed_by_server: int = 0
+    not_connected: int = 0
     rss_before: float = 0.0
     rss_peak: float = 0.0
     rss_after: float = 0.0
+    fds_before: int = 0
+    fds_after: int = 0
     probes: str = ""
 
 
@@ -346,12 +349,13 @@ def _rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
-async def _held(port: int, source: str, first: bytes, hold_s: float) -> bool:
-    """A socket that sends `first` and waits; True when the server closed it within `hold_s`."""
+async def _held(port: int, source: str, first: bytes, hold_s: float) -> bool | None:
+    """A socket that sends `first` and waits: True when the server closed it within `hold_s`, None
+    when it did not connect."""
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     except OSError:
-        return False
+        return None
     try:
         if first:
             writer.write(first)
@@ -406,9 +410,9 @@ async def _tls_probes(port: int) -> str:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
     got = []
-    for url, kw in ((f"wss://127.0.0.1:{port}/", {"ssl": ctx}), (f"ws://127.0.0.1:{port}/", {})):
+    for url, tls in ((f"wss://127.0.0.1:{port}/", ctx), (f"ws://127.0.0.1:{port}/", None)):
         try:
-            async with asyncio.timeout(5), connect(url, subprotocols=[Subprotocol("binary")], **kw):
+            async with asyncio.timeout(5), connect(url, subprotocols=[Subprotocol("binary")], ssl=tls):
                 got.append(url.split(":", 1)[0])
         except (OSError, TimeoutError, WebSocketException):
             pass
@@ -426,13 +430,15 @@ async def fuzz_tls(port: int, rng: random.Random, count: int, pid: int, cases: l
     the server to close them. Appends each case's figures to `cases`."""
     n = max(1, count // len(TLS_CASES))
     for name in TLS_CASES:
-        case = TlsCase(name, sockets=n, rss_before=_rss_mb(pid))
+        case = TlsCase(name, sockets=n, rss_before=_rss_mb(pid), fds_before=len(os.listdir(f"/proc/{pid}/fd")))
         peak = [case.rss_before]
 
         sampler = asyncio.create_task(_sample_rss(pid, peak))
         source = [TLS_ADDRESSES[i % len(TLS_ADDRESSES)] for i in range(n)]
         if name == "closed mid-handshake":
-            done = await asyncio.gather(*(_cut_handshake(port, source[i], rng) for i in range(n)))
+            done: list[bool | None] = list(
+                await asyncio.gather(*(_cut_handshake(port, source[i], rng) for i in range(n)))
+            )
             case.probes = await _tls_probes(port)
         else:
             first = {
@@ -443,24 +449,29 @@ async def fuzz_tls(port: int, rng: random.Random, count: int, pid: int, cases: l
             held = [asyncio.create_task(_held(port, source[i], first[name](), 60.0)) for i in range(n)]
             await asyncio.sleep(1.0)  # every socket open and sent; then the probes meet what they hold
             case.probes = await _tls_probes(port)
-            done = await asyncio.gather(*held)
-        case.closed_by_server = sum(done) if name != "closed mid-handshake" else 0
+            done = list(await asyncio.gather(*held))
+        case.closed_by_server = sum(d is True for d in done) if name != "closed mid-handshake" else 0
+        case.not_connected = sum(d is None for d in done) if name != "closed mid-handshake" else 0
         await asyncio.sleep(1.0)
         sampler.cancel()
         case.rss_after = _rss_mb(pid)
+        case.fds_after = len(os.listdir(f"/proc/{pid}/fd"))
         case.rss_peak = max(peak + [case.rss_after])
         cases.append(case)
     return n * len(TLS_CASES)
 
 
 def print_tls(cases: list[TlsCase]) -> None:
-    print("\n| TLS case | sockets | closed by the server | probes in (wss+ws) | server RSS MB before / peak / after |")
-    print("| --- | ---: | ---: | --- | --- |")
+    print(
+        "\n| TLS case | sockets | closed by the server | did not connect | probes in (wss+ws) "
+        "| server RSS MB before / peak / after | server fds before / after |"
+    )
+    print("| --- | ---: | ---: | ---: | --- | --- | --- |")
     for c in cases:
-        closed = "-" if c.name == "closed mid-handshake" else f"{c.closed_by_server}"
+        closed = "-" if c.name == "closed mid-handshake" else f"{c.closed_by_server} | {c.not_connected}"
         print(
-            f"| {c.name} | {c.sockets} | {closed} | {c.probes} | "
-            f"{c.rss_before:.0f} / {c.rss_peak:.0f} / {c.rss_after:.0f} |"
+            f"| {c.name} | {c.sockets} | {closed if closed != '-' else '- | -'} | {c.probes} | "
+            f"{c.rss_before:.0f} / {c.rss_peak:.0f} / {c.rss_after:.0f} | {c.fds_before} / {c.fds_after} |"
         )
 
 
