@@ -6,6 +6,11 @@ xiaozhi-esp32-server's `FunASRServer` provider defaults to `is_ssl: true` and Fu
 read, and the connection goes on as TLS (`loop.start_tls`) or as it is. Without a configured
 certificate one is generated once, self-signed, into the data folder (FunASR's server also ships
 a self-signed one; its clients do not verify it).
+
+A TLS handshake holds asyncio's TLS protocol (a 256 KB buffer), so the stage before the upgrade
+is bounded: the TLS state is made only for a whole first record, the handshakes in progress are
+capped in all and per address (`PendingHandshakes`), and everything before the upgrade has one
+deadline from the accept.
 """
 
 from __future__ import annotations
@@ -169,9 +174,8 @@ class PendingHandshakes:
                 return
 
     def _room(self, address: str) -> bool:
-        return (
-            len(self._pending) < self.limit and self._by_address[address] < self.per_address
-        )  # a closing one's place is its heir's
+        """A place for one more from `address` (a closed one still pending counts: its place is its heir's)."""
+        return len(self._pending) < self.limit and self._by_address[address] < self.per_address
 
     def _add(self, transport: asyncio.Transport, address: str, now: float) -> None:
         self._pending[transport] = (address, now)
@@ -231,10 +235,10 @@ class _Waiter:
 def sniffing(ctx: ssl.SSLContext, timeout_s: float, pending: PendingHandshakes | None = None) -> type[ServerConnection]:
     """A websockets connection class that serves TLS or plain on one port (`serve(create_connection=...)`).
 
-    From the accept, the first byte and then the TLS handshake must come within `timeout_s`
-    (`funasr.open_timeout_s`; the WebSocket upgrade has its own). A TLS connection counts in
-    `pending` from its first byte until its WebSocket upgrade is answered: until then it holds its
-    TLS state and no `funasr.max_sessions` slot. A connection that ends before it is a WebSocket
+    From the accept, the first byte (for TLS, the whole first record: nothing TLS is made for less)
+    and then the TLS handshake must come within `timeout_s` (`funasr.open_timeout_s`; the WebSocket
+    upgrade has its own). A TLS connection counts in `pending` from its first record until its
+    WebSocket upgrade is answered: until then it holds its TLS state and no `funasr.max_sessions` slot. A connection that ends before it is a WebSocket
     connection (idle, a failed or closed handshake) is closed with one log line at most, never a
     traceback."""
     handshakes = pending if pending is not None else PendingHandshakes()
