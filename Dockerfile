@@ -67,12 +67,13 @@ ENV ASR_SERVER__ASR__MODEL_DIR=/models/SenseVoiceSmall \
 USER 10001:10001
 VOLUME ["/models", "/data"]
 # 8000 device WebSocket (xiaozhi), 8001 HTTP API (/v1/audio/transcriptions, /healthz, /metrics),
-# 10095 FunASR-runtime-compatible WebSocket.
-EXPOSE 8000 8001 10095
+# 8004 /healthz, /readyz, /metrics alone (http.health_port: they answer while the API port is full;
+# publish it to your scraper only), 10095 FunASR-runtime-compatible WebSocket.
+EXPOSE 8000 8001 8004 10095
 
 # The first start may spend minutes pulling and exporting the models: a long start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8001/healthz', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8004/healthz', timeout=4)"]
 
 ENTRYPOINT ["asr-server-entrypoint"]
 CMD ["serve"]

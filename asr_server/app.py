@@ -18,7 +18,7 @@ from aiohttp import web
 from websockets.asyncio.server import Server
 
 from .adapters.funasr.server import serve_funasr
-from .adapters.http.app import build_app, start_http
+from .adapters.http.app import build_app, build_health_app, start_http
 from .adapters.http.console import ConsoleInfo
 from .adapters.xiaozhi.server import XiaozhiServer
 from .audio.decode_pool import DecodePool
@@ -51,6 +51,7 @@ class Endpoints:
     device_url: str
     http_url: str | None
     funasr_url: str | None
+    health_url: str | None = None  # /healthz, /readyz and /metrics on their own listener (http.health_port)
 
 
 class AsrServer:
@@ -68,6 +69,7 @@ class AsrServer:
         self.board: SessionBoard | None = None
         self._ws: Server | None = None
         self._http: web.AppRunner | None = None
+        self._health: web.AppRunner | None = None
         self._funasr: Server | None = None
         self._ready = False
         self._lag: asyncio.Task[None] | None = None
@@ -121,6 +123,10 @@ class AsrServer:
                 self._http = await start_http(app, cfg.http.host, cfg.http.port, reuse_port=self.share is not None)
                 http_port = self._http.addresses[0][1]
                 http_url = f"http://{_client_host(cfg.http.host)}:{http_port}"
+                if cfg.http.health_port is not None:
+                    self._health = await start_http(
+                        build_health_app(app), cfg.http.host, cfg.http.health_port, reuse_port=self.share is not None
+                    )
             if cfg.funasr.enabled:
                 self._funasr = await serve_funasr(
                     cfg, self.pipeline, self.metrics, self.bus, self.share, self.board, self.decoder
@@ -131,14 +137,19 @@ class AsrServer:
         except OSError as e:
             await self.stop()
             raise StartupError(f"cannot listen: {e}") from None
+        health_url = (
+            f"http://{_client_host(cfg.http.host)}:{self._health.addresses[0][1]}" if self._health is not None else None
+        )
         self.endpoints = Endpoints(
-            f"ws://{_client_host(cfg.xiaozhi.host)}:{device_port}{cfg.xiaozhi.path}", http_url, funasr_url
+            f"ws://{_client_host(cfg.xiaozhi.host)}:{device_port}{cfg.xiaozhi.path}", http_url, funasr_url, health_url
         )
         self._ready = True
         self._lag = asyncio.get_running_loop().create_task(watch_loop_lag(self.metrics), name="loop-lag")
         log.info("devices: %s", self.endpoints.device_url)
         if http_url:
             log.info("HTTP API: %s (/v1/audio/transcriptions, /voiceprint/*, /v1/events, /healthz, /metrics)", http_url)
+            if self.endpoints.health_url:
+                log.info("health and metrics: %s/healthz, /readyz, /metrics", self.endpoints.health_url)
             if cfg.http.console:
                 log.info("browser console: %s/ (the microphone needs https or localhost)", http_url)
         if funasr_url:
@@ -170,6 +181,9 @@ class AsrServer:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
+        if self._health is not None:
+            await self._health.cleanup()
+            self._health = None
         if self.bus is not None:
             await self.bus.close()
             self.bus = None

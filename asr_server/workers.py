@@ -170,6 +170,10 @@ class Supervisor:
             held = _hold_port(section.host, section.port, what)
             self._held.append(held)
             section.port = held.getsockname()[1]
+        if cfg.http.enabled and cfg.http.health_port is not None:
+            held = _hold_port(cfg.http.host, cfg.http.health_port, "the health port")
+            self._held.append(held)
+            cfg.http.health_port = held.getsockname()[1]
         self._run_dir = Path(tempfile.mkdtemp(prefix="asr-server-"))
         metrics_dir = self._run_dir / "metrics"
         metrics_dir.mkdir()

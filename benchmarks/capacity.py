@@ -59,6 +59,7 @@ def server_env(models: Path, ports: dict[str, int], overrides: list[str], db: Pa
             "ASR_SERVER__XIAOZHI__PORT": str(ports["xiaozhi"]),
             "ASR_SERVER__HTTP__HOST": "127.0.0.1",
             "ASR_SERVER__HTTP__PORT": str(ports["http"]),
+            "ASR_SERVER__HTTP__HEALTH_PORT": "0",
             "ASR_SERVER__FUNASR__ENABLED": "false",
             "ASR_SERVER__LOG_LEVEL": "WARNING",
         }

@@ -11,7 +11,9 @@ numbers huge or non-ASCII, strings with lone surrogates, control characters or 6
 - `xiaozhi-binary`: protocol v1/v2/v3 frames (headers and Opus payloads mutated);
 - `funasr`: the FunASR socket's configuration messages and audio;
 - `http`: every endpoint, multipart bodies mutated, keys mutated;
-- `corpus`: every container/codec x channels x rate soundfile and PyAV write, uploaded once each.
+- `corpus`: every container/codec x channels x rate soundfile and PyAV write, uploaded once each;
+- `tls`: the FunASR port's TLS stage: half handshakes, idle sockets, garbage after 0x16 and
+  clients that leave mid-handshake, from 16 addresses, with the server's RSS around each case.
 
 Then it reads the server's log and metrics and prints, per target: inputs sent, whether the server
 survived, tracebacks in its log, sessions left open, and the peak RSS. A clean run is 0 tracebacks
@@ -22,16 +24,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import os
 import random
 import re
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,7 @@ import numpy as np
 import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import WebSocketException
+from websockets.typing import Subprotocol
 
 from loadtest.clips import DEFAULT_AUDIO_DIR, load_clip
 
@@ -392,6 +400,177 @@ async def fuzz_corpus(url: str, rng: random.Random, count: int) -> int:
     return len(results)
 
 
+# --- TLS on the FunASR port ----------------------------------------------------------------------
+#
+# The FunASR port serves wss:// and ws:// at once (`funasr.tls: both`): the first byte decides, and a
+# 0x16 starts a TLS handshake that holds ~320 KB until it ends. These cases attack that stage, not a
+# parser: half handshakes (the byte 0x16 and nothing after), idle sockets (nothing at all), garbage
+# after 0x16, and real ClientHellos cut off or followed by a close mid-handshake. Held sockets come
+# from `TLS_ADDRESSES` loopback addresses, as a flood from many clients would, and wait for the
+# server to close them; a wss:// and a ws:// client must still get in while they are held.
+
+TLS_ADDRESSES = [f"127.0.1.{i}" for i in range(1, 17)]
+TLS_CASES = ("half handshake", "idle", "garbage after 0x16", "closed mid-handshake")
+
+
+@dataclass
+class TlsCase:
+    """What one TLS case did to the server: sockets, how many the server closed, its RSS in MB."""
+
+    name: str
+    sockets: int = 0
+    closed_by_server: int = 0
+    not_connected: int = 0
+    rss_before: float = 0.0
+    rss_peak: float = 0.0
+    rss_after: float = 0.0
+    fds_before: int = 0
+    fds_after: int = 0
+    probes: str = ""
+
+
+def _client_hello(server_hostname: str | None = None) -> tuple[bytes, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
+    """A real TLS ClientHello, and the client state that continues the handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read(), obj, incoming, outgoing
+
+
+def _rss_mb(pid: int) -> float:
+    m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+    return int(m.group(1)) / 1024 if m else float("nan")
+
+
+async def _held(port: int, source: str, first: bytes, hold_s: float) -> bool | None:
+    """A socket that sends `first` and waits: True when the server closed it within `hold_s`, None
+    when it did not connect."""
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    except OSError:
+        return None
+    try:
+        if first:
+            writer.write(first)
+            await writer.drain()
+        async with asyncio.timeout(hold_s):
+            while await reader.read(65536):
+                pass
+        return True
+    except TimeoutError:
+        return False
+    except OSError:  # reset by the server: closed all the same
+        return True
+    finally:
+        writer.close()
+
+
+async def _cut_handshake(port: int, source: str, rng: random.Random) -> bool:
+    """A real client that leaves mid-handshake: its ClientHello cut short, or whole and then gone after
+    the server's first flight, by FIN or RST. True when it got as far as it meant to."""
+    hello, *_ = _client_hello()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    except OSError:
+        return False
+    try:
+        cut = rng.random() < 0.5
+        writer.write(hello[: rng.randint(1, len(hello) - 1)] if cut else hello)
+        await writer.drain()
+        if not cut:
+            async with asyncio.timeout(10):
+                await reader.read(65536)  # the ServerHello and the rest of the server's first flight
+        if rng.random() < 0.5:  # RST instead of FIN
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return True
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.close()
+
+
+def _garbage(rng: random.Random) -> bytes:
+    """0x16 and then what a TLS record is not: random bytes, or a record header whose length lies."""
+    if rng.random() < 0.5:
+        return b"\x16" + rng.randbytes(rng.randint(1, 5000))
+    length = rng.choice([0, 1, 2**14 + 2048, 65535])
+    return b"\x16" + rng.choice([b"\x03\x01", b"\x03\x03", b"\xff\xff"]) + struct.pack(">H", length) + rng.randbytes(8)
+
+
+async def _tls_probes(port: int) -> str:
+    """A wss:// and a ws:// client, from an address the attack does not use, each within 5 s."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    got = []
+    for url, tls in ((f"wss://127.0.0.1:{port}/", ctx), (f"ws://127.0.0.1:{port}/", None)):
+        try:
+            async with asyncio.timeout(5), connect(url, subprotocols=[Subprotocol("binary")], ssl=tls):
+                got.append(url.split(":", 1)[0])
+        except (OSError, TimeoutError, WebSocketException):
+            pass
+    return "+".join(got) or "none"
+
+
+async def _sample_rss(pid: int, into: list[float]) -> None:
+    while True:
+        into.append(_rss_mb(pid))
+        await asyncio.sleep(0.2)
+
+
+async def fuzz_tls(port: int, rng: random.Random, count: int, pid: int, cases: list[TlsCase]) -> int:
+    """`count` sockets in all, a quarter per case; the held ones at once, waiting up to 60 s each for
+    the server to close them. Appends each case's figures to `cases`."""
+    n = max(1, count // len(TLS_CASES))
+    for name in TLS_CASES:
+        case = TlsCase(name, sockets=n, rss_before=_rss_mb(pid), fds_before=len(os.listdir(f"/proc/{pid}/fd")))
+        peak = [case.rss_before]
+
+        sampler = asyncio.create_task(_sample_rss(pid, peak))
+        source = [TLS_ADDRESSES[i % len(TLS_ADDRESSES)] for i in range(n)]
+        if name == "closed mid-handshake":
+            done: list[bool | None] = list(
+                await asyncio.gather(*(_cut_handshake(port, source[i], rng) for i in range(n)))
+            )
+            case.probes = await _tls_probes(port)
+        else:
+            first = {
+                "half handshake": lambda: b"\x16",
+                "idle": lambda: b"",
+                "garbage after 0x16": lambda: _garbage(rng),
+            }
+            held = [asyncio.create_task(_held(port, source[i], first[name](), 60.0)) for i in range(n)]
+            await asyncio.sleep(1.0)  # every socket open and sent; then the probes meet what they hold
+            case.probes = await _tls_probes(port)
+            done = list(await asyncio.gather(*held))
+        case.closed_by_server = sum(d is True for d in done) if name != "closed mid-handshake" else 0
+        case.not_connected = sum(d is None for d in done) if name != "closed mid-handshake" else 0
+        await asyncio.sleep(1.0)
+        sampler.cancel()
+        case.rss_after = _rss_mb(pid)
+        case.fds_after = len(os.listdir(f"/proc/{pid}/fd"))
+        case.rss_peak = max(peak + [case.rss_after])
+        cases.append(case)
+    return n * len(TLS_CASES)
+
+
+def print_tls(cases: list[TlsCase]) -> None:
+    print(
+        "\n| TLS case | sockets | closed by the server | did not connect | probes in (wss+ws) "
+        "| server RSS MB before / peak / after | server fds before / after |"
+    )
+    print("| --- | ---: | ---: | ---: | --- | --- | --- |")
+    for c in cases:
+        closed = "-" if c.name == "closed mid-handshake" else f"{c.closed_by_server} | {c.not_connected}"
+        print(
+            f"| {c.name} | {c.sockets} | {closed if closed != '-' else '- | -'} | {c.probes} | "
+            f"{c.rss_before:.0f} / {c.rss_peak:.0f} / {c.rss_after:.0f} | {c.fds_before} / {c.fds_after} |"
+        )
+
+
 # --- the run -------------------------------------------------------------------------------------
 
 
@@ -412,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=Path, required=True, help="folder with SenseVoiceSmall/ and campplus/")
     ap.add_argument("--count", type=int, default=2000, help="inputs per target")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--targets", default="xiaozhi-text,xiaozhi-binary,funasr,http,corpus")
+    ap.add_argument("--targets", default="xiaozhi-text,xiaozhi-binary,funasr,http,corpus,tls")
     ap.add_argument("--audio", type=Path, default=DEFAULT_AUDIO_DIR)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -426,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             "ASR_SERVER__FUNASR__ENABLED": "true",
             "ASR_SERVER__FUNASR__HOST": "127.0.0.1",
             "ASR_SERVER__FUNASR__PORT": str(ports["funasr"]),
+            "ASR_SERVER__FUNASR__SELF_SIGNED_CERT": str(work / "funasr-selfsigned.pem"),
             "ASR_SERVER__LOG_LEVEL": "INFO",
             "PYTHONPATH": str(ROOT),
         }
@@ -437,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     http = f"http://127.0.0.1:{ports['http']}"
     rows = []
+    tls_cases: list[TlsCase] = []
     try:
         wait_ready(http, proc)
         clip = next(p for p in sorted(args.audio.iterdir()) if p.suffix in (".wav", ".flac"))
@@ -450,6 +631,7 @@ def main(argv: list[str] | None = None) -> int:
             "funasr": lambda rng: fuzz_funasr(f"ws://127.0.0.1:{ports['funasr']}/", rng, args.count, pcm),
             "http": lambda rng: fuzz_http(http, rng, args.count),
             "corpus": lambda rng: fuzz_corpus(http, rng, args.count),
+            "tls": lambda rng: fuzz_tls(ports["funasr"], rng, args.count, proc.pid, tls_cases),
         }
         for name in args.targets.split(","):
             before = log_path.read_text(errors="replace").count("Traceback")
@@ -470,6 +652,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: |")
     for name, sent, alive, tb, left, rss, wall in rows:
         print(f"| {name} | {sent} | {'yes' if alive else 'NO'} | {tb} | {left:.0f} | {rss:.0f} | {wall:.0f} |")
+    if tls_cases:
+        print_tls(tls_cases)
     print(f"\nserver log: {log_path}")
     return 0 if all(r[2] and r[3] == 0 and r[4] == 0 for r in rows) else 1
 

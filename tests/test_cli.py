@@ -53,3 +53,17 @@ def test_config_is_accepted_after_the_command_too(tmp_path):
     for args in (("--config", "other.yaml", "serve"), ("serve", "--config", "other.yaml")):
         out = run(*args, cwd=tmp_path)
         assert out.returncode == 2 and "asr.quantised: unknown key" in out.stderr, (args, out.stderr)
+
+
+def test_a_speaker_db_whose_folder_cannot_be_made_stops_serve_with_one_line(tmp_path, models_dir):
+    """It was a 47-line traceback from deep in the pipeline's start."""
+    (tmp_path / "file").write_text("a file where the db's folder should be\n")
+    (tmp_path / "config.yaml").write_text(
+        f"asr: {{model_dir: {models_dir / 'SenseVoiceSmall'}}}\n"
+        f"speaker: {{model: {models_dir / 'campplus' / 'campplus.onnx'}, db: {tmp_path / 'file' / 'vp.sqlite'}}}\n"
+        "xiaozhi: {host: 127.0.0.1, port: 0}\nhttp: {enabled: false}\nfunasr: {enabled: false}\n"
+    )
+    out = run("serve", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "speaker.db" in out.stderr and "cannot be opened" in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

@@ -172,7 +172,7 @@ def test_the_serving_lock_alone_runs_the_server_without_torch(tmp_path, models_d
     config.write_text(
         f"asr: {{model_dir: {models_dir / 'SenseVoiceSmall'}}}\n"
         f"speaker: {{model: {models_dir / 'campplus' / 'campplus.onnx'}, db: {tmp_path / 'vp.sqlite'}}}\n"
-        "server: {host: 127.0.0.1, port: 0}\nhttp: {host: 127.0.0.1, port: 0}\nfunasr: {host: 127.0.0.1, port: 0}\n"
+        "server: {host: 127.0.0.1, port: 0}\nhttp: {host: 127.0.0.1, port: 0, health_port: 0}\nfunasr: {host: 127.0.0.1, port: 0}\n"
     )
     clip = AUDIO / "en_tts_living_room_light_wyoming.wav"
     wav = clip if clip.is_file() else None

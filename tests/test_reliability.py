@@ -10,6 +10,7 @@ a deadline, and a drain on shutdown that answers what is in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -234,6 +235,41 @@ async def test_a_device_token_reads_only_its_own_sessions_events(tmp_path):
             assert got["text"] == "mine" and "scope" not in got
             texts = [json.loads(await asyncio.wait_for(admin.recv(), 5))["text"] for _ in range(2)]
             assert texts == ["theirs", "mine"]
+    finally:
+        await stop_api(runner, pipeline, bus)
+
+
+async def test_one_device_token_cannot_hold_every_event_slot_and_api_keys_keep_their_room(tmp_path):
+    """One address with one device token held all 100 /v1/events slots and the chatbot server's admin
+    key got 503. Now a token holds a few, and tokens together stop short of the keys' room."""
+    from asr_server.adapters.http.streams import KEY_ROOM, STREAMS_PER_CLIENT
+
+    limit = 4 * STREAMS_PER_CLIENT
+    room = int(limit * KEY_ROOM)
+    runner, pipeline, bus, _ = await start_api(
+        tmp_path,
+        xiaozhi={"auth": {"enabled": True, "tokens": [f"t{i}" for i in range(8)]}},
+        events={"max_subscribers": limit},
+    )
+    url = f"ws://127.0.0.1:{runner.addresses[0][1]}/v1/events"
+
+    async def subscribe(stack: contextlib.AsyncExitStack, key: str) -> int:
+        try:
+            ws = await stack.enter_async_context(
+                websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"})
+            )
+        except InvalidStatus as e:
+            return e.response.status_code
+        assert json.loads(await ws.recv())["type"] == "subscribed"
+        return 101
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            assert [await subscribe(stack, "t0") for _ in range(STREAMS_PER_CLIENT + 1)][-2:] == [101, 429]
+            free = limit - room - STREAMS_PER_CLIENT  # what other tokens may take, two streams each
+            others = [await subscribe(stack, f"t{1 + i // 2}") for i in range(free + 1)]
+            assert others == [101] * free + [503]  # the last `room` slots are the keys'
+            assert [await subscribe(stack, KEY) for _ in range(room + 1)] == [101] * room + [503]  # and the limit
     finally:
         await stop_api(runner, pipeline, bus)
 
@@ -490,6 +526,31 @@ async def test_http_connections_are_capped_and_slow_headers_are_cut(tmp_path):
         await stop_api(runner, pipeline, bus)
 
 
+async def test_health_and_metrics_answer_while_slow_clients_hold_every_api_slot(start_server):
+    """1,000 slow sockets from 30 addresses filled http.max_connections, and /healthz and /metrics got
+    503 with everyone else: a Docker health check restarted a server that was fine. They have a
+    listener of their own now (http.health_port)."""
+    srv = await start_server(http={"max_connections": 2, "max_connections_per_ip": 0, "header_timeout_s": 30})
+    port = int(srv.endpoints.http_url.rsplit(":", 1)[1])
+    slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    for _, w in slow:
+        w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(srv.endpoints.http_url + "/healthz") as r:
+                assert r.status == 503  # the API port is full
+            for path in ("/healthz", "/readyz", "/metrics"):
+                async with s.get(srv.endpoints.health_url + path) as r:
+                    assert r.status == 200, path
+                    if path == "/metrics":
+                        assert "asr_sessions_open" in await r.text()
+            async with s.get(srv.endpoints.health_url + "/v1/models") as r:
+                assert r.status == 404  # the health port serves nothing else
+    finally:
+        for _, w in slow:
+            w.close()
+
+
 async def test_one_address_cannot_hold_every_http_slot(tmp_path):
     """Slow sockets from one address fill its own share (http.max_connections_per_ip), not the port:
     another address still gets answered, and the first gets its slots back as its sockets close."""
@@ -558,6 +619,47 @@ def test_a_trusted_network_matches_ipv4_clients_of_a_dual_stack_listener():
     guard = ConnectionGuard(10, 10.0, "http.max_connections", per_ip=1, trusted=[ip_network("10.0.0.0/24")])
     assert guard._trusted("10.0.0.9") and guard._trusted("::ffff:10.0.0.5")  # as a `::` listener sees it
     assert not guard._trusted("10.0.1.1") and not guard._trusted("::ffff:10.0.1.1") and not guard._trusted("")
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_capped_and_loopback_is_no_admin(tmp_path):
+    """With no key set, loopback was admin, and behind a reverse proxy on the same host every client
+    is loopback: everyone could manage voiceprints. `http.trusted_proxies` names the proxy: its
+    X-Forwarded-For is believed (and only its), the per-address cap counts the forwarded client,
+    and no one is admin by address."""
+    runner, pipeline, bus, _ = await start_api(
+        tmp_path, http={"api_keys": [], "trusted_proxies": ["127.0.0.1"], "max_connections_per_ip": 1}
+    )
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/voiceprint/list", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                assert r.status == 403 and "http.trusted_proxies" in (await r.json())["detail"]
+            async with s.get(url + "/voiceprint/list") as r:  # the proxy itself, or a client on its host
+                assert r.status == 403
+            a = {"X-Forwarded-For": "198.51.100.1, 203.0.113.7"}  # the first hop is the client's to forge
+            async with s.ws_connect(url + "/v1/events", headers=a):  # holds 203.0.113.7's one request
+                async with s.get(url + "/v1/models", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                    assert r.status == 503 and "203.0.113.7" in await r.text()
+                    assert "http.max_connections_per_ip = 1" in await r.text()
+                async with s.get(url + "/v1/models", headers={"X-Forwarded-For": "198.51.100.1"}) as r:
+                    assert r.status == 200  # another client, on the same proxy connection pool
+        conn = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))  # no proxy: its X-Forwarded-For is ignored
+        async with aiohttp.ClientSession(connector=conn) as other:
+            async with other.get(url + "/voiceprint/list", headers={"X-Forwarded-For": "127.0.0.1"}) as r:
+                assert r.status == 403
+    finally:
+        await stop_api(runner, pipeline, bus)
+
+
+async def test_without_a_proxy_loopback_still_manages_voiceprints_and_forwarded_for_is_ignored(tmp_path):
+    runner, pipeline, bus, _ = await start_api(tmp_path, http={"api_keys": []})
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/voiceprint/list", headers={"X-Forwarded-For": "203.0.113.7"}) as r:
+                assert r.status == 200
+    finally:
+        await stop_api(runner, pipeline, bus)
 
 
 async def test_max_sessions_counts_connections_that_have_not_said_hello(start_server):

@@ -63,6 +63,7 @@ def _matches(token: str, keys: frozenset[str]) -> bool:
 class Grant:
     role: Role
     scope: str | None = None  # a device token's fingerprint
+    keyed: bool = False  # given by an API key (admin or read), not by an open API or the client's address
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +89,9 @@ class ApiKeys:
         a loopback client is an admin."""
         if token:
             if _matches(token, self.admin):
-                return Grant(Role.ADMIN)
+                return Grant(Role.ADMIN, keyed=True)
             if _matches(token, self.read):
-                return Grant(Role.READ)
+                return Grant(Role.READ, keyed=True)
             if _matches(token, self.devices):
                 return Grant(Role.DEVICE, fingerprint(token))
         if not (self.admin or self.read):

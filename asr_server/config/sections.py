@@ -249,6 +249,13 @@ class HttpConfig(_Section):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(8001, ge=0, le=65535)
+    health_port: int | None = Field(
+        8004,
+        ge=0,
+        le=65535,
+        description="/healthz, /readyz and /metrics on a listener of their own, answering while slow clients "
+        "fill the API port's max_connections (publish it to your health checker and scraper only; null: none).",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         description=(
@@ -277,13 +284,18 @@ class HttpConfig(_Section):
         100,
         ge=0,
         description="Open connections from one client address beyond this get 503 and are closed, so one "
-        "client's slow sockets cannot fill max_connections (per worker process; 0: no cap; behind a reverse "
-        "proxy every client has the proxy's address).",
+        "client's slow sockets cannot fill max_connections (per worker process; 0: no cap). Behind a reverse "
+        "proxy in trusted_proxies it counts each forwarded client's requests in progress instead.",
     )
     trusted_addresses: list[IPvAnyNetwork] = Field(
         default_factory=list,
         description="Client addresses or networks exempt from max_connections_per_ip (e.g. the chatbot server "
         "that sends every device's openai-ASR and voiceprint calls, 10.0.0.5 or 10.0.0.0/24).",
+    )
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list,
+        description="Reverse proxies (127.0.0.1 for nginx on this host) whose X-Forwarded-For is believed: the "
+        "per-address caps count the client it names, and no one is voiceprint admin by being on loopback.",
     )
     header_timeout_s: float = Field(10.0, gt=0, description="A request's headers must arrive within this.")
     body_timeout_s: float = Field(120.0, gt=0, description="An upload's body must arrive within this (408 after).")
@@ -305,7 +317,7 @@ class HttpConfig(_Section):
         "public API with the same keys. false: / answers 404 (the API stays).",
     )
 
-    @field_validator("trusted_addresses", mode="before")
+    @field_validator("trusted_addresses", "trusted_proxies", mode="before")
     @classmethod
     def _networks(cls, value: Any) -> Any:
         """A single address or a comma-separated string too (an environment variable), and a

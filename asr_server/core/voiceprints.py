@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import VoiceprintError
+from ..errors import ConfigError, VoiceprintError
 from ..types import SpeakerMatch
 
 _SCHEMA = """
@@ -55,13 +55,16 @@ class VoiceprintStore:
 
     def __init__(self, path: Path, model: str, dim: int) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.dim = dim
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:  # a config error, not a crash: one line and exit 2
+            raise ConfigError(f"invalid configuration: speaker.db = {self.path} cannot be opened: {e}") from None
         self._version = -1
         self._names: builtins.list[str] = []
         self._matrix = np.zeros((0, dim), dtype=np.float32)

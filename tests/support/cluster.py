@@ -63,7 +63,7 @@ def start_cluster(tmp_path: Path, models_dir: Path, workers: int = 2, **sections
     config = {
         "log_level": "INFO",
         "xiaozhi": {"host": "127.0.0.1", "port": 0},
-        "http": {"host": "127.0.0.1", "port": 0},
+        "http": {"host": "127.0.0.1", "port": 0, "health_port": 0},
         "funasr": {"host": "127.0.0.1", "port": 0, "self_signed_cert": str(tmp_path / "funasr.pem")},
         "asr": {"model_dir": str(models_dir / "SenseVoiceSmall")},
         "speaker": {"model": str(models_dir / "campplus" / "campplus.onnx"), "db": str(tmp_path / "vp.sqlite")},

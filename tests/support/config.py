@@ -11,7 +11,7 @@ def make_config(models_dir: Path, db: Path, **sections) -> Config:
     """A config on loopback with free ports and the tiny models; `sections` override per test."""
     base = {
         "xiaozhi": {"host": "127.0.0.1", "port": 0},
-        "http": {"host": "127.0.0.1", "port": 0},
+        "http": {"host": "127.0.0.1", "port": 0, "health_port": 0},
         "funasr": {"host": "127.0.0.1", "port": 0, "self_signed_cert": str(db.parent / "funasr-selfsigned.pem")},
         "asr": {"model_dir": str(models_dir / "SenseVoiceSmall")},
         # deadline 0: who spoke must not depend on how busy the test machine is (the deadline has its own test)

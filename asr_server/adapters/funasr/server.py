@@ -24,7 +24,7 @@ from ..admission import ConnectionSlots, refuse_busy
 from ..auth import ApiKeys, bearer_token
 from .context import BufferBudget, FunAsrContext
 from .session import PROTOCOL, FunAsrSession
-from .tls import sniffing, tls_context, transport_of
+from .tls import PendingHandshakes, sniffing, tls_context, transport_of
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,10 @@ async def serve_funasr(
     ctx = tls_context(cfg)
     tls: dict[str, Any] = {}
     if ctx is not None and cfg.tls == "both":
-        tls["create_connection"] = sniffing(ctx, cfg.open_timeout_s)  # wss:// and ws:// on one port
+        evicted = metrics.errors.labels("funasr_tls_evicted").inc
+        tls["create_connection"] = sniffing(
+            ctx, cfg.open_timeout_s, PendingHandshakes(on_evict=evicted)
+        )  # wss:// and ws://
     elif ctx is not None:
         tls["ssl"] = ctx
     return await serve(

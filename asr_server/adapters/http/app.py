@@ -44,10 +44,12 @@ from .context import (
     PIPELINE,
     READY,
     SOCKETS,
+    client_address,
     error_response,
     too_large_message,
 )
-from .guard import ConnectionGuard, GuardedSite
+from .guard import ConnectionGuard, GuardedSite, Refused
+from .streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,16 @@ async def _guarded(request: web.Request, handler: Callable[[web.Request], Awaita
     guard = request.app[GUARD]
     guard.request_started(request.transport)
     try:
-        return await handler(request)
+        client = client_address(request)
+        if client == request.remote:
+            return await handler(request)
+        try:
+            with guard.forwarded_client(client):  # behind a proxy: the per-address cap is the client's
+                return await handler(request)
+        except Refused as e:
+            response = web.Response(status=503, text=f"{e}, try again later\n")
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+            return response
     finally:
         guard.request_done(request.transport)
 
@@ -219,11 +230,14 @@ def build_app(
         Tally.of(share, "http.max_connections"),
         config.http.max_connections_per_ip,
         config.http.trusted_addresses,
+        config.http.trusted_proxies,
     )
     app[health.PROBE] = health.EngineProbe()
     app[console.BOARD] = board if board is not None else SessionBoard(share)
     app[console.INFO] = info if info is not None else console.ConsoleInfo(None, share.count if share else 1)
     app[console.WATCHERS] = set()
+    app[console.LIVE_SLOTS] = StreamSlots(console.MAX_WATCHERS, "live-view sockets per worker", "live-view sockets")
+    app[events.EVENT_SLOTS] = StreamSlots(config.events.max_subscribers, "events.max_subscribers", "event subscribers")
     app.on_shutdown.append(events.close_sockets)
     r = app.router
     r.add_post("/v1/audio/transcriptions", transcriptions.transcriptions)
@@ -240,6 +254,39 @@ def build_app(
     r.add_get("/metrics", health.metrics_endpoint)
     console.add_routes(app)
     return app
+
+
+#: Connections the health listener holds at once: a container's health check and a scraper or two.
+HEALTH_MAX_CONNECTIONS = 16
+
+
+def build_health_app(app: web.Application) -> web.Application:
+    """`/healthz`, `/readyz` and `/metrics` of `app` alone, for `http.health_port`.
+
+    A listener of their own, not a slot reserved on the API port: slow sockets that fill the API
+    port (1,000 from 30 addresses held every `http.max_connections` slot, and a Docker health check
+    got 503 and restarted a server that was fine) would take a reserved slot too, since they come
+    through the same accept queue and cannot be told apart before their request line. Clients of
+    the API never reach this port; its own small cap and the header deadline hold it against the
+    ones that do."""
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    probes = web.Application(middlewares=[_guarded])
+    probes[CONFIG] = config
+    probes[PIPELINE] = app[PIPELINE]
+    probes[METRICS] = metrics
+    probes[READY] = app[READY]
+    probes[health.PROBE] = app[health.PROBE]
+    probes[GUARD] = ConnectionGuard(
+        HEALTH_MAX_CONNECTIONS,
+        config.http.header_timeout_s,
+        "the health port's connections",
+        lambda kind: metrics.errors.labels(f"health_{kind}").inc(),
+    )
+    probes.router.add_get("/healthz", health.healthz)
+    probes.router.add_get("/readyz", health.readyz)
+    probes.router.add_get("/metrics", health.metrics_endpoint)
+    return probes
 
 
 async def start_http(app: web.Application, host: str, port: int, reuse_port: bool = False) -> web.AppRunner:

@@ -25,9 +25,9 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ...core.live import SessionBoard
-from ...errors import ApiError
 from ..auth import Role
 from .context import BUS, CONFIG, METRICS, PIPELINE, READY, SOCKETS, authorize
+from .streams import StreamSlots, principal
 
 STATIC = Path(__file__).with_name("static")
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml"}
@@ -55,6 +55,7 @@ class ConsoleInfo:
 BOARD = web.AppKey("board", SessionBoard)
 INFO = web.AppKey("console_info", ConsoleInfo)
 WATCHERS = web.AppKey("console_watchers", set)
+LIVE_SLOTS = web.AppKey("live_slots", StreamSlots)
 
 
 def add_routes(app: web.Application) -> None:
@@ -128,10 +129,13 @@ async def sessions_endpoint(request: web.Request) -> web.Response:
 
 async def live(request: web.Request) -> web.StreamResponse:
     """The live view's WebSocket: the sessions now, then their changes, and the status now and then."""
-    authorize(request, "key", role=Role.READ)
+    grant = authorize(request, "key", role=Role.READ)
+    with request.app[LIVE_SLOTS].hold(principal(request, grant), len(request.app[WATCHERS])):
+        return await _watch(request)
+
+
+async def _watch(request: web.Request) -> web.StreamResponse:
     watchers = request.app[WATCHERS]
-    if len(watchers) >= MAX_WATCHERS:
-        raise ApiError(503, f"too many live-view sockets on this worker ({MAX_WATCHERS})", code="server_busy")
     board = request.app[BOARD]
     ws = web.WebSocketResponse(heartbeat=request.app[CONFIG].events.heartbeat_s, max_msg_size=_MAX_MESSAGE_BYTES)
     await ws.prepare(request)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from ipaddress import ip_address
 from typing import Any
 
 from aiohttp import web
@@ -15,7 +16,7 @@ from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
 from ...errors import ApiError
 from ..auth import ApiKeys, Grant, Role, bearer_token
-from .guard import ConnectionGuard
+from .guard import ConnectionGuard, in_networks
 
 CONFIG = web.AppKey("config", Config)
 PIPELINE = web.AppKey("pipeline", Pipeline)
@@ -29,6 +30,31 @@ GUARD = web.AppKey("guard", ConnectionGuard)
 _LOOPBACK = ("127.0.0.1", "::1")
 
 
+def client_address(request: web.Request) -> str:
+    """Who sent `request`: its peer, or behind a trusted proxy (`http.trusted_proxies`) the last
+    `X-Forwarded-For` address that is not a trusted proxy itself (each proxy appends the address it
+    got the request from, so the ones before a client's own proxy are the client's to forge)."""
+    peer = request.remote or ""
+    proxies = request.app[GUARD].proxies
+    if not in_networks(peer, proxies):
+        return peer
+    hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", []) for h in v.split(",")]
+    for hop in reversed(hops):
+        if not hop or not _is_address(hop):
+            return peer  # a hop no proxy of ours would write: the last trusted one is all that is known
+        if not in_networks(hop, proxies):
+            return hop
+    return peer
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def authorize(request: web.Request, *query_names: str, role: Role = Role.READ) -> Grant:
     """The caller's rights; 401 without a key that has `role` (403 when the key is valid but has
     less). `query_names` may carry the key for browsers, which cannot set headers."""
@@ -36,13 +62,19 @@ def authorize(request: web.Request, *query_names: str, role: Role = Role.READ) -
     token = bearer_token(request.headers.get("Authorization"))
     for name in query_names:
         token = token or request.query.get(name)
-    grant = keys.grant(token, loopback=request.remote in _LOOPBACK)
+    # Behind a proxy every client arrives from it (loopback for one on this host): no one is admin by address.
+    loopback = not request.app[GUARD].proxies and request.remote in _LOOPBACK
+    grant = keys.grant(token, loopback=loopback)
     if grant is None:
         raise ApiError(401, "missing API key" if not token else "invalid API key", code="invalid_api_key")
     if grant.role < role:
         what = "an admin key (http.api_keys)" if role == Role.ADMIN else "an API key (http.api_keys or http.read_keys)"
         if not (keys.admin or keys.read) and grant.role == Role.READ:
-            what += "; with none configured, only loopback clients may manage voiceprints"
+            what += (
+                "; with none configured, only loopback clients may manage voiceprints"
+                if not request.app[GUARD].proxies
+                else "; behind a proxy (http.trusted_proxies) voiceprints need an admin key"
+            )
         raise ApiError(403, f"this needs {what}", code="insufficient_permissions")
     return grant
 

@@ -10,6 +10,9 @@ from ...core.events import RECENT
 from ...errors import ApiError, SubscriptionClosed
 from ..auth import Role
 from .context import BUS, CONFIG, SOCKETS, authorize
+from .streams import StreamSlots, principal
+
+EVENT_SLOTS = web.AppKey("event_slots", StreamSlots)
 
 #: Subscribers send nothing but their close; a larger message is not a subscriber.
 _MAX_MESSAGE_BYTES = 4096
@@ -23,14 +26,14 @@ async def events(request: web.Request) -> web.StreamResponse:
     `?recent=N` first replays up to N (at most `RECENT`) of the latest events it may see.
     """
     grant = authorize(request, "token", "key", role=Role.DEVICE)
+    bus = request.app[BUS]
+    with request.app[EVENT_SLOTS].hold(principal(request, grant), bus.subscribers):
+        return await _subscribe(request, grant.scope)
+
+
+async def _subscribe(request: web.Request, scope: str | None) -> web.StreamResponse:
     cfg = request.app[CONFIG].events
     bus = request.app[BUS]
-    if bus.subscribers >= cfg.max_subscribers:
-        raise ApiError(
-            503,
-            f"too many event subscribers: {bus.subscribers} connected (events.max_subscribers = {cfg.max_subscribers})",
-            code="server_busy",
-        )
     ids = [d.strip() for v in request.query.getall("device_id", []) for d in v.split(",") if d.strip()]
     try:
         recent = min(RECENT, max(0, int(request.query.get("recent", "0"))))
@@ -39,7 +42,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(heartbeat=cfg.heartbeat_s, max_msg_size=_MAX_MESSAGE_BYTES)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
-    with bus.subscribe(ids or None, grant.scope) as sub:  # a device token: its own sessions only
+    with bus.subscribe(ids or None, scope) as sub:  # a device token: its own sessions only
         await ws.send_json({"type": "subscribed", "device_ids": ids or None})
         replay = [e for e in bus.recent if sub.matches(e)][-recent:] if recent else []
         for event in replay:

@@ -8,13 +8,18 @@ sockets cannot hold every slot) a new one gets a 503 and is closed at once; a co
 that starts a request must finish its headers within `header_timeout_s` (the request then
 belongs to its handler, whose body reads have their own timeout); idle keep-alive connections
 are aiohttp's `keepalive_timeout`.
+
+Behind a reverse proxy (`http.trusted_proxies`) a connection carries many clients' requests, so
+the proxy's connections are not capped per address; each forwarded client's requests in progress
+are (`forwarded_client`, from the middleware, where `X-Forwarded-For` has been read).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
@@ -43,11 +48,14 @@ class ConnectionGuard:
         tally: Tally | None = None,
         per_ip: int = 0,
         trusted: Sequence[IPv4Network | IPv6Network] = (),
+        proxies: Sequence[IPv4Network | IPv6Network] = (),
     ) -> None:
         self.limit = limit
         self.per_ip = per_ip  # 0: no per-address cap; counted in this process (each worker its own)
         self.trusted = tuple(trusted)  # exempt from per_ip (a chatbot server speaking for all its devices)
+        self.proxies = tuple(proxies)  # their connections carry many clients: per_ip counts those instead
         self._by_ip: dict[str, int] = {}
+        self._by_client: dict[str, int] = {}  # forwarded clients' requests in progress
         self.header_timeout_s = header_timeout_s
         self.key = key
         self.tally = tally if tally is not None else Tally()  # the whole server's, with workers
@@ -73,7 +81,7 @@ class ConnectionGuard:
     def _admit(self, ip: str) -> str | None:
         """Take a slot for a connection from `ip`, or say why it is refused."""
         held = self._by_ip.get(ip, 0)
-        if self.per_ip and held >= self.per_ip and not self._trusted(ip):
+        if self.per_ip and held >= self.per_ip and not in_networks(ip, self.trusted + self.proxies):
             self._event("http_address_full")
             return f"too many connections from {ip} ({held} open, http.max_connections_per_ip = {self.per_ip})"
         if not self.tally.take(self.limit):
@@ -83,19 +91,47 @@ class ConnectionGuard:
         return None
 
     def _trusted(self, ip: str) -> bool:
+        return in_networks(ip, self.trusted)
+
+    @contextlib.contextmanager
+    def forwarded_client(self, client: str) -> Iterator[None]:
+        """A request a trusted proxy forwarded for `client` is in progress; `Refused` past `per_ip`."""
+        held = self._by_client.get(client, 0)
+        if self.per_ip and held >= self.per_ip and not self._trusted(client):
+            self._event("http_address_full")
+            raise Refused(
+                f"too many requests in progress from {client} ({held}, http.max_connections_per_ip = {self.per_ip})"
+            )
+        self._by_client[client] = held + 1
         try:
-            address = ip_address(ip)
-        except ValueError:  # no peer address (a Unix socket): nothing to match
-            return False
-        if address.version == 6 and address.ipv4_mapped is not None:  # an IPv4 client on a dual-stack `::`
-            address = address.ipv4_mapped
-        return any(address in net for net in self.trusted)
+            yield
+        finally:
+            _give(self._by_client, client)
 
     def _release(self, ip: str) -> None:
         self.tally.give()
-        left = self._by_ip.pop(ip, 1) - 1
-        if left:
-            self._by_ip[ip] = left
+        _give(self._by_ip, ip)
+
+
+class Refused(Exception):
+    """A request over a per-address cap; the message says which."""
+
+
+def _give(counts: dict[str, int], key: str) -> None:
+    left = counts.pop(key, 1) - 1
+    if left:
+        counts[key] = left
+
+
+def in_networks(ip: str, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
+    """Whether address `ip` lies in one of `networks` (an IPv4 client of a dual-stack `::` listener too)."""
+    try:
+        address = ip_address(ip)
+    except ValueError:  # no peer address (a Unix socket), or not an address: nothing to match
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks)
 
 
 class _Guarded(asyncio.Protocol):
