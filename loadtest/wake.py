@@ -16,7 +16,7 @@ Per step: wake-ups, served (every turn answered within the budget), late (every 
 one over budget), refused (HTTP 503), failed (any other connect failure, a turn unanswered or
 shed), the turns' end of speech -> stt percentiles, and the verdict: a step holds its devices when
 at least 99 % of its wake-ups were served and none was refused while the recogniser had room (no
-turn late or unanswered within `ROOM_WINDOW_S` of the refusal). Devices per box is the largest
+turn shed or answered late within `ROOM_WINDOW_S` of the refusal). Devices per box is the largest
 such device count. The turns are ordinary utterances of the step, so the step table and the
 over-time table read as for the other shapes.
 """
@@ -33,7 +33,7 @@ from typing import Literal
 
 from .clips import Clip
 from .device import ConnectError, Device, DeviceClosed
-from .report import WAKE_SERVED_SHARE, LoadReport, Section, StepReport, UtteranceSample
+from .report import WAKE_SERVED_SHARE, LoadReport, Section, StepReport, UtteranceSample, count_shed
 from .run import (
     LoadOptions,
     ProgressCallback,
@@ -51,8 +51,8 @@ from .stats import Percentiles, summarize
 WakeOutcome = Literal["served", "late", "refused", "failed"]
 GROUP_SPREAD_S = 1.0  # a group wake's devices wake within this of each other: one voice, one second
 ROOM_WINDOW_S = 10.0
-"""A refusal is judged on the turns whose speech ended this close to it: all answered within budget
-(or none at all) means the recogniser had room, and the refusal turned away a device it could serve."""
+"""A refusal is judged on the turns whose speech ended this close to it (`had_room`): long enough to
+hold a few turns at tens of devices, short enough to be the moment of the refusal."""
 
 
 def wake_times(opts: LoadOptions, clients: int, index: int) -> tuple[float, ...]:
@@ -177,10 +177,15 @@ class WakeStats:
 
 
 def had_room(at_s: float, samples: Sequence[UtteranceSample], budget_ms: float) -> bool:
-    """Whether the recogniser had room at `at_s`: every turn whose speech ended within
-    `ROOM_WINDOW_S` of it was answered within budget (vacuously, when nobody was talking)."""
+    """Whether the recogniser had room at `at_s`: of the turns whose speech ended within
+    `ROOM_WINDOW_S` of it, none was shed and every answered one came within budget (vacuously,
+    when nobody was talking). A late answer or a shed turn is what a full recogniser looks like
+    from the device; a turn that got no reply at all (an utterance the model heard as no speech)
+    says nothing either way."""
     near = [s for s in samples if s.eos_s is not None and abs(s.eos_s - at_s) <= ROOM_WINDOW_S]
-    return all(s.outcome == "ok" and s.latency_ms is not None and s.latency_ms < budget_ms for s in near)
+    return not count_shed(near) and all(
+        s.latency_ms is not None and s.latency_ms < budget_ms for s in near if s.outcome == "ok"
+    )
 
 
 def wake_stats(

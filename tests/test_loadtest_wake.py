@@ -84,6 +84,10 @@ def test_the_verdict_wants_99_percent_served_and_no_refusal_while_the_recogniser
     assert (s.refused_with_room, s.holds) == (0, True)
     s = wake_stats(300, wakes(199, refused_at=(200.0,)), behind, 800.0, 0)  # nobody talking near it: room
     assert (s.refused_with_room, s.holds) == (1, False)
+    shedding = [*on_time, turn(45.0, None, "error", "shed: connection closed with 1013 (overloaded)")]
+    assert wake_stats(300, wakes(199, refused_at=(50.0,)), shedding, 800.0, 0).refused_with_room == 0
+    unheard = [*on_time, turn(45.0, None, "missing")]  # no reply at all is no sign of a full recogniser
+    assert wake_stats(300, wakes(199, refused_at=(50.0,)), unheard, 800.0, 0).refused_with_room == 1
 
 
 @pytest.mark.slow
