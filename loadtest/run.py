@@ -145,6 +145,8 @@ class LoadOptions:
             and (not isinstance(self.group_wake, int) or not 1 <= self.group_wake <= min(self.clients))
         ):
             problems.append(f"group wake must be 'all' or 1 to the smallest client count, got {self.group_wake!r}")
+        if self.shape == "wake" and not self.expect_replies:
+            problems.append("the wake shape judges replies: measure the generator (sink) with another shape")
         if self.shape == "wake" and self.wake_every_s == 0 and self.group_wake is None:
             problems.append("a wake gap of 0 means no wake-ups but a group wake's: give --group-wake")
         if len(self.turns) != 2 or self.turns[0] < 1 or self.turns[1] < self.turns[0]:

@@ -38,6 +38,8 @@ def test_wake_options_are_validated():
         LoadOptions(clients=(10,), shape="wake", group_wake=11)
     with pytest.raises(OptionsError, match="give --group-wake"):
         LoadOptions(shape="wake", wake_every_s=0.0)
+    with pytest.raises(OptionsError, match="sink"):
+        LoadOptions(shape="wake", expect_replies=False)
     with pytest.raises(OptionsError, match="turns"):
         LoadOptions(shape="wake", turns=(2, 1))
     with pytest.raises(OptionsError, match="run_wake"):
