@@ -131,3 +131,17 @@ async def test_a_1013_close_fails_the_conversation_from_that_turn_without_reconn
         assert (w.outcome, w.failed_turn, w.spoken) == ("failed", 1, 1)
         assert (w.reason or "").startswith("turn 1: shed: connection closed with 1013")
     assert step.stats.shed == 2 and report.capacity is None
+
+
+@pytest.mark.slow
+async def test_after_its_last_turn_the_device_listens_idle_close_s_then_closes(clips):  # noqa: F811
+    """One turn, the answer 0.1 s, then 0.3 s of listening: the device stops sending long before
+    the 5 s step ends (at 16.7 frames a second, the rest of the step would be ~50 frames)."""
+    async with FakeServer(delay_ms=30.0, silence_ms=200.0) as srv:
+        o = wake_opts(srv.url, clients=(1,), duration_s=5.0, turns=(1, 1), idle_close_s=0.3)
+        report = await run_wake(o, clips)
+    (wake,) = report.steps[0].records
+    assert (wake.outcome, wake.spoken) == ("served", 1)
+    (reply,) = srv.reply_times
+    after = [t for t in srv.frame_times if t > reply]
+    assert 0 < len(after) <= 12, len(after)  # (0.1 + 0.3) s of frames and a little slack
