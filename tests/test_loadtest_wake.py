@@ -145,3 +145,12 @@ async def test_after_its_last_turn_the_device_listens_idle_close_s_then_closes(c
     (reply,) = srv.reply_times
     after = [t for t in srv.frame_times if t > reply]
     assert 0 < len(after) <= 12, len(after)  # (0.1 + 0.3) s of frames and a little slack
+
+
+@pytest.mark.slow
+async def test_wake_devices_run_in_generator_processes(clips):  # noqa: F811
+    async with FakeServer() as srv:
+        report = await run_wake(wake_opts(srv.url, clients=(4,), duration_s=4.0, idle_close_s=0.3, procs=2), clips)
+    step = report.steps[0]
+    assert sorted((w.device, w.outcome) for w in step.records) == [(i, "served") for i in range(4)]
+    assert len(srv.paths) == 4 and report.capacity == 4
