@@ -8,7 +8,7 @@ default, so another commit's checkout can be measured with the same generator), 
 ports, with `--set key=value` config overrides. Before the ramp, `--enroll` voiceprints are
 registered through the HTTP API (so every utterance is embedded and matched, as on a box where
 people are enrolled). The load generator runs here, on the same machine; the report states the
-machine, the load average before the run, the traffic shape, and per step the latency table and
+machine, the load average before and after the run, the traffic shape, and per step the latency table and
 where the time went (the server's `stt` timings and its metrics: event-loop lag, speculations,
 compute wasted).
 """
@@ -35,6 +35,7 @@ import soundfile as sf
 from loadtest.clips import DEFAULT_AUDIO_DIR
 from loadtest.report import format_table, write_outputs
 from loadtest.run import LoadOptions, run_load
+from loadtest.wake import add_wake_arguments, run_wake
 
 from .stages import machine
 
@@ -147,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkout", type=Path, default=ROOT, help="the source tree whose server runs")
     ap.add_argument("--ramp", default="5,10,20", help="client counts, comma-separated")
     ap.add_argument("--duration", type=float, default=60.0, help="seconds per step")
-    ap.add_argument("--shape", choices=("continuous", "conversation"), default="continuous")
-    ap.add_argument("--reply-ms", default="4000,10000", help="conversation: how long each answer plays")
+    ap.add_argument("--shape", choices=("continuous", "conversation", "wake"), default="continuous")
+    ap.add_argument("--reply-ms", default="4000,10000", help="conversation, wake: how long each answer plays")
+    add_wake_arguments(ap)
     ap.add_argument("--think-ms", default="1000,3000", help="pause between reply and next utterance")
     ap.add_argument("--enroll", type=int, default=3, help="voiceprints to register before the ramp (0: none)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="server config override")
@@ -232,8 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             procs=args.procs,
             relay=args.relay,
             honor_retry_after=args.honor_retry_after,
+            wake_every_s=args.wake_every_s,
+            idle_close_s=args.idle_close_s,
+            group_wake=args.group_wake,
+            turns=args.turns,
         )
-        report = asyncio.run(run_load(opts))
+        report = asyncio.run((run_wake if opts.shape == "wake" else run_load)(opts))
     finally:
         if spy is not None:
             spy.send_signal(2)
@@ -243,10 +249,12 @@ def main(argv: list[str] | None = None) -> int:
             stub.terminate()
             stub.wait(timeout=10)
         log.close()
+    load2 = os.getloadavg()
     write_outputs(report, work, plot=False)
     print(
         f"machine: {machine()}; "
-        f"load average before: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}; "
+        f"load average before: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}, "
+        f"after: {load2[0]:.2f} {load2[1]:.2f} {load2[2]:.2f}; "
         f"{datetime.now(UTC).isoformat(timespec='minutes')}"
     )
     print(

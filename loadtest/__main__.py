@@ -1,7 +1,8 @@
 """Command line: `python -m loadtest --url ws://HOST:PORT/xiaozhi/v1/ --clients N --duration 60`.
 
-See docs/loadtest.md. Exit status: 0 when at least one step ran within budget (the capacity is
-known), 1 when none did, 2 on bad options or unreadable audio.
+See docs/loadtest.md. Exit status: 0 when at least one step ran within budget (the capacity, or
+with `--shape wake` the devices per box, is known), 1 when none did, 2 on bad options or
+unreadable audio.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from .clips import DEFAULT_AUDIO_DIR, ClipError
 from .report import Progress, format_progress, format_table, write_outputs
 from .run import LoadOptions, OptionsError, default_out_dir, run_load
+from .wake import add_wake_arguments, run_wake
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -83,18 +85,20 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--shape",
-        choices=("continuous", "conversation"),
+        choices=("continuous", "conversation", "wake"),
         default="continuous",
         help="continuous: the microphone streams through every pause; conversation: after each reply the "
-        "device sends nothing while the answer plays (--reply-ms), then listens again, as the firmware does",
+        "device sends nothing while the answer plays (--reply-ms), then listens again, as the firmware does; "
+        "wake: devices connect when woken, talk 1-N turns, close when idle, never retry a refused connect",
     )
     ap.add_argument(
         "--reply-ms",
         type=_range_ms,
         default=(4000.0, 10000.0),
         metavar="MIN[,MAX]",
-        help="conversation shape: how long each answer plays (the device's microphone is off)",
+        help="conversation and wake shapes: how long each answer plays (the device's microphone is off)",
     )
+    add_wake_arguments(ap)
     ap.add_argument(
         "--stagger",
         type=float,
@@ -236,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             shape=args.shape,
             relay=args.relay,
             reply_ms=args.reply_ms,
+            wake_every_s=args.wake_every_s,
+            idle_close_s=args.idle_close_s,
+            group_wake=args.group_wake,
+            turns=args.turns,
             stagger_s=args.stagger,
             reply_timeout_s=args.reply_timeout,
             connect_timeout_s=args.connect_timeout,
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sink mode: sending to the local sink at {url} (pid {sink.pid})", file=sys.stderr)
     printer = None if args.quiet else _ProgressPrinter()
     try:
-        report = asyncio.run(run_load(opts, on_progress=printer))
+        report = asyncio.run((run_wake if opts.shape == "wake" else run_load)(opts, on_progress=printer))
     except (ClipError, OptionsError) as e:
         print(f"loadtest: {e}", file=sys.stderr)
         return 2

@@ -92,6 +92,7 @@ class Counters:
     connected: int = 0  # now, for the progress line
     utterances: int = 0
     answered: int = 0
+    wakes_while_awake: int = 0  # wake shape: wake-ups that fell while the device was still in its conversation
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +144,17 @@ class StepReport:
     samples: list[UtteranceSample]
     hello_ms: list[float]
     lateness: Histogram
+    records: list[Any] = field(default_factory=list)  # a shape's own records (the wake shape's wake-ups)
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON-ready figures a shape adds to samples.json
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A table a traffic shape adds to the report, after the step table (the wake shape's wake-ups)."""
+
+    title: str
+    columns: tuple[str, ...]
+    rows: list[list[str]]
 
 
 @dataclass(slots=True)
@@ -155,6 +167,7 @@ class LoadReport:
     started_at: str
     steps: list[StepReport] = field(default_factory=list)
     sink_mode: bool = False
+    sections: list[Section] = field(default_factory=list)
 
     @property
     def capacity(self) -> int | None:
@@ -253,6 +266,9 @@ def build_step_stats(
         kept_out=kept_out,
     )
 
+
+WAKE_SERVED_SHARE = 0.99
+"""The wake shape's verdict: the share of wake-ups a box must serve (the issue's 99 %)."""
 
 WINDOW_S = 15.0
 """The over-time table's window: short enough to show a reconnect wave's first seconds apart
@@ -455,6 +471,8 @@ def format_tts_table(report: LoadReport) -> str:
 def format_table(report: LoadReport) -> str:
     """The terminal table: one row per step, latencies in ms."""
     lines = [_aligned([list(_COLUMNS)] + [_row(s.stats) for s in report.steps])]
+    for sec in report.sections:
+        lines += ["", sec.title + ":", _aligned([list(sec.columns), *sec.rows])]
     if has_stages(report):
         lines += [
             "",
@@ -525,8 +543,19 @@ def format_stage_table(report: LoadReport) -> str:
 def traffic_line(options: dict[str, Any]) -> str:
     """The traffic shape in words: every load figure is stated with it."""
     think = f"think {options['think_ms'][0] / 1000:g}-{options['think_ms'][1] / 1000:g} s"
+    reply = options.get("reply_ms", (0.0, 0.0))
+    if options.get("shape") == "wake":
+        group = options.get("group_wake")
+        turns = options["turns"]
+        every = options["wake_every_s"]
+        gaps = f"wakes at exponential gaps of mean {every:g} s" if every else "wakes only in the group wake"
+        return (
+            f"wake (each device {gaps}{f', {group} of them within the first second' if group else ''},"
+            " connects once and never retries,"
+            f" talks {turns[0]}-{turns[1]} turns (answer plays {reply[0] / 1000:g}-{reply[1] / 1000:g} s, {think}),"
+            f" closes after {options['idle_close_s']:g} s of silence)"
+        )
     if options.get("shape") == "conversation":
-        reply = options["reply_ms"]
         return (
             f"conversation (speak, wait for the answer, microphone off while it plays "
             f"{reply[0] / 1000:g}-{reply[1] / 1000:g} s, then {think})"
@@ -543,8 +572,15 @@ def capacity_line(report: LoadReport) -> str:
     else:
         crit = f"end-of-speech -> stt p95 < {opts['budget_ms']:g} ms, unanswered counted as late, every client in"
         what = "capacity"
+    wake = opts.get("shape") == "wake"
+    if wake:
+        crit = (
+            f">= {WAKE_SERVED_SHARE:.0%} of wake-ups served, every turn's stt < {opts['budget_ms']:g} ms,"
+            " none refused while the recogniser had room"
+        )
+        what = "devices per box"
     line = f"{what}: {cap if cap is not None else 'none of the steps'} ({crit})"
-    over = [s.stats for s in report.steps if not s.stats.within_budget and not report.sink_mode]
+    over = [s.stats for s in report.steps if not s.stats.within_budget and not report.sink_mode and not wake]
     if over:
         line += (
             f"\nover capacity, the admitted devices (p95 of what was not shed < {opts['budget_ms']:g} ms): "
@@ -594,6 +630,8 @@ def render_markdown(report: LoadReport) -> str:
         "",
     ]
     table = _markdown_table(_COLUMNS, [_row(s.stats) for s in report.steps])
+    for sec in report.sections:
+        table += ["", sec.title + ":", ""] + _markdown_table(sec.columns, sec.rows)
     if has_stages(report):
         table += [
             "",
@@ -645,6 +683,7 @@ def report_to_dict(report: LoadReport) -> dict[str, Any]:
                 "hello_ms": s.hello_ms,
                 "lateness_histogram_0.1ms": s.lateness.to_dict(),
                 "samples": [dataclasses.asdict(x) for x in s.samples],
+                **s.extra,
             }
         )
     return _clean(

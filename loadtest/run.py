@@ -7,7 +7,10 @@ wait for the `stt`, pause to think. Two traffic shapes: `continuous` talkers str
 through the think pause (the microphone is always on), `conversation` devices behave as the
 firmware does in a conversation: after the `stt` they stop sending while the answer plays (the
 firmware mutes its microphone between `tts start` and `tts stop`, `reply_ms`), then send
-`listen start` again and stream silence through the think pause before the next utterance. Clients of a step share one asyncio loop per process
+`listen start` again and stream silence through the think pause before the next utterance. The
+third shape, `wake` (devices that connect when woken and never retry), is `loadtest.wake`: it
+runs its own device coroutine (`client`) through this module's steps, turns and processes.
+Clients of a step share one asyncio loop per process
 (`procs` processes take every procs-th client). Nothing a server does can crash or hang the run:
 refusals, closes, silence and errors are counted, and every wait ends by the step's hard
 deadline, `duration_s + reply_timeout_s + 1` s after the step starts (plus a few seconds to
@@ -25,11 +28,11 @@ import queue
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from .clips import DEFAULT_AUDIO_DIR, FRAME_MS_CHOICES, Clip, load_clips
 from .device import (
@@ -37,6 +40,7 @@ from .device import (
     Device,
     DeviceClosed,
     DeviceConfig,
+    DeviceError,
     HelloRejected,
     HelloTimeout,
     ReplyTimeout,
@@ -48,7 +52,7 @@ from .report import Counters, LoadReport, Outcome, Progress, StepReport, Utteran
 from .stats import Histogram, summarize
 
 Mode = Literal["auto", "manual", "realtime"]
-Shape = Literal["continuous", "conversation"]
+Shape = Literal["continuous", "conversation", "wake"]
 CLOSE_SLACK_S = 3.0  # after the hard deadline: time for clients to close before they are cancelled
 SPAWN_MARGIN_S = 3.0  # procs > 1: the step starts this long after the processes are launched
 OVERLOADED = 1013  # the close code ("try again later") a server sheds a device with
@@ -78,7 +82,11 @@ class LoadOptions:
     think_ms: tuple[float, float] = (1000.0, 3000.0)
     shape: Shape = "continuous"
     relay: bool = False  # the server relays to an upstream: time end of speech -> first TTS audio too
-    reply_ms: tuple[float, float] = (4000.0, 10000.0)  # conversation: how long the answer plays
+    reply_ms: tuple[float, float] = (4000.0, 10000.0)  # conversation, wake: how long the answer plays
+    wake_every_s: float = 60.0  # wake: mean gap between a device's wake-ups (exponential); 0: the group wake only
+    idle_close_s: float = 120.0  # wake: the device closes after this long listening to silence after its last turn
+    group_wake: int | Literal["all"] | None = None  # wake: this many devices (all: the step's) wake in its first second
+    turns: tuple[int, int] = (1, 3)  # wake: turns per conversation, uniform in [min, max]
     stagger_s: float | None = None  # None: see `stagger_for`
     reply_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
@@ -104,6 +112,7 @@ class LoadOptions:
         object.__setattr__(self, "audio_dir", Path(self.audio_dir))
         object.__setattr__(self, "think_ms", tuple(float(x) for x in self.think_ms))
         object.__setattr__(self, "reply_ms", tuple(float(x) for x in self.reply_ms))
+        object.__setattr__(self, "turns", tuple(int(x) for x in self.turns))
         problems = []
         if not self.url.startswith(("ws://", "wss://")):
             problems.append(f"url must start with ws:// or wss://, got {self.url!r}")
@@ -124,8 +133,24 @@ class LoadOptions:
         lo, hi = self.think_ms
         if lo < 0 or hi < lo:
             problems.append(f"think pause range must be 0 <= min <= max, got {self.think_ms}")
-        if self.shape not in ("continuous", "conversation"):
-            problems.append(f"shape must be continuous or conversation, got {self.shape!r}")
+        if self.shape not in ("continuous", "conversation", "wake"):
+            problems.append(f"shape must be continuous, conversation or wake, got {self.shape!r}")
+        if self.wake_every_s < 0 or self.idle_close_s < 0:
+            problems.append(
+                f"wake gap and idle close must not be negative, got {self.wake_every_s}, {self.idle_close_s}"
+            )
+        if (
+            self.group_wake is not None
+            and self.group_wake != "all"
+            and (not isinstance(self.group_wake, int) or not 1 <= self.group_wake <= min(self.clients))
+        ):
+            problems.append(f"group wake must be 'all' or 1 to the smallest client count, got {self.group_wake!r}")
+        if self.shape == "wake" and not self.expect_replies:
+            problems.append("the wake shape judges replies: measure the generator (sink) with another shape")
+        if self.shape == "wake" and self.wake_every_s == 0 and self.group_wake is None:
+            problems.append("a wake gap of 0 means no wake-ups but a group wake's: give --group-wake")
+        if len(self.turns) != 2 or self.turns[0] < 1 or self.turns[1] < self.turns[0]:
+            problems.append(f"turns must be 1 <= min <= max, got {self.turns}")
         lo, hi = self.reply_ms
         if lo < 0 or hi < lo:
             problems.append(f"reply time range must be 0 <= min <= max, got {self.reply_ms}")
@@ -162,6 +187,10 @@ class LoadOptions:
         return self.duration_s + self.reply_window_s + 1.0 + CLOSE_SLACK_S + 2.0
 
 
+ClientFn = Callable[["_Plan", "_ShardState", int], Awaitable[None]]
+"""One simulated device for a whole step (a module-level function, so `procs > 1` can pickle it)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """What one process runs in one step (picklable for `procs > 1`)."""
@@ -171,6 +200,7 @@ class _Plan:
     indices: tuple[int, ...]
     total_clients: int
     t0: float  # time.monotonic() of the step start; CLOCK_MONOTONIC is shared by processes
+    client: ClientFn | None = None  # None: `_client`, the continuous and conversation devices
 
     @property
     def speech_end(self) -> float:
@@ -190,6 +220,7 @@ class _ShardState:
     cpu_s: float = 0.0
     wall_s: float = 0.0
     client_error_messages: list[str] = field(default_factory=list)
+    records: list[Any] = field(default_factory=list)  # what a shape's own client keeps (the wake-ups)
 
     def snapshot(self) -> _Snapshot:
         """What the progress line needs, small enough to send between processes each second."""
@@ -275,12 +306,19 @@ async def _start_listening(dev: Device, opts: LoadOptions) -> None:
 
 
 async def _utterance(
-    plan: _Plan, state: _ShardState, dev: Device, clip: Clip, think_s: float, reply_s: float, index: int
+    plan: _Plan,
+    state: _ShardState,
+    dev: Device,
+    clip: Clip,
+    think_s: float,
+    reply_s: float,
+    index: int,
+    turns: list[UtteranceSample] | None = None,
 ) -> None:
-    """Send one clip and wait for its reply; always records one sample."""
+    """Send one clip and wait for its reply; always records one sample (in `turns` too, if given)."""
     opts = plan.options
     streaming = opts.mode != "manual"
-    conversation = opts.shape == "conversation"
+    conversation = opts.shape != "continuous"
     t_eos: float | None = None
     t_stop: float | None = None
     tts_at: float | None = None
@@ -330,6 +368,8 @@ async def _utterance(
         if tts_at is not None and t_eos is not None:
             sample = dataclasses.replace(sample, tts_ms=(tts_at - t_eos) * 1000.0)
         state.samples.append(sample)
+        if turns is not None:
+            turns.append(sample)
         if reply is not None and reply.type == "stt":
             state.counters.answered += 1
 
@@ -395,7 +435,7 @@ async def _converse(plan: _Plan, state: _ShardState, dev: Device, rng: random.Ra
     while True:
         clip = rng.choice(plan.clips)
         think_s = rng.uniform(*opts.think_ms) / 1000.0
-        reply_s = rng.uniform(*opts.reply_ms) / 1000.0 if opts.shape == "conversation" else 0.0
+        reply_s = rng.uniform(*opts.reply_ms) / 1000.0 if opts.shape != "continuous" else 0.0
         if time.monotonic() + clip.duration_ms / 1000.0 / opts.pace > plan.speech_end:
             return
         stale = dev.pending()
@@ -403,12 +443,9 @@ async def _converse(plan: _Plan, state: _ShardState, dev: Device, rng: random.Ra
         await _utterance(plan, state, dev, clip, think_s, reply_s, index)
 
 
-async def _client(plan: _Plan, state: _ShardState, index: int) -> None:
-    """One simulated device for the whole step, reconnecting after refusals and drops."""
-    opts = plan.options
-    c = state.counters
-    rng = random.Random(f"{opts.seed}:{index}")
-    cfg = DeviceConfig(
+def _device_config(opts: LoadOptions, index: int) -> DeviceConfig:
+    """Client `index`'s identity (a MAC and a client id from the seed) and connection settings."""
+    return DeviceConfig(
         url=opts.url,
         token=opts.token,
         protocol_version=opts.protocol_version,
@@ -419,6 +456,14 @@ async def _client(plan: _Plan, state: _ShardState, index: int) -> None:
         open_timeout_s=opts.connect_timeout_s,
         hello_timeout_s=opts.hello_timeout_s,
     )
+
+
+async def _client(plan: _Plan, state: _ShardState, index: int) -> None:
+    """One simulated device for the whole step, reconnecting after refusals and drops."""
+    opts = plan.options
+    c = state.counters
+    rng = random.Random(f"{opts.seed}:{index}")
+    cfg = _device_config(opts, index)
     await _sleep_until(plan.t0 + opts.stagger_for(plan.total_clients) * index / plan.total_clients)
     while time.monotonic() < plan.speech_end:
         dev = Device(cfg, lateness=state.lateness)
@@ -432,31 +477,40 @@ async def _client(plan: _Plan, state: _ShardState, index: int) -> None:
         await _sleep_until(min(time.monotonic() + wait, plan.speech_end))
 
 
-async def _session(plan: _Plan, state: _ShardState, dev: Device, rng: random.Random, index: int) -> bool:
-    """One connection: True when the client is done, False when it should connect again."""
+async def _connect(plan: _Plan, state: _ShardState, dev: Device) -> DeviceError | TimeoutError | None:
+    """Connect and say hello by the step's hard deadline, counting the outcome; the error, or None
+    when the device is in (and counted in `connected`: the caller takes it out when it leaves)."""
     c = state.counters
     try:
         async with asyncio.timeout_at(plan.hard_end):
             await dev.connect()
-    except HelloTimeout:
+    except HelloTimeout as e:
         c.hello_timeouts += 1
-        return False
-    except TimeoutError:  # ConnectTimeout, or the hard deadline
+        return e
+    except TimeoutError as e:  # ConnectTimeout, or the hard deadline
         c.connect_timeouts += 1
-        return False
-    except ConnectError:
+        return e
+    except ConnectError as e:
         c.refused += 1
-        return False
-    except HelloRejected:
+        return e
+    except HelloRejected as e:
         c.hello_rejected += 1
-        return False
-    except DeviceClosed:
+        return e
+    except DeviceClosed as e:
         c.disconnects += 1
-        return False
+        return e
     if dev.hello_ms is not None:
         state.hello_ms.append(dev.hello_ms)
     c.connects += 1
     c.connected += 1
+    return None
+
+
+async def _session(plan: _Plan, state: _ShardState, dev: Device, rng: random.Random, index: int) -> bool:
+    """One connection: True when the client is done, False when it should connect again."""
+    c = state.counters
+    if await _connect(plan, state, dev) is not None:
+        return False
     try:
         await _converse(plan, state, dev, rng, index)
         return True
@@ -469,7 +523,7 @@ async def _session(plan: _Plan, state: _ShardState, dev: Device, rng: random.Ran
 
 async def _guarded_client(plan: _Plan, state: _ShardState, index: int) -> None:
     try:
-        await _client(plan, state, index)
+        await (plan.client or _client)(plan, state, index)
     except asyncio.CancelledError:
         raise
     except Exception as e:  # a harness bug must not take the run down; it is counted and shown
@@ -539,6 +593,7 @@ def _merge(states: list[_ShardState]) -> _ShardState:
         merged.cpu_s += s.cpu_s
         merged.wall_s = max(merged.wall_s, s.wall_s)
         merged.client_error_messages += s.client_error_messages
+        merged.records += s.records
     return merged
 
 
@@ -583,14 +638,19 @@ async def _run_step_inprocess(plan: _Plan, on_tick: Callable[[_Snapshot], None])
 
 
 async def _run_step_processes(
-    opts: LoadOptions, clips: tuple[Clip, ...], clients: int, t0: float, on_tick: Callable[[_Snapshot], None]
+    opts: LoadOptions,
+    clips: tuple[Clip, ...],
+    clients: int,
+    t0: float,
+    on_tick: Callable[[_Snapshot], None],
+    client: ClientFn | None,
 ) -> _ShardState:
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[tuple[str, int, object]] = ctx.Queue()
     nproc = min(opts.procs, clients)
     procs = []
     for k in range(nproc):
-        plan = _Plan(opts, clips, tuple(range(k, clients, nproc)), clients, t0)
+        plan = _Plan(opts, clips, tuple(range(k, clients, nproc)), clients, t0, client)
         p = ctx.Process(target=_shard_process, args=(plan, k, out), name=f"loadtest-shard-{k}", daemon=True)
         p.start()
         procs.append(p)
@@ -639,9 +699,11 @@ async def run_step(
     index: int = 0,
     steps: int = 1,
     on_progress: ProgressCallback | None = None,
+    client: ClientFn | None = None,
 ) -> StepReport:
     """Run one step with `clients` devices for `opts.duration_s`; bounded by `opts.step_bound_s`
-    (and a few seconds to start the processes when `opts.procs > 1`)."""
+    (and a few seconds to start the processes when `opts.procs > 1`). `client` is the device
+    coroutine of a shape that brings its own (`loadtest.wake`)."""
     if not clips:
         raise OptionsError("no clips to send")
     probe = ServerProbe(opts.server_pid, opts.metrics_url) if (opts.server_pid or opts.metrics_url) else None
@@ -656,9 +718,9 @@ async def run_step(
             on_progress(_progress(index + 1, steps, clients, opts, t0, snap))
 
     if multi:
-        state = await _run_step_processes(opts, clips, clients, t0, on_tick)
+        state = await _run_step_processes(opts, clips, clients, t0, on_tick, client)
     else:
-        state = await _run_step_inprocess(_Plan(opts, clips, tuple(range(clients)), clients, t0), on_tick)
+        state = await _run_step_inprocess(_Plan(opts, clips, tuple(range(clients)), clients, t0, client), on_tick)
     usage: ResourceUsage | None = await probe.stop() if probe is not None else None
     series_after = await _series(opts.metrics_url)
     on_tick(state.snapshot())
@@ -687,7 +749,7 @@ async def run_step(
     if series_before is not None and series_after is not None:
         stats = dataclasses.replace(stats, server_stages=ServerStages.between(series_before, series_after))
     samples = sorted(state.samples, key=lambda s: (s.eos_s if s.eos_s is not None else float("inf"), s.client))
-    return StepReport(index, stats, samples, state.hello_ms, state.lateness)
+    return StepReport(index, stats, samples, state.hello_ms, state.lateness, records=state.records)
 
 
 async def _series(url: str | None) -> dict[str, float] | None:
@@ -709,13 +771,22 @@ def options_dict(opts: LoadOptions) -> dict[str, object]:
 
 
 async def run_load(
-    options: LoadOptions, clips: tuple[Clip, ...] | None = None, on_progress: ProgressCallback | None = None
+    options: LoadOptions,
+    clips: tuple[Clip, ...] | None = None,
+    on_progress: ProgressCallback | None = None,
+    *,
+    client: ClientFn | None = None,
+    judge: Callable[[StepReport], StepReport] | None = None,
 ) -> LoadReport:
     """Run every step of `options.clients` and return the report.
 
     `clips` default to the files of `options.audio_dir`, encoded once with the run's frame
-    duration. A ramp stops after the first step over budget when `stop_on_fail` is set.
+    duration. A ramp stops after the first step over budget when `stop_on_fail` is set. A shape
+    with its own devices (`loadtest.wake.run_wake`) passes their coroutine as `client` and its
+    verdict as `judge`, which rewrites each step before the ramp looks at it.
     """
+    if options.shape == "wake" and client is None:
+        raise OptionsError("the wake shape runs through loadtest.wake.run_wake")
     if clips is None:
         clips = await asyncio.to_thread(load_clips, options.audio_dir, options.frame_ms)
     if not clips:
@@ -736,7 +807,9 @@ async def run_load(
     for i, n in enumerate(options.clients):
         if i:
             await asyncio.sleep(options.step_pause_s)
-        step = await run_step(options, clips, n, i, steps, on_progress)
+        step = await run_step(options, clips, n, i, steps, on_progress, client)
+        if judge is not None:
+            step = judge(step)
         report.steps.append(step)
         if options.stop_on_fail and not step.stats.within_budget and i + 1 < steps:
             break
