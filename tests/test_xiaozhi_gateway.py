@@ -5,6 +5,7 @@ against the real gateway is in docs/mqtt-gateway.md), in direct and relay mode."
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -12,6 +13,7 @@ from loadtest.clips import load_clip, silence_packet
 from loadtest.upstream import UpstreamOptions, UpstreamStub
 from tests.support.audio import cer, clip, needs_audio
 from tests.support.gateway import GatewayBridge
+from tests.support.servers import wait_sessions_empty
 
 pytestmark = pytest.mark.slow
 
@@ -82,3 +84,24 @@ async def test_relay_a_gateway_device_gets_the_upstreams_answer_as_its_udp_audio
         finally:
             await gw.close()
         assert up.binary == 0
+
+
+async def test_the_start_up_log_names_the_ota_url_to_give_devices(start_server, caplog):
+    caplog.set_level(logging.INFO, logger="asr_server")
+    srv = await start_server()
+    line = f"device OTA URL (the firmware's OTA setting): {srv.endpoints.http_url}/xiaozhi/ota/"
+    assert line in [r.getMessage() for r in caplog.records]
+
+
+async def test_a_gateway_session_that_vanishes_leaves_like_a_devices(start_server, caplog):
+    """The gateway's socket dropped without a close (its process killed): the session is gone from
+    the server, logged as a device's would be."""
+    caplog.set_level(logging.INFO, logger="asr_server")
+    srv = await start_server()
+    gw = bridge(srv)
+    await gw.connect(AUDIO_PARAMS)
+    assert len(srv.xiaozhi.sessions) == 1 and gw._ws is not None
+    gw._ws.transport.abort()
+    await wait_sessions_empty(srv)
+    assert any("client vanished" in r.getMessage() for r in caplog.records)
+    await gw.close()
