@@ -20,6 +20,7 @@ from websockets.asyncio.server import Server
 from .adapters.funasr.server import serve_funasr
 from .adapters.http.app import build_app, build_health_app, start_http
 from .adapters.http.console import ConsoleInfo
+from .adapters.http.ota import PATH as OTA_PATH
 from .adapters.xiaozhi.server import XiaozhiServer
 from .audio.decode_pool import DecodePool
 from .config import Config
@@ -152,6 +153,7 @@ class AsrServer:
                 log.info("health and metrics: %s/healthz, /readyz, /metrics", self.endpoints.health_url)
             if cfg.http.console:
                 log.info("browser console: %s/ (the microphone needs https or localhost)", http_url)
+            log.info("device OTA URL (the firmware's OTA setting): %s%s", http_url, OTA_PATH)
         if funasr_url:
             both = " (wss:// on the same port)" if cfg.funasr.tls == "both" else ""
             log.info("FunASR-compatible WebSocket: %s%s", funasr_url, both)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, IPvAnyNetwork, field_validator, model_validator
 
 from ..constants import Language, Protocol
 
@@ -29,6 +29,22 @@ class _Section(BaseModel):
 
 #: A batch size, or `auto` (chosen for the device: see `core.pipeline.batch_size`).
 BatchSize = Annotated[int, Field(ge=1)] | Literal["auto"]
+
+
+def _absolute_url(*schemes: str) -> AfterValidator:
+    """A URL key's check: absolute, with one of `schemes`."""
+
+    def check(url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise ValueError(f"must be a {' or '.join(f'{s}://' for s in schemes)} URL, got {url!r}")
+        return url
+
+    return AfterValidator(check)
+
+
+WsUrl = Annotated[str, _absolute_url("ws", "wss")]
+HttpUrl = Annotated[str, _absolute_url("http", "https")]
 
 
 class AuthConfig(_Section):
@@ -44,6 +60,9 @@ class XiaozhiConfig(_Section):
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=0, le=65535)
     path: str = "/xiaozhi/v1/"
+    public_url: WsUrl | None = Field(
+        None, description="The URL /xiaozhi/ota/ hands devices (behind NAT or a proxy); null: the OTA request's host."
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
     hello_timeout_s: float = Field(10.0, gt=0)
     idle_timeout_s: float = Field(120.0, gt=0)
@@ -397,7 +416,7 @@ class FunAsrConfig(_Section):
 class UpstreamConfig(_Section):
     """The chatbot server each device session is relayed to (xiaozhi-esp32-server, or a port of it)."""
 
-    url: str | None = Field(
+    url: WsUrl | None = Field(
         None,
         description="ws(s):// URL of the upstream's device endpoint, e.g. ws://chat:8000/xiaozhi/v1/; "
         "null: no relay (devices get our `stt` only).",
@@ -413,15 +432,10 @@ class UpstreamConfig(_Section):
     send_speaker: bool = Field(
         True, description='Add a known speaker to the turn\'s JSON as "speaker" (xiaozhi-esp32-server reads it).'
     )
-
-    @field_validator("url")
-    @classmethod
-    def _ws_url(cls, url: str | None) -> str | None:
-        if url is not None:
-            parts = urlsplit(url)
-            if parts.scheme not in ("ws", "wss") or not parts.netloc:
-                raise ValueError(f"must be a ws:// or wss:// URL, got {url!r}")
-        return url
+    ota_url: HttpUrl | None = Field(
+        None, description="The upstream's OTA: device checks go there, its answer comes back with our WebSocket."
+    )
+    ota_timeout_s: float = Field(5.0, gt=0, description="An upstream OTA slower than this: the device gets our answer.")
 
 
 def _device_protocol_only() -> list[Protocol]:

@@ -6,6 +6,7 @@
   backed by the server's own voiceprint store and speaker engine, plus list.
 - `GET /v1/events`: WebSocket stream of final transcripts, optionally for some devices only.
 - `GET /healthz`, `/readyz`, `/metrics`.
+- `POST|GET /xiaozhi/ota/`: the firmware's OTA check, answered with our device WebSocket (`ota`).
 - `GET /` (the browser console), `/v1/status`, `/v1/sessions`, `GET /v1/live` (`console`).
 
 Errors under `/v1/` use OpenAI's shape (`{"error": {"message", "type", "code", "param"}}`), the
@@ -33,7 +34,7 @@ from ...errors import ApiError, ClientGone, EngineBusy, EngineFailed
 from ...sharing import Tally, WorkerShare
 from ..admission import RETRY_AFTER_S
 from ..auth import ApiKeys
-from . import console, events, health, transcriptions, voiceprints
+from . import console, events, health, ota, transcriptions, voiceprints
 from .context import (
     BUS,
     CONFIG,
@@ -253,6 +254,7 @@ def build_app(
     r.add_get("/readyz", health.readyz)
     r.add_get("/metrics", health.metrics_endpoint)
     console.add_routes(app)
+    ota.add_routes(app)
     return app
 
 

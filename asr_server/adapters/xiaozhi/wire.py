@@ -47,6 +47,9 @@ PROTOCOL_VERSIONS = (1, 2, 3)
 LISTEN_MODES = ("auto", "manual", "realtime")
 
 _V2 = struct.Struct(">HHIII")  # version, type, reserved, timestamp_ms, payload_size
+#: The firmware writes 2; the xiaozhi-mqtt-gateway (`WebSocketBridge.sendAudio`, Protocol-Version 2
+#: on its `?from=mqtt_gateway` sockets) writes only the timestamp and the size into a zeroed header.
+_V2_VERSIONS = (0, 2)
 _V3 = struct.Struct(">BBH")  # type, reserved, payload_size
 
 FRAME_OPUS = 0
@@ -117,7 +120,7 @@ def unpack_audio(data: bytes, version: int) -> AudioFrame | bytes:
         if len(data) < _V2.size:
             raise FramingError(f"protocol v2 frame shorter than its {_V2.size}-byte header ({len(data)} bytes)")
         ver, typ, _reserved, ts, size = _V2.unpack_from(data)
-        if ver != 2:
+        if ver not in _V2_VERSIONS:
             raise FramingError(f"protocol v2 frame carries version {ver}")
         payload = data[_V2.size :]
         if size != len(payload):
