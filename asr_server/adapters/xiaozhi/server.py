@@ -21,6 +21,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ...config import Config
+from ...core.archive import Archive
 from ...core.lateness import ShedRound
 from ...core.live import SessionBoard
 from ...core.pipeline import Pipeline
@@ -50,8 +51,10 @@ class XiaozhiServer:
         publish: Publish | None = None,
         share: WorkerShare | None = None,
         board: SessionBoard | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.config = config
+        self.archive = archive  # where final utterances are kept (archive.enabled)
         self.pipeline = pipeline
         self.publish = publish
         self.board = board  # the console's live view of the open sessions
@@ -177,7 +180,9 @@ class XiaozhiServer:
                 return
         # Keyed by our own id when relayed too: an upstream may give many devices one session id.
         meter = hello.features.get("vad_meter") is True and upstream is None
-        session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream, meter)
+        session = Session(
+            session_id, client, self.config, self.pipeline, send, self.publish, upstream, meter, self.archive
+        )
         self.sessions[session_id] = session
         self._sockets[session_id] = ws
         self._metrics.session_opened(PROTOCOL)
