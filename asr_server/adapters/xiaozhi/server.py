@@ -8,6 +8,7 @@ the session leaves the server's dict whatever way the connection ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -306,13 +307,9 @@ class XiaozhiServer:
         params: dict[str, Any] = {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}
         # Echo only what the device said of these keys, and only as numbers: anything else a client
         # sends (nested objects, lone surrogates) stays out of the reply.
-        params.update(
-            {
-                k: v
-                for k, v in hello.audio_params.items()
-                if k in params and k != "format" and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6
-            }
-        )
+        for k, v in hello.audio_params.items():
+            if k in params and k != "format" and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6:
+                params[k] = v
         return params
 
     async def _sweep_idle(self) -> None:
@@ -474,11 +471,9 @@ class XiaozhiServer:
     async def _refuse(self, ws: ServerConnection, device_id: str | None, kind: str, message: str, code: int) -> None:
         self._metrics.errors.labels(kind).inc()
         log.warning("device %s refused: %s", device_id, message)
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await ws.send(Error(message).to_json())
             await ws.close(code, close_reason(message))
-        except ConnectionClosed:
-            pass
 
     def _describe_close(self, e: ConnectionClosed, session: Session) -> str:
         if e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
