@@ -257,26 +257,12 @@ async def test_cors_lets_a_configured_origin_call_the_api_and_blocks_another(sta
 
 async def test_history_searches_plays_corrects_deletes_erases_and_exports(start_server, tmp_path):
     """The History tab over an archive holding a device's Ogg Opus utterance and two uploads' FLAC."""
-    from asr_server.audio.ogg_opus import PacketLog
-    from asr_server.core.archive import Query, UtteranceRecord
-    from loadtest.clips import encode_pcm
-    from tests.support.archive import rec, record
+    from asr_server.core.archive import Query
+    from tests.support.archive import device_record, record
 
     server = await start_server(http={"api_keys": [KEY]}, archive={"enabled": True, "dir": str(tmp_path / "archive")})
     archive = server.archive
-    packets = PacketLog(10)
-    for packet in encode_pcm(0.3 * voice(1.5, 140.0, seed=2)):
-        packets.add(packet, 960)
-    archive.keep(
-        UtteranceRecord(
-            protocol="xiaozhi",
-            session_id="s",
-            device_id="aa:bb:cc:dd:ee:01",
-            recognition=rec("turn on the lihgt", "alice", 1500),
-            latency_ms=250.0,
-            opus=packets.between(0, packets.samples),
-        )
-    )
+    archive.keep(device_record("turn on the lihgt", "aa:bb:cc:dd:ee:01", "alice", 1.5))
     archive.keep(record("what is the weather", "aa:bb:cc:dd:ee:01", "bob"))
     archive.keep(record("good night", "aa:bb:cc:dd:ee:02"))
     archive.flush()

@@ -14,13 +14,10 @@ import numpy as np
 import pytest
 
 from asr_server.adapters.http.app import build_app, start_http
-from asr_server.audio.ogg_opus import PacketLog
 from asr_server.config import load_config
-from asr_server.core.archive import Archive, Query, UtteranceRecord
+from asr_server.core.archive import Archive, Query
 from asr_server.core.events import EventBus
-from loadtest.clips import encode_pcm
-from tests.support.archive import decoded_samples, rec, record
-from tests.support.audio import voice
+from tests.support.archive import decoded_samples, device_record, record
 from tests.support.fakes import fake_pipeline
 from tests.support.servers import AUTH, KEY
 
@@ -42,19 +39,7 @@ async def api(tmp_path):
     )
     pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
     archive = Archive(cfg.archive, pipeline.metrics)
-    log = PacketLog(10)
-    for packet in encode_pcm(voice(1.2, 150.0, 3) * 0.3):
-        log.add(packet, 960)
-    archive.keep(
-        UtteranceRecord(
-            protocol="xiaozhi",
-            session_id="s-dev",
-            device_id="aa:bb",
-            recognition=rec("turn on the light", "alice", 1200),
-            latency_ms=300.0,
-            opus=log.between(0, log.samples),
-        )
-    )
+    archive.keep(device_record("turn on the light", "aa:bb", "alice", 1.2))
     archive.keep(record("what is the weather", "aa:bb", "bob"))
     archive.keep(record("good night", "cc:dd"))
     archive.flush()

@@ -38,3 +38,21 @@ def record(text: str, device: str | None = "dev-1", speaker: str | None = None, 
         pcm=pcm,
         time=time.time() if when is None else when,
     )
+
+
+def device_record(text: str, device: str, speaker: str, seconds: float) -> UtteranceRecord:
+    """A device's utterance as its session hands it over: the Opus packets of `seconds` of voice."""
+    from asr_server.audio.ogg_opus import PacketLog
+    from loadtest.clips import encode_pcm
+
+    log = PacketLog(seconds + 1)
+    for packet in encode_pcm(0.3 * voice(seconds, 150.0, 3)):
+        log.add(packet, 960)
+    return UtteranceRecord(
+        protocol="xiaozhi",
+        session_id="s-dev",
+        device_id=device,
+        recognition=rec(text, speaker, int(seconds * 1000)),
+        latency_ms=300.0,
+        opus=log.between(0, log.samples),
+    )
