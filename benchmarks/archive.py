@@ -8,8 +8,7 @@ load-test step (`--clients` devices talking continuously for `--duration` second
 then the other, the order alternating per round, so drifts in the shared machine's load fall on
 both arms. Per step: the server process's CPU, the end-of-speech → `stt` latency p95 and the
 utterances answered; at the end, what the archive holds: audio bytes and database bytes per
-minute of speech kept, and what its writer thread spent per utterance (`asr_archived_*` is not
-enough for that: the thread's CPU is read from /proc).
+minute of speech kept, and what its writer thread spent per utterance (`asr_archive_cpu_seconds`).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,17 +41,13 @@ def start(models: Path, overrides: list[str], work: Path, name: str) -> tuple[su
     return proc, ports
 
 
-def archive_thread_cpu_s(pid: int) -> float:
-    """CPU seconds of the server's archive writer thread (named `archive_0` by its pool)."""
-    total = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if (task / "comm").read_text().strip().startswith("archive"):
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            continue
-    return total
+def metric(http_port: int, name: str) -> float:
+    """One unlabelled sample of the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = (stats.server_cpu_percent or 0.0, stats.latency.p95 or 0.0, stats.answered, stats.utterances)
                 rows[arm].append(row)
                 print(f"round {r + 1} {arm:>3}: cpu {row[0]:.0f} %, p95 {row[1]:.0f} ms, {row[2]}/{row[3]} answered")
-        writer_s = archive_thread_cpu_s(servers["on"][0].pid)
+        writer_s = metric(servers["on"][1]["http"], "asr_archive_cpu_seconds_total")
     finally:
         for proc, _ in servers.values():
             stop_server(proc)

@@ -268,3 +268,25 @@ async def test_funasr_finals_are_archived_and_a_protocol_switched_off_is_not(sta
     for r in rows:
         n, rate = decoded_samples(server.archive.audio(r)[0].read_bytes())
         assert rate == 16000 and abs(n / rate * 1000 - r.audio_ms) <= 1
+
+
+async def test_recognition_goes_on_while_the_archive_is_paused(start_server, tmp_path):
+    import time
+
+    from tests.support.audio import clip
+
+    wav = await asyncio.to_thread(Path(clip("zh_aishell").path).read_bytes)
+    server = await start_server(archive={"enabled": True, "dir": str(tmp_path / "archive")})
+    (tmp_path / "archive" / time.strftime("%Y-%m-%d", time.gmtime())).write_bytes(b"")  # every write fails
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            form = aiohttp.FormData()
+            form.add_field("file", wav, filename="a.wav", content_type="audio/wav")
+            async with s.post(f"{server.endpoints.http_url}/v1/audio/transcriptions", data=form) as r:
+                assert r.status == 200 and (await r.json())["text"]
+            server.archive.flush()
+        async with s.get(f"{server.endpoints.http_url}/metrics") as r:
+            metrics = await r.text()
+    assert server.archive.paused and "asr_archive_paused 1.0" in metrics
+    assert 'asr_archive_dropped_total{reason="paused"} 1.0' in metrics
+    assert server.archive.search(Query())[0] == []

@@ -178,6 +178,7 @@ class Archive:
         except (OSError, sqlite3.Error) as e:
             raise StartupError(f"archive.dir {str(config.dir)!r} cannot be written: {e}") from None
         self._lock = threading.Lock()  # one connection, used by the writer and the API's threads
+        self._pending_lock = threading.Lock()  # never `_lock`: the loop must not wait for a query
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="archive")
         self._pending = 0
         self._paused_until: float | None = None
@@ -198,12 +199,13 @@ class Archive:
         if self._pending >= MAX_PENDING:
             self._metrics.archive_dropped.labels("backlog").inc()
             return
-        with self._lock:
+        with self._pending_lock:
             self._pending += 1
         self._writer.submit(self._write, record)
 
     def _write(self, record: UtteranceRecord) -> None:
         path: Path | None = None
+        cpu = time.thread_time()
         try:
             uid = uuid.uuid4().hex
             data, suffix = (
@@ -239,8 +241,9 @@ class Archive:
             self._metrics.archive_dropped.labels("error").inc()
             log.exception("archive: utterance of session %s not kept", record.session_id)
         finally:
-            with self._lock:
+            with self._pending_lock:
                 self._pending -= 1
+            self._metrics.archive_cpu.inc(time.thread_time() - cpu)
 
     def _insert(self, uid: str, r: UtteranceRecord, relative: str, nbytes: int) -> None:
         t, speaker = r.recognition.transcript, r.recognition.speaker

@@ -178,6 +178,9 @@ class Metrics:
             "asr_archived_utterances", "Utterances kept in the archive, by protocol", ["protocol"], registry=r
         )
         self.archive_bytes = Counter("asr_archived_bytes", "Audio bytes written to the archive", registry=r)
+        self.archive_cpu = Counter(
+            "asr_archive_cpu_seconds", "CPU the archive's writer spent (encode, write, insert, retention)", registry=r
+        )
         self.archive_removed = Counter("asr_archive_removed", "Utterances removed (retention, API)", registry=r)
         self.archive_dropped = Counter(
             "asr_archive_dropped",
