@@ -218,6 +218,11 @@ async def test_a_device_and_an_upload_are_archived_end_to_end(start_server, tmp_
         await dev.send_opus(load_clip(c.path).packets, 3.0)
         await dev.send_silence(900, 3.0)
         stt = (await dev.next_message("stt", 20)).data
+    async with Device(DeviceConfig(url=server.endpoints.device_url, device_id="push-to-talk")) as dev:
+        await dev.listen("start", "manual")
+        await dev.send_opus(load_clip(c.path).packets, 3.0)
+        await dev.listen("stop")
+        held = (await dev.next_message("stt", 20)).data
     wav = io.BytesIO()
     import soundfile as sf
 
@@ -231,10 +236,14 @@ async def test_a_device_and_an_upload_are_archived_end_to_end(start_server, tmp_
     server.archive.flush()
     rows = server.archive.search(Query())[0]
     by_protocol = {r.protocol: r for r in rows}
-    device = by_protocol["xiaozhi"]
+    device = server.archive.search(Query(device_id="aa:bb:cc:dd:ee:31"))[0][0]
     assert device.text == stt["text"] and device.device_id == "aa:bb:cc:dd:ee:31" and device.session_id
     n, rate = decoded_samples(server.archive.audio(device)[0].read_bytes())
     assert abs(n / rate * 1000 - device.audio_ms) <= 2 * 60 + 7  # its packets: at most a frame either side
+    manual = server.archive.search(Query(device_id="push-to-talk"))[0][0]  # the whole talk, its packets all
+    assert manual.text == held["text"] and manual.audio_ms == len(load_clip(c.path).packets) * 60
+    n, rate = decoded_samples(server.archive.audio(manual)[0].read_bytes())
+    assert n == len(load_clip(c.path).packets) * 2880 - 312
     upload = by_protocol["openai"]
     n, rate = decoded_samples(server.archive.audio(upload)[0].read_bytes())
     assert rate == 16000 and abs(n / rate * 1000 - upload.audio_ms) <= 1
