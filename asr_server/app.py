@@ -81,6 +81,10 @@ class AsrServer:
 
     async def start(self) -> Endpoints:
         cfg = self.config
+        if cfg.archive.enabled:  # its directory checked before the models load
+            self.archive = await asyncio.to_thread(Archive, cfg.archive, self.metrics)
+            log.info("archive: keeping final utterances in %s (%g days, %g GB)", cfg.archive.dir,
+                     cfg.archive.max_days, cfg.archive.max_gb)  # fmt: skip
         if self.pipeline is None:
             check_model_files(cfg)
             t0 = time.perf_counter()
@@ -92,10 +96,6 @@ class AsrServer:
             await asyncio.to_thread(self.decoder.warm)
         except DecoderCrashed as e:
             raise StartupError(f"cannot start the decoder processes: {e}") from None
-        if cfg.archive.enabled:  # the directory checked before any listener opens
-            self.archive = await asyncio.to_thread(Archive, cfg.archive, self.metrics)
-            log.info("archive: keeping final utterances in %s (%g days, %g GB)", cfg.archive.dir,
-                     cfg.archive.max_days, cfg.archive.max_gb)  # fmt: skip
         self.bus = EventBus(cfg, self.metrics, self.share)
         await self.bus.start()
         bus = self.bus

@@ -208,3 +208,17 @@ def test_corrections_deletions_and_the_export_manifest(archive):
     assert archive.delete_device("dev-1") == 1
     assert archive.delete(rows["goodbye"].id) and not archive.delete(rows["goodbye"].id)
     assert archive.search(Query())[0] == [] and list(archive.dir.rglob("*.flac")) == []
+
+
+def test_a_writer_too_far_behind_drops_utterances_instead_of_holding_them(archive, metrics, monkeypatch):
+    import threading
+
+    gate = threading.Event()
+    archive._writer.submit(gate.wait)  # the disk hangs
+    monkeypatch.setattr(archive_mod, "MAX_PENDING_BYTES", 3 * record("x").audio_bytes)
+    for i in range(5):
+        archive.keep(record(f"utterance {i}"))
+    assert metrics.archive_dropped.labels("backlog")._value.get() == 2
+    gate.set()
+    archive.flush()
+    assert len(archive.search(Query())[0]) == 3 and archive._pending == 0

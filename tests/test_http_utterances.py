@@ -299,3 +299,12 @@ async def test_recognition_goes_on_while_the_archive_is_paused(start_server, tmp
     assert server.archive.paused and "asr_archive_paused 1.0" in metrics
     assert 'asr_archive_dropped_total{reason="paused"} 1.0' in metrics
     assert server.archive.search(Query())[0] == []
+
+
+async def test_a_server_whose_archive_dir_cannot_be_written_does_not_start(start_server, tmp_path):
+    from asr_server.errors import StartupError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StartupError, match=r"^archive.dir '.*file/archive' cannot be written: .*") as e:
+        await start_server(archive={"enabled": True, "dir": str(tmp_path / "file" / "archive")})
+    assert "\n" not in str(e.value)

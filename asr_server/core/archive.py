@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 #: After a failed write, the archive stays paused this long before it tries again: a full disk
 #: rarely frees itself within seconds, and each failed try would cost a log line and an encode.
 RETRY_AFTER_S = 60.0
-#: Utterances waiting for the writer at most; beyond, one is dropped (counted), never waited for:
-#: a disk this far behind must not hold memory or delay replies.
-MAX_PENDING = 256
+#: Audio waiting for the writer at most; beyond, an utterance is dropped (counted), never waited
+#: for: a disk this far behind must not hold memory or delay replies. 64 MB is half an hour of
+#: uploads' PCM, or days of a device's Opus.
+MAX_PENDING_BYTES = 64 * 2**20
 #: The total size is summed from the table again after this many writes (other workers write too).
 RESUM_EVERY = 64
 #: Rows one page of `search` returns at most, whatever `limit` asks.
@@ -104,6 +105,13 @@ class UtteranceRecord:
     hotwords: str | None = None
     """The hotwords applied to it; none are yet (SenseVoice takes none), so the column stays empty."""
     time: float = field(default_factory=time.time)
+
+    @property
+    def audio_bytes(self) -> int:
+        """The audio it holds in memory until written."""
+        if self.opus is not None:
+            return sum(len(p.data) for p in self.opus)
+        return 0 if self.pcm is None else self.pcm.nbytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +188,7 @@ class Archive:
         self._lock = threading.Lock()  # one connection, used by the writer and the API's threads
         self._pending_lock = threading.Lock()  # never `_lock`: the loop must not wait for a query
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="archive")
-        self._pending = 0
+        self._pending = 0  # bytes of audio queued for the writer
         self._paused_until: float | None = None
         self._bytes = self._sum_bytes()
         self._writes = 0
@@ -196,11 +204,12 @@ class Archive:
         if self._paused_until is not None and time.monotonic() < self._paused_until:
             self._metrics.archive_dropped.labels("paused").inc()
             return
-        if self._pending >= MAX_PENDING:
+        size = record.audio_bytes
+        if self._pending + size > MAX_PENDING_BYTES:
             self._metrics.archive_dropped.labels("backlog").inc()
             return
         with self._pending_lock:
-            self._pending += 1
+            self._pending += size
         self._writer.submit(self._write, record)
 
     def _write(self, record: UtteranceRecord) -> None:
@@ -242,7 +251,7 @@ class Archive:
             log.exception("archive: utterance of session %s not kept", record.session_id)
         finally:
             with self._pending_lock:
-                self._pending -= 1
+                self._pending -= record.audio_bytes
             self._metrics.archive_cpu.inc(time.thread_time() - cpu)
 
     def _insert(self, uid: str, r: UtteranceRecord, relative: str, nbytes: int) -> None:
