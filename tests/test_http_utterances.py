@@ -190,6 +190,42 @@ async def test_export_is_a_tar_of_audio_and_a_jsonl_manifest(api):
             assert abs(n / rate - m["duration"]) < 0.07
 
 
+async def test_with_no_key_configured_only_loopback_reads_or_edits_the_archive(tmp_path):
+    """127.0.0.2 is not the loopback address the API trusts: an open API reads nothing of the archive."""
+    cfg = load_config(
+        None,
+        env={},
+        overrides={
+            "speaker": {"db": str(tmp_path / "vp.sqlite")},
+            "archive": {"enabled": True, "dir": str(tmp_path / "archive")},
+        },
+    )
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    archive = Archive(cfg.archive, pipeline.metrics)
+    archive.keep(record("hello", "aa:bb"))
+    archive.flush()
+    bus = EventBus(cfg, pipeline.metrics)
+    runner = await start_http(
+        build_app(cfg, pipeline, bus, pipeline.metrics, lambda: True, archive=archive), "0.0.0.0", 0
+    )
+    port = runner.addresses[0][1]
+    uid = archive.search(Query())[0][0].id
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as lan:
+            for method, path in (("GET", "/v1/utterances"), ("GET", f"/v1/utterances/{uid}/audio")):
+                async with lan.request(method, f"http://127.0.0.1:{port}{path}") as r:
+                    assert r.status == 403 and "loopback" in (await r.json())["error"]["message"]
+            async with lan.delete(f"http://127.0.0.1:{port}/v1/utterances", params={"device_id": "aa:bb"}) as r:
+                assert r.status == 403
+        async with aiohttp.ClientSession() as local:
+            async with local.get(f"http://127.0.0.1:{port}/v1/utterances") as r:
+                assert r.status == 200 and len((await r.json())["data"]) == 1
+    finally:
+        await runner.cleanup()
+        await pipeline.close()
+        archive.close()
+
+
 async def test_routes_say_the_archive_is_off(tmp_path):
     cfg = load_config(None, env={}, overrides={"speaker": {"db": str(tmp_path / "vp.sqlite")}})
     pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")

@@ -1,7 +1,7 @@
 """`/v1/utterances`: the archive of what was said (core/archive.py), searched, played, corrected,
 erased and exported.
 
-- `GET /v1/utterances` (read key): newest first; filters `device_id`, `speaker`, `q` (text or
+- `GET /v1/utterances` (read key; with no key configured, loopback only): newest first; filters `device_id`, `speaker`, `q` (text or
   correction contains it), `since`, `until` (Unix seconds or ISO 8601), `limit` (at most
   `MAX_PAGE`), `cursor` (the `next` of the page before) → `{"data": [...], "next": ...}`.
 - `GET /v1/utterances/{id}`, `GET /v1/utterances/{id}/audio` (read key): one utterance, its audio
@@ -26,13 +26,26 @@ from aiohttp import web
 from ...core.archive import MAX_PAGE, MAX_QUERY_CHARS, Archive, ArchivedUtterance, Query
 from ...errors import ApiError
 from ..auth import Role
-from .context import ARCHIVE, authorize
+from .context import ARCHIVE, KEYS, authorize
 
 #: Utterances one export holds at most (`limit` may ask for fewer): bounds the temporary file.
 EXPORT_MAX = 10000
 #: Longest `device_id` or `speaker` filter taken (ids are short; longer is a client's mistake).
 _MAX_FILTER_CHARS = 256
 _CHUNK = 256 * 1024
+
+
+def _read(request: web.Request) -> None:
+    """A read key; with none configured, loopback clients only: the archive holds people's speech,
+    which an API left open on a LAN must not hand to whoever reaches the port."""
+    grant = authorize(request)
+    keys = request.app[KEYS]
+    if not (keys.admin or keys.read) and grant.role < Role.ADMIN:
+        raise ApiError(
+            403,
+            "with no API key configured only loopback clients may read the archive; set http.read_keys",
+            code="insufficient_permissions",
+        )
 
 
 def _archive(request: web.Request) -> Archive:
@@ -104,20 +117,20 @@ async def _row(request: web.Request) -> tuple[Archive, ArchivedUtterance]:
 
 
 async def list_utterances(request: web.Request) -> web.Response:
-    authorize(request)
+    _read(request)
     archive = _archive(request)
     rows, cursor = await asyncio.to_thread(archive.search, _query(request, 50, MAX_PAGE))
     return web.json_response({"data": [r.to_dict() for r in rows], "next": None if cursor is None else str(cursor)})
 
 
 async def get_utterance(request: web.Request) -> web.Response:
-    authorize(request)
+    _read(request)
     _, row = await _row(request)
     return web.json_response(row.to_dict())
 
 
 async def get_audio(request: web.Request) -> web.StreamResponse:
-    authorize(request)
+    _read(request)
     archive, row = await _row(request)
     path, content_type = archive.audio(row)
     if not path.is_file():
