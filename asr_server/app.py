@@ -24,6 +24,7 @@ from .adapters.http.ota import PATH as OTA_PATH
 from .adapters.xiaozhi.server import XiaozhiServer
 from .audio.decode_pool import DecodePool
 from .config import Config
+from .core.archive import Archive
 from .core.events import EventBus
 from .core.live import SessionBoard
 from .core.metrics import Metrics, watch_loop_lag
@@ -68,6 +69,7 @@ class AsrServer:
         self.bus: EventBus | None = None
         self.decoder: DecodePool | None = None
         self.board: SessionBoard | None = None
+        self.archive: Archive | None = None
         self._ws: Server | None = None
         self._http: web.AppRunner | None = None
         self._health: web.AppRunner | None = None
@@ -82,6 +84,10 @@ class AsrServer:
 
     async def start(self) -> Endpoints:
         cfg = self.config
+        if cfg.archive.enabled:  # its directory checked before the models load
+            self.archive = await asyncio.to_thread(Archive, cfg.archive, self.metrics)
+            log.info("archive: keeping final utterances in %s (%g days, %g GB)", cfg.archive.dir,
+                     cfg.archive.max_days, cfg.archive.max_gb)  # fmt: skip
         if self.pipeline is None:
             check_model_files(cfg)
             t0 = time.perf_counter()
@@ -98,7 +104,7 @@ class AsrServer:
         bus = self.bus
         self.board = SessionBoard(self.share)
         await self.board.start()
-        self.xiaozhi = XiaozhiServer(cfg, self.pipeline, bus.publish, self.share, self.board)
+        self.xiaozhi = XiaozhiServer(cfg, self.pipeline, bus.publish, self.share, self.board, self.archive)
         try:
             self._ws = await self.xiaozhi.serve()
             device_port = self._ws.sockets[0].getsockname()[1]
@@ -120,6 +126,7 @@ class AsrServer:
                     self.board,
                     info,
                     self.decoder,
+                    self.archive,
                 )
                 self._http = await start_http(app, cfg.http.host, cfg.http.port, reuse_port=self.share is not None)
                 http_port = self._http.addresses[0][1]
@@ -130,7 +137,7 @@ class AsrServer:
                     )
             if cfg.funasr.enabled:
                 self._funasr = await serve_funasr(
-                    cfg, self.pipeline, self.metrics, self.bus, self.share, self.board, self.decoder
+                    cfg, self.pipeline, self.metrics, self.bus, self.share, self.board, self.decoder, self.archive
                 )
                 funasr_port = self._funasr.sockets[0].getsockname()[1]
                 scheme = "wss" if cfg.funasr.tls == "on" else "ws"
@@ -195,6 +202,9 @@ class AsrServer:
         if self.board is not None:
             await self.board.close()
             self.board = None
+        if self.archive is not None:  # after every session: their last utterances are written
+            await asyncio.to_thread(self.archive.close)
+            self.archive = None
         if self.pipeline is not None and self._owns_pipeline:
             await self.pipeline.close()
             self.pipeline = None

@@ -253,3 +253,77 @@ async def test_cors_lets_a_configured_origin_call_the_api_and_blocks_another(sta
     finally:
         for runner in runners:
             await runner.cleanup()
+
+
+async def test_history_searches_plays_corrects_deletes_erases_and_exports(start_server, tmp_path):
+    """The History tab over an archive holding a device's Ogg Opus utterance and two uploads' FLAC."""
+    from asr_server.core.archive import Query
+    from tests.support.archive import device_record, record
+
+    server = await start_server(http={"api_keys": [KEY]}, archive={"enabled": True, "dir": str(tmp_path / "archive")})
+    archive = server.archive
+    archive.keep(device_record("turn on the lihgt", "aa:bb:cc:dd:ee:01", "alice", 1.5))
+    archive.keep(record("what is the weather", "aa:bb:cc:dd:ee:01", "bob"))
+    archive.keep(record("good night", "aa:bb:cc:dd:ee:02"))
+    archive.flush()
+    async with playwright_api.async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(Path("/dev/null")))
+        page = await browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("dialog", lambda d: d.accept())
+        await page.goto(server.endpoints.http_url + "/")
+        await use_key(page, KEY)
+        await page.click("#tabs button[data-tab=history]")
+        rows = page.locator("#history-list tr")
+        await expect(rows).to_have_count(3)
+
+        # search and filter
+        await page.fill("#history-q", "light")
+        await page.click("#history-form button[type=submit]")
+        await expect(rows).to_have_count(1)
+        await page.fill("#history-q", "")
+        await page.fill("#history-speaker", "bob")
+        await page.click("#history-form button[type=submit]")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_contain_text("bob")
+        await page.fill("#history-speaker", "")
+        await page.fill("#history-device", "aa:bb:cc:dd:ee:01")
+        await page.click("#history-form button[type=submit]")
+        await expect(rows).to_have_count(2)
+
+        # play the device's Ogg Opus: Chromium decodes it to its length
+        device_row = page.locator("#history-list tr", has_text="alice")
+        await device_row.locator("button", has_text="play").click()
+        audio = device_row.locator("audio")
+        await audio.wait_for()
+        await page.wait_for_function("document.querySelector('#history-list audio').duration > 0")
+        duration = await audio.evaluate("a => a.duration")
+        assert abs(duration - 1.5) < 0.08, duration
+        await page.screenshot(path=ARTIFACTS / "history.png")
+
+        # correct the text
+        await device_row.locator("input.correction").fill("turn on the light")
+        await device_row.locator("button", has_text="save").click()
+        await expect(device_row.locator("button", has_text="saved")).to_be_visible()
+        fixed = next(r for r in archive.search(Query(speaker="alice"))[0])
+        assert fixed.corrected_text == "turn on the light" and fixed.text == "turn on the lihgt"
+
+        # export what the filters show
+        async with page.expect_download() as download:
+            await page.click("#history-export")
+        tar = await (await download.value).path()
+        import tarfile
+
+        with tarfile.open(tar) as t:
+            manifest = t.extractfile("metadata.jsonl").read().decode()
+        assert "turn on the light" in manifest and "good night" not in manifest
+
+        # delete one, then erase the device
+        await page.locator("#history-list tr", has_text="bob").locator("button.delete").click()
+        await expect(rows).to_have_count(1)
+        await page.click("#history-erase")
+        await expect(page.locator("#history-state")).to_contain_text("erased 1")
+        assert [r.device_id for r in archive.search(Query())[0]] == ["aa:bb:cc:dd:ee:02"]
+        await browser.close()
+    assert not errors, errors

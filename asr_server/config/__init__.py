@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from ..errors import ConfigError
 from .sections import (
     RENAMED_SECTIONS,
+    ArchiveConfig,
     AsrConfig,
     AuthConfig,
     Config,
@@ -37,6 +38,7 @@ from .sections import (
 )
 
 __all__ = [
+    "ArchiveConfig",
     "AsrConfig",
     "AuthConfig",
     "Config",

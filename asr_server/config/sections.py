@@ -560,6 +560,18 @@ class InferenceConfig(_Section):
         return address
 
 
+class ArchiveConfig(_Section):
+    """What was said, kept on disk (docs/archive.md): each final utterance's audio and a row in SQLite."""
+
+    enabled: bool = Field(False, description="Keep final utterances; off by default (it stores people's speech).")
+    dir: Path = Field(Path("data/archive"), description="Audio files and archive.sqlite go here.")
+    max_days: float = Field(30.0, gt=0, description="Utterances older than this are removed.")
+    max_gb: float = Field(10.0, gt=0, description="Beyond this much audio, the oldest utterances are removed.")
+    xiaozhi: bool = Field(True, description="Keep devices' utterances (their Opus packets, as Ogg Opus).")
+    funasr: bool = Field(True, description="Keep FunASR clients' utterances (as FLAC).")
+    http: bool = Field(True, description="Keep the segments of /v1/audio/transcriptions uploads (as FLAC).")
+
+
 RENAMED_SECTIONS = {"server": "xiaozhi"}
 
 
@@ -581,6 +593,7 @@ class Config(_Section):
     events: EventsConfig = Field(default_factory=EventsConfig)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig)
     deprecations: list[str] = Field(
         default_factory=list,
         exclude=True,

@@ -174,6 +174,23 @@ class Metrics:
         self.webhook = Counter(
             "asr_webhook_deliveries", "Webhook deliveries by outcome (ok, failed, dropped)", ["outcome"], registry=r
         )
+        self.archived = Counter(
+            "asr_archived_utterances", "Utterances kept in the archive, by protocol", ["protocol"], registry=r
+        )
+        self.archive_bytes = Counter("asr_archived_bytes", "Audio bytes written to the archive", registry=r)
+        self.archive_cpu = Counter(
+            "asr_archive_cpu_seconds", "CPU the archive's writer spent (encode, write, insert, retention)", registry=r
+        )
+        self.archive_removed = Counter("asr_archive_removed", "Utterances removed (retention, API)", registry=r)
+        self.archive_dropped = Counter(
+            "asr_archive_dropped",
+            "Utterances not kept, by reason (paused, write_failed, backlog, error)",
+            ["reason"],
+            registry=r,
+        )
+        self.archive_paused = Gauge(
+            "asr_archive_paused", "1 while the archive is paused by a failed write", registry=r, multiprocess_mode="max"
+        )
         if self.multiprocess_dir is None:
             self.queue_depths = _QueueDepths()
             r.register(self.queue_depths)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..audio.clock import InputClock
+from ..audio.ogg_opus import OpusPacket, PacketLog
 from ..audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ..constants import SAMPLE_RATE, VAD_WINDOW
 from ..types import Recognition
@@ -58,6 +59,8 @@ class Ended:
     """A speculation, started before the endpoint, supplied the result."""
     utterance: Utterance | None = None
     """The segmenter's event (None for push-to-talk)."""
+    opus: list[OpusPacket] | None = None
+    """The client's Opus packets that carried it, where the turn keeps a `PacketLog` (the archive)."""
 
     @property
     def phrases(self) -> int:
@@ -99,12 +102,15 @@ class Turn:
         observe_delay: Callable[[float], None] = lambda _: None,
         meter: Meter | None = None,
         on_speech: Callable[[], None] | None = None,
+        packets: PacketLog | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.stream = pipeline.open_stream(phrases=phrases)
         self.clock = InputClock()
         self._meter = meter
         self._on_speech = on_speech  # told when speech starts (a relay's barge-in)
+        # The client's packets by sample position, logged by its session as it pushes or holds their audio.
+        self.packets = packets
         self.feed = LiveFeed(
             pipeline, self.stream, self.clock, self.take, observe_delay, name, self._probs if meter else None
         )
@@ -193,7 +199,11 @@ class Turn:
         pieces, self._phrases = [*self._phrases, recognizing], []
         for piece in pieces:
             piece.promote()
-        return Ended(pieces, endpoint, speech_end, speculated, event)
+        opus = self._opus(event.start_sample, event.start_sample + len(event.audio))
+        return Ended(pieces, endpoint, speech_end, speculated, event, opus)
+
+    def _opus(self, start: int, end: int) -> list[OpusPacket] | None:
+        return None if self.packets is None else self.packets.between(start, end)
 
     def _recognize(
         self, audio: np.ndarray, speculative: bool, endpointed: bool, speech_end: float | None
@@ -245,6 +255,8 @@ class Turn:
     def release(self) -> None:
         """The talk is over: the held audio is one utterance, if it held speech long enough."""
         audio = np.concatenate(self._held) if self._held else np.zeros(0, np.float32)
+        logged = 0 if self.packets is None else self.packets.samples  # (the held audio is its last samples)
+        opus = self._opus(logged - len(audio), logged)
         had_speech = self._held_speech
         self._held, self._held_samples, self._held_speech = [], 0, False
         self.stream.reset()
@@ -252,7 +264,7 @@ class Turn:
             now = time.perf_counter()
             # The talk ended with its last frame, lag included (`listen stop` waited in the same socket).
             ended = now - self.clock.lag
-            self._owe(Ended([self._recognize(audio, False, False, ended)], now, ended, False))
+            self._owe(Ended([self._recognize(audio, False, False, ended)], now, ended, False, opus=opus))
 
     # --- replies ------------------------------------------------------------------------------
 
@@ -297,6 +309,8 @@ class Turn:
         self.clock.reset()
         self.feed.clear()
         self.stream.reset()
+        if self.packets is not None:
+            self.packets.reset()
         self._held, self._held_samples, self._held_speech = [], 0, False
 
     def abort(self) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ...audio.decode_pool import DecodePool
 from ...config import FunAsrConfig
+from ...core.archive import Archive
 from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
@@ -43,3 +44,5 @@ class FunAsrContext:
     buffers: BufferBudget
     decoder: DecodePool
     """Offline files (a `wav_format` other than pcm) are decoded here, never in the server process."""
+    archive: Archive | None = None
+    """Where final utterances are kept (`archive.enabled` and `archive.funasr`)."""

@@ -15,6 +15,7 @@ from websockets.typing import Subprotocol
 from ...audio.decode_pool import DecodePool
 from ...config import Config
 from ...constants import FUNASR
+from ...core.archive import Archive
 from ...core.events import EventBus
 from ...core.live import SessionBoard, SessionView
 from ...core.metrics import Metrics
@@ -63,6 +64,7 @@ class FunAsrServer:
         share: WorkerShare | None = None,
         board: SessionBoard | None = None,
         decoder: DecodePool | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.config = config
         # offline files (wav_format other than pcm) are decoded in the server's decoder processes
@@ -75,7 +77,9 @@ class FunAsrServer:
             ApiKeys.from_config(config) if config.funasr.auth else ApiKeys(frozenset(), frozenset(), frozenset())
         )
         budget = BufferBudget(int(config.funasr.max_buffered_mb * 2**20))  # offline audio all sessions hold
-        self.context = FunAsrContext(config.funasr, pipeline, metrics, bus, budget, self.decoder)
+        self.context = FunAsrContext(
+            config.funasr, pipeline, metrics, bus, budget, self.decoder, archive if config.archive.funasr else None
+        )
         self.slots = ConnectionSlots(
             config.funasr.max_sessions,
             "funasr.max_sessions",
@@ -127,11 +131,12 @@ async def serve_funasr(
     share: WorkerShare | None = None,
     board: SessionBoard | None = None,
     decoder: DecodePool | None = None,
+    archive: Archive | None = None,
 ) -> Server:
     """Listen on `funasr.host:funasr.port` (0 picks a free port; `server.sockets` tells which);
     as one of several workers, on a port they share (SO_REUSEPORT)."""
     cfg = config.funasr
-    handler = FunAsrServer(config, pipeline, metrics, bus, share, board, decoder)
+    handler = FunAsrServer(config, pipeline, metrics, bus, share, board, decoder, archive)
     ctx = tls_context(cfg)
     tls: dict[str, Any] = {}
     if ctx is not None and cfg.tls == "both":

@@ -28,6 +28,7 @@ from websockets.frames import CloseCode
 from ...audio.resample import PcmResampler
 from ...audio.segmenter import Dropped, Event, SpeechStarted, Utterance
 from ...constants import FUNASR, SAMPLE_RATE, VAD_WINDOW, VAD_WINDOW_MS
+from ...core.archive import UtteranceRecord, segment_audio
 from ...core.recording import dominant, join_texts, recognize_recording
 from ...core.scheduler import Priority
 from ...core.turn import Ended, Turn
@@ -283,7 +284,7 @@ class FunAsrSession:
         words = timestamps([w for s in segments for w in s.words()])
         await self._send(Final("offline", req.wav_name, text, True, clean, **tags, **words))
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)
-        self._count(segments and [s.recognition for s in segments], req)
+        self._count([(s.recognition, segment_audio(audio, s)) for s in segments], req)
 
     # --- online / 2pass ----------------------------------------------------------------
 
@@ -350,7 +351,7 @@ class FunAsrSession:
         )
         await self._send(message)
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)
-        self._count([rec], req)
+        self._count([(rec, event.audio)], req)
 
     def _maybe_partial(self, req: RequestConfig, turn: Turn) -> None:
         utt = self._utterance
@@ -413,21 +414,33 @@ class FunAsrSession:
         if self._turn is not None:
             self._turn.reset()  # its speculation, if one is still in flight
 
-    def _count(self, recs, req: RequestConfig) -> None:
-        recs = [r for r in (recs or []) if r is not None and not r.is_empty]
-        if not recs:
+    def _count(self, results: list[tuple[Recognition, np.ndarray]], req: RequestConfig) -> None:
+        """The request's final utterances, each with its audio: counted, published, archived."""
+        results = [(r, audio) for r, audio in results if not r.is_empty]
+        if not results:
             return
+        recs = [r for r, _ in results]
         self.utterances += len(recs)
         self.last_text = recs[-1].transcript.text
         self.last_speaker = recs[-1].speaker.name if recs[-1].speaker is not None else None
         self.metrics.utterances.labels(PROTOCOL).inc(len(recs))
-        bus = self.ctx.bus
-        if bus is None:
-            return
+        bus, archive = self.ctx.bus, self.ctx.archive
         now = time.time()
-        for rec in recs:
-            bus.publish(
-                TranscriptEvent.of(
-                    rec, protocol=PROTOCOL, session_id=self.session_id, client_id=req.wav_name, timestamp=now
+        for rec, audio in results:
+            if bus is not None:
+                bus.publish(
+                    TranscriptEvent.of(
+                        rec, protocol=PROTOCOL, session_id=self.session_id, client_id=req.wav_name, timestamp=now
+                    )
                 )
-            )
+            if archive is not None:
+                archive.keep(
+                    UtteranceRecord(
+                        protocol=PROTOCOL,
+                        session_id=self.session_id,
+                        device_id=None,
+                        recognition=rec,
+                        latency_ms=None,
+                        pcm=audio,
+                    )
+                )

@@ -6,6 +6,8 @@
   backed by the server's own voiceprint store and speaker engine, plus list.
 - `GET /v1/events`: WebSocket stream of final transcripts, optionally for some devices only.
 - `GET /healthz`, `/readyz`, `/metrics`.
+- `/v1/utterances`: the archive of what was said (`archive.enabled`): search, audio, correct,
+  erase, export.
 - `POST|GET /xiaozhi/ota/`: the firmware's OTA check, answered with our device WebSocket (`ota`).
 - `GET /` (the browser console), `/v1/status`, `/v1/sessions`, `GET /v1/live` (`console`).
 
@@ -26,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ...audio.decode_pool import DecodePool
 from ...config import Config
+from ...core.archive import Archive
 from ...core.events import EventBus
 from ...core.live import SessionBoard
 from ...core.metrics import Metrics
@@ -34,8 +37,9 @@ from ...errors import ApiError, ClientGone, EngineBusy, EngineFailed
 from ...sharing import Tally, WorkerShare
 from ..admission import RETRY_AFTER_S
 from ..auth import ApiKeys
-from . import console, events, health, ota, transcriptions, voiceprints
+from . import console, events, health, ota, transcriptions, utterances, voiceprints
 from .context import (
+    ARCHIVE,
     BUS,
     CONFIG,
     DECODER,
@@ -84,7 +88,7 @@ async def _discard_rest(request: web.Request) -> bool:
     return content.at_eof()
 
 
-_CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+_CORS_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
 _CORS_HEADERS = "Authorization, Content-Type, X-Requested-With"
 
 
@@ -202,11 +206,13 @@ def build_app(
     board: SessionBoard | None = None,
     info: console.ConsoleInfo | None = None,
     decoder: DecodePool | None = None,
+    archive: Archive | None = None,
 ) -> web.Application:
     """The aiohttp application; `ready` answers /readyz (models loaded, listeners up). As one of
     several workers (`share`), its connection cap counts the whole server's connections. `board`
     and `info` feed the console (the open sessions; where devices connect). `decoder` decodes the
-    uploads (the server's pool, shared with the FunASR port; without one the app starts its own)."""
+    uploads (the server's pool, shared with the FunASR port; without one the app starts its own).
+    `archive` keeps what was said and answers `/v1/utterances` (None: the archive is off)."""
     if not any(isinstance(f, _BadRequests) for f in _AIOHTTP_SERVER_LOG.filters):
         _AIOHTTP_SERVER_LOG.addFilter(_BadRequests())
     app = web.Application(
@@ -219,6 +225,7 @@ def build_app(
     app[READY] = ready
     app[KEYS] = ApiKeys.from_config(config)
     app[SOCKETS] = weakref.WeakSet()
+    app[ARCHIVE] = archive
     if decoder is None:  # an app of its own (tests): its own decoder processes, started on first use
         own = decoder = DecodePool(config.http.max_decodes, metrics.decodes.set)
         app.on_cleanup.append(lambda _: asyncio.to_thread(own.close))
@@ -253,6 +260,7 @@ def build_app(
     r.add_get("/healthz", health.healthz)
     r.add_get("/readyz", health.readyz)
     r.add_get("/metrics", health.metrics_endpoint)
+    utterances.add_routes(app)
     console.add_routes(app)
     ota.add_routes(app)
     return app

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from ...audio.decode_pool import DecodePool
 from ...config import Config
+from ...core.archive import Archive
 from ...core.events import EventBus
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
@@ -27,6 +28,7 @@ KEYS = web.AppKey("keys", ApiKeys)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("sockets")
 DECODER = web.AppKey("decoder", DecodePool)
 GUARD = web.AppKey("guard", ConnectionGuard)
+ARCHIVE: web.AppKey[Archive | None] = web.AppKey("archive")
 _LOOPBACK = ("127.0.0.1", "::1")
 
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import time
 import uuid
 
+import numpy as np
 from aiohttp import web
 
 from ...constants import OPENAI
-from ...core.events import EventBus
+from ...core.archive import UtteranceRecord, segment_audio
 from ...core.recording import Segment, dominant, join_texts, recognize_recording
 from ...errors import ApiError, EngineBusy
 from ...types import TranscriptEvent
-from .context import BUS, CONFIG, METRICS, PIPELINE, authorize
+from .context import ARCHIVE, BUS, CONFIG, METRICS, PIPELINE, authorize
 from .forms import decode, read_form, upload
 
 PROTOCOL = OPENAI
@@ -179,7 +180,7 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     metrics.utterances.labels(PROTOCOL).inc(len(segments))
     latency = time.perf_counter() - t0
     metrics.reply_latency.labels(PROTOCOL).observe(latency)
-    _publish(app[BUS], segments, session_id=f"http-{uuid.uuid4().hex[:12]}", latency_ms=latency * 1000)
+    _publish(app, segments, decoded.samples, session_id=f"http-{uuid.uuid4().hex[:12]}", latency_ms=latency * 1000)
     text = join_texts([s.text for s in segments])
     if response_format == "text":
         return web.Response(text=text + "\n", content_type="text/plain")
@@ -195,10 +196,14 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     return web.json_response({"text": text, "usage": {"type": "duration", "seconds": round(decoded.duration_s, 3)}})
 
 
-def _publish(bus: EventBus, segments: list[Segment], session_id: str, latency_ms: float) -> None:
+def _publish(
+    app: web.Application, segments: list[Segment], audio: np.ndarray, session_id: str, latency_ms: float
+) -> None:
+    """Each segment to the event bus, and to the archive (`archive.http`) with its audio."""
     now = time.time()
+    archive = app[ARCHIVE] if app[CONFIG].archive.http else None
     for s in segments:
-        bus.publish(
+        app[BUS].publish(
             TranscriptEvent.of(
                 s.recognition,
                 protocol=PROTOCOL,
@@ -208,6 +213,19 @@ def _publish(bus: EventBus, segments: list[Segment], session_id: str, latency_ms
                 timestamp=now,
             )
         )
+        if archive is not None and not s.recognition.is_empty:
+            archive.keep(
+                UtteranceRecord(
+                    protocol=PROTOCOL,
+                    session_id=session_id,
+                    device_id=None,
+                    recognition=s.recognition,
+                    latency_ms=latency_ms,
+                    pcm=segment_audio(audio, s),
+                    text=s.text,
+                    time=now,
+                )
+            )
 
 
 def _model(name: str) -> dict:

@@ -8,6 +8,7 @@ the session leaves the server's dict whatever way the connection ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -21,6 +22,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from ...config import Config
+from ...core.archive import Archive
 from ...core.lateness import ShedRound
 from ...core.live import SessionBoard
 from ...core.pipeline import Pipeline
@@ -50,8 +52,10 @@ class XiaozhiServer:
         publish: Publish | None = None,
         share: WorkerShare | None = None,
         board: SessionBoard | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.config = config
+        self.archive = archive  # where final utterances are kept (archive.enabled)
         self.pipeline = pipeline
         self.publish = publish
         self.board = board  # the console's live view of the open sessions
@@ -177,7 +181,9 @@ class XiaozhiServer:
                 return
         # Keyed by our own id when relayed too: an upstream may give many devices one session id.
         meter = hello.features.get("vad_meter") is True and upstream is None
-        session = Session(session_id, client, self.config, self.pipeline, send, self.publish, upstream, meter)
+        session = Session(
+            session_id, client, self.config, self.pipeline, send, self.publish, upstream, meter, self.archive
+        )
         self.sessions[session_id] = session
         self._sockets[session_id] = ws
         self._metrics.session_opened(PROTOCOL)
@@ -301,13 +307,9 @@ class XiaozhiServer:
         params: dict[str, Any] = {"format": "opus", "sample_rate": 16000, "channels": 1, "frame_duration": 60}
         # Echo only what the device said of these keys, and only as numbers: anything else a client
         # sends (nested objects, lone surrogates) stays out of the reply.
-        params.update(
-            {
-                k: v
-                for k, v in hello.audio_params.items()
-                if k in params and k != "format" and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6
-            }
-        )
+        for k, v in hello.audio_params.items():
+            if k in params and k != "format" and isinstance(v, int) and not isinstance(v, bool) and 0 < v < 10**6:
+                params[k] = v
         return params
 
     async def _sweep_idle(self) -> None:
@@ -469,11 +471,9 @@ class XiaozhiServer:
     async def _refuse(self, ws: ServerConnection, device_id: str | None, kind: str, message: str, code: int) -> None:
         self._metrics.errors.labels(kind).inc()
         log.warning("device %s refused: %s", device_id, message)
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await ws.send(Error(message).to_json())
             await ws.close(code, close_reason(message))
-        except ConnectionClosed:
-            pass
 
     def _describe_close(self, e: ConnectionClosed, session: Session) -> str:
         if e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:

@@ -16,9 +16,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from ...audio.ogg_opus import PacketLog
 from ...audio.opus import OpusStreamDecoder
 from ...config import Config
 from ...constants import SAMPLE_RATE, XIAOZHI
+from ...core.archive import Archive, UtteranceRecord
 from ...core.live import SessionView
 from ...core.pipeline import Pipeline
 from ...core.turn import Heard, Turn
@@ -34,6 +36,10 @@ PROTOCOL = XIAOZHI
 Send = Callable[[ServerMessage], Awaitable[None]]
 Publish = Callable[[TranscriptEvent], None]
 
+#: Packets are kept this much longer than the longest utterance: its pre-roll, and the audio that
+#: arrives while its end is found.
+PACKETS_MARGIN_S = 5.0
+
 
 class Session:
     """State of one xiaozhi connection after `hello`."""
@@ -48,6 +54,7 @@ class Session:
         publish: Publish | None = None,
         upstream: Upstream | None = None,
         vad_meter: bool = False,
+        archive: Archive | None = None,
     ) -> None:
         self.session_id = session_id  # ours: the key of the server's sessions, its logs and events
         self.upstream = upstream  # relay mode: turns go to the chatbot server, its answers come back
@@ -59,6 +66,9 @@ class Session:
         self._metrics = pipeline.metrics
         self._decoder = OpusStreamDecoder()
         self.vad_meter = vad_meter  # the client's hello asked for `vad` messages (the browser console does)
+        self._archive = archive if config.archive.xiaozhi else None
+        packets = PacketLog(config.vad.max_utterance_s + PACKETS_MARGIN_S) if self._archive is not None else None
+        self._packets = packets
         self.turn = Turn(
             pipeline,
             session_id,
@@ -66,6 +76,7 @@ class Session:
             observe_delay=self._metrics.input_delay.labels(PROTOCOL).observe,
             meter=self._meter if vad_meter else None,
             on_speech=self._on_speech,
+            packets=packets,
         )
         self._replier = asyncio.ensure_future(self._reply_all())
         self._barge_ins: set[asyncio.Task[None]] = set()
@@ -162,12 +173,19 @@ class Session:
         if not self.listening:
             return seconds  # wake-word audio before `listen start`: decoded to keep the decoder in step, then dropped
         if self.mode == "manual":
+            self._log_packet(frame.payload, len(pcm))
             await self.turn.hold(pcm)
         elif self.upstream is None or not self.upstream.speaking or self.mode != "auto":
+            self._log_packet(frame.payload, len(pcm))
             await self.turn.feed.push(
                 pcm, spoken
             )  # (auto mode takes no turn while the answer plays: the firmware's rule)
         return seconds
+
+    def _log_packet(self, payload: bytes, samples: int) -> None:
+        """The packet whose audio goes into the turn now, for the archive (its sample position)."""
+        if self._packets is not None:
+            self._packets.add(bytes(payload), samples)
 
     def input_delay(self, now: float, within_s: float = 2.0) -> float | None:
         """How late this device's live audio reaches the VAD (`LiveFeed.input_delay`)."""
@@ -259,6 +277,17 @@ class Session:
                     client_id=self.client.client_id,
                     latency_ms=latency_ms,
                     scope=self.client.scope,
+                )
+            )
+        if self._archive is not None and ended.opus:
+            self._archive.keep(
+                UtteranceRecord(
+                    protocol=PROTOCOL,
+                    session_id=self.session_id,
+                    device_id=self.client.device_id,
+                    recognition=rec,
+                    latency_ms=latency_ms,
+                    opus=ended.opus,
                 )
             )
 

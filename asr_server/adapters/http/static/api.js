@@ -37,14 +37,16 @@ function authHeaders() {
 }
 
 // A call of the API; throws ApiError with the server's own message (OpenAI or voiceprint-api shape).
-export async function api(path, { method = "GET", body } = {}) {
+export async function api(path, { method = "GET", body, json = false, blob = false } = {}) {
   let response;
+  const headers = { ...authHeaders(), ...(json ? { "Content-Type": "application/json" } : {}) };
   try {
-    response = await fetch(path, { method, body, headers: authHeaders() });
+    response = await fetch(path, { method, body, headers });
   } catch (e) {
     throw new ApiError(0, `the server did not answer (${e.message})`);
   }
   const type = response.headers.get("Content-Type") || "";
+  if (blob && response.ok) return await response.blob();
   const data = type.includes("json") ? await response.json() : await response.text();
   if (!response.ok) {
     const message = (data && data.error && data.error.message) || (data && data.detail) || response.statusText;
@@ -55,6 +57,11 @@ export async function api(path, { method = "GET", body } = {}) {
     throw err;
   }
   return data;
+}
+
+// A binary answer (audio, an export) as a Blob, with the key in the header.
+export function apiBlob(path) {
+  return api(path, { blob: true });
 }
 
 // ws(s):// on this origin, the key as ?key= (browsers cannot set headers on a WebSocket).
