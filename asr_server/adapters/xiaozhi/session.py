@@ -194,6 +194,11 @@ class Session:
         """How late this device's live audio reaches the VAD (`LiveFeed.input_delay`)."""
         return self._live.input_delay(now, within_s)
 
+    @property
+    def turn_in_flight(self) -> bool:
+        """The device is speaking or waits for its reply: shedding it now would cut its user off."""
+        return self.view().state == "speech" or any(not t.done() for t in self._replies)
+
     async def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
             mode = msg.mode or self.mode
