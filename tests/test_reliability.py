@@ -617,6 +617,31 @@ async def test_while_the_recogniser_stays_behind_the_newest_device_is_shed_with_
     await older.close()
 
 
+@needs_audio
+async def test_shedding_passes_over_a_device_with_a_turn_in_flight(start_server, monkeypatch):
+    """A device whose user is talking is not cut off mid-turn (in a group wake of 150, shedding
+    the newest mid-turn answered fewer within budget): the newest idle one is shed instead."""
+    from loadtest.clips import load_clip
+    from loadtest.device import Device, DeviceConfig
+
+    srv = await start_server()
+    idle = await raw_connect(srv)
+    await idle.send(HELLO)
+    await idle.recv()
+    async with Device(DeviceConfig(url=srv.endpoints.device_url)) as talking:  # the newest
+        await talking.listen("start", "auto")
+        packets = load_clip(clip("en_librispeech").path).packets
+        speaking = asyncio.ensure_future(talking.send_opus(packets, 1.0))  # 10 s spoken in real time
+        await asyncio.sleep(1.5)  # in speech now
+        monkeypatch.setattr(srv.pipeline.governor, "recogniser_behind", lambda since=None: "900 ms behind")
+        msgs = await expect_close(idle, 1013, "server overloaded")
+        assert "900 ms behind" in msgs[-1]["message"]
+        assert not talking.closed_by_server
+        monkeypatch.setattr(srv.pipeline.governor, "recogniser_behind", lambda since=None: None)
+        speaking.cancel()
+        await asyncio.gather(speaking, return_exceptions=True)
+
+
 def test_audio_reaching_the_vad_late_on_many_devices_means_behind():
     from asr_server.core.governor import reading_behind
 
