@@ -330,9 +330,9 @@ class XiaozhiServer:
     def _shed_newest(self, why: str, count: int) -> None:
         """The governor says the server stays behind although new devices are refused: more devices
         talk than it answers in budget. Close the `count` that came last with 1013 (try again later),
-        so the others keep their latency; a device with a turn in flight is passed over (its user is
-        talking or waiting, and its work is queued: a burst of woken devices drains, where cutting
-        them mid-turn answered fewer within budget). Admission at the upgrade cannot do this alone:
+        so the others keep their latency; a device with a turn in flight (`Session.turn_in_flight`) is
+        passed over: its user is talking or waiting and its work is queued (in a group wake of 150,
+        cutting them mid-turn answered fewer within budget). Admission at the upgrade cannot do this alone:
         devices let in together show their load only when they talk."""
         shed = 0
         for sid in reversed(list(self.sessions)):  # dicts keep insertion order: the newest last

@@ -196,8 +196,8 @@ class Session:
 
     @property
     def turn_in_flight(self) -> bool:
-        """The device is speaking or waits for its reply: shedding it now would cut its user off."""
-        return self.view().state == "speech" or any(not t.done() for t in self._replies)
+        """Waiting for a reply, speaking, or listening for its first: shedding it would cut its user off."""
+        return bool(self._replies) or self.listening and (not self.utterances or self.view().state == "speech")
 
     async def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
