@@ -40,7 +40,7 @@ def configs(models: Path, threads: int, concurrency: int, ray_batch: int) -> tup
             "parallel": 1,
             "max_batch": 1,
             "deadline_ms": 0,
-            "admission_wait_ms": 0,
+            "budget_ms": 0,
             "max_queue": 100000,
         },
         "engine": {"threads": threads},

@@ -61,13 +61,14 @@ async def pipeline(base_config):
 async def start_server(pipeline, models_dir, voiceprint_db):
     """Start an `AsrServer` on free loopback ports around the shared pipeline; stopped after the test."""
     from asr_server.app import AsrServer
-    from asr_server.core.lateness import LateReplies
+    from asr_server.core.governor import Governor
 
     started = []
 
     async def start(**sections):
         # the pipeline is the session's: replies another test left late must not refuse this one's devices
-        pipeline.late = LateReplies.of(pipeline.config.asr)
+        cfg = pipeline.config
+        pipeline.governor = Governor(cfg.asr.budget_ms, cfg.vad.min_silence_ms, pipeline._asr)
         server = AsrServer(make_config(models_dir, voiceprint_db, **sections), pipeline)
         await server.start()
         started.append(server)

@@ -131,7 +131,7 @@ async def ray_server(ray_instance, models_dir, tmp_path_factory):
         models_dir,
         tmp_path_factory.mktemp("ray") / "voiceprints.sqlite",
         inference={"mode": "ray", "namespace": "asr-server-test", "asr": deployment, "speaker": deployment},
-        asr={"deadline_ms": 0, "admission_wait_ms": 0, "budget_ms": 0},
+        asr={"deadline_ms": 0, "budget_ms": 0},
     )
     server = AsrServer(cfg)
     await server.start()
@@ -225,7 +225,7 @@ async def test_a_second_front_end_shares_the_running_replicas(ray_server, models
             models_dir,
             tmp_path / "voiceprints.sqlite",
             inference=ray_server.config.inference.model_dump(),
-            asr={"deadline_ms": 0, "admission_wait_ms": 0},
+            asr={"deadline_ms": 0, "budget_ms": 0},
         )
     )
     await second.start()

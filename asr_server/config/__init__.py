@@ -4,8 +4,8 @@ Every key has a default (`sections`); `config.yaml` at the repository root docum
 unknown or ill-typed key stops the start with a `ConfigError` that names the key and why.
 Environment variables named `ASR_SERVER__SECTION__KEY` (double underscores between levels)
 override keys; their values are parsed as YAML scalars, so `ASR_SERVER__VAD__THRESHOLD=0.6` gives
-a float. Renamed keys keep working under their old names, with a line in `Config.deprecations`
-that the CLI logs at start.
+a float. Renamed keys keep working under their old names, and keys the overload governor replaced
+(`RETIRED_KEYS`) are ignored, each with a line in `Config.deprecations` that the CLI logs at start.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from ..errors import ConfigError
 from .sections import (
     RENAMED_SECTIONS,
+    RETIRED_KEYS,
     ArchiveConfig,
     AsrConfig,
     AuthConfig,
@@ -73,6 +74,23 @@ def _rename_sections(data: dict[str, Any], source: str) -> tuple[dict[str, Any],
                 f"rename it before it is removed"
             )
     return data, notes
+
+
+def _retire_keys(data: dict[str, Any], source: str) -> list[str]:
+    """Drop the keys the overload governor replaced (`RETIRED_KEYS`) from `data` (its sections are
+    copied, not changed in place: they may be the caller's); what was dropped, as warnings."""
+    notes = []
+    for section, keys in RETIRED_KEYS.items():
+        values = data.get(section)
+        if not isinstance(values, dict) or not (found := [k for k in keys if k in values]):
+            continue
+        data[section] = {k: v for k, v in values.items() if k not in found}
+        notes += [
+            f"{section}.{key} ({source}) is no longer read: the overload governor derives it from asr.budget_ms "
+            "(core/governor.py); remove it"
+            for key in found
+        ]
+    return notes
 
 
 def _format_errors(err: ValidationError, source: str, renamed: frozenset[str] | set[str] = frozenset()) -> str:
@@ -139,11 +157,13 @@ def load_config(
         source = str(p)
     data, notes = _rename_sections(data, source)
     env_tree, env_notes = _rename_sections(_env_overrides(os.environ if env is None else env), "environment")
+    notes += _retire_keys(data, source)
+    env_notes += _retire_keys(env_tree, "environment")
     data = _merge(data, env_tree)
     if overrides:
         over, over_notes = _rename_sections(dict(overrides), "overrides")
+        notes += over_notes + _retire_keys(over, "overrides")
         data = _merge(data, over)
-        notes += over_notes
     try:
         config = Config.model_validate(data)
     except ValidationError as e:

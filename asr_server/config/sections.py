@@ -73,32 +73,6 @@ class XiaozhiConfig(_Section):
     max_audio_rate: float = Field(3.0, ge=1.0, description="Audio seconds per second per device after a burst.")
     max_audio_burst_s: float = Field(10.0, gt=0, description="Audio a device may send ahead of real time at once.")
     send_timeout_s: float = Field(10.0, gt=0, description="A reply unread this long drops the connection.")
-    shed_after_s: float = Field(
-        1.0,
-        ge=0,
-        description="While the server stays behind (asr.admission_wait_ms, asr.budget_ms) this long, the newest "
-        "devices are closed with 1013 (shed_fraction of them per period), so the others keep their latency; 0: never.",
-    )
-    shed_fraction: float = Field(0.1, gt=0, le=1, description="Share of the sessions shed per period.")
-    max_input_delay_ms: float = Field(
-        300.0,
-        ge=0,
-        description="While more than asr.late_share of the streaming devices' audio reaches the VAD this long "
-        "after it was spoken (the server reads slower than they send), the server is behind: new devices get "
-        "503 and, after shed_after_s, the newest are shed; 0: not watched.",
-    )
-    admit_increase_per_s: float = Field(
-        0.5,
-        gt=0,
-        description="After shedding, the device cap grows by this many a second while the recogniser keeps up.",
-    )
-    admit_doubling_s: float = Field(
-        5.0,
-        ge=0,
-        description="Open sessions may at most double in this time (at least 16 new ones per period, and only "
-        "those while the replies are not clearly within budget): a mass reconnect is let in in waves whose "
-        "load admission sees before the next (the rest get 503 with Retry-After); 0: off.",
-    )
     drain_timeout_s: float = Field(
         8.0,
         ge=0,
@@ -179,36 +153,12 @@ class AsrConfig(_Section):
         description="An utterance that waited this long for the recogniser is shed (an error to its own client) "
         "instead of recognised late; 0: never.",
     )
-    admission_wait_ms: float = Field(
-        300.0,
-        ge=0,
-        description="While the next utterance has waited this long, new device, FunASR and transcription "
-        "requests are refused with 503 and Retry-After; 0: never.",
-    )
     budget_ms: float = Field(
         800.0,
         ge=0,
-        description="The end of speech → reply latency device replies should keep; while more than late_share of "
-        "the last 5 s of replies (the last 10, 1/late_share if more, up to 30 s back, where fewer came) missed it, new "
-        "connections get 503 and the device cap drops (again once replies to utterances that ended after the last "
-        "drop came); 0: not watched.",
-    )
-    target_load: float = Field(
-        0.55,
-        ge=0,
-        description="The share of the recogniser's time (its lanes' busy time over the last 5 s, the queued work "
-        "included) that admission lets devices take: a mass reconnect is let in only as far as the load its "
-        "devices showed leaves room for, and the device cap grows only under it; 0: not watched. Measured on "
-        "2 cores with full-size SenseVoice, whose compute is half the budget left after the end-of-speech "
-        "silence: 0.55 kept the admitted devices' p95 in budget with a margin, 0.7 at its edge.",
-    )
-    late_share: float = Field(
-        0.1,
-        gt=0,
-        le=1,
-        description="Share of late replies (budget_ms) that means behind; the device cap grows only under half "
-        "of it, so it settles between the two: 0.05 aims at p95 within the budget (measured: steadier in one "
-        "soak, a worse cold wave in two 90 s runs).",
+        description="The end of speech → reply latency device replies should keep: the overload governor "
+        "(core/governor.py) refuses new connections (503) only while answers would miss it, and sheds the newest "
+        "devices while it stays missed; it must exceed vad.min_silence_ms (no reply comes sooner); 0: not watched.",
     )
     speculative: bool = True
 
@@ -574,6 +524,13 @@ class ArchiveConfig(_Section):
 
 RENAMED_SECTIONS = {"server": "xiaozhi"}
 
+#: Keys the overload governor replaced with named constants or derived values (core/governor.py);
+#: a configuration that still sets one starts, with a warning naming it.
+RETIRED_KEYS = {
+    "asr": ("admission_wait_ms", "late_share", "target_load"),
+    "xiaozhi": ("shed_after_s", "shed_fraction", "max_input_delay_ms", "admit_increase_per_s", "admit_doubling_s"),
+}
+
 
 class Config(_Section):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -612,6 +569,11 @@ class Config(_Section):
         if self.funasr.auth and not (self.http.api_keys or self.http.read_keys):
             # Authentication with no key to authenticate with would let everyone in (or no one).
             raise ValueError("funasr.auth is true but no key is configured: set http.api_keys or http.read_keys")
+        if self.asr.budget_ms and self.asr.budget_ms <= self.vad.min_silence_ms:
+            raise ValueError(
+                f"asr.budget_ms ({self.asr.budget_ms:g}) must exceed vad.min_silence_ms ({self.vad.min_silence_ms}): "
+                "no reply comes sooner than the silence that ends an utterance (0 turns the budget off)"
+            )
         if self.xiaozhi.auth.enabled and not self.xiaozhi.auth.tokens:
             raise ValueError("xiaozhi.auth.enabled is true but xiaozhi.auth.tokens is empty")
         if self.inference.mode == "ray" and self.inference.address is None and self.workers != 1:

@@ -5,7 +5,7 @@ tick, so on a busy loop (ticks past 60 ms) it read slower than its device sent a
 waited in the socket, unseen. Here the frames that came during a call go into the next call
 together, so a session catches up by itself; past `MAX_QUEUED_S` it stops reading (the socket
 holds the rest) and tells the input clock so. What it measures, how long after the audio was
-spoken the VAD saw it, is what the server's admission reads (`xiaozhi.max_input_delay_ms`).
+spoken the VAD saw it, is the overload governor's front-end signal (`core.governor`).
 """
 
 from __future__ import annotations

@@ -5,13 +5,13 @@ and one scheduler per recognition model, so the device path, the FunASR-compatib
 HTTP API all share the same calls and the same order (finals before speculations). It hands out
 the `SpeechStream`s adapters stream audio into. Adapters never touch a model directly: they await
 `feed`/`probabilities` and `recognize`, or hold a `Recognizing` they can promote or cancel.
+Its `governor` (`core.governor`) says whether the recogniser can take one more connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +26,7 @@ from ..constants import SAMPLE_RATE
 from ..engines.base import Embedder, ModelInfo, Recognizer, RemoteEmbedder, RemoteRecognizer, VadModel
 from ..errors import EngineBusy, VoiceprintError
 from ..types import Recognition, SpeakerMatch, Transcript
-from .lateness import LateReplies, ShedRound
+from .governor import Governor
 from .loading import load_recognizer, load_speaker
 from .metrics import Metrics
 from .scheduler import InferenceQueue, Job, Priority
@@ -116,7 +116,7 @@ class Pipeline:
             if speaker is not None
             else None
         )
-        self.late = LateReplies.of(config.asr)
+        self.governor = Governor(config.asr.budget_ms, config.vad.min_silence_ms, self._asr)
         self._segmenter_options = segmenter_options(config.vad)
         self._phrase_options = segmenter_options(config.vad, phrases=True)
         metrics.queue_depths.add("vad", self._vad.depth)
@@ -269,59 +269,15 @@ class Pipeline:
         """Utterances the recogniser takes per call (the configured or automatic batch size)."""
         return self._asr.max_batch
 
-    def overloaded(self, since: ShedRound | None = None) -> str | None:
-        """Why a new session should be refused now, else None: the recogniser is `asr.admission_wait_ms`
-        or more behind, or more than `asr.late_share` of the last seconds' device replies missed
-        `asr.budget_ms` (`core.lateness`). Admission follows the load, not a session count: a box's
-        capacity depends on how much its devices talk and how fast its cores are. `since` (the last
-        round of shedding): only what came after it counts, the replies to utterances that ended
-        since and a wait longer than then, so shedding sees the effect of its last round."""
-        cfg = self.config.asr
-        wait = self._asr.head_wait()
-        if cfg.admission_wait_ms and wait * 1000 >= cfg.admission_wait_ms and (since is None or wait > since.wait_s):
-            return f"the recogniser is {wait * 1000:.0f} ms behind (asr.admission_wait_ms = {cfg.admission_wait_ms:g})"
-        late = self.late.share(since=None if since is None else since.at)  # None with asr.budget_ms 0
-        if late is not None and late[0] > cfg.late_share:
-            return (
-                f"{late[0]:.0%} of the last {late[1]} replies came later than asr.budget_ms = {cfg.budget_ms:g} "
-                f"(asr.late_share = {cfg.late_share:g})"
-            )
-        return None
-
-    def shed_round(self) -> ShedRound:
-        """A round of shedding now: what the next must be judged after (`overloaded(since=...)`)."""
-        return ShedRound(time.monotonic(), self._asr.head_wait())
-
-    def keeping_up(self) -> bool:
-        """Clearly within budget (not merely not behind): the queue under half `asr.admission_wait_ms`,
-        at most half `asr.late_share` of the replies late, and the recogniser's load under
-        `asr.target_load`. The device cap grows only then."""
-        cfg = self.config.asr
-        if cfg.admission_wait_ms and self._asr.head_wait() * 1000 >= cfg.admission_wait_ms / 2:
-            return False
-        if cfg.target_load and self.recogniser_load() >= cfg.target_load:
-            return False
-        late = self.late.share()
-        return late is None or late[0] <= cfg.late_share / 2
-
     def recogniser_load(self) -> float:
         """The share of the recogniser's lanes the last seconds' work took, what waits included
         (`core.utilisation`): it grows with the devices before any reply is late."""
         return self._asr.load()
 
-    def room(self, sessions: int) -> float:
-        """How many more sessions like the `sessions` open the recogniser takes before its load
-        reaches `asr.target_load` (infinite while it has no load to judge by, or with the target 0)."""
-        target, load = self.config.asr.target_load, self.recogniser_load()
-        if not target or load <= 0 or sessions <= 0:
-            return math.inf
-        return max(0.0, sessions * (target / load - 1))
-
     def note_reply(self, latency_ms: float | None, age_ms: float | None = None) -> None:
         """A device utterance was answered `latency_ms` after its end of speech (None: shed
-        unanswered, `age_ms` after it ended)."""
-        if self.config.asr.budget_ms:
-            self.late.add(latency_ms, age_ms=age_ms)
+        unanswered, `age_ms` after it ended): the governor's lateness signal."""
+        self.governor.note_reply(latency_ms, age_ms)
 
     @property
     def asr_busy(self) -> bool:

@@ -21,7 +21,7 @@ from ...core.live import SessionBoard, SessionView
 from ...core.metrics import Metrics
 from ...core.pipeline import Pipeline
 from ...sharing import Tally, WorkerShare
-from ..admission import ConnectionSlots, refuse_busy
+from ..admission import ConnectionSlots, PortAdmission
 from ..auth import ApiKeys, bearer_token
 from .context import BufferBudget, FunAsrContext
 from .session import PROTOCOL, FunAsrSession
@@ -86,6 +86,7 @@ class FunAsrServer:
             metrics.errors.labels("capacity").inc,
             Tally.of(share, "funasr.max_sessions"),
         )
+        self.admission = PortAdmission(pipeline.governor, self.slots, metrics.refused.labels(FUNASR).inc)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = self.config.funasr.path
@@ -96,11 +97,7 @@ class FunAsrServer:
             return connection.respond(
                 HTTPStatus.UNAUTHORIZED, "missing or invalid key (send `Authorization: Bearer <key>`)\n"
             )
-        why = self.pipeline.overloaded()
-        if why is not None:
-            self.metrics.refused.labels(FUNASR).inc()
-            return refuse_busy(connection, why)
-        return self.slots.admit(connection)
+        return self.admission.admit(connection, "FunASR client")
 
     @staticmethod
     def select_subprotocol(connection: ServerConnection, subprotocols: Sequence[Subprotocol]) -> Subprotocol | None:

@@ -152,7 +152,7 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     authorize(request)
     app = request.app
     pipeline, metrics = app[PIPELINE], app[METRICS]
-    why = pipeline.overloaded()
+    why = pipeline.governor.admit()
     if why is not None:  # before the body is read: the client retries after Retry-After
         metrics.refused.labels("http").inc()
         raise EngineBusy(why)

@@ -23,14 +23,13 @@ from websockets.http11 import Request, Response
 
 from ...config import Config
 from ...core.archive import Archive
-from ...core.lateness import ShedRound
 from ...core.live import SessionBoard
 from ...core.pipeline import Pipeline
 from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
 from ...logs import Throttle
 from ...sharing import Tally, WorkerShare
 from ...types import ClientInfo
-from ..admission import ConnectionSlots, LoadCap, RateBucket, SlowStart, reading_behind, refuse_busy
+from ..admission import ConnectionSlots, PortAdmission, RateBucket
 from ..auth import bearer_token, fingerprint, header_or_query
 from ..sending import close_reason, send_within
 from .session import PROTOCOL, Publish, Session
@@ -38,8 +37,6 @@ from .upstream import PASSED, Ended, Upstream
 from .wire import Error, Hello, ServerHello, ServerMessage, dumps, parse_message, parse_protocol_version
 
 log = logging.getLogger(__name__)
-
-_DRAINING_S = 0.05
 
 
 class XiaozhiServer:
@@ -64,20 +61,14 @@ class XiaozhiServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._metrics = pipeline.metrics
         self._path = config.xiaozhi.path.rstrip("/") or "/"
-        self._refusals = Throttle()
         self._sheds = Throttle()  # its own: thousands of refusals must not hide a round of shedding
-        cfg = config.xiaozhi
-        self.cap = LoadCap(cfg.max_sessions, cfg.shed_fraction, cfg.admit_increase_per_s)
-        self.slow_start = SlowStart(cfg.admit_doubling_s)
         self.slots = ConnectionSlots(
             config.xiaozhi.max_sessions,
             "xiaozhi.max_sessions",
             self._metrics.errors.labels("capacity").inc,
             Tally.of(share, "xiaozhi.max_sessions"),
         )
-        self.reading: str | None = None  # why reading is behind (`reading_behind`), as of the last sweep
-        self._delays: dict[str, float] = {}  # each streaming session's input delay at the last sweep
-        self.unanswered = 0  # streaming sessions not answered yet, as of the last sweep: load not shown yet
+        self.admission = PortAdmission(pipeline.governor, self.slots, self._metrics.refused.labels(PROTOCOL).inc)
         self._reuse_port = share is not None  # workers listen on one port each (SO_REUSEPORT)
 
     async def serve(self, host: str | None = None, port: int | None = None) -> Server:
@@ -117,28 +108,7 @@ class XiaozhiServer:
                     "missing" if token is None else "unknown",
                 )
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "missing or invalid bearer token\n")
-        why = self.pipeline.overloaded() or self.reading
-        if why is None and self.cap.full(self.slots.own):  # the cap is this process's recogniser's
-            why = f"{self.slots.own} devices are what the recogniser answers in budget now"
-        if why is None and not self.slow_start.admit(
-            self.slots.own,
-            time.monotonic(),
-            self._keeping_up(),
-            self.unanswered <= max(1, self.slots.own // 10),
-            self.pipeline.room,
-        ):
-            why = (
-                f"{self.slots.own} devices open: more are let in as the load they bring shows "
-                f"(xiaozhi.admit_doubling_s = {self.config.xiaozhi.admit_doubling_s:g})"
-            )
-        if why is not None:
-            self._metrics.refused.labels(PROTOCOL).inc()
-            if self._refusals.allow():
-                log.warning(
-                    "device %s refused: %s%s", header_or_query(request, "Device-Id"), why, self._refusals.note()
-                )
-            return refuse_busy(connection, why)
-        return self.slots.admit(connection)
+        return self.admission.admit(connection, f"device {header_or_query(request, 'Device-Id')}")
 
     async def _handle(self, ws: ServerConnection) -> None:
         request = ws.request
@@ -314,37 +284,21 @@ class XiaozhiServer:
 
     async def _sweep_idle(self) -> None:
         """Close sessions that sent nothing for `idle_timeout_s`: one task for the whole server
-        instead of a timer per received frame, checked a few times per timeout. While the
-        recogniser stays behind, shed the newest session too (see `_shed_newest`)."""
+        instead of a timer per received frame, checked a few times per timeout. Each sweep tells
+        the governor how late the streaming devices' audio reaches the VAD, and sheds the newest
+        sessions when it says so (`Governor.shed`)."""
         cfg = self.config.xiaozhi
         loop = asyncio.get_running_loop()
-        behind_since: float | None = None
-        last_round: ShedRound | None = None  # the next round is judged on what came after it
+        governor = self.pipeline.governor
         tick = min(1.0, cfg.idle_timeout_s / 4)
         while True:
             await asyncio.sleep(tick)
-            self.reading, not_draining = self._reading_behind()
+            now = time.perf_counter()
+            governor.note_reading({k: d for k, s in self.sessions.items() if (d := s.input_delay(now)) is not None})
             self._metrics.recogniser_load.labels(self._metrics.worker).set(self.pipeline.recogniser_load())
-            behind = (self.pipeline.overloaded() or not_draining) if cfg.shed_after_s else None
-            # After a round, another only on what came since (replies to utterances that ended after
-            # it, a longer wait): the seconds before it say nothing of its effect.
-            if behind is None or last_round is None:
-                why = behind
-            else:
-                why = self.pipeline.overloaded(last_round) or not_draining
+            if (shed := governor.shed(len(self.sessions))) is not None:
+                self._shed_newest(shed.why, shed.count)
             now = loop.time()
-            if behind is None:
-                behind_since = last_round = None
-                if self._keeping_up():  # between the two: hold the cap where it is
-                    self.cap.keeping_up(tick, self.slots.own)
-            elif why is None:
-                pass  # behind, but nothing since the last round says it was not enough: let it show
-            elif behind_since is None:
-                behind_since = now
-            elif now - behind_since >= cfg.shed_after_s:
-                self._shed_newest(why, self.cap.behind(len(self.sessions)))
-                behind_since = now  # one round per period: the queue gets time to show the effect
-                last_round = self.pipeline.shed_round()  # and the replies, new ones to show it
             cutoff = now - cfg.idle_timeout_s
             for sid, session in list(self.sessions.items()):
                 ws = self._sockets.get(sid)
@@ -375,34 +329,18 @@ class XiaozhiServer:
             return_exceptions=True,
         )
 
-    def _reading_behind(self) -> tuple[str | None, str | None]:
-        """Whether the streaming devices' audio reaches the VAD late (new devices wait), and whether
-        it does while not draining (shed): a backlog shrinking by `_DRAINING_S` a sweep or more is
-        being caught up with, and shedding more for it would close devices the box can serve. Counts
-        the streaming sessions not answered yet too (`unanswered`: slow start waits for their load)."""
-        now = time.perf_counter()
-        delays = {sid: d for sid, s in self.sessions.items() if (d := s.input_delay(now)) is not None}
-        self.unanswered = sum(1 for sid in delays if not self.sessions[sid].utterances)
-        previous, self._delays = self._delays, delays
-        growing = [d if d > previous.get(sid, 0.0) - _DRAINING_S else 0.0 for sid, d in delays.items()]
-        max_ms, share = self.config.xiaozhi.max_input_delay_ms, self.config.asr.late_share
-        return reading_behind(list(delays.values()), max_ms, share), reading_behind(growing, max_ms, share)
-
-    def _keeping_up(self) -> bool:
-        """Clearly within budget: the recogniser (`Pipeline.keeping_up`) and the reading of the audio."""
-        return self.reading is None and self.pipeline.keeping_up()
-
     def _shed_newest(self, why: str, count: int) -> None:
-        """The recogniser has been behind for `shed_after_s` although new devices are refused: more
-        devices talk than it can answer in budget. Close the `count` that came last with 1013 (try
-        again later), so the others keep their latency; their reconnects meet the 503 until the
-        backlog is gone. Admission at the upgrade cannot do this alone: a mass reconnect is admitted
-        before its talking shows in the queue."""
+        """The governor says the server stays behind although new devices are refused: more devices
+        talk than it answers in budget. Close the `count` that came last with 1013 (try again later),
+        so the others keep their latency; a device with a turn in flight (`Session.turn_in_flight`) is
+        passed over: its user is talking or waiting and its work is queued (in a group wake of 150,
+        cutting them mid-turn answered fewer within budget). Admission at the upgrade cannot do this alone:
+        devices let in together show their load only when they talk."""
         shed = 0
         for sid in reversed(list(self.sessions)):  # dicts keep insertion order: the newest last
             ws = self._sockets.get(sid)
             session = self.sessions[sid]
-            if ws is None or session.idle_closed or session.shed:
+            if ws is None or session.idle_closed or session.shed or session.turn_in_flight:
                 continue
             session.shed = True
             self._metrics.refused.labels("xiaozhi_shed").inc()

@@ -191,6 +191,11 @@ class Session:
         """How late this device's live audio reaches the VAD (`LiveFeed.input_delay`)."""
         return self.turn.feed.input_delay(now, within_s)
 
+    @property
+    def turn_in_flight(self) -> bool:
+        """Waiting for a reply, speaking, or listening for its first: shedding it would cut its user off."""
+        return bool(self.turn.pending) or self.listening and (not self.utterances or self.view().state == "speech")
+
     def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
             mode = msg.mode or self.mode
