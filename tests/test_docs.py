@@ -11,6 +11,7 @@ import pytest
 
 from asr_server.cli import build_parser
 from asr_server.config import Config
+from asr_server.config.sections import RETIRED_KEYS
 from tests.test_config import schema_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,9 @@ def test_every_key_and_file_a_doc_names_exists(doc):
     text = doc.read_text(encoding="utf-8")
     # a dotted name in backticks that starts with a section is a key (`asr.budget_ms`, `speaker.model`)
     named = [m for m in re.findall(r"`([a-z_]+(?:\.[a-z_]+)+)`", text) if m.split(".")[0] in sections]
-    assert [m for m in named if m not in keys] == []
+    # a retired key may be named where a doc says what replaced it (the overload governor's history)
+    retired = {f"{section}.{key}" for section, names in RETIRED_KEYS.items() for key in names}
+    assert [m for m in named if m not in keys and m not in retired] == []
     files = re.findall(r"(?<![\w/.])((?:docs|models|scripts|benchmarks)/[\w./-]+\.(?:md|sh|yaml|py))", text)
     assert [f for f in files if not (REPO / f).exists()] == []
 
