@@ -141,8 +141,6 @@ class FunAsrSession:
             self._resampler = PcmResampler(new.audio_fs)
             self._cancel_stream_tasks()
             self._turn = None
-        if new.hotwords and new.hotwords != (current or new).hotwords:
-            log.debug("%s: hotwords ignored (SenseVoice has no hotword biasing)", self.session_id)
         self.request = new
         if "is_speaking" in msg and not boolean(msg, "is_speaking"):
             await self._finish(ack="is_end" in msg and boolean(msg, "is_end"))
@@ -274,7 +272,9 @@ class FunAsrSession:
         if len(audio) == 0:
             await self._send(Final("offline", req.wav_name, "", True, **result_fields(None)))
             return
-        segments = await self._recognize(recognize_recording(self.pipeline, audio, req.language, req.itn))
+        segments = await self._recognize(
+            recognize_recording(self.pipeline, audio, req.language, req.itn, hotwords=req.hotwords)
+        )
         first = segments[0].recognition if segments else None
         tags = result_fields(first)
         if len(segments) > 1:
@@ -293,7 +293,7 @@ class FunAsrSession:
         if self._turn is None:
             self._turn = Turn(self.pipeline, self.session_id)
         turn = self._turn
-        turn.language, turn.itn = req.language, req.itn
+        turn.language, turn.itn, turn.hotwords = req.language, req.itn, req.hotwords
         for event in await self.pipeline.feed(turn.stream, pcm):
             await self._on_event(req, turn, event, end_of_stream=False)
         self._maybe_partial(req, turn)
@@ -366,7 +366,9 @@ class FunAsrSession:
     async def _partial(self, req: RequestConfig, utt: _Utterance, audio: np.ndarray) -> None:
         try:
             t0 = time.perf_counter()
-            transcript = await self.pipeline.transcribe(audio, req.language, req.itn, Priority.PARTIAL)
+            transcript = await self.pipeline.transcribe(
+                audio, req.language, req.itn, Priority.PARTIAL, hotwords=req.hotwords
+            )
             self.metrics.stage.labels("partial").observe(time.perf_counter() - t0)
         except asyncio.CancelledError:
             raise

@@ -67,6 +67,7 @@ class Session:
             meter=self._meter if vad_meter else None,
             on_speech=self._on_speech,
         )
+        self.turn.device_id = client.device_id  # its hotword list (HTTP API) biases each utterance
         self._replier = asyncio.ensure_future(self._reply_all())
         self._barge_ins: set[asyncio.Task[None]] = set()
         self.listening = False

@@ -46,3 +46,21 @@ class OnnxSenseVoice:
     ) -> tuple[np.ndarray, np.ndarray]:
         logits, lens = self.run(feats, lengths, lang_ids, textnorm_ids)
         return logits.argmax(axis=-1).astype(np.int32), lens
+
+    def top_k(
+        self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, lens = self.run(feats, lengths, lang_ids, textnorm_ids)
+        return (*top_k(logits, k), lens)
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's best `k` token ids [..., k] int32 (best first; among equals the lowest id, as
+    argmax takes) and their logits less the frame's best [..., k] float32."""
+    k = min(k, logits.shape[-1])
+    part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
+    vals = np.take_along_axis(logits, part, axis=-1)
+    order = np.lexsort((part, -vals), axis=-1)
+    ids = np.take_along_axis(part, order, axis=-1).astype(np.int32)
+    vals = np.take_along_axis(vals, order, axis=-1).astype(np.float32)
+    return ids, vals - vals[..., :1]
