@@ -107,6 +107,7 @@ class ContextGraph:
         queue: deque[ContextState] = deque()
         for child in self.root.next.values():
             child.fail = self.root
+            child.banked = self.words_bonus(child)
             queue.append(child)
         while queue:
             node = queue.popleft()
