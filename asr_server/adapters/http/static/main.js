@@ -5,6 +5,7 @@ import { api, explain, getKey, setKey, show } from "./api.js";
 import * as health from "./health.js";
 import * as live from "./live.js";
 import * as talk from "./talk.js";
+import * as hotwords from "./hotwords.js";
 import * as voices from "./voices.js";
 
 const $ = (id) => document.getElementById(id);
@@ -34,6 +35,7 @@ function selectTab(name) {
   for (const b of document.querySelectorAll("#tabs button")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of document.querySelectorAll("section.tab")) s.hidden = s.id !== name;
   if (name === "voices" && status) voices.refresh();
+  if (name === "hotwords" && status) hotwords.refresh();
 }
 
 window.addEventListener("api-auth", (e) => {
@@ -49,4 +51,5 @@ $("key-form").onsubmit = (e) => {
 };
 talk.setup(() => status);
 voices.setup();
+hotwords.setup();
 start();
