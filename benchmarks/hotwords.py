@@ -154,6 +154,31 @@ def effect(engine: SenseVoice, clips: list) -> None:
     print(f"| all | {totals[0]} words | {totals[1]} | {totals[2]} | |")
 
 
+def noisy(engine: SenseVoice, clips: list, snrs: tuple[float, ...] = (10.0, 5.0, 0.0)) -> None:
+    """The clips with white noise at each SNR, where the stand-in starts to garble words: how many
+    rare words the greedy and the biased texts have, and whether 50 unrelated words change any text."""
+    words = unrelated(engine.tokenizer, [c.text for c in clips])
+    rng = np.random.default_rng(0)
+    print("\n| SNR dB | rare words | in greedy texts | in biased texts | texts changed by 50 unrelated hotwords |")
+    print("|---:|---:|---:|---:|---:|")
+    for snr in snrs:
+        audios = []
+        for c in clips:
+            power = float(np.mean(c.audio**2))
+            audios.append(
+                (c.audio + rng.standard_normal(len(c.audio)) * np.sqrt(power / 10 ** (snr / 10))).astype(np.float32)
+            )
+        greedy = engine.transcribe_batch(audios)
+        rare = [tuple(Hotword(w, WEIGHT) for w in RARE.get(c.name, ())) for c in clips]
+        biased = engine.transcribe_batch(audios, hotwords=rare)
+        other = engine.transcribe_batch(audios, hotwords=[words] * len(clips))
+        total = sum(len(r) for r in rare)
+        has_g = sum(h.text.lower() in g.text.lower() for r, g in zip(rare, greedy, strict=True) for h in r)
+        has_b = sum(h.text.lower() in b.text.lower() for r, b in zip(rare, biased, strict=True) for h in r)
+        changed = sum(g.text != o.text for g, o in zip(greedy, other, strict=True))
+        print(f"| {snr:g} | {total} | {has_g} | {has_b} | {changed} of {len(clips)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", type=Path, default=Path("build/bench-models"), help="for the cost (full size)")
@@ -173,6 +198,7 @@ def main() -> None:
     if args.effect_models is not None:
         engine = SenseVoice.load(args.effect_models / "SenseVoiceSmall", quantized="no", threads=args.threads)
     effect(engine, clips)
+    noisy(engine, clips)
     print(f"\nload average after: {open('/proc/loadavg').read().strip()}")
 
 

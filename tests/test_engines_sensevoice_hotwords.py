@@ -119,6 +119,23 @@ def test_begun_and_unfinished_hotword_does_not_win():
     assert tokens(found) == [1, 2, 6] and found.hotwords == ()
 
 
+def test_begun_hotwords_filling_the_beam_do_not_change_the_text():
+    """Five hotwords begun at once (each two close pieces of three; the pieces also start other
+    hotwords) lift more prefixes than the beam holds above the greedy one; none is finished, so the
+    text must stay the greedy one, which the beam keeps however many begun prefixes outrank it."""
+    starts, seconds = [3, 4, 5, 7, 8], [9, 10, 11, 12, 13]
+    words = [(a, b, 14) for a, b in zip(starts, seconds, strict=True)] + [(b, 15) for b in seconds]
+    hot = graph(*words)
+    blank = _row(0, None, 0, 20)
+    first, second, last = (np.full(20, -30.0, np.float32) for _ in range(3))
+    first[1], second[2], last[6] = 0.0, 0.0, 0.0
+    first[starts], second[seconds] = -0.5, -0.5
+    logits = np.stack([blank, first, blank, second, blank, last, blank])
+    assert tokens(search(logits, graph())) == [1, 2, 6]
+    found = search(logits, hot)
+    assert tokens(found) == [1, 2, 6] and found.hotwords == ()
+
+
 def test_word_times_follow_the_biased_path():
     logits = frames([(1, 3, 0.5), (2, 4, 0.5), (6, 5, 0.5)], pad=3)
     found = search(logits, graph((3, 4, 5)))

@@ -56,6 +56,7 @@ def test_funasr_clients_json_object_and_comma_forms():
         ('{"a": "x"}', "not a number"),
         ('{"a": 0}', "use 0 < weight"),
         ('{"a": 20}', "use 0 < weight"),
+        ('{"a": 5.5}', "use 0 < weight"),
         ('{"a": true}', "not a number"),
         ("{not json", "not a JSON object"),
         ("[1, 2]", None),  # no brace: read as words, "[1" and "2]" are words
@@ -76,7 +77,7 @@ def test_lenient_source_skips_or_caps_with_a_log_line(caplog):
         assert parse_hotwords("{not json", "FunASR hotwords", strict=False) == ()
         got = parse_hotwords('{"阿里巴巴": 20, "bad": "x", "ok": 1}', "FunASR hotwords", strict=False)
         many = parse_hotwords(",".join(f"w{i}" for i in range(MAX_HOTWORDS + 5)), "FunASR hotwords", strict=False)
-    assert got == (Hotword("阿里巴巴", 10.0), Hotword("ok", 1.0))  # FunASR's 20 is another model's scale: capped
+    assert got == (Hotword("阿里巴巴", 5.0), Hotword("ok", 1.0))  # FunASR's 20 is another model's scale: capped
     assert len(many) == MAX_HOTWORDS
     assert "not a JSON object" in caplog.text and "capped" in caplog.text and "not a number" in caplog.text
 
@@ -248,7 +249,7 @@ async def funasr_offline(tmp_path, hotwords: str, **asr) -> tuple[list, dict]:
 async def test_funasr_field_as_funasrs_client_sends_it_and_its_bad_forms(tmp_path, caplog):
     sent = json.dumps({"阿里巴巴": 20, "通义实验室": 3}, ensure_ascii=False)
     asked, final = await funasr_offline(tmp_path / "a", sent, corrections=["w1=>你好"])
-    assert asked[-1] == (Hotword("阿里巴巴", 10.0), Hotword("通义实验室", 3.0))
+    assert asked[-1] == (Hotword("阿里巴巴", 5.0), Hotword("通义实验室", 3.0))
     assert final["is_final"] and "你好" in final["text"]
     with caplog.at_level(logging.INFO, "asr_server.core.hotwords"):
         asked, final = await funasr_offline(tmp_path / "b", '{"阿里巴巴": 20')  # cut short: not JSON

@@ -201,7 +201,7 @@ class AsrConfig(_Section):
     hotword_weight: float = Field(
         1.5,
         gt=0,
-        le=10,
+        le=5,
         description="The bonus per sentencepiece piece of a hotword given without a weight (log-probability).",
     )
     corrections: list[str] = Field(

@@ -32,7 +32,7 @@ from ...core.recording import dominant, join_texts, recognize_recording
 from ...core.scheduler import Priority
 from ...core.turn import Ended, Turn
 from ...errors import AudioDecodeError, DecoderCrashed, EngineBusy, EngineFailed, FunAsrProtocolError, PcmFormatError
-from ...types import Recognition, TranscriptEvent
+from ...types import Hotword, Recognition, TranscriptEvent
 from ..sending import close_reason, send_within
 from .context import FunAsrContext
 from .wire import (
@@ -141,6 +141,8 @@ class FunAsrSession:
             self._resampler = PcmResampler(new.audio_fs)
             self._cancel_stream_tasks()
             self._turn = None
+        if new.hotwords != (current.hotwords if current is not None else ()):
+            log.info("%s: %d hotwords from the client: %s", self.session_id, len(new.hotwords), _shown(new.hotwords))
         self.request = new
         if "is_speaking" in msg and not boolean(msg, "is_speaking"):
             await self._finish(ack="is_end" in msg and boolean(msg, "is_end"))
@@ -433,3 +435,9 @@ class FunAsrSession:
                     rec, protocol=PROTOCOL, session_id=self.session_id, client_id=req.wav_name, timestamp=now
                 )
             )
+
+
+def _shown(hotwords: tuple[Hotword, ...]) -> str:
+    """The first few hotwords for a log line."""
+    words = ", ".join(f"{h.text}:{h.weight:g}" if h.weight is not None else h.text for h in hotwords[:5])
+    return words + (f" (+{len(hotwords) - 5})" if len(hotwords) > 5 else "")

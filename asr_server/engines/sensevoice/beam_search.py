@@ -6,8 +6,8 @@ the hotword bonus its `ContextGraph` state holds. A hotword that is the close se
 pieces a little below the best at their frames) wins with its bonus; one far below does not.
 
 A prefix's CTC score is its best alignment's (Viterbi: the max over alignments, not their sum),
-so with no hotword in play the best prefix is exactly the greedy path, word times included:
-biasing is the only thing that can change a text. Scores are the frame's logits less its best
+so with no hotword in play the best prefix is exactly the greedy path, word times included; the
+beam always keeps that path, so a text changes only for a hotword said in full. Scores are the frame's logits less its best
 one: every prefix consumes the same frames, so that equals log-probability differences without a
 softmax over the 25,055 classes.
 """
@@ -24,8 +24,8 @@ from .context_graph import ContextGraph, ContextState
 #: Prefixes kept per frame, and tokens tried per frame (the frame's best ones). 8 found every
 #: hotword of the synthetic cases and keeps a 5 s utterance's search near 10 ms (BENCHMARKS.md).
 BEAM = 8
-#: A token this far (log-probability) below its frame's best is not tried: larger than a hotword's
-#: largest bonus per piece (`MAX_HOTWORD_WEIGHT` in core.hotwords), it could not win a frame.
+#: A token this far (log-probability) below its frame's best is not tried: over twice a hotword's
+#: largest bonus per piece (5, `MAX_HOTWORD_WEIGHT` in core.hotwords), it could not win its frame.
 CANDIDATE_GAP = 12.0
 
 Timed = tuple[tuple[int, int, int], ...]
@@ -88,9 +88,20 @@ def biased_search(ids: np.ndarray, scores: np.ndarray, graph: ContextGraph, blan
                         _extend(nxt, graph, prefix, h, c, h.blank + s, (*h.blank_times, (c, t, t)))
                 else:
                     _extend(nxt, graph, prefix, h, c, ctc + s, (*times, (c, t, t)))
-        beam = dict(sorted(nxt.items(), key=lambda kv: kv[1].ctc + kv[1].bonus, reverse=True)[:BEAM])
+        beam = _prune(nxt)
     final = max(beam.values(), key=lambda h: h.ctc + h.bonus - ContextGraph.unfinished(h.context))
     return Biased(list(final.times), tuple(graph.words[i] for i in final.matched))
+
+
+def _prune(nxt: dict[tuple[int, ...], _Prefix]) -> dict[tuple[int, ...], _Prefix]:
+    """The `BEAM` best prefixes with their bonus, and the best without (the greedy path): a beam
+    filled with prefixes that a begun hotword lifts must not lose it, or a hotword that then fails
+    would leave a text the bonus had chosen though none of it was kept."""
+    ranked = sorted(nxt.items(), key=lambda kv: kv[1].ctc + kv[1].bonus, reverse=True)
+    kept = dict(ranked[:BEAM])
+    plain = max(nxt.items(), key=lambda kv: kv[1].ctc)
+    kept.setdefault(plain[0], plain[1])
+    return kept
 
 
 def _offer(
