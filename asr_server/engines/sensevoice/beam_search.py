@@ -56,7 +56,7 @@ class _Prefix:
 @dataclass(frozen=True, slots=True)
 class Biased:
     """The search's best prefix: (token id, first frame, last frame) of each token, and the
-    hotwords it matched (their texts, in the order spoken)."""
+    hotwords it matched (their texts, each once, in the order first spoken)."""
 
     timed: list[tuple[int, int, int]]
     hotwords: tuple[str, ...]
@@ -90,7 +90,7 @@ def biased_search(ids: np.ndarray, scores: np.ndarray, graph: ContextGraph, blan
                     _extend(nxt, graph, prefix, h, c, ctc + s, (*times, (c, t, t)))
         beam = _prune(nxt)
     final = max(beam.values(), key=lambda h: h.ctc + h.bonus - ContextGraph.unfinished(h.context))
-    return Biased(list(final.times), tuple(graph.words[i] for i in final.matched))
+    return Biased(list(final.times), tuple(dict.fromkeys(graph.words[i] for i in final.matched)))
 
 
 def _prune(nxt: dict[tuple[int, ...], _Prefix]) -> dict[tuple[int, ...], _Prefix]:
