@@ -215,10 +215,21 @@ def test_hotword_the_tokenizer_cannot_spell_is_skipped_with_a_log_line(engine, c
     assert "skipped" in caplog.text and "ẞ☃" in caplog.text
 
 
-def test_chinese_hotword_is_spelt_without_the_word_start_piece(engine):
-    (ids,) = hotword_pieces(engine.tokenizer, "广州市")
-    assert not engine.tokenizer.piece(ids[0]).startswith("\u2581")
-    assert engine.tokenizer.decode(list(ids)) == "广州市"
+def test_chinese_hotword_is_spelt_without_the_word_start_piece_and_char_by_char(engine):
+    tok = engine.tokenizer
+    spellings = hotword_pieces(tok, "广州市")
+    assert all(not tok.piece(ids[0]).startswith("\u2581") for ids in spellings)
+    assert {tok.decode(list(ids)) for ids in spellings} == {"广州市"}
+    assert tuple(tok.piece_id(ch) for ch in "广州市") in spellings
+    assert len(spellings) == len(set(spellings))
+    # either spelling in the model's output completes the hotword
+    g = ContextGraph.build([Hotword("广州市")], tok, W)
+    for ids in spellings:
+        state, matched = g.root, ()
+        for tid in ids:
+            step = g.step(state, tid)
+            state, matched = step.state, matched + step.matched
+        assert matched == (0,)
 
 
 def test_top_k_is_best_first_ties_to_the_lowest_id_as_argmax():

@@ -145,11 +145,12 @@ class ContextGraph:
 
 
 def hotword_pieces(tokenizer: Tokenizer, text: str) -> list[tuple[int, ...]]:
-    """How the model may spell `text` in its output: the tokenizer's pieces of it. A Chinese or
-    Japanese word is spelt inside a sentence without the word-start `▁` the tokenizer puts before
-    it, so the `▁` is dropped there (and a `▁`-joined first piece replaced by its bare form when the
-    vocabulary has one); a spaced-script word keeps it. Empty when a piece is unknown (it would be
-    the blank, id 0, which CTC never emits as a token)."""
+    """How the model may spell `text` in its output: the tokenizer's pieces of it and, for a word
+    of Chinese or Japanese characters, one piece per character as well where the vocabulary has
+    them (inside a sentence the model may split a word the tokenizer keeps whole). Such a word is
+    spelt without the word-start `▁` the tokenizer puts before it (a `▁`-joined first piece is
+    replaced by its bare form when the vocabulary has one); a spaced-script word keeps it. Empty
+    when a piece is unknown (it would be the blank, id 0, which CTC never emits as a token)."""
     text = text.strip()
     if not text:
         return []
@@ -162,6 +163,9 @@ def hotword_pieces(tokenizer: Tokenizer, text: str) -> list[tuple[int, ...]]:
             bare = tokenizer.piece_id(first[1:])
             if bare is not None:
                 ids[0] = bare
-    if not ids or any(i == tokenizer.unk_id for i in ids):
-        return []
-    return [tuple(ids)]
+    spellings = [tuple(ids)] if ids and tokenizer.unk_id not in ids else []
+    if all(unspaced(ch) for ch in text):
+        chars = [tokenizer.piece_id(ch) for ch in text]
+        if all(c is not None and c != tokenizer.unk_id for c in chars) and tuple(chars) not in spellings:
+            spellings.append(tuple(c for c in chars if c is not None))
+    return spellings
