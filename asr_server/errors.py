@@ -116,6 +116,10 @@ class VoiceprintError(AsrServerError, ValueError):
     """A voiceprint operation that cannot be done (bad name, dimension mismatch, unknown speaker)."""
 
 
+class HotwordError(AsrServerError, ValueError):
+    """A hotword list or correction rule that cannot be used: too many, too long, a weight that is not a number."""
+
+
 class AudioError(AsrServerError, ValueError):
     """Audio the server cannot use."""
 

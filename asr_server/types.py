@@ -33,6 +33,15 @@ class Word:
 
 
 @dataclass(frozen=True, slots=True)
+class Hotword:
+    """A word or phrase recognition should favour (a name, a room, a product) and how strongly: the
+    bonus per sentencepiece piece of it, in log-probability units; None: `asr.hotword_weight`."""
+
+    text: str
+    weight: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Transcript:
     """One decoded SenseVoice utterance: clean text plus the rich tags as fields."""
 
@@ -48,6 +57,10 @@ class Transcript:
     """The whole decoded string with its tags, for debugging."""
     words: tuple[Word, ...] = ()
     """The words of `text` with their times (empty when the decoder gave none)."""
+    hotwords: tuple[str, ...] = ()
+    """The hotwords the biased decoding put in the text (empty where it decoded greedily: none were set)."""
+    uncorrected_text: str | None = None
+    """`text` before `asr.corrections` rewrote it; None where no rule applied."""
 
 
 @dataclass(frozen=True, slots=True)

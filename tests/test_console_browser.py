@@ -327,3 +327,33 @@ async def test_history_searches_plays_corrects_deletes_erases_and_exports(start_
         assert [r.device_id for r in archive.search(Query())[0]] == ["aa:bb:cc:dd:ee:02"]
         await browser.close()
     assert not errors, errors
+
+
+async def test_hotwords_panel_sets_shows_refuses_and_deletes_a_devices_list(console):
+    page, server, _, _ = console
+    await use_key(page, KEY)
+    await expect(page.locator("#auth-message")).to_be_hidden()
+    await page.click("#tabs button[data-tab=hotwords]")
+    await expect(page.locator("#hotword-devices")).to_contain_text("no device has hotwords")
+    await page.fill("#hotwords-device", "console-hotwords")
+    await page.fill("#hotwords-text", "张三 2\n小米台灯\nliving room")
+    await page.click("#hotwords-save")
+    row = page.locator('#hotword-devices tr[data-device="console-hotwords"]')
+    await expect(row.locator("td.count")).to_have_text("3")
+    store = server.pipeline.hotwords.store
+    assert [(h.text, h.weight) for h in store.get("console-hotwords")] == [
+        ("张三", 2.0),
+        ("小米台灯", None),
+        ("living room", None),
+    ]
+    await page.screenshot(path=ARTIFACTS / "hotwords.png")
+    await page.fill("#hotwords-text", "")
+    await row.locator("button").click()  # edit: the stored list comes back into the editor
+    await expect(page.locator("#hotwords-text")).to_have_value("张三 2\n小米台灯\nliving room")
+    await page.fill("#hotwords-text", "张三 99")  # a weight out of range: refused, the stored list kept
+    await page.click("#hotwords-save")
+    await expect(page.locator("#hotwords-error")).to_contain_text("weight")
+    assert len(store.get("console-hotwords")) == 3
+    await page.click("#hotwords-delete")
+    await expect(page.locator("#hotword-devices")).to_contain_text("no device has hotwords")
+    assert store.get("console-hotwords") == ()

@@ -118,6 +118,22 @@ def test_the_best_path_is_the_argmax_of_the_logits_taken_on_the_device(torch_sv,
     assert [torch_sv.decode_best(b) for b in paths] == [torch_sv.decode(lg) for lg in logits]
 
 
+def test_top_k_taken_on_the_device_is_the_logits_top_k(torch_sv, audios):
+    """`top_k` (what the hotword search reads) copies k ids and scores a frame, the same as the
+    host's top-k of the logits: best first, scores less the frame's best."""
+    from asr_server.engines.sensevoice.onnx import top_k
+
+    feats = torch_sv.features(audios)
+    languages, itn = ["auto"] * len(audios), [True] * len(audios)
+    tops = torch_sv.top_k(feats, languages, itn, 8)
+    for (ids, scores), lg in zip(tops, torch_sv.logits(feats, languages, itn), strict=True):
+        ref_ids, ref_scores = top_k(lg, 8)
+        assert ids.dtype == np.int32 and ids.shape == (lg.shape[0], 8)
+        np.testing.assert_array_equal(ids[:, 0], lg.argmax(-1))
+        np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
+        assert (ids == ref_ids).mean() > 0.99  # equal scores may come in either order
+
+
 def test_batched_and_single_calls_agree(torch_sv, audios):
     feats = torch_sv.features(audios)
     batch = torch_sv.logits(feats, ["auto"] * len(feats), [True] * len(feats))

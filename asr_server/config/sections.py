@@ -161,6 +161,22 @@ class AsrConfig(_Section):
         "devices while it stays missed; it must exceed vad.min_silence_ms (no reply comes sooner); 0: not watched.",
     )
     speculative: bool = True
+    hotwords: list[str] = Field(
+        default_factory=list,
+        description="Words and phrases every utterance is biased towards (names, rooms, products), each 'word' "
+        "or 'word weight'; merged with the device's list (HTTP API) and the request's (FunASR `hotwords`, the "
+        "transcription form's `hotwords`). Utterances without any are decoded greedily, at no extra cost.",
+    )
+    hotword_weight: float = Field(
+        1.5,
+        gt=0,
+        le=5,
+        description="The bonus per sentencepiece piece of a hotword given without a weight (log-probability).",
+    )
+    corrections: list[str] = Field(
+        default_factory=list,
+        description="'wrong=>right' rules (FunASR's format) applied in order to every final text.",
+    )
 
 
 class SpeakerConfig(_Section):

@@ -24,9 +24,11 @@ from ..audio.segmenter import Event
 from ..config import Config
 from ..constants import SAMPLE_RATE
 from ..engines.base import Embedder, ModelInfo, Recognizer, RemoteEmbedder, RemoteRecognizer, VadModel
-from ..errors import EngineBusy, VoiceprintError
-from ..types import Recognition, SpeakerMatch, Transcript
+from ..errors import ConfigError, EngineBusy, HotwordError, VoiceprintError
+from ..types import Hotword, Recognition, SpeakerMatch, Transcript
+from .corrections import Corrections
 from .governor import Governor
+from .hotwords import HotwordSources, HotwordStore
 from .loading import load_recognizer, load_speaker
 from .metrics import Metrics
 from .scheduler import InferenceQueue, Job, Priority
@@ -43,6 +45,7 @@ class AsrRequest:
     audio: np.ndarray
     language: str
     use_itn: bool
+    hotwords: tuple[Hotword, ...] = ()  # every source's, merged, with weights (none: greedy decoding)
 
 
 @dataclass(eq=False)
@@ -83,8 +86,14 @@ class Pipeline:
         speaker: Embedder | RemoteEmbedder | None,
         voiceprints: VoiceprintStore | None,
         metrics: Metrics,
+        hotword_store: HotwordStore | None = None,
     ) -> None:
         self.config = config
+        try:
+            self.hotwords = HotwordSources(config.asr.hotwords, config.asr.hotword_weight, hotword_store)
+            self.corrections = Corrections(config.asr.corrections)
+        except HotwordError as e:
+            raise ConfigError(str(e)) from None
         self.vad = vad
         self.asr = asr
         self.speaker = speaker
@@ -170,7 +179,7 @@ class Pipeline:
         voiceprints = None
         if speaker is not None:
             voiceprints = VoiceprintStore(config.speaker.db, model=voiceprint_model_id(config), dim=speaker.dim)
-        pipeline = cls(config, vad, asr, speaker, voiceprints, metrics or Metrics())
+        pipeline = cls(config, vad, asr, speaker, voiceprints, metrics or Metrics(), HotwordStore(config.speaker.db))
         for info in pipeline.models:
             log.info("model %s", info.describe())
         return pipeline
@@ -243,11 +252,20 @@ class Pipeline:
         language: str | None = None,
         use_itn: bool | None = None,
         priority: Priority = Priority.FINAL,
+        hotwords: tuple[Hotword, ...] = (),
+        device_id: str | None = None,
     ) -> Transcript:
-        return (await self._asr.run(self._asr_request(audio, language, use_itn), priority, len(audio)))[0]
+        """Text only (a FunASR partial, a health probe): biased like a final, not corrected."""
+        request = self._asr_request(audio, language, use_itn, hotwords=self.hotwords.of(device_id, hotwords))
+        return (await self._asr.run(request, priority, len(audio)))[0]
 
     def _asr_request(
-        self, audio: np.ndarray, language: str | None, use_itn: bool | None, endpointed: bool = False
+        self,
+        audio: np.ndarray,
+        language: str | None,
+        use_itn: bool | None,
+        endpointed: bool = False,
+        hotwords: tuple[Hotword, ...] = (),
     ) -> AsrRequest:
         """The recogniser's request. An utterance the VAD cut (`endpointed`) ends `vad.tail_ms` after
         its last voiced window; the model needs more trailing context than that to emit its last
@@ -257,7 +275,7 @@ class Pipeline:
         pad = int(self.config.vad.trailing_pad_ms * SAMPLE_RATE / 1000) if endpointed else 0
         if pad:
             audio = np.concatenate([audio, np.zeros(pad, np.float32)])
-        return AsrRequest(audio, language or cfg.language, cfg.use_itn if use_itn is None else use_itn)
+        return AsrRequest(audio, language or cfg.language, cfg.use_itn if use_itn is None else use_itn, hotwords)
 
     async def embed(self, audio: np.ndarray) -> np.ndarray:
         if self._spk is None:
@@ -314,15 +332,18 @@ class Pipeline:
         speculative: bool = False,
         endpointed: bool = False,
         speech_end: float | None = None,
+        hotwords: tuple[Hotword, ...] = (),
+        device_id: str | None = None,
     ) -> Recognizing:
         """Queue one utterance for text and speaker (both at once) and return the handle that awaits
         them. `endpointed`: the VAD cut it (it gets `vad.trailing_pad_ms` of trailing context);
         `speech_end`: when its speech ended (`time.perf_counter`), for a live stream whose reply
-        keeps `asr.budget_ms`: the speaker is not waited for past it."""
+        keeps `asr.budget_ms`: the speaker is not waited for past it. The text is decoded with the
+        config's, `device_id`'s and the request's `hotwords`, and corrected (`asr.corrections`)."""
         audio = np.asarray(audio, dtype=np.float32)
         audio_ms = int(len(audio) * 1000 / SAMPLE_RATE)
         priority = Priority.SPECULATION if speculative else Priority.FINAL
-        request = self._asr_request(audio, language, use_itn, endpointed)
+        request = self._asr_request(audio, language, use_itn, endpointed, self.hotwords.of(device_id, hotwords))
         asr_job = self._asr.submit(request, priority, len(request.audio))
         jobs: list[Job] = [asr_job]
         spk_job = None
@@ -346,7 +367,7 @@ class Pipeline:
             asr_t = asr_job.timing
             spk_t = spk_job.timing if spk_job is not None else None
             return Recognition(
-                transcript,
+                self.corrections.apply(transcript),
                 self.identify(embedding) if embedding is not None else None,
                 audio_ms,
                 asr_ms=(time.perf_counter() - started) * 1000 if asr_t is None else asr_t.queue_ms + asr_t.compute_ms,
@@ -396,9 +417,13 @@ class Pipeline:
         use_itn: bool | None = None,
         identify: bool = True,
         endpointed: bool = False,
+        hotwords: tuple[Hotword, ...] = (),
+        device_id: str | None = None,
     ) -> Recognition:
         """Text, tags and speaker of one utterance, as a final (a caller waits for it)."""
-        r = self.start_recognition(audio, language, use_itn, identify, endpointed=endpointed)
+        r = self.start_recognition(
+            audio, language, use_itn, identify, endpointed=endpointed, hotwords=hotwords, device_id=device_id
+        )
         try:
             return await r.task
         except asyncio.CancelledError:
@@ -412,6 +437,7 @@ class Pipeline:
             await self._spk.close()
         if self.voiceprints is not None:
             self.voiceprints.close()
+        self.hotwords.close()
         for remote in (self.asr, self.speaker):
             if isinstance(remote, RemoteRecognizer | RemoteEmbedder):
                 await asyncio.to_thread(remote.close)
@@ -421,6 +447,9 @@ _REPLY_MARGIN_S = 0.05
 """What a reply takes after the speaker is known: joining, identifying, sending."""
 
 
-def _columns(requests: Sequence[AsrRequest]) -> tuple[list[np.ndarray], list[str], list[bool]]:
-    """A batch of requests as the recogniser's three argument lists: audio, language, ITN."""
-    return [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
+def _columns(requests: Sequence[AsrRequest]) -> tuple[list, list, list, list | None]:
+    """A batch of requests as the recogniser's argument lists: audio, language, ITN, hotwords (None
+    where no request has any: the recogniser's plain greedy call)."""
+    hotwords = [r.hotwords for r in requests]
+    audio, language, itn = [r.audio for r in requests], [r.language for r in requests], [r.use_itn for r in requests]
+    return audio, language, itn, hotwords if any(hotwords) else None

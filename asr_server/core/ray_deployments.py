@@ -26,7 +26,7 @@ from ray import serve
 
 from ..config import Config, RayDeploymentConfig
 from ..engines.base import ModelInfo
-from ..types import Transcript
+from ..types import Hotword, Transcript
 from .loading import load_recognizer, load_speaker
 
 R = TypeVar("R")
@@ -39,6 +39,7 @@ class AsrItem:
     audio: np.ndarray
     language: str
     use_itn: bool
+    hotwords: tuple[Hotword, ...] = ()
 
 
 def deployment_digest(config: Config, model: str) -> str:
@@ -122,6 +123,7 @@ class AsrDeployment(_Replica):
             [i.audio for i in items],
             [i.language for i in items],
             [i.use_itn for i in items],
+            [i.hotwords for i in items],
         )
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from ..config import Config
 from ..engines.base import ModelInfo
 from ..errors import AsrServerError, EngineBusy, EngineFailed, StartupError
-from ..types import Transcript
+from ..types import Hotword, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +89,17 @@ class RayRecognizer(_Remote):
         audios: Sequence[np.ndarray],
         languages: Sequence[str] | None = None,
         use_itn: Sequence[bool] | None = None,
+        hotwords: Sequence[Sequence[Hotword]] | None = None,
     ) -> list[Transcript]:
         from .ray_deployments import AsrItem
 
         langs = list(languages) if languages is not None else ["auto"] * len(audios)
         itn = list(use_itn) if use_itn is not None else [True] * len(audios)
-        items = [AsrItem(np.asarray(a, np.float32), lang, i) for a, lang, i in zip(audios, langs, itn)]
+        words = [tuple(h) for h in hotwords] if hotwords is not None else [()] * len(audios)
+        items = [
+            AsrItem(np.asarray(a, np.float32), lang, i, h)
+            for a, lang, i, h in zip(audios, langs, itn, words, strict=True)
+        ]
         return list(await asyncio.gather(*(self._call("transcribe", item) for item in items)))
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..audio.segmenter import Utterance
 from ..constants import SAMPLE_RATE
-from ..types import Recognition, Transcript, Word, unspaced
+from ..types import Hotword, Recognition, Transcript, Word, unspaced
 from .pipeline import Pipeline
 
 
@@ -65,8 +65,11 @@ async def recognize_recording(
     use_itn: bool | None = None,
     identify: bool = True,
     max_parallel: int | None = None,
+    hotwords: tuple[Hotword, ...] = (),
+    device_id: str | None = None,
 ) -> list[Segment]:
-    """Recognise a recording of any length; segments in time order, empty ones left out."""
+    """Recognise a recording of any length; segments in time order, empty ones left out. Each is
+    decoded with the request's `hotwords` beside the config's and `device_id`'s."""
     audio = np.asarray(audio, dtype=np.float32)
     cut = len(audio) > pipeline.config.vad.max_utterance_s * SAMPLE_RATE
     pieces = await split_timed(pipeline, audio) if cut else [(0, audio)]
@@ -75,7 +78,9 @@ async def recognize_recording(
 
     async def one(start: int, piece: np.ndarray) -> Segment:
         async with gate:
-            rec = await pipeline.recognize(piece, language, use_itn, identify, endpointed=cut)
+            rec = await pipeline.recognize(
+                piece, language, use_itn, identify, endpointed=cut, hotwords=hotwords, device_id=device_id
+            )
         return Segment(start / SAMPLE_RATE, (start + len(piece)) / SAMPLE_RATE, rec)
 
     segments = await asyncio.gather(*(one(s, p) for s, p in pieces))
@@ -118,11 +123,21 @@ def join_pieces(pieces: list[Recognition]) -> Recognition:
 
     text = join_texts([p.transcript.text for p in heard])
     raw = "".join(p.transcript.raw for p in heard)
+    uncorrected = join_texts([p.transcript.uncorrected_text or p.transcript.text for p in heard])
+    hotwords = tuple(dict.fromkeys(w for p in heard for w in p.transcript.hotwords))
     speakers = [p for p in pieces if p.speaker is not None]
     last = pieces[-1]
     return dataclasses.replace(
         last,
-        transcript=Transcript(text, most("language"), most("emotion"), most("event"), raw),
+        transcript=Transcript(
+            text,
+            most("language"),
+            most("emotion"),
+            most("event"),
+            raw,
+            hotwords=hotwords,
+            uncorrected_text=uncorrected if uncorrected != text else None,
+        ),
         speaker=max(speakers, key=lambda p: p.audio_ms).speaker if speakers else None,
         audio_ms=sum(p.audio_ms for p in pieces),
     )

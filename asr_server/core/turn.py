@@ -34,7 +34,7 @@ from ..audio.clock import InputClock
 from ..audio.ogg_opus import OpusPacket, PacketLog
 from ..audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
 from ..constants import SAMPLE_RATE, VAD_WINDOW
-from ..types import Recognition
+from ..types import Hotword, Recognition
 from .live_feed import LiveFeed
 from .pipeline import Pipeline, Recognizing
 from .recording import join_pieces
@@ -116,6 +116,8 @@ class Turn:
         )
         self.language: str | None = None  # what recognition is asked for (None: detected, the config's ITN)
         self.itn: bool | None = None
+        self.hotwords: tuple[Hotword, ...] = ()  # the request's own (FunASR's `hotwords`), beside the config's
+        self.device_id: str | None = None  # whose hotword list (HTTP API) applies, read per utterance
         self._speculation: tuple[int, Recognizing] | None = None
         self._phrases: list[Recognizing] = []  # finished phrases of the utterance in progress
         self._held: list[np.ndarray] = []  # push-to-talk audio since `listen start`
@@ -209,7 +211,14 @@ class Turn:
         self, audio: np.ndarray, speculative: bool, endpointed: bool, speech_end: float | None
     ) -> Recognizing:
         recognizing = self.pipeline.start_recognition(
-            audio, self.language, self.itn, speculative=speculative, endpointed=endpointed, speech_end=speech_end
+            audio,
+            self.language,
+            self.itn,
+            speculative=speculative,
+            endpointed=endpointed,
+            speech_end=speech_end,
+            hotwords=self.hotwords,
+            device_id=self.device_id,
         )
         # Its failure is the awaiter's to report; one nobody awaits any more (voided) is dropped quietly.
         recognizing.task.add_done_callback(lambda t: t.cancelled() or t.exception())

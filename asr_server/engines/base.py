@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from ..errors import ModelFileError
-from ..types import Transcript
+from ..types import Hotword, Transcript
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +53,7 @@ class Recognizer(Protocol):
         audios: Sequence[np.ndarray],
         languages: Sequence[str] | None = None,
         use_itn: Sequence[bool] | None = None,
+        hotwords: Sequence[Sequence[Hotword]] | None = None,
     ) -> list[Transcript]: ...
 
 
@@ -77,6 +78,7 @@ class RemoteRecognizer(Protocol):
         audios: Sequence[np.ndarray],
         languages: Sequence[str] | None = None,
         use_itn: Sequence[bool] | None = None,
+        hotwords: Sequence[Sequence[Hotword]] | None = None,
     ) -> list[Transcript]: ...
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from asr_server.config import Config
 from asr_server.constants import SAMPLE_RATE
+from asr_server.core.hotwords import HotwordStore
 from asr_server.core.metrics import Metrics
 from asr_server.core.voiceprints import VoiceprintStore
 from asr_server.engines.base import ModelInfo
@@ -36,12 +37,14 @@ class FakeAsr:
     def __init__(self) -> None:
         self.info = ModelInfo("fake-sensevoice", Path("fake"), "fake", "cpu", "none", "fp32", 0.0)
         self.batches: list[int] = []
+        self.hotwords: list[tuple] = []  # each utterance's hotwords, as the recogniser was asked
         self.fail = False
 
-    def transcribe_batch(self, audios, languages, itns) -> list[Transcript]:
+    def transcribe_batch(self, audios, languages, itns, hotwords=None) -> list[Transcript]:
         if self.fail:
             raise RuntimeError("engine exploded")
         self.batches.append(len(audios))
+        self.hotwords.extend(hotwords if hotwords is not None else [()] * len(audios))
         out = []
         for audio, lang in zip(audios, languages):
             if float(np.sqrt(np.mean(np.square(audio)))) < 1e-4:
@@ -80,7 +83,8 @@ def fake_pipeline(config: Config, db: Path, speaker: bool = True, metrics: Metri
 
     spk = FakeSpeaker() if speaker else None
     store = VoiceprintStore(db, model=spk.info.path.name, dim=spk.dim) if spk is not None else None
-    return Pipeline(config, _silero(), FakeAsr(), spk, store, metrics or Metrics())
+    hotwords = HotwordStore(db)
+    return Pipeline(config, _silero(), FakeAsr(), spk, store, metrics or Metrics(), hotwords)
 
 
 class WebhookReceiver:

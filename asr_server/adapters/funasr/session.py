@@ -33,7 +33,7 @@ from ...core.recording import dominant, join_texts, recognize_recording
 from ...core.scheduler import Priority
 from ...core.turn import Ended, Turn
 from ...errors import AudioDecodeError, DecoderCrashed, EngineBusy, EngineFailed, FunAsrProtocolError, PcmFormatError
-from ...types import Recognition, TranscriptEvent
+from ...types import Hotword, Recognition, TranscriptEvent
 from ..sending import close_reason, send_within
 from .context import FunAsrContext
 from .wire import (
@@ -142,8 +142,8 @@ class FunAsrSession:
             self._resampler = PcmResampler(new.audio_fs)
             self._cancel_stream_tasks()
             self._turn = None
-        if new.hotwords and new.hotwords != (current or new).hotwords:
-            log.debug("%s: hotwords ignored (SenseVoice has no hotword biasing)", self.session_id)
+        if new.hotwords != (current.hotwords if current is not None else ()):
+            log.info("%s: %d hotwords from the client: %s", self.session_id, len(new.hotwords), _shown(new.hotwords))
         self.request = new
         if "is_speaking" in msg and not boolean(msg, "is_speaking"):
             await self._finish(ack="is_end" in msg and boolean(msg, "is_end"))
@@ -275,7 +275,9 @@ class FunAsrSession:
         if len(audio) == 0:
             await self._send(Final("offline", req.wav_name, "", True, **result_fields(None)))
             return
-        segments = await self._recognize(recognize_recording(self.pipeline, audio, req.language, req.itn))
+        segments = await self._recognize(
+            recognize_recording(self.pipeline, audio, req.language, req.itn, hotwords=req.hotwords)
+        )
         first = segments[0].recognition if segments else None
         tags = result_fields(first)
         if len(segments) > 1:
@@ -294,7 +296,7 @@ class FunAsrSession:
         if self._turn is None:
             self._turn = Turn(self.pipeline, self.session_id)
         turn = self._turn
-        turn.language, turn.itn = req.language, req.itn
+        turn.language, turn.itn, turn.hotwords = req.language, req.itn, req.hotwords
         for event in await self.pipeline.feed(turn.stream, pcm):
             await self._on_event(req, turn, event, end_of_stream=False)
         self._maybe_partial(req, turn)
@@ -367,7 +369,9 @@ class FunAsrSession:
     async def _partial(self, req: RequestConfig, utt: _Utterance, audio: np.ndarray) -> None:
         try:
             t0 = time.perf_counter()
-            transcript = await self.pipeline.transcribe(audio, req.language, req.itn, Priority.PARTIAL)
+            transcript = await self.pipeline.transcribe(
+                audio, req.language, req.itn, Priority.PARTIAL, hotwords=req.hotwords
+            )
             self.metrics.stage.labels("partial").observe(time.perf_counter() - t0)
         except asyncio.CancelledError:
             raise
@@ -444,3 +448,9 @@ class FunAsrSession:
                         pcm=audio,
                     )
                 )
+
+
+def _shown(hotwords: tuple[Hotword, ...]) -> str:
+    """The first few hotwords for a log line."""
+    words = ", ".join(f"{h.text}:{h.weight:g}" if h.weight is not None else h.text for h in hotwords[:5])
+    return words + (f" (+{len(hotwords) - 5})" if len(hotwords) > 5 else "")

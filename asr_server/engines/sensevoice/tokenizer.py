@@ -31,9 +31,16 @@ class Tokenizer(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def unk_id(self) -> int: ...
+
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def piece(self, token_id: int) -> str: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def piece_id(self, piece: str) -> int | None: ...
 
 
 class SentencePieceTokenizer:
@@ -54,11 +61,22 @@ class SentencePieceTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.processor.DecodeIds(list(ids)))
 
+    @property
+    def unk_id(self) -> int:
+        return int(self.processor.unk_id())
+
     def pieces(self) -> list[str]:
         return [self.processor.IdToPiece(i) for i in range(self.size)]
 
     def piece(self, token_id: int) -> str:
         return str(self.processor.IdToPiece(token_id))
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.processor.EncodeAsIds(text)]
+
+    def piece_id(self, piece: str) -> int | None:
+        tid = int(self.processor.PieceToId(piece))
+        return None if tid == self.unk_id and piece != self.piece(tid) else tid
 
 
 class TokenTable:
@@ -67,13 +85,40 @@ class TokenTable:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.tokens = read_token_table(self.path)
+        self._ids = {t: i for i, t in reversed(list(enumerate(self.tokens)))}
+        self._longest = max(len(t) for t in self.tokens)
 
     @property
     def size(self) -> int:
         return len(self.tokens)
 
+    @property
+    def unk_id(self) -> int:
+        return self._ids.get("<unk>", 0)
+
     def piece(self, token_id: int) -> str:
         return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else ""
+
+    def piece_id(self, piece: str) -> int | None:
+        return self._ids.get(piece)
+
+    def encode(self, text: str) -> list[int]:
+        """Longest pieces first, left to right (the table has no merge rules, so not always the
+        sentencepiece model's own split); a character no piece covers is `unk_id`."""
+        s = _WORD_START + _WORD_START.join(text.split())
+        out: list[int] = []
+        i = 0
+        while i < len(s):
+            for n in range(min(self._longest, len(s) - i), 0, -1):
+                tid = self._ids.get(s[i : i + n])
+                if tid is not None and tid != self.unk_id:
+                    out.append(tid)
+                    i += n
+                    break
+            else:
+                out.append(self.unk_id)
+                i += 1
+        return out
 
     def decode(self, ids: Sequence[int]) -> str:
         out: list[str] = []

@@ -111,3 +111,14 @@ class TorchSenseVoice:
         logits, lens = self.forward(feats, lengths, lang_ids, textnorm_ids)
         int32 = self._at.torch.int32
         return logits.argmax(dim=-1).to(int32).cpu().numpy(), lens.to(int32).cpu().numpy()
+
+    def top_k(
+        self, feats: np.ndarray, lengths: np.ndarray, lang_ids: np.ndarray, textnorm_ids: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each frame's best `k` on the device, like `best_path`: [B, T+4, k] ids and logits less the
+        frame's best cross to the host, not the logits."""
+        logits, lens = self.forward(feats, lengths, lang_ids, textnorm_ids)
+        vals, ids = logits.float().topk(min(k, logits.shape[-1]), dim=-1)
+        int32 = self._at.torch.int32
+        vals = vals - vals[..., :1]
+        return ids.to(int32).cpu().numpy(), vals.cpu().numpy(), lens.to(int32).cpu().numpy()

@@ -6,6 +6,7 @@ import * as health from "./health.js";
 import * as history from "./history.js";
 import * as live from "./live.js";
 import * as talk from "./talk.js";
+import * as hotwords from "./hotwords.js";
 import * as voices from "./voices.js";
 
 const $ = (id) => document.getElementById(id);
@@ -36,6 +37,7 @@ function selectTab(name) {
   for (const s of document.querySelectorAll("section.tab")) s.hidden = s.id !== name;
   if (name === "voices" && status) voices.refresh();
   if (name === "history" && status) history.search();
+  if (name === "hotwords" && status) hotwords.refresh();
 }
 
 window.addEventListener("api-auth", (e) => {
@@ -52,4 +54,5 @@ $("key-form").onsubmit = (e) => {
 talk.setup(() => status);
 voices.setup();
 history.setup();
+hotwords.setup();
 start();
