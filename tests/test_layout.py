@@ -37,9 +37,10 @@ MAX_LINES = 500
 #: A smell alarm, not a target: a concept is never split to pass it.
 LARGER: dict[str, tuple[int, str]] = {
     "asr_server/config/sections.py": (
-        600,
-        "the configuration's schema: every section, key, default and validation in one place; split "
-        "(config/base.py, config/inference.py), a reader looked for one key's rules in three files",
+        650,
+        "the configuration's schema: every section, key, default and validation in one place (the archive, "
+        "hotwords and OTA sections took it past 600); split (config/base.py, config/inference.py), a reader "
+        "looked for one key's rules in three files",
     ),
 }
 
