@@ -222,3 +222,15 @@ def test_a_writer_too_far_behind_drops_utterances_instead_of_holding_them(archiv
     gate.set()
     archive.flush()
     assert len(archive.search(Query())[0]) == 3 and archive._pending == 0
+
+
+def test_the_hotwords_the_decoding_applied_are_kept_with_the_utterance(archive):
+    from dataclasses import replace
+
+    from tests.support.archive import rec
+
+    archive.keep(
+        replace(record("打开小米台灯", "dev-1"), recognition=rec("打开小米台灯", hotwords=("小米台灯", "打开")))
+    )
+    archive.flush()
+    assert [r.hotwords for r in archive.search(Query())[0]] == ["小米台灯, 打开"]

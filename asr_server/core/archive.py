@@ -102,8 +102,6 @@ class UtteranceRecord:
     pcm: np.ndarray | None = None
     text: str | None = None
     """The text replied (an upload's segment text); None: the recognition's."""
-    hotwords: str | None = None
-    """The hotwords applied to it; none are yet (SenseVoice takes none), so the column stays empty."""
     time: float = field(default_factory=time.time)
 
     @property
@@ -271,7 +269,7 @@ class Archive:
             round(speaker.score, 4) if speaker is not None else None,
             r.recognition.audio_ms,
             None if r.latency_ms is None else round(r.latency_ms, 1),
-            r.hotwords,
+            ", ".join(t.hotwords) or None,  # the hotwords the biased decoding put in the text
             None,
             relative,
             nbytes,

@@ -22,8 +22,8 @@ def decoded_samples(data: bytes) -> tuple[int, int]:
         return sum(f.samples for f in c.decode(stream)), stream.sample_rate
 
 
-def rec(text: str, speaker: str | None = None, audio_ms: int = 1000) -> Recognition:
-    t = Transcript(text, "en", "NEUTRAL", "Speech", f"<|en|><|NEUTRAL|><|Speech|>{text}")
+def rec(text: str, speaker: str | None = None, audio_ms: int = 1000, hotwords: tuple[str, ...] = ()) -> Recognition:
+    t = Transcript(text, "en", "NEUTRAL", "Speech", f"<|en|><|NEUTRAL|><|Speech|>{text}", hotwords=hotwords)
     return Recognition(t, SpeakerMatch(speaker, 0.8) if speaker else None, audio_ms, 12.0)
 
 
