@@ -48,8 +48,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_env(models: Path, ports: dict[str, int], overrides: list[str], db: Path) -> dict[str, str]:
-    """The server's configuration as `ASR_SERVER__*` variables: models, ports, overrides."""
+def server_env(
+    models: Path, ports: dict[str, int], overrides: list[str], db: Path, checkout: Path = ROOT
+) -> dict[str, str]:
+    """The server's configuration as `ASR_SERVER__*` variables: models, ports, overrides. The health
+    listener takes a free port where `checkout` has one (older checkouts, measured with `--checkout`,
+    do not know the key and would refuse to start)."""
     env = dict(os.environ)
     env.update(
         {
@@ -60,11 +64,12 @@ def server_env(models: Path, ports: dict[str, int], overrides: list[str], db: Pa
             "ASR_SERVER__XIAOZHI__PORT": str(ports["xiaozhi"]),
             "ASR_SERVER__HTTP__HOST": "127.0.0.1",
             "ASR_SERVER__HTTP__PORT": str(ports["http"]),
-            "ASR_SERVER__HTTP__HEALTH_PORT": "0",
             "ASR_SERVER__FUNASR__ENABLED": "false",
             "ASR_SERVER__LOG_LEVEL": "WARNING",
         }
     )
+    if "health_port" in (checkout / "asr_server" / "config" / "sections.py").read_text(encoding="utf-8"):
+        env["ASR_SERVER__HTTP__HEALTH_PORT"] = "0"
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             preexec_fn=(lambda: os.sched_setaffinity(0, generator_cpus)) if generator_cpus else None,
         )
         args.set = [*args.set, f"upstream.url=ws://127.0.0.1:{ports['upstream']}/xiaozhi/v1/"]
-    env = server_env(args.models.resolve(), ports, args.set, db)
+    env = server_env(args.models.resolve(), ports, args.set, db, args.checkout)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.checkout.resolve()), env.get("PYTHONPATH")) if p)
     load1 = os.getloadavg()
     log = open(work / "server.log", "w")
