@@ -94,11 +94,14 @@ class AsrServer:
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg, self.metrics)
             log.info("models loaded in %.1f s", time.perf_counter() - t0)
         # uploads (HTTP, FunASR offline files) are decoded in processes of their own, started now
-        self.decoder = DecodePool(cfg.http.max_decodes, self.metrics.decodes.set)
-        try:
-            await asyncio.to_thread(self.decoder.warm)
-        except DecoderCrashed as e:
-            raise StartupError(f"cannot start the decoder processes: {e}") from None
+        # where a port takes uploads (a device-only server needs none)
+        decoder = None
+        if cfg.http.enabled or cfg.funasr.enabled:
+            decoder = self.decoder = DecodePool(cfg.http.max_decodes, self.metrics.decodes.set)
+            try:
+                await asyncio.to_thread(decoder.warm)
+            except DecoderCrashed as e:
+                raise StartupError(f"cannot start the decoder processes: {e}") from None
         self.bus = EventBus(cfg, self.metrics, self.share)
         await self.bus.start()
         bus = self.bus
@@ -125,7 +128,7 @@ class AsrServer:
                     self.share,
                     self.board,
                     info,
-                    self.decoder,
+                    decoder,
                     self.archive,
                 )
                 self._http = await start_http(app, cfg.http.host, cfg.http.port, reuse_port=self.share is not None)
@@ -137,7 +140,7 @@ class AsrServer:
                     )
             if cfg.funasr.enabled:
                 self._funasr = await serve_funasr(
-                    cfg, self.pipeline, self.metrics, self.bus, self.share, self.board, self.decoder, self.archive
+                    cfg, self.pipeline, self.metrics, self.bus, self.share, self.board, decoder, self.archive
                 )
                 funasr_port = self._funasr.sockets[0].getsockname()[1]
                 scheme = "wss" if cfg.funasr.tls == "on" else "ws"

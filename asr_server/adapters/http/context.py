@@ -38,7 +38,7 @@ def client_address(request: web.Request) -> str:
     got the request from, so the ones before a client's own proxy are the client's to forge)."""
     peer = request.remote or ""
     proxies = request.app[GUARD].proxies
-    if not in_networks(peer, proxies):
+    if not proxies or not in_networks(peer, proxies):  # no proxy configured (the default): no parsing
         return peer
     hops = [h.strip() for v in request.headers.getall("X-Forwarded-For", []) for h in v.split(",")]
     for hop in reversed(hops):

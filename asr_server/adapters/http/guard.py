@@ -106,18 +106,19 @@ class ConnectionGuard:
         try:
             yield
         finally:
-            _give(self._by_client, client)
+            give_back(self._by_client, client)
 
     def _release(self, ip: str) -> None:
         self.tally.give()
-        _give(self._by_ip, ip)
+        give_back(self._by_ip, ip)
 
 
 class Refused(Exception):
     """A request over a per-address cap; the message says which."""
 
 
-def _give(counts: dict[str, int], key: str) -> None:
+def give_back(counts: dict[str, int], key: str) -> None:
+    """One fewer held by `key`; a key holding none is dropped (the maps stay as small as the holders)."""
     left = counts.pop(key, 1) - 1
     if left:
         counts[key] = left

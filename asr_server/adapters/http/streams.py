@@ -21,6 +21,7 @@ from aiohttp import web
 from ...errors import ApiError
 from ..auth import Grant, Role
 from .context import client_address
+from .guard import give_back
 
 #: Streams one device token, or one client address of an open API, holds at once: a household's
 #: phone app and a browser tab or two; more is a leak or an attack.
@@ -76,6 +77,4 @@ class StreamSlots:
             yield
         finally:
             if who is not None:
-                self.held[who] -= 1
-                if not self.held[who]:
-                    del self.held[who]
+                give_back(self.held, who)
