@@ -20,11 +20,11 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtest.clips import DEFAULT_AUDIO_DIR, load_clips
+from loadtest.probe import fetch_series
 from loadtest.run import LoadOptions, run_step
 
 from .capacity import ROOT, free_port, server_env, stop_server, wait_ready
@@ -39,15 +39,6 @@ def start(models: Path, overrides: list[str], work: Path, name: str) -> tuple[su
     proc = subprocess.Popen([sys.executable, "-m", "asr_server", "serve"], cwd=ROOT, env=env, stdout=log, stderr=log)
     wait_ready(f"http://127.0.0.1:{ports['http']}", proc)
     return proc, ports
-
-
-def metric(http_port: int, name: str) -> float:
-    """One unlabelled sample of the server's /metrics."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 row = (stats.server_cpu_percent or 0.0, stats.latency.p95 or 0.0, stats.answered, stats.utterances)
                 rows[arm].append(row)
                 print(f"round {r + 1} {arm:>3}: cpu {row[0]:.0f} %, p95 {row[1]:.0f} ms, {row[2]}/{row[3]} answered")
-        writer_s = metric(servers["on"][1]["http"], "asr_archive_cpu_seconds_total")
+        metrics = fetch_series(f"http://127.0.0.1:{servers['on'][1]['http']}/metrics", 10)
+        writer_s = metrics.get("asr_archive_cpu_seconds_total", 0.0)
     finally:
         for proc, _ in servers.values():
             stop_server(proc)

@@ -54,6 +54,7 @@ from websockets.typing import Subprotocol
 from loadtest.clips import DEFAULT_AUDIO_DIR, load_clip
 
 from .capacity import free_port, server_env, stop_server, wait_ready
+from .slowloris import usage
 from .stages import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -429,20 +430,20 @@ class TlsCase:
     probes: str = ""
 
 
-def _client_hello(server_hostname: str | None = None) -> tuple[bytes, ssl.SSLObject, ssl.MemoryBIO, ssl.MemoryBIO]:
-    """A real TLS ClientHello, and the client state that continues the handshake."""
+def _insecure_context() -> ssl.SSLContext:
+    """A client context that takes the server's self-signed certificate."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
+def _client_hello() -> bytes:
+    """A real TLS ClientHello."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
+    obj = _insecure_context().wrap_bio(incoming, outgoing)
     with contextlib.suppress(ssl.SSLWantReadError):
         obj.do_handshake()
-    return outgoing.read(), obj, incoming, outgoing
-
-
-def _rss_mb(pid: int) -> float:
-    m = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(m.group(1)) / 1024 if m else float("nan")
+    return outgoing.read()
 
 
 async def _held(port: int, source: str, first: bytes, hold_s: float) -> bool | None:
@@ -471,7 +472,7 @@ async def _held(port: int, source: str, first: bytes, hold_s: float) -> bool | N
 async def _cut_handshake(port: int, source: str, rng: random.Random) -> bool:
     """A real client that leaves mid-handshake: its ClientHello cut short, or whole and then gone after
     the server's first flight, by FIN or RST. True when it got as far as it meant to."""
-    hello, *_ = _client_hello()
+    hello = _client_hello()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
     except OSError:
@@ -503,8 +504,7 @@ def _garbage(rng: random.Random) -> bytes:
 
 async def _tls_probes(port: int) -> str:
     """A wss:// and a ws:// client, from an address the attack does not use, each within 5 s."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx = _insecure_context()
     got = []
     for url, tls in ((f"wss://127.0.0.1:{port}/", ctx), (f"ws://127.0.0.1:{port}/", None)):
         try:
@@ -517,7 +517,7 @@ async def _tls_probes(port: int) -> str:
 
 async def _sample_rss(pid: int, into: list[float]) -> None:
     while True:
-        into.append(_rss_mb(pid))
+        into.append(usage(pid).rss_mb)
         await asyncio.sleep(0.2)
 
 
@@ -526,7 +526,8 @@ async def fuzz_tls(port: int, rng: random.Random, count: int, pid: int, cases: l
     the server to close them. Appends each case's figures to `cases`."""
     n = max(1, count // len(TLS_CASES))
     for name in TLS_CASES:
-        case = TlsCase(name, sockets=n, rss_before=_rss_mb(pid), fds_before=len(os.listdir(f"/proc/{pid}/fd")))
+        before = usage(pid)
+        case = TlsCase(name, sockets=n, rss_before=before.rss_mb, fds_before=before.fds)
         peak = [case.rss_before]
 
         sampler = asyncio.create_task(_sample_rss(pid, peak))
@@ -550,8 +551,8 @@ async def fuzz_tls(port: int, rng: random.Random, count: int, pid: int, cases: l
         case.not_connected = sum(d is None for d in done) if name != "closed mid-handshake" else 0
         await asyncio.sleep(1.0)
         sampler.cancel()
-        case.rss_after = _rss_mb(pid)
-        case.fds_after = len(os.listdir(f"/proc/{pid}/fd"))
+        after = usage(pid)
+        case.rss_after, case.fds_after = after.rss_mb, after.fds
         case.rss_peak = max(peak + [case.rss_after])
         cases.append(case)
     return n * len(TLS_CASES)
@@ -564,9 +565,9 @@ def print_tls(cases: list[TlsCase]) -> None:
     )
     print("| --- | ---: | ---: | ---: | --- | --- | --- |")
     for c in cases:
-        closed = "-" if c.name == "closed mid-handshake" else f"{c.closed_by_server} | {c.not_connected}"
+        closed = "- | -" if c.name == "closed mid-handshake" else f"{c.closed_by_server} | {c.not_connected}"
         print(
-            f"| {c.name} | {c.sockets} | {closed if closed != '-' else '- | -'} | {c.probes} | "
+            f"| {c.name} | {c.sockets} | {closed} | {c.probes} | "
             f"{c.rss_before:.0f} / {c.rss_peak:.0f} / {c.rss_after:.0f} | {c.fds_before} / {c.fds_after} |"
         )
 

@@ -55,14 +55,18 @@ ROOM_WINDOW_S = 10.0
 hold a few turns at tens of devices, short enough to be the moment of the refusal."""
 
 
+def group_size(opts: LoadOptions, clients: int) -> int:
+    """How many of a step's `clients` (its first ones) wake together in its first second."""
+    return clients if opts.group_wake == "all" else opts.group_wake or 0
+
+
 def wake_times(opts: LoadOptions, clients: int, index: int) -> tuple[float, ...]:
     """When device `index` of a step of `clients` wakes, in seconds after the step start: a
     Poisson stream of mean gap `wake_every_s` within `duration_s` (none when it is 0), and first,
     for the `group_wake` first devices, a moment in the step's first second."""
     rng = random.Random(f"wake:{opts.seed}:{index}")
     times: list[float] = []
-    group = clients if opts.group_wake == "all" else opts.group_wake or 0
-    if index < group:
+    if index < group_size(opts, clients):
         times.append(rng.uniform(0.0, GROUP_SPREAD_S))
     if opts.wake_every_s > 0:
         t = rng.expovariate(1.0 / opts.wake_every_s)
@@ -106,7 +110,7 @@ async def wake_device(plan: _Plan, state: _ShardState, index: int) -> None:
     opts = plan.options
     rng = random.Random(f"{opts.seed}:{index}")
     shortest = min(c.duration_ms for c in plan.clips) / 1000.0 / opts.pace
-    group = index < (plan.total_clients if opts.group_wake == "all" else opts.group_wake or 0)
+    group = index < group_size(opts, plan.total_clients)
     for k, at in enumerate(wake_times(opts, plan.total_clients, index)):
         if time.monotonic() > plan.t0 + at:
             state.counters.wakes_while_awake += 1  # woken again while still in its conversation
