@@ -437,7 +437,6 @@ class EventsConfig(_Section):
         return url
 
 
-#: Old key → new key, for sections that were renamed; the old name still works, with a warning.
 class RayDeploymentConfig(_Section):
     """One model's Ray Serve deployment: how its replicas batch, what each holds, how many run."""
 
@@ -538,6 +537,7 @@ class ArchiveConfig(_Section):
     http: bool = Field(True, description="Keep the segments of /v1/audio/transcriptions uploads (as FLAC).")
 
 
+#: Old key → new key, for sections that were renamed; the old name still works, with a warning.
 RENAMED_SECTIONS = {"server": "xiaozhi"}
 
 #: Keys the overload governor replaced with named constants or derived values (core/governor.py);

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from ..errors import HotwordError
 from ..types import Hotword
+from .voiceprints import open_speaker_db
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +169,8 @@ class HotwordStore:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._db = open_speaker_db(self.path, _SCHEMA)
 
     def get(self, device_id: str | None) -> tuple[Hotword, ...]:
         if not device_id:

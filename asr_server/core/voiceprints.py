@@ -50,6 +50,19 @@ def _normalise(v: np.ndarray) -> np.ndarray:
     return v / n
 
 
+def open_speaker_db(path: Path, schema: str) -> sqlite3.Connection:
+    """`speaker.db` (voiceprints and devices' hotwords, each a table of its own), its folder made and
+    `schema` applied; a file that cannot be opened is a config error, not a crash: one line, exit 2."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute(schema)
+    except (OSError, sqlite3.Error) as e:
+        raise ConfigError(f"invalid configuration: speaker.db = {path} cannot be opened: {e}") from None
+    return db
+
+
 class VoiceprintStore:
     """Enrolled speakers for one speaker model (`model` names it; embeddings of other models are refused)."""
 
@@ -58,13 +71,7 @@ class VoiceprintStore:
         self.model = model
         self.dim = dim
         self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_SCHEMA)
-        except (OSError, sqlite3.Error) as e:  # a config error, not a crash: one line and exit 2
-            raise ConfigError(f"invalid configuration: speaker.db = {self.path} cannot be opened: {e}") from None
+        self._db = open_speaker_db(self.path, _SCHEMA)
         self._version = -1
         self._names: builtins.list[str] = []
         self._matrix = np.zeros((0, dim), dtype=np.float32)

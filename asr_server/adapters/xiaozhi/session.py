@@ -65,10 +65,8 @@ class Session:
         self._publish = publish
         self._metrics = pipeline.metrics
         self._decoder = OpusStreamDecoder()
-        self.vad_meter = vad_meter  # the client's hello asked for `vad` messages (the browser console does)
         self._archive = archive if config.archive.xiaozhi else None
         packets = PacketLog(config.vad.max_utterance_s + PACKETS_MARGIN_S) if self._archive is not None else None
-        self._packets = packets
         self.turn = Turn(
             pipeline,
             session_id,
@@ -185,8 +183,8 @@ class Session:
 
     def _log_packet(self, payload: bytes, samples: int) -> None:
         """The packet whose audio goes into the turn now, for the archive (its sample position)."""
-        if self._packets is not None:
-            self._packets.add(bytes(payload), samples)
+        if self.turn.packets is not None:
+            self.turn.packets.add(bytes(payload), samples)
 
     def input_delay(self, now: float, within_s: float = 2.0) -> float | None:
         """How late this device's live audio reaches the VAD (`LiveFeed.input_delay`)."""
@@ -195,7 +193,7 @@ class Session:
     @property
     def turn_in_flight(self) -> bool:
         """Waiting for a reply, speaking, or listening for its first: shedding it would cut its user off."""
-        return bool(self.turn.pending) or self.listening and (not self.utterances or self.view().state == "speech")
+        return bool(self.turn.pending) or self.listening and (not self.utterances or self.turn.in_speech)
 
     def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":

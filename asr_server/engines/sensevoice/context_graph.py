@@ -24,11 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ...types import Hotword, unspaced
-from .tokenizer import Tokenizer
+from .tokenizer import _WORD_START, Tokenizer
 
 log = logging.getLogger(__name__)
-
-_WORD_START = "\u2581"
 
 
 @dataclass(eq=False, slots=True)
