@@ -20,6 +20,7 @@ import asyncio
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -219,7 +220,17 @@ def main(argv: list[str] | None = None) -> int:
         enrolled = enroll(http, args.audio, args.enroll) if args.enroll else 0
         if args.profile is not None:
             spy = subprocess.Popen(
-                ["py-spy", "record", "-p", str(proc.pid), "-o", str(args.profile), "-r", "50", "--nonblocking"],
+                [
+                    shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "-p",
+                    str(proc.pid),
+                    "-o",
+                    str(args.profile),
+                    "-r",
+                    "50",
+                    "--nonblocking",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

@@ -278,3 +278,29 @@ async def test_cancelling_every_caller_cancels_a_coroutine_engines_call():
     await asyncio.wait_for(cancelled.wait(), 5)
     assert (await asyncio.wait_for(q.run("y"), 5))[0] == "r-y"  # the lane is free for the next one
     await q.close()
+
+
+async def test_the_queues_eta_orders_jobs_by_their_place_and_knows_nothing_before_a_measured_call():
+    gate = threading.Event()
+
+    def work(items):
+        gate.wait(5)
+        return items
+
+    q: InferenceQueue[str, str] = InferenceQueue("embedding", work)
+    first = q.submit("a", size=1.0)
+    assert q.eta(first) is None  # no call measured yet: no estimate
+    gate.set()
+    await first.future
+    assert q.eta(first) == 0.0
+    gate.clear()
+    jobs = [q.submit(x, size=1.0) for x in "bcd"]
+    await asyncio.sleep(0.05)  # "b" runs, "c" and "d" wait
+    etas = [q.eta(j) for j in jobs]
+    assert all(e is not None for e in etas)
+    assert etas[0] < etas[1] < etas[2]
+    big = q.submit("e", size=10.0)
+    assert q.eta(big) > etas[2]  # behind the others, and ten times the work
+    gate.set()
+    await asyncio.gather(*(j.future for j in [*jobs, big]))
+    await q.close()

@@ -417,6 +417,54 @@ async def test_a_live_utterance_waits_for_its_speaker_only_until_its_reply_would
         await pipeline.close()
 
 
+class _SlowSpeaker(FakeSpeaker):
+    """An embedder that takes 0.5 s a call, whatever the audio (a CPU shared with a burst)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def embed_batch(self, audios):
+        self.calls += 1
+        time.sleep(0.5)
+        return super().embed_batch(audios)
+
+
+async def test_a_speaker_the_embedders_queue_cannot_deliver_in_budget_is_given_up_when_the_text_is_ready(tmp_path):
+    """A group wake of 150 devices: the text was ready in time, but each reply waited for a speaker
+    that its place in the embedder's queue could not deliver, until the budget's end (the replies
+    without a speaker reached the devices at 850-960 ms). Once the text is ready and the queue says
+    the embedding comes too late, the reply goes out and the embedding is dropped unrun."""
+    db = str(tmp_path / "vp.sqlite")
+    cfg = load_config(
+        None, env={}, overrides={"speaker": {"db": db, "deadline_ms": 60_000}, "asr": {"budget_ms": 20_000}}
+    )
+    pipeline = fake_pipeline(cfg, tmp_path / "vp.sqlite")
+    speaker = _SlowSpeaker()
+    pipeline.speaker = speaker
+    pipeline._spk._fn = speaker.embed_batch
+    rng = np.random.default_rng(0)
+    short = rng.normal(0, 0.1, 4000).astype(np.float32)
+    one_s, long = (rng.normal(0, 0.1, n * 16000).astype(np.float32) for n in (1, 12))
+    pipeline.voiceprints.enroll("alice", np.stack(FakeSpeaker().embed_batch([one_s])))
+    try:
+        await pipeline.embed(short)  # 0.5 s for 0.25 s of audio: the queue now reckons 2 s per second
+        # Three devices whose 12 s of speech just ended: the budget leaves each 19.8 s for its
+        # speaker; the queue reckons 24 s for the first alone. Waiting would answer in 19.8 s.
+        ended = time.perf_counter()
+        live = [pipeline.start_recognition(long, speech_end=ended) for _ in range(3)]
+        results = await asyncio.wait_for(asyncio.gather(*(r.task for r in live)), 5.0)
+        assert all(r.transcript.text.endswith("w24") for r in results)
+        assert [r.speaker for r in results] == [None, None, None]
+        assert pipeline.metrics.shed.labels("embedding")._value.get() == 3
+        await asyncio.sleep(0.6)
+        assert pipeline._spk.queue_depth == 0 and speaker.calls <= 2  # the queued ones never ran
+        ok = await asyncio.wait_for(pipeline.recognize(one_s), 5.0)  # an embedding in reach is waited for
+        assert ok.speaker is not None and ok.speaker.name == "alice"
+    finally:
+        await pipeline.close()
+
+
 # --- sends with a deadline -----------------------------------------------------------------------
 
 

@@ -239,6 +239,31 @@ class InferenceQueue(Generic[T, R]):
         elif job.future.cancelled():
             self._unqueue(job)
 
+    def eta(self, job: Job[T, R]) -> float | None:
+        """Seconds until `job`'s result is expected, from the cost per unit of size the lanes
+        measured: what runs now and what waits ahead of it (`priority`, then age) shared out among
+        the lanes, then its own compute. 0 when done; None before any call was measured."""
+        if job.future.done():
+            return 0.0
+        cost = self._utilisation.cost_per_size()
+        if cost is None:
+            return None
+        now = time.perf_counter()
+        if job.running:
+            return max(0.0, self._utilisation.started_at(id(job._lane), now) + cost * job.size - now)
+        key = (int(job.priority), job.seq)
+        ahead = sum(
+            j.size
+            for p, seq, j in self._heap
+            if (p, seq) < key and p == int(j.priority) and not (j.running or j.future.done())
+        )
+        running = sum(
+            max(0.0, self._utilisation.started_at(id(lane), now) + cost * sum(j.size for j in lane.running) - now)
+            for lane in self._lanes
+            if lane.running
+        )
+        return (running + cost * ahead) / len(self._lanes) + cost * job.size
+
     def head_wait(self) -> float:
         """Seconds the job that runs next has waited (0 when none waits): how far behind the queue is."""
         while self._heap:

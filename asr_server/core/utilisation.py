@@ -30,12 +30,22 @@ class Utilisation:
     def started(self, lane: int, at: float) -> None:
         self._running[lane] = at
 
+    def started_at(self, lane: int, default: float) -> float:
+        """When lane `lane`'s running call started (`default` if none runs)."""
+        return self._running.get(lane, default)
+
     def finished(self, lane: int, at: float, size: float) -> None:
         """Lane `lane`'s call ended at `at`, having computed items of total `size`."""
         start = self._running.pop(lane, at)
         self._done.append((start, at, size))
         while self._done and self._done[0][1] < at - self.window_s:
             self._done.popleft()
+
+    def cost_per_size(self) -> float | None:
+        """Seconds of one lane per unit of size over the window's finished calls; None before any."""
+        busy = sum(end - start for start, end, _ in self._done)
+        size = sum(n for _, _, n in self._done)
+        return busy / size if size > 0 and busy > 0 else None
 
     def load(self, now: float, waiting_size: float = 0.0) -> float:
         """The share of the lanes' time over the last `window_s` that the work took (calls still
