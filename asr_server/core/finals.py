@@ -51,7 +51,7 @@ class Finals:
         self.last_text: str | None = None
         self.last_speaker: str | None = None
 
-    def heard(
+    def add(
         self,
         rec: Recognition,
         *,
@@ -93,8 +93,8 @@ class Finals:
             )
             self._archive.keep(record)
 
-    def recording(self, segments: list[Segment], audio: np.ndarray, latency_ms: float | None = None) -> None:
+    def add_recording(self, segments: list[Segment], audio: np.ndarray, latency_ms: float | None = None) -> None:
         """A whole recording's segments (an upload, an offline request), each with its audio."""
         now = time.time()
         for s in segments:
-            self.heard(s.recognition, latency_ms=latency_ms, pcm=segment_audio(audio, s), at=now)
+            self.add(s.recognition, latency_ms=latency_ms, pcm=segment_audio(audio, s), at=now)

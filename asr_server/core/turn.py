@@ -289,7 +289,7 @@ class Turn:
             return
         live.last_window = fed
         live.task = asyncio.create_task(self._partial(live, self.stream.audio_so_far()))
-        live.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (its failure is logged in it)
+        live.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (`on_partial` reports its own)
 
     async def _partial(self, live: _Live, audio: np.ndarray) -> None:
         try:

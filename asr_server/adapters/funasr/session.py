@@ -204,7 +204,7 @@ class FunAsrSession:
         words = timestamps([w for s in segments for w in s.words()])
         await self._send(Final("offline", req.wav_name, text, True, clean, **tags, **words))
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)
-        self.finals.recording(segments, audio)
+        self.finals.add_recording(segments, audio)
 
     # --- online / 2pass ----------------------------------------------------------------
 
@@ -277,7 +277,7 @@ class FunAsrSession:
         )
         await self._send(message)
         self.metrics.reply_latency.labels(PROTOCOL).observe(time.perf_counter() - t0)
-        self.finals.heard(rec, pcm=event.audio)
+        self.finals.add(rec, pcm=event.audio)
 
     async def _finish_stream(self, req: RequestConfig) -> None:
         turn = self._turn

@@ -186,7 +186,7 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     metrics.reply_latency.labels(PROTOCOL).observe(latency)
     archive = app[ARCHIVE] if app[CONFIG].archive.http else None
     finals = Finals(PROTOCOL, f"http-{uuid.uuid4().hex[:12]}", metrics, app[BUS].publish, archive)
-    finals.recording(segments, decoded.samples, latency * 1000)
+    finals.add_recording(segments, decoded.samples, latency * 1000)
     text = join_texts([s.text for s in segments])
     if response_format == "text":
         return web.Response(text=text + "\n", content_type="text/plain")

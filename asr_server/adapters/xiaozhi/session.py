@@ -273,7 +273,7 @@ class Session:
             latency_ms,
             processing_ms,
         )
-        self.finals.heard(rec, latency_ms=latency_ms, opus=ended.opus)
+        self.finals.add(rec, latency_ms=latency_ms, opus=ended.opus)
 
     # --- control ------------------------------------------------------------------------------
 
