@@ -3,7 +3,7 @@ the session's own tally the console shows), published to the event bus as a `Tra
 and kept in the archive with its audio (a device's Opus packets, or 16 kHz samples).
 
 Each session (an HTTP request is one) holds one `Finals` that says who heard the utterances; the
-adapter hands it each final it replied with, and nothing else decides what a final is worth.
+adapter hands it each final it replied with, and nothing more.
 """
 
 from __future__ import annotations
