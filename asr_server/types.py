@@ -144,14 +144,13 @@ class TranscriptEvent:
         device_id: str | None = None,
         client_id: str | None = None,
         latency_ms: float | None = None,
-        text: str | None = None,
         timestamp: float | None = None,
         scope: str | None = None,
     ) -> TranscriptEvent:
-        """The event of one recognised utterance (the one place every adapter builds it)."""
+        """The event of one recognised utterance (`core.finals` builds it for every adapter)."""
         t = rec.transcript
         return cls(
-            text=(t.text if text is None else text).strip(),
+            text=t.text.strip(),
             language=t.language,
             emotion=t.emotion,
             event=t.event,

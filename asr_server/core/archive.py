@@ -1,6 +1,6 @@
 """What was said: final utterances kept as audio files plus one SQLite row each (`archive.*`).
 
-Adapters hand `keep` one `UtteranceRecord` per final utterance, where the reply was sent; `keep`
+Adapters hand `keep` one `UtteranceRecord` per final utterance (through `core.finals`); `keep`
 only queues it. One writer thread encodes the audio (a device's own Opus packets muxed into Ogg
 Opus, uploads as FLAC), writes the file, inserts the row and applies retention (`max_days`, then
 `max_gb`, oldest first), so the event loop never waits for a disk. A write that fails (a full
@@ -100,8 +100,6 @@ class UtteranceRecord:
     latency_ms: float | None
     opus: list[OpusPacket] | None = None
     pcm: np.ndarray | None = None
-    text: str | None = None
-    """The text replied (an upload's segment text); None: the recognition's."""
     time: float = field(default_factory=time.time)
 
     @property
@@ -260,7 +258,7 @@ class Archive:
             r.device_id,
             r.session_id,
             r.protocol,
-            (t.text if r.text is None else r.text).strip(),
+            t.text.strip(),
             t.raw,
             t.language,
             t.emotion,

@@ -10,19 +10,23 @@ speech ended. It owns what every live front end needs the same way:
   ends and joined into one recognition at the utterance's end;
 - promotion: a speculation or phrase that someone now waits for runs as a final;
 - push-to-talk: audio held until the client says the talk is over (`hold`, `release`);
+- partials: with `on_partial`, the utterance in progress is recognised again every
+  `partial_interval_ms` of its audio (`start_partial`), below every final, and its text so far
+  handed over; an utterance that ends cancels its partial;
 - reply order: `heard()` yields each utterance's outcome in utterance order, whatever order the
   recogniser finishes them in.
 
 The latency clock starts when the speech ended: the live audio's spoken time (`InputClock`) less
 the silence the segmenter waited for before it decided. Front ends only translate: the xiaozhi
 session sends an `stt` (or relays a turn) per `Heard`; the FunASR session awaits each `Ended`
-itself, since its protocol answers between the client's messages.
+itself, since its protocol answers between the client's messages, and sends partials as deltas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,16 +37,20 @@ import numpy as np
 from ..audio.clock import InputClock
 from ..audio.ogg_opus import OpusPacket, PacketLog
 from ..audio.segmenter import Dropped, Event, Speculate, SpeechResumed, SpeechStarted, Utterance
-from ..constants import SAMPLE_RATE, VAD_WINDOW
+from ..constants import SAMPLE_RATE, VAD_WINDOW, VAD_WINDOW_MS
 from ..types import Hotword, Recognition
 from .live_feed import LiveFeed
 from .pipeline import Pipeline, Recognizing
 from .recording import join_pieces
 from .scheduler import Priority
 
+log = logging.getLogger(__name__)
+
 Meter = Callable[[float, bool], Awaitable[None]]
 """Told, per frame of a client that asked, the frame's highest speech probability and whether
 the stream is in speech (the console's VAD meter)."""
+OnPartial = Callable[[int, str], Awaitable[None]]
+"""Told the text so far of the utterance in progress (its `utterance_id`, counted from 1)."""
 
 
 @dataclass(slots=True)
@@ -81,6 +89,16 @@ class Ended:
             piece.cancel()
 
 
+@dataclass(slots=True)
+class _Live:
+    """The utterance in progress, for its partials: the stream position of the last one started,
+    and the one in flight."""
+
+    utterance_id: int
+    last_window: int
+    task: asyncio.Task[None] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Heard:
     """One utterance's outcome, as `Turn.heard` yields them: its recognition or why there is none."""
@@ -103,8 +121,11 @@ class Turn:
         meter: Meter | None = None,
         on_speech: Callable[[], None] | None = None,
         packets: PacketLog | None = None,
+        on_partial: OnPartial | None = None,
+        partial_interval_ms: float = 600.0,
     ) -> None:
         self.pipeline = pipeline
+        self.name = name  # for log lines: the session id
         self.stream = pipeline.open_stream(phrases=phrases)
         self.clock = InputClock()
         self._meter = meter
@@ -128,6 +149,9 @@ class Turn:
         self._none_owed = asyncio.Event()
         self._none_owed.set()
         self._speculations = pipeline.metrics.speculations
+        self._on_partial = on_partial
+        self._partial_windows = partial_interval_ms / VAD_WINDOW_MS
+        self._live: _Live | None = None  # the utterance in progress, where partials are asked for
 
     @property
     def in_speech(self) -> bool:
@@ -159,7 +183,10 @@ class Turn:
     def on_event(self, event: Event) -> Ended | None:
         """One segmenter event; an `Utterance` gives its `Ended` (its recognitions promoted: now
         someone waits for them)."""
-        if isinstance(event, Speculate):
+        if isinstance(event, SpeechStarted):
+            if self._on_partial is not None:
+                self._live = _Live(event.utterance_id, self.stream.windows_fed)
+        elif isinstance(event, Speculate):
             self._cancel_speculation()
             if self.pipeline.config.asr.speculative:
                 # Its speech ended `tail_ms` of silence ago, the speculation's reason to be.
@@ -177,8 +204,10 @@ class Turn:
             else:
                 self._cancel_speculation()
         elif isinstance(event, Utterance):
+            self._end_live()
             return self._utterance(event)
         elif isinstance(event, Dropped):
+            self._end_live()
             self._cancel_speculation()
             self._cancel_phrases()
         return None
@@ -247,6 +276,41 @@ class Turn:
             phrase.cancel()
         self._phrases = []
 
+    # --- partials -----------------------------------------------------------------------------
+
+    def start_partial(self) -> None:
+        """After audio is fed: recognise the utterance so far if `partial_interval_ms` of it came
+        since the last partial and that one is over."""
+        live = self._live
+        if live is None or (live.task is not None and not live.task.done()):
+            return
+        fed = self.stream.windows_fed
+        if fed - live.last_window < self._partial_windows:
+            return
+        live.last_window = fed
+        live.task = asyncio.create_task(self._partial(live, self.stream.audio_so_far()))
+        live.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # (`on_partial` reports its own)
+
+    async def _partial(self, live: _Live, audio: np.ndarray) -> None:
+        try:
+            t0 = time.perf_counter()
+            transcript = await self.pipeline.transcribe(
+                audio, self.language, self.itn, Priority.PARTIAL, hotwords=self.hotwords, device_id=self.device_id
+            )
+            self.pipeline.metrics.stage.labels("partial").observe(time.perf_counter() - t0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("%s: partial decode failed", self.name, exc_info=True)
+            return
+        if self._live is live and self._on_partial is not None and transcript.language != "nospeech":
+            await self._on_partial(live.utterance_id, transcript.text)
+
+    def _end_live(self) -> None:
+        if self._live is not None and self._live.task is not None:
+            self._live.task.cancel()
+        self._live = None
+
     # --- push-to-talk -------------------------------------------------------------------------
 
     async def hold(self, pcm: np.ndarray) -> None:
@@ -313,6 +377,7 @@ class Turn:
 
     def reset(self) -> None:
         """A new stream (`listen start`): drop the speech in progress, keep the replies owed."""
+        self._end_live()
         self._cancel_speculation()
         self._cancel_phrases()
         self.clock.reset()

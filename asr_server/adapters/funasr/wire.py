@@ -301,6 +301,22 @@ def spaced_after(tail: str, text: str) -> str:
     return text
 
 
+@dataclass(slots=True)
+class Appended:
+    """Texts a client appends one to another (FunASR clients concatenate `online` texts, and
+    2pass finals): remembers the last one sent, so that English after English gets its space."""
+
+    tail: str = ""
+
+    def next(self, text: str, spaced: bool = True) -> str:
+        """`text` as sent after the others; `spaced`: it may need a space first."""
+        if spaced:
+            text = spaced_after(self.tail, text)
+        if text:
+            self.tail = text
+        return text
+
+
 def tagged(text: str, rec: Recognition | None) -> str:
     """`text` as FunASR's runtime returns SenseVoice results: language, emotion and event tags first
     (`<|zh|><|NEUTRAL|><|Speech|> 打开灯`, runtime/onnxruntime/src/sensevoice-small.cpp), which

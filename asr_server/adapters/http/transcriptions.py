@@ -6,15 +6,13 @@ from __future__ import annotations
 import time
 import uuid
 
-import numpy as np
 from aiohttp import web
 
 from ...constants import OPENAI
-from ...core.archive import UtteranceRecord, segment_audio
+from ...core.finals import Finals
 from ...core.hotwords import parse_hotwords
 from ...core.recording import Segment, dominant, join_texts, recognize_recording
 from ...errors import ApiError, EngineBusy, HotwordError
-from ...types import TranscriptEvent
 from .context import ARCHIVE, BUS, CONFIG, METRICS, PIPELINE, authorize
 from .forms import decode, read_form, upload
 
@@ -184,10 +182,11 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         )
     finally:
         metrics.sessions.labels(PROTOCOL).dec()
-    metrics.utterances.labels(PROTOCOL).inc(len(segments))
     latency = time.perf_counter() - t0
     metrics.reply_latency.labels(PROTOCOL).observe(latency)
-    _publish(app, segments, decoded.samples, session_id=f"http-{uuid.uuid4().hex[:12]}", latency_ms=latency * 1000)
+    archive = app[ARCHIVE] if app[CONFIG].archive.http else None
+    finals = Finals(PROTOCOL, f"http-{uuid.uuid4().hex[:12]}", metrics, app[BUS].publish, archive)
+    finals.add_recording(segments, decoded.samples, latency * 1000)
     text = join_texts([s.text for s in segments])
     if response_format == "text":
         return web.Response(text=text + "\n", content_type="text/plain")
@@ -201,38 +200,6 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         }
         return web.json_response(verbose_json(segments, decoded.duration_s, text, language, "word" in granularities))
     return web.json_response({"text": text, "usage": {"type": "duration", "seconds": round(decoded.duration_s, 3)}})
-
-
-def _publish(
-    app: web.Application, segments: list[Segment], audio: np.ndarray, session_id: str, latency_ms: float
-) -> None:
-    """Each segment to the event bus, and to the archive (`archive.http`) with its audio."""
-    now = time.time()
-    archive = app[ARCHIVE] if app[CONFIG].archive.http else None
-    for s in segments:
-        app[BUS].publish(
-            TranscriptEvent.of(
-                s.recognition,
-                protocol=PROTOCOL,
-                session_id=session_id,
-                latency_ms=latency_ms,
-                text=s.text,
-                timestamp=now,
-            )
-        )
-        if archive is not None and not s.recognition.is_empty:
-            archive.keep(
-                UtteranceRecord(
-                    protocol=PROTOCOL,
-                    session_id=session_id,
-                    device_id=None,
-                    recognition=s.recognition,
-                    latency_ms=latency_ms,
-                    pcm=segment_audio(audio, s),
-                    text=s.text,
-                    time=now,
-                )
-            )
 
 
 def _model(name: str) -> dict:

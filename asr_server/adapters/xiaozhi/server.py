@@ -23,6 +23,7 @@ from websockets.http11 import Request, Response
 
 from ...config import Config
 from ...core.archive import Archive
+from ...core.finals import Publish
 from ...core.live import SessionBoard
 from ...core.pipeline import Pipeline
 from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
@@ -32,7 +33,7 @@ from ...types import ClientInfo
 from ..admission import ConnectionSlots, PortAdmission, RateBucket
 from ..auth import bearer_token, fingerprint, header_or_query
 from ..sending import close_reason, send_within
-from .session import PROTOCOL, Publish, Session
+from .session import PROTOCOL, Session
 from .upstream import PASSED, Ended, Upstream
 from .wire import Error, Hello, ServerHello, ServerMessage, dumps, parse_message, parse_protocol_version
 
@@ -201,7 +202,7 @@ class XiaozhiServer:
                 session_id,
                 reason,
                 session.frames,
-                session.utterances,
+                session.finals.count,
             )
 
     async def _await_hello(self, ws: ServerConnection, client: ClientInfo) -> tuple[Hello, str] | None:

@@ -20,12 +20,13 @@ from ...audio.ogg_opus import PacketLog
 from ...audio.opus import OpusStreamDecoder
 from ...config import Config
 from ...constants import SAMPLE_RATE, XIAOZHI
-from ...core.archive import Archive, UtteranceRecord
+from ...core.archive import Archive
+from ...core.finals import Finals, Publish
 from ...core.live import SessionView
 from ...core.pipeline import Pipeline
 from ...core.turn import Heard, Turn
 from ...errors import EngineBusy, EngineFailed, OpusDecodeError
-from ...types import ClientInfo, TranscriptEvent
+from ...types import ClientInfo
 from .upstream import Upstream
 from .wire import Abort, AudioFrame, Error, Hello, Listen, Other, ServerMessage, Stt, Vad, parse_message, unpack_audio
 
@@ -34,7 +35,6 @@ log = logging.getLogger(__name__)
 PROTOCOL = XIAOZHI
 
 Send = Callable[[ServerMessage], Awaitable[None]]
-Publish = Callable[[TranscriptEvent], None]
 
 #: Packets are kept this much longer than the longest utterance: its pre-roll, and the audio that
 #: arrives while its end is found.
@@ -62,11 +62,20 @@ class Session:
         self.config = config
         self.pipeline = pipeline
         self._send = send
-        self._publish = publish
         self._metrics = pipeline.metrics
         self._decoder = OpusStreamDecoder()
-        self._archive = archive if config.archive.xiaozhi else None
-        packets = PacketLog(config.vad.max_utterance_s + PACKETS_MARGIN_S) if self._archive is not None else None
+        archive = archive if config.archive.xiaozhi else None
+        self.finals = Finals(
+            PROTOCOL,
+            session_id,
+            self._metrics,
+            publish,
+            archive,
+            device_id=client.device_id,
+            client_id=client.client_id,
+            scope=client.scope,
+        )
+        packets = PacketLog(config.vad.max_utterance_s + PACKETS_MARGIN_S) if archive is not None else None
         self.turn = Turn(
             pipeline,
             session_id,
@@ -83,13 +92,10 @@ class Session:
         self.mode = "auto"
         self._corrupt_logged = False
         self.frames = 0
-        self.utterances = 0
         self.last_active = 0.0  # loop time of the last message (the server's idle sweep reads it)
         self.idle_closed = False
         self.shed = False  # closed by the server because the recogniser stayed behind
         self.opened_at = time.time()
-        self.last_text: str | None = None
-        self.last_speaker: str | None = None
         self._observe_decode = self._metrics.stage.labels("decode").observe
 
     @property
@@ -111,9 +117,9 @@ class Session:
             mode=self.mode,
             state="idle" if not self.listening else "speech" if self.turn.in_speech else "listening",
             frames=self.frames,
-            utterances=self.utterances,
-            last_text=self.last_text,
-            speaker=self.last_speaker,
+            utterances=self.finals.count,
+            last_text=self.finals.last_text,
+            speaker=self.finals.last_speaker,
             opened_at=self.opened_at,
             remote=self.client.remote,
             worker=worker,
@@ -193,7 +199,7 @@ class Session:
     @property
     def turn_in_flight(self) -> bool:
         """Waiting for a reply, speaking, or listening for its first: shedding it would cut its user off."""
-        return bool(self.turn.pending) or self.listening and (not self.utterances or self.turn.in_speech)
+        return bool(self.turn.pending) or self.listening and (not self.finals.count or self.turn.in_speech)
 
     def _on_listen(self, msg: Listen) -> None:
         if msg.state == "start":
@@ -255,10 +261,6 @@ class Session:
             await self.upstream.send_turn(rec.transcript, speaker, speech_end)
         else:
             await self._send(Stt.of(rec, self.session_id, latency_ms, processing_ms, ended.speculated, ended.phrases))
-        self.utterances += 1
-        self.last_text = rec.transcript.text
-        self.last_speaker = rec.speaker.name if rec.speaker is not None else None
-        self._metrics.utterances.labels(PROTOCOL).inc()
         self._metrics.reply_latency.labels(PROTOCOL).observe(latency_ms / 1000)
         self.pipeline.note_reply(latency_ms)
         self._metrics.processing.labels(PROTOCOL).observe(processing_ms / 1000)
@@ -271,29 +273,7 @@ class Session:
             latency_ms,
             processing_ms,
         )
-        if self._publish is not None:
-            self._publish(
-                TranscriptEvent.of(
-                    rec,
-                    protocol=PROTOCOL,
-                    session_id=self.session_id,
-                    device_id=self.client.device_id,
-                    client_id=self.client.client_id,
-                    latency_ms=latency_ms,
-                    scope=self.client.scope,
-                )
-            )
-        if self._archive is not None and ended.opus:
-            self._archive.keep(
-                UtteranceRecord(
-                    protocol=PROTOCOL,
-                    session_id=self.session_id,
-                    device_id=self.client.device_id,
-                    recognition=rec,
-                    latency_ms=latency_ms,
-                    opus=ended.opus,
-                )
-            )
+        self.finals.add(rec, latency_ms=latency_ms, opus=ended.opus)
 
     # --- control ------------------------------------------------------------------------------
 
