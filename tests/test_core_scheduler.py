@@ -280,7 +280,7 @@ async def test_cancelling_every_caller_cancels_a_coroutine_engines_call():
     await q.close()
 
 
-async def test_the_queues_eta_orders_jobs_by_their_place_and_knows_nothing_before_a_measured_call():
+async def test_the_queues_eta_counts_the_work_ahead_and_knows_nothing_without_a_recent_call():
     gate = threading.Event()
 
     def work(items):
@@ -289,18 +289,23 @@ async def test_the_queues_eta_orders_jobs_by_their_place_and_knows_nothing_befor
 
     q: InferenceQueue[str, str] = InferenceQueue("embedding", work)
     first = q.submit("a", size=1.0)
-    assert q.eta(first) is None  # no call measured yet: no estimate
+    second = q.submit("b", size=1.0)
+    await asyncio.sleep(0.05)
+    assert q.eta(second) is None  # no call measured yet: no estimate
     gate.set()
-    await first.future
-    assert q.eta(first) == 0.0
+    await asyncio.gather(first.future, second.future)
+    assert q.eta(first) is None  # done
     gate.clear()
-    jobs = [q.submit(x, size=1.0) for x in "bcd"]
-    await asyncio.sleep(0.05)  # "b" runs, "c" and "d" wait
-    etas = [q.eta(j) for j in jobs]
-    assert all(e is not None for e in etas)
-    assert etas[0] < etas[1] < etas[2]
-    big = q.submit("e", size=10.0)
-    assert q.eta(big) > etas[2]  # behind the others, and ten times the work
+    jobs = [q.submit(x, size=1.0) for x in "cde"]
+    await asyncio.sleep(0.05)  # "c" runs, "d" and "e" wait
+    assert q.eta(jobs[0]) is None  # running: only a deadline ends its wait
+    etas = [q.eta(j) for j in jobs[1:]]
+    assert all(e is not None for e in etas) and etas[0] < etas[1]
+    big = q.submit("f", size=10.0)
+    assert q.eta(big) > etas[1]  # behind the others, and ten times the work
     gate.set()
     await asyncio.gather(*(j.future for j in [*jobs, big]))
+    alone = q.submit("g", size=1.0)
+    assert q.eta(alone) is None  # next, with the lane free: it runs now
+    await alone.future
     await q.close()

@@ -67,6 +67,12 @@ SHED_FRACTION = 0.1
 MIN_STREAMS = 10
 MIN_LATE_STREAMS = 2
 
+#: A device let in this recently that has not been answered yet is still saying its first
+#: utterance: its load is not in the recogniser's yet, and will be within seconds (the shared
+#: clips' speech ends 3.5-11 s after the connect). One that said nothing for longer listens to
+#: silence and brings no load.
+UNHEARD_S = 10.0
+
 #: An input delay that shrinks by this much a sweep or more is being caught up with: shedding for it
 #: would close devices the box can serve (the live feed reads on during a slow VAD call).
 DRAINING_S = 0.05
@@ -78,6 +84,8 @@ class Recogniser(Protocol):
     def head_wait(self) -> float: ...
 
     def load(self) -> float: ...
+
+    def call_load(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +183,8 @@ class Governor:
         self._delays: Mapping[object, float] = {}
         self._behind_since: float | None = None
         self._last_round: ShedRound | None = None
+        self._unheard = 0  # devices let in and not yet heard, as of the last `note_unheard`
+        self._admitted = 0  # ... and connections admitted since
 
     # --- the two signals ---------------------------------------------------------------------
 
@@ -191,6 +201,10 @@ class Governor:
         growing = [d if d > previous.get(k, 0.0) - DRAINING_S else 0.0 for k, d in delays.items()]
         self.reading = reading_behind(list(delays.values()), self.slack_ms)
         self._not_draining = reading_behind(growing, self.slack_ms)
+
+    def note_unheard(self, sessions: int) -> None:
+        """The device sessions let in within `UNHEARD_S` and not answered yet, counted once a sweep."""
+        self._unheard, self._admitted = sessions, 0
 
     def recogniser_behind(self, since: ShedRound | None = None) -> str | None:
         """Why the recogniser's answers miss the budget now, else None: its next job has waited past
@@ -212,12 +226,25 @@ class Governor:
     def admit(self) -> str | None:
         """Why a new connection (any port) must be refused now, else None: its answers would miss
         the budget (the recogniser or the front end is behind), or the recogniser's load is past
-        `MAX_LOAD`, where the devices already in will make the next replies late."""
+        `MAX_LOAD`, where the devices already in will make the next replies late. The load counts
+        the devices let in and not heard yet at one recognition each (`call_load`, measured): a
+        wave of them has not shown in the load, and will all at once."""
         if not self.budget_ms:
             return None
         why = self.recogniser_behind() or self.reading
-        if why is None and (load := self.recogniser.load()) >= MAX_LOAD:
-            why = f"the recogniser's load is {load:.2f} (more devices would make its replies late)"
+        if why is None:
+            load = self.recogniser.load()
+            coming = self._unheard + self._admitted
+            per_call = self.recogniser.call_load() or 0.0
+            if load >= MAX_LOAD:
+                why = f"the recogniser's load is {load:.2f} (more devices would make its replies late)"
+            elif load + coming * per_call >= MAX_LOAD:
+                why = (
+                    f"the recogniser's load is {load:.2f}, and {coming} devices let in have not spoken yet "
+                    f"({load + coming * per_call:.2f} with theirs; more would make its replies late)"
+                )
+        if why is None:
+            self._admitted += 1
         return why
 
     def shed(self, sessions: int, now: float | None = None) -> Shed | None:

@@ -246,6 +246,17 @@ class Pipeline:
         assert isinstance(self.speaker, RemoteEmbedder)
         return list(await self.speaker.embed_batch_async(audios))
 
+    async def warm_up(self) -> None:
+        """Run the recogniser and the embedder once on `WARM_UP_S` of quiet noise before the first
+        client: the first call of a session allocates what later ones reuse (slow), and the second
+        one, through the queues, is what the governor and the speaker wait know an utterance to
+        cost before a wave of devices shows it (`Governor.admit`, `InferenceQueue.eta`)."""
+        audio = np.random.default_rng(0).normal(0.0, 0.01, int(WARM_UP_S * SAMPLE_RATE)).astype(np.float32)
+        for _ in range(2):
+            await self.transcribe(audio, priority=Priority.SPECULATION)
+            if self._spk is not None:
+                await self._spk.run(audio, Priority.SPECULATION, len(audio))
+
     async def transcribe(
         self,
         audio: np.ndarray,
@@ -450,6 +461,9 @@ class Pipeline:
             if isinstance(remote, RemoteRecognizer | RemoteEmbedder):
                 await asyncio.to_thread(remote.close)
 
+
+WARM_UP_S = 4.0
+"""The warm-up utterance's length: a typical command to a voice device."""
 
 _REPLY_MARGIN_S = 0.2
 """How long before `asr.budget_ms` (after the server's end of speech) a reply stops waiting for its

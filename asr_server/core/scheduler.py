@@ -171,6 +171,10 @@ class InferenceQueue(Generic[T, R]):
         (`core.utilisation`): over 1 the engine falls behind."""
         return self._utilisation.load(time.perf_counter(), self._waiting_size)
 
+    def call_load(self) -> float | None:
+        """The load one more call adds (`Utilisation.call_load`); None before any was measured."""
+        return self._utilisation.call_load()
+
     def _unqueue(self, job: Job[T, R]) -> None:
         self._waiting -= 1
         self._waiting_size -= job.size
@@ -240,27 +244,29 @@ class InferenceQueue(Generic[T, R]):
             self._unqueue(job)
 
     def eta(self, job: Job[T, R]) -> float | None:
-        """Seconds until `job`'s result is expected, from the cost per unit of size the lanes
-        measured: what runs now and what waits ahead of it (`priority`, then age) shared out among
-        the lanes, then its own compute. 0 when done; None before any call was measured."""
-        if job.future.done():
-            return 0.0
-        cost = self._utilisation.cost_per_size()
-        if cost is None:
+        """Seconds until a job waiting behind other work has its result, at the cost per unit of
+        size the lanes measured in the last seconds: what runs now and what waits ahead of it
+        (`priority`, then age) shared out among the lanes, then its own compute. None when it does
+        not wait behind anything (it runs, is done, or is next with a lane free: only a deadline
+        can end its wait) or no call ended in the last seconds (a stall long past says nothing)."""
+        if job.running or job.future.done():
             return None
         now = time.perf_counter()
-        if job.running:
-            return max(0.0, self._utilisation.started_at(id(job._lane), now) + cost * job.size - now)
+        cost = self._utilisation.cost_per_size(now)
+        if cost is None:
+            return None
         key = (int(job.priority), job.seq)
         ahead = sum(
             j.size
             for p, seq, j in self._heap
             if (p, seq) < key and p == int(j.priority) and not (j.running or j.future.done())
         )
+        busy = [lane for lane in self._lanes if lane.running]
+        if not ahead and len(busy) < len(self._lanes):
+            return None
         running = sum(
             max(0.0, self._utilisation.started_at(id(lane), now) + cost * sum(j.size for j in lane.running) - now)
-            for lane in self._lanes
-            if lane.running
+            for lane in busy
         )
         return (running + cost * ahead) / len(self._lanes) + cost * job.size
 

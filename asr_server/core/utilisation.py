@@ -41,10 +41,19 @@ class Utilisation:
         while self._done and self._done[0][1] < at - self.window_s:
             self._done.popleft()
 
-    def cost_per_size(self) -> float | None:
-        """Seconds of one lane per unit of size over the window's finished calls; None before any."""
-        busy = sum(end - start for start, end, _ in self._done)
-        size = sum(n for _, _, n in self._done)
+    def call_load(self) -> float | None:
+        """The load one more call adds: the finished calls' mean compute as a share of the lanes'
+        window. None before any call finished."""
+        if not self._done:
+            return None
+        return sum(end - start for start, end, _ in self._done) / len(self._done) / (self.lanes * self.window_s)
+
+    def cost_per_size(self, now: float) -> float | None:
+        """Seconds of one lane per unit of size over the calls that ended in the last `window_s`;
+        None if none did."""
+        recent = [(start, end, n) for start, end, n in self._done if end >= now - self.window_s]
+        busy = sum(end - start for start, end, _ in recent)
+        size = sum(n for _, _, n in recent)
         return busy / size if size > 0 and busy > 0 else None
 
     def load(self, now: float, waiting_size: float = 0.0) -> float:

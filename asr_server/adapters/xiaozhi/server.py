@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 from ...config import Config
 from ...core.archive import Archive
 from ...core.finals import Publish
+from ...core.governor import UNHEARD_S
 from ...core.live import SessionBoard
 from ...core.pipeline import Pipeline
 from ...errors import EngineBusy, FramingError, MessageError, ProtocolError, UpstreamError
@@ -296,6 +297,7 @@ class XiaozhiServer:
             await asyncio.sleep(tick)
             now = time.perf_counter()
             governor.note_reading({k: d for k, s in self.sessions.items() if (d := s.input_delay(now)) is not None})
+            governor.note_unheard(sum(1 for s in self.sessions.values() if s.unheard(UNHEARD_S)))
             self._metrics.recogniser_load.labels(self._metrics.worker).set(self.pipeline.recogniser_load())
             if (shed := governor.shed(len(self.sessions))) is not None:
                 self._shed_newest(shed.why, shed.count)

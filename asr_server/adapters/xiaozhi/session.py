@@ -196,6 +196,11 @@ class Session:
         """How late this device's live audio reaches the VAD (`LiveFeed.input_delay`)."""
         return self.turn.feed.input_delay(now, within_s)
 
+    def unheard(self, within_s: float) -> bool:
+        """Opened less than `within_s` ago and not answered yet: its user is likely still saying
+        the first utterance, whose load the recogniser has not seen."""
+        return not self.finals.count and not self.turn.pending and time.time() - self.opened_at < within_s
+
     @property
     def turn_in_flight(self) -> bool:
         """Waiting for a reply, speaking, or listening for its first: shedding it would cut its user off."""
