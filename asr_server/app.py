@@ -93,7 +93,7 @@ class AsrServer:
             t0 = time.perf_counter()
             self.pipeline = await asyncio.to_thread(Pipeline.load, cfg, self.metrics)
             await self.pipeline.warm_up()
-            log.info("models loaded in %.1f s", time.perf_counter() - t0)
+            log.info("models loaded and warmed up in %.1f s", time.perf_counter() - t0)
         # uploads (HTTP, FunASR offline files) are decoded in processes of their own, started now
         # where a port takes uploads (a device-only server needs none)
         decoder = None

@@ -2,6 +2,7 @@
 cancellation before and during a run, and failures that reach only their own caller."""
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -309,3 +310,20 @@ async def test_the_queues_eta_counts_the_work_ahead_and_knows_nothing_without_a_
     assert q.eta(alone) is None  # next, with the lane free: it runs now
     await alone.future
     await q.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX thing")
+async def test_a_lane_runs_at_its_queues_nice_value_and_the_caller_keeps_its_own():
+    """The embedder's lane yields the cores to the recogniser's where both want them."""
+
+    def own_nice(items):
+        return [os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) for _ in items]
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    q: InferenceQueue[int, int] = InferenceQueue("embedding", own_nice, nice=10)
+    plain: InferenceQueue[int, int] = InferenceQueue("asr", own_nice)
+    (niced, _), (normal, _) = await q.run(0), await plain.run(0)
+    assert niced == min(19, before + 10) and normal == before
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    await q.close()
+    await plain.close()

@@ -30,6 +30,7 @@ import heapq
 import inspect
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -109,6 +110,8 @@ class InferenceQueue(Generic[T, R]):
     once, each in its own worker thread (a lane). `abort` is called (from the event loop's thread,
     with the lane's thread ident) when every job of a running batch was cancelled; `on_discard` is
     told the compute spent on results nobody took (seconds, each item's share of its batch).
+    `nice`: its lanes' threads run that much nicer than the process (an engine whose work may
+    wait, such as the optional speaker, yields the cores to the one the budget is about).
     """
 
     def __init__(
@@ -128,12 +131,14 @@ class InferenceQueue(Generic[T, R]):
         on_wait: Callable[[str, float], None] | None = None,
         on_discard: Callable[[str, float], None] | None = None,
         on_shed: Callable[[str], None] | None = None,
+        nice: int = 0,
     ) -> None:
         if max_batch < 1 or parallel < 1:
             raise ValueError("max_batch and parallel must be at least 1")
         self.name = name
         self.deadline_s = deadline_s
         self._on_shed = on_shed
+        self._nice = nice
         self._fn = fn
         self._async = inspect.iscoroutinefunction(fn)
         self.max_batch = max_batch
@@ -371,6 +376,12 @@ class InferenceQueue(Generic[T, R]):
                     job.future.set_result(res)
 
     def _call(self, lane: _Lane, items: list[T]) -> Sequence[R]:
+        if lane.thread is None and self._nice:
+            try:  # this lane's thread alone: Linux gives each thread its own nice value
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self._nice))
+            except (OSError, AttributeError) as e:
+                log.debug("%s: the lane's priority stays: %s", self.name, e)
         lane.thread = threading.get_ident()
         return self._fn(items)  # type: ignore[return-value]  # the thread path: `fn` is not a coroutine function
 
