@@ -311,11 +311,6 @@ class Pipeline:
         unanswered, `age_ms` after it ended): the governor's lateness signal."""
         self.governor.note_reply(latency_ms, age_ms)
 
-    @property
-    def asr_busy(self) -> bool:
-        """The recogniser is computing or has work waiting."""
-        return self._asr.busy
-
     def identify(self, embedding: np.ndarray) -> SpeakerMatch | None:
         """The enrolled speaker of `embedding`, or None; a degenerate embedding (silence) is an unknown speaker."""
         if self.voiceprints is None:

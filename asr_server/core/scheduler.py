@@ -184,11 +184,6 @@ class InferenceQueue(Generic[T, R]):
         self._waiting -= 1
         self._waiting_size -= job.size
 
-    @property
-    def busy(self) -> bool:
-        """Something runs or waits: new speculative work would only delay it."""
-        return any(lane.running for lane in self._lanes) or self._waiting > 0
-
     def submit(self, item: T, priority: Priority = Priority.FINAL, size: float = 0.0) -> Job[T, R]:
         """Queue one item; await `job.future` for its result. Refused at once (`EngineBusy`) when
         `max_queue` jobs are already waiting, and after `close` (`EngineClosed`)."""
