@@ -235,13 +235,13 @@ class Governor:
         if why is None:
             load = self.recogniser.load()
             coming = self._unheard + self._admitted
-            per_call = self.recogniser.call_load() or 0.0
+            with_coming = load + coming * (self.recogniser.call_load() or 0.0)
             if load >= MAX_LOAD:
                 why = f"the recogniser's load is {load:.2f} (more devices would make its replies late)"
-            elif load + coming * per_call >= MAX_LOAD:
+            elif with_coming >= MAX_LOAD:
                 why = (
                     f"the recogniser's load is {load:.2f}, and {coming} devices let in have not spoken yet "
-                    f"({load + coming * per_call:.2f} with theirs; more would make its replies late)"
+                    f"({with_coming:.2f} with theirs; more would make its replies late)"
                 )
         if why is None:
             self._admitted += 1

@@ -42,8 +42,10 @@ class Utilisation:
             self._done.popleft()
 
     def call_load(self) -> float | None:
-        """The load one more call adds: the finished calls' mean compute as a share of the lanes'
-        window. None before any call finished."""
+        """The load one more call adds: the kept calls' mean compute (the last window's, as of the
+        last call to finish: a measurement stays until newer calls replace it, so the start-up
+        warm-up's answers until the first clients') as a share of the lanes' window. None before
+        any call finished."""
         if not self._done:
             return None
         return sum(end - start for start, end, _ in self._done) / len(self._done) / (self.lanes * self.window_s)
